@@ -1,0 +1,141 @@
+"""CounterFact quality benchmark: single-edit mode (edit, score, restore) on the embedded default.
+
+    python benchmarks/counterfact.py --n 100                       # the recorded table
+    python benchmarks/counterfact.py --n 20 --layers 2,4,6,8 --tag sweep   # the layer sweep
+    python benchmarks/counterfact.py --n 20 --set v_lr=0.1 --tag lr0.1
+
+Each (config, record) result is appended to a JSONL file under benchmarks/runs/ as soon
+as it is computed, so an interrupted run resumes where it stopped. The unedited model's
+row is computed on the same records. Data: ../shared/data/counterfact-edit-10k.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from statistics import median
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from romebatch.evaluate import score_facts, summarize  # noqa: E402
+from romebatch.hparams import HParams, resolve  # noqa: E402
+from romebatch.manifest import load_manifest  # noqa: E402
+from romebatch.model import load_model  # noqa: E402
+from romebatch.rome import compute_edit, apply_edit, load_or_compute_stats, sample_prefixes  # noqa: E402
+from romebatch.evaluate import FactScores  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, value = item.split("=", 1)
+        out[key] = json.loads(value) if value[:1] in "0123456789-[{tfn" else value
+    return out
+
+
+def load_done(path: Path) -> dict[str, dict]:
+    if not path.exists():
+        return {}
+    done = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            done[row["id"]] = row
+    return done
+
+
+def row_from_scores(fact_id: str, s: FactScores, extra: dict) -> dict:
+    return {"id": fact_id, "ES": s.efficacy, "PS": s.paraphrase_success, "NS": s.neighborhood_success,
+            "p_new": s.p_new, "p_true": s.p_true, **extra}
+
+
+def table(rows: list[dict]) -> dict:
+    def pct(key):
+        vals = [r[key] for r in rows if r.get(key) is not None]
+        return 100 * sum(vals) / len(vals) if vals else float("nan")
+
+    es, ps, ns = pct("ES"), pct("PS"), pct("NS")
+    s = 3 / (1 / es + 1 / ps + 1 / ns) if min(es, ps, ns) > 0 else 0.0
+    secs = [r["seconds"] for r in rows if "seconds" in r]
+    return {"n": len(rows), "ES": es, "PS": ps, "NS": ns, "S": s,
+            "sec_per_edit": median(secs) if secs else None,
+            "steps": median([r["steps"] for r in rows if "steps" in r]) if secs else None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--layers", default=None, help="comma-separated layers (default: the model's default)")
+    ap.add_argument("--set", nargs="*", default=[], help="hyper-parameter overrides name=value")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--tag", default="single")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    lm = load_model(args.model)
+    manifest = load_manifest(DATA, skip_invalid=True)
+    facts = manifest.facts[args.start:args.start + args.n]
+    base_hash = lm.base_hash()
+    overrides = parse_set(args.set)
+    hp0 = resolve(HParams.from_dict(overrides), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+    layers = [int(x) for x in args.layers.split(",")] if args.layers else [hp0.layer]
+    out_dir = ROOT / "benchmarks" / "runs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    base_path = out_dir / f"unedited-{args.start}-{args.n}.jsonl"
+    base_done = load_done(base_path)
+    if len(base_done) < len(facts):
+        with base_path.open("w") as f:
+            for fact, s in zip(facts, score_facts(lm, facts)):
+                f.write(json.dumps(row_from_scores(fact.id, s, {})) + "\n")
+        base_done = load_done(base_path)
+    results = {"unedited": table(list(base_done.values()))}
+
+    prefixes = sample_prefixes(lm, hp0.prefixes, hp0.prefix_top_k, hp0.seed)
+    stats = load_or_compute_stats(lm, layers, base_hash, n_tokens=hp0.stats_tokens, seq_len=hp0.stats_seq_len,
+                                  seed=hp0.seed, corpus=hp0.stats_corpus, log=print) if hp0.mom2 != "identity" else {}
+    for layer in layers:
+        hp = resolve(HParams.from_dict({**overrides, "layer": layer}), lm.config.model_type, lm.n_layers,
+                     lm.adapter.v_steps)
+        st = stats[layer].factor(hp.ridge) if layer in stats else None
+        path = out_dir / f"{args.tag}-L{layer}-{args.start}-{args.n}.jsonl"
+        done = load_done(path)
+        with path.open("a") as f:
+            for fact in facts:
+                if fact.id in done:
+                    continue
+                weight = lm.weight(layer).detach().clone()
+                t = time.perf_counter()
+                edit, _, value = compute_edit(lm, layer, fact.prompt, fact.subject, fact.target_new, prefixes, st, hp)
+                seconds = time.perf_counter() - t
+                apply_edit(lm, edit)
+                s = score_facts(lm, [fact])[0]
+                with torch.no_grad():
+                    lm.weight(layer).copy_(weight)  # restore exactly: single-edit mode
+                row = row_from_scores(fact.id, s, {"seconds": seconds, "steps": value.steps,
+                                                    "norm": edit.norm, "denominator": edit.denominator})
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                done[fact.id] = row
+                print(f"L{layer} {fact.id}: ES {row['ES']} PS {row['PS']} NS {row['NS']} "
+                      f"{seconds:.1f}s {value.steps} steps", flush=True)
+        results[f"{args.tag} L{layer}"] = table([done[f.id] for f in facts])
+
+    print(f"\n{'row':<22} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'s/edit':>7} {'steps':>6}")
+    for name, r in results.items():
+        spe = f"{r['sec_per_edit']:.1f}" if r.get("sec_per_edit") else "-"
+        st = f"{r['steps']:.0f}" if r.get("steps") else "-"
+        print(f"{name:<22} {r['n']:>4} {r['ES']:>6.1f} {r['PS']:>6.1f} {r['NS']:>6.1f} {r['S']:>6.1f} {spe:>7} {st:>6}")
+
+
+if __name__ == "__main__":
+    main()

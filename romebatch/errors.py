@@ -1,0 +1,45 @@
+"""Errors a user can act on.
+
+Every error raised for bad input is a `UserError`: the CLI prints its one-line message
+(plus an optional hint) and exits with code 2, writing nothing. Anything else is a bug
+and shows a traceback only with ROMEBATCH_DEBUG=1.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """Bad input or a refused operation: one clear line, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class ManifestError(UserError):
+    """One or more problems in a manifest; `problems` holds one line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def located(path: object, row: int | None, field: str | None, what: str) -> str:
+    """Format a problem as `file:row: field 'name': what`, the shape every manifest error uses."""
+    where = f"{path}"
+    if row is not None:
+        where += f":{row}"
+    if field is not None:
+        return f"{where}: field '{field}': {what}"
+    return f"{where}: {what}"
+
+
+class JournalLockedError(UserError):
+    """Another process holds the journal's write lock."""
+
+
+class BaseModelMismatchError(UserError):
+    """A journal was opened against a model other than the one it was written for."""

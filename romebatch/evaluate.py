@@ -1,0 +1,123 @@
+"""Scoring with the CounterFact conventions (Meng et al. 2022, §4.2).
+
+Every comparison uses length-normalised probabilities: exp(−mean token NLL) of an answer
+(with a leading space) after its prompt, so a multi-token object is not penalised for its
+length. Scoring is batched under `torch.inference_mode`, and logits are computed only at
+the answer positions.
+
+- efficacy ES: P(o*) > P(o_true) on the edit prompt
+- paraphrase PS: the same on paraphrased prompts
+- neighbourhood NS: P(their expected answer) > P(o*) on other subjects' prompts
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from statistics import fmean, harmonic_mean
+
+import torch
+
+from .lm import answer_ids, encode, head_inputs, logits, make_batch
+from .manifest import Fact
+from .model import LoadedModel
+
+
+@torch.inference_mode()
+def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
+    """Mean token NLL of " answer" after each prompt, in the order given."""
+    tok = lm.tokenizer
+    prepared = []
+    for prompt, answer in pairs:
+        ids = encode(tok, prompt).ids
+        target = answer_ids(tok, prompt, answer)
+        prepared.append((ids + target[:-1], len(ids), target))
+    # Sort by length so batches pad little; results go back in input order.
+    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
+    result = [math.nan] * len(prepared)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        batch = make_batch([prepared[i][0] for i in chunk], lm.pad_id, device=lm.device)
+        rows, cols, targets, owner = [], [], [], []
+        for row, i in enumerate(chunk):
+            _, n_prompt, target = prepared[i]
+            for j, token in enumerate(target):
+                rows.append(row)
+                cols.append(batch.column(row, n_prompt - 1 + j))
+                targets.append(token)
+                owner.append(row)
+        hidden = head_inputs(lm, batch, torch.tensor(rows, device=lm.device), torch.tensor(cols, device=lm.device))
+        logp = logits(lm, hidden).log_softmax(-1)  # (P, V)
+        nll = -logp.gather(1, torch.tensor(targets, device=lm.device)[:, None])[:, 0].double().cpu()
+        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll)
+        counts = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(owner), torch.ones_like(nll))
+        for row, i in enumerate(chunk):
+            result[i] = float(sums[row] / counts[row])
+    return result
+
+
+@dataclass
+class FactScores:
+    """Length-normalised probabilities for one fact's prompts."""
+
+    p_new: float
+    p_true: float | None
+    paraphrase: list[tuple[float, float | None]] = field(default_factory=list)  # (P(new), P(true))
+    neighborhood: list[tuple[float, float]] = field(default_factory=list)  # (P(expected), P(new))
+
+    @property
+    def efficacy(self) -> float | None:
+        return None if self.p_true is None else float(self.p_new > self.p_true)
+
+    @property
+    def paraphrase_success(self) -> float | None:
+        scored = [new > true for new, true in self.paraphrase if true is not None]
+        return fmean(scored) if scored else None
+
+    @property
+    def neighborhood_success(self) -> float | None:
+        scored = [expected > new for expected, new in self.neighborhood]
+        return fmean(scored) if scored else None
+
+
+def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> list[FactScores]:
+    """Score each fact's edit prompt, paraphrases and neighbourhood, all in one batched pass."""
+    pairs: list[tuple[str, str]] = []
+
+    def ask(prompt: str, answer: str | None) -> int | None:
+        if answer is None:
+            return None
+        pairs.append((prompt, answer))
+        return len(pairs) - 1
+
+    plan = []
+    for fact in facts:
+        plan.append((
+            ask(fact.text, fact.target_new), ask(fact.text, fact.target_true),
+            [(ask(p, fact.target_new), ask(p, fact.target_true)) for p in fact.paraphrases],
+            [(ask(n.prompt, n.answer), ask(n.prompt, fact.target_new)) for n in fact.neighborhood],
+        ))
+    nll = answer_nll(lm, pairs, batch_size)
+
+    def p(index: int | None) -> float | None:
+        return None if index is None else math.exp(-nll[index])
+
+    return [
+        FactScores(p(new), p(true), [(p(a), p(b)) for a, b in para], [(p(a), p(b)) for a, b in neigh])
+        for new, true, para, neigh in plan
+    ]
+
+
+def summarize(scores: list[FactScores]) -> dict[str, float | None]:
+    """ES / PS / NS in percent and their harmonic mean S, over the facts that have each probe."""
+
+    def pct(values):
+        values = [v for v in values if v is not None]
+        return 100.0 * fmean(values) if values else None
+
+    es = pct(s.efficacy for s in scores)
+    ps = pct(s.paraphrase_success for s in scores)
+    ns = pct(s.neighborhood_success for s in scores)
+    parts = [x for x in (es, ps, ns) if x is not None]
+    s = harmonic_mean(parts) if parts and all(x > 0 for x in parts) else (0.0 if parts else None)
+    return {"ES": es, "PS": ps, "NS": ns, "S": s, "n": len(scores)}

@@ -1,0 +1,107 @@
+"""ROME hyper-parameters: one typed dataclass, defaults declared once, YAML or flags on top.
+
+Published values (Meng et al. 2022, `hparams/ROME/gpt2-xl.json`) unless a comment says
+otherwise. `None` means "the architecture's default", resolved by `resolve`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from .errors import UserError
+
+# Measured defaults for models we ship or know: see benchmarks/RESULTS.md ("layer sweep").
+MEASURED_LAYERS = {("gemma3_text", 18): 4}
+
+
+@dataclass(frozen=True)
+class HParams:
+    layer: int | None = None  # edited layer; None: measured default, else ~1/4 of the depth
+    v_lr: float = 0.5  # Adam learning rate for δ
+    v_steps: int | None = None  # at most this many Adam steps; None: 20 (25 for Llama-style, as EasyEdit)
+    v_loss_stop: float = 0.05  # stop early once the loss falls below this
+    kl_factor: float = 0.0625  # weight of KL(p_δ || p_0) on the essence prompt "{} is a"
+    v_weight_decay: float = 0.5  # weight of ‖δ‖ / ‖v_init‖², the original's norm penalty
+    clamp_norm_factor: float = 4.0  # ‖δ‖ is projected into the ball of radius factor · ‖v_init‖
+    prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (max new tokens, count): 20 prefixes, N = 21
+    prefix_top_k: int = 5  # top-k sampling of the context prefixes
+    seed: int = 0  # seeds the prefixes and the default stats corpus
+    mom2: str = "second_moment"  # "second_moment": C = E[k kᵀ]; "identity": C = I (EasyEdit's mom2_adjustment: false)
+    stats_tokens: int = 20_000  # tokens of corpus the key statistics C are estimated from
+    stats_corpus: str | None = None  # text/JSONL file; None: text sampled from the model itself
+    stats_seq_len: int = 128  # tokens per corpus sequence
+    ridge: float = 1e-3  # C + ridge · mean(diag C) · I, for a stable solve
+    guard_factor: float = 10.0  # refuse an edit whose ‖ΔW‖ exceeds this × the median of accepted edits
+    guard_min_edits: int = 5  # the guard compares only once this many edits are accepted
+    guard_max_relative: float = 1.0  # refuse any edit with ‖ΔW‖ > this × ‖W‖ (a disabling edit)
+
+    # Fields that do not change what an edit computes: a resumed run may change them freely.
+    NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["prefixes"] = [list(pair) for pair in self.prefixes]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "hparams") -> "HParams":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{source}: unknown hyper-parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
+        values = dict(data)
+        if "prefixes" in values and values["prefixes"] is not None:
+            try:
+                values["prefixes"] = tuple((int(a), int(b)) for a, b in values["prefixes"])
+            except (TypeError, ValueError):
+                raise UserError(f"{source}: 'prefixes' must be a list of [max_tokens, count] pairs") from None
+        hp = cls(**values)
+        hp.check(source)
+        return hp
+
+    def check(self, source: str = "hparams") -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge") and (
+                not isinstance(value, (int, float)) or value < 0
+            ):
+                raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
+        if self.mom2 not in ("second_moment", "identity"):
+            raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")
+        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
+            raise UserError(f"{source}: layer must be a non-negative integer, got {self.layer!r}")
+
+    def defining(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.NON_DEFINING}
+
+    def replace(self, **changes) -> "HParams":
+        hp = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        hp.check()
+        return hp
+
+
+def load_hparams(path: str | Path) -> HParams:
+    """Read hyper-parameters from YAML (safe_load only: a file must not run code)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise UserError(f"{path}: cannot read hyper-parameters ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: hyper-parameters must be a mapping of name: value")
+    return HParams.from_dict(data, source=str(path))
+
+
+def resolve(hp: HParams, model_type: str, n_layers: int, adapter_v_steps: int) -> HParams:
+    """Fill every `None` with the architecture's default, and check the layer exists."""
+    layer = hp.layer
+    if layer is None:
+        layer = MEASURED_LAYERS.get((model_type, n_layers), max(0, round(n_layers / 4)))
+    if not 0 <= layer < n_layers:
+        raise UserError(f"--layer {layer}: this model has layers 0..{n_layers - 1}")
+    return dataclasses.replace(hp, layer=layer, v_steps=hp.v_steps or adapter_v_steps)
+
+

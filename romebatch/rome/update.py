@@ -1,0 +1,87 @@
+"""The rank-one update (ROME §3.1, eq. 2) and the one function that writes weights.
+
+With C the key second moment and the averaged key k* used in all three places:
+
+    u = C⁻¹ k*            (a Cholesky solve, never an explicit inverse)
+    Λ = (v* − W k*) / (uᵀ k*)
+    W ← W + Λ uᵀ          (Λ on the output side; transposed for GPT-2's Conv1D layout)
+
+which solves min ‖Ŵ K − W K‖ subject to Ŵ k* = v*, with C = K Kᵀ. An edit is fully
+described by (Λ, u): d_model + d_ff numbers, which is what the journal stores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..model import LoadedModel
+
+
+@dataclass
+class RankOneEdit:
+    layer: int
+    lam: torch.Tensor  # (d_model,) float32: Λ
+    u: torch.Tensor  # (d_ff,) float32
+    denominator: float  # uᵀ k*; tiny values are what made the original code's edits explode
+    norm: float  # ‖Λ uᵀ‖_F = ‖Λ‖ ‖u‖
+
+    def matrix(self, conv1d: bool) -> torch.Tensor:
+        """ΔW in the weight's stored layout: (d_model, d_ff), or (d_ff, d_model) for Conv1D."""
+        delta = torch.outer(self.lam, self.u)  # (d_model, d_ff)
+        return delta.T if conv1d else delta
+
+
+def rank_one_update(
+    layer: int,
+    k_star: torch.Tensor,
+    v_star: torch.Tensor,
+    v_current: torch.Tensor,
+    c_cholesky: torch.Tensor | None,
+) -> RankOneEdit:
+    """(Λ, u) from k* (d_ff,), v* and the current value v(k*) (d_model,), in float64.
+
+    `c_cholesky` is the lower Cholesky factor of C; None means C = I.
+    """
+    k = k_star.double().cpu()
+    if c_cholesky is None:
+        u = k.clone()
+    else:
+        u = torch.cholesky_solve(k[:, None], c_cholesky.double().cpu())[:, 0]  # (d_ff,)
+    denominator = float(u @ k)
+    lam = (v_star.double().cpu() - v_current.double().cpu()) / denominator  # (d_model,)
+    lam32, u32 = lam.float(), u.float()
+    return RankOneEdit(layer, lam32, u32, denominator, float(lam32.double().norm() * u32.double().norm()))
+
+
+def apply_edit(lm: LoadedModel, edit: RankOneEdit, sign: int = 1) -> None:
+    """W ← W + sign · Λ uᵀ in place: elementwise float32 arithmetic, so replay is byte-exact."""
+    weight = lm.weight(edit.layer)
+    with torch.no_grad():
+        delta = edit.matrix(lm.adapter.conv1d).to(weight.device)
+        updated = weight.float() + delta if sign > 0 else weight.float() - delta
+        weight.copy_(updated.to(weight.dtype))
+
+
+def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tensor:
+    """What the down-projection outputs for `key` now (bias included): (d_model,) float32."""
+    module = lm.module("down_proj", layer)
+    with torch.inference_mode():
+        return module(key.to(lm.device, module.weight.dtype)[None])[0].float()
+
+
+def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp):
+    """k*, v* and the update for one fact; the model is unchanged when this returns."""
+    from .keys import compute_key
+    from .values import optimise_value
+
+    k_star = compute_key(lm, layer, fact_template, subject, prefixes)
+    v_init = current_value(lm, layer, k_star)
+    value = optimise_value(
+        lm, layer, fact_template, subject, target, prefixes, v_init,
+        lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, kl_factor=hp.kl_factor,
+        weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+    )
+    edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None)
+    return edit, k_star, value
