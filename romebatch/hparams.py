@@ -29,7 +29,7 @@ class HParams:
     prefix_top_k: int = 5  # top-k sampling of the context prefixes
     seed: int = 0  # seeds the prefixes and the default stats corpus
     mom2: str = "second_moment"  # "second_moment": C = E[k kᵀ]; "identity": C = I (EasyEdit's mom2_adjustment: false)
-    stats_tokens: int = 20_000  # tokens of corpus the key statistics C are estimated from
+    stats_tokens: int = 10_000  # tokens of corpus the key statistics C are estimated from
     stats_corpus: str | None = None  # text/JSONL file; None: text sampled from the model itself
     stats_seq_len: int = 128  # tokens per corpus sequence
     ridge: float = 1e-3  # C + ridge · mean(diag C) · I, for a stable solve

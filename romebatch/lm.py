@@ -101,6 +101,13 @@ def make_batch(
     return Batch(ids.to(device), mask.to(device), positions.to(device), offsets.to(device))
 
 
+def as_btd(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """View an activation as (B, T, d): OPT flattens its MLP activations to (B*T, d)."""
+    if x.dim() == 2:
+        return x.view(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
+    return x
+
+
 def _accepts_position_ids(model: torch.nn.Module) -> bool:
     return "position_ids" in inspect.signature(model.forward).parameters
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..hooks import Hook, attach
-from ..lm import encode, head_inputs, logits, make_batch, model_inputs, subject_last_index
+from ..lm import as_btd, encode, head_inputs, logits, make_batch, model_inputs, subject_last_index
 from ..model import LoadedModel
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")  # as the original code
@@ -58,7 +58,7 @@ def keys_at(lm: LoadedModel, layer: int, sequences: list[list[int]], indices: li
     rows = torch.arange(len(sequences), device=lm.device)
     cols = batch.offsets + torch.tensor(indices, device=lm.device)
     captured: list[torch.Tensor] = []
-    hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[rows, cols].float()), on="input", stop=True)
+    hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(as_btd(x, batch)[rows, cols].float()), on="input", stop=True)
     with attach(lm.model, [hook]):
         lm.model(**model_inputs(lm, batch), use_cache=False)
     return captured[0]

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import UserError
 from ..hooks import Hook, attach
-from ..lm import make_batch, model_inputs
+from ..lm import as_btd, make_batch, model_inputs
 from ..model import LoadedModel, romebatch_home
 
 STATS_VERSION = 1  # bump when the computation changes: old cache files are then ignored
@@ -133,7 +133,7 @@ def second_moment(lm: LoadedModel, layers: list[int], sequences: list[list[int]]
 
         def keep(layer):
             def fn(x):
-                captured[layer] = x[real].double()  # (tokens, d_ff), pads dropped
+                captured[layer] = as_btd(x, batch)[real].double()  # (tokens, d_ff), pads dropped
             return fn
 
         hooks = [Hook(lm.name("down_proj", layer), keep(layer), on="input", stop=layer == top) for layer in layers]

@@ -20,11 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from ..hooks import Hook
-from ..lm import answer_ids, head_inputs, logits, make_batch, subject_last_index
+from ..lm import answer_ids, as_btd, head_inputs, logits, make_batch, subject_last_index
 from ..model import LoadedModel
 
 ESSENCE_TEMPLATE = "{} is a"
-_DEBUG = __import__("os").environ.get("ROMEBATCH_DEBUG_V") == "1"
 
 
 @dataclass
@@ -89,7 +88,8 @@ def optimise_value(
     def add_delta(output: torch.Tensor) -> torch.Tensor:
         # (B, T, d_model) + δ at each row's subject-last token; out of place for autograd.
         shift = delta.to(output.dtype).expand(len(lookup_rows), -1)
-        return torch.index_put(output, (lookup_rows, lookup_cols), shift, accumulate=True)
+        patched = torch.index_put(as_btd(output, batch), (lookup_rows, lookup_cols), shift, accumulate=True)
+        return patched.view(output.shape)
 
     hook = Hook(lm.name("down_proj", layer), add_delta)
     with torch.no_grad():
@@ -109,9 +109,7 @@ def optimise_value(
         kl = (essence_logp.exp() * (essence_logp - base_logp)).sum()
         penalty = weight_decay * delta.norm() / init_norm_sq
         loss = nll + kl_factor * kl + penalty
-        loss_value, nll_value = float(loss), float(nll)
-        if _DEBUG:
-            print(f'step {step} nll {nll_value:.3f} kl {float(kl):.4f} pen {float(penalty):.4f} |d| {float(delta.norm()):.3f} |v| {float(v_init.norm()):.3f}')
+        loss_value, nll_value = loss.item(), nll.item()
         if loss_value < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break

@@ -1,0 +1,227 @@
+"""The `romebatch` command: parses arguments, calls one library function, renders the result.
+
+No algorithm lives here. People get rich output on stderr; scripts get `--json` on stdout.
+Errors are one line (plus a hint) and exit code 2; ROMEBATCH_DEBUG=1 shows the traceback.
+Heavy imports (torch, transformers) happen inside commands, so `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(
+    name="romebatch",
+    help="Apply thousands of ROME fact edits to a language model: journaled, checked, reversible.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Shared options: the same name and behaviour in every command.
+JournalOpt = Annotated[Path, typer.Option("--journal", "-j", help="Journal directory.")]
+ModelOpt = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
+                          "else the embedded Gemma-3-270M.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line of stdout.")]
+DEFAULT_JOURNAL = Path("romebatch.journal")
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def _say(message: str) -> None:
+    _console().print(message, highlight=False, markup=False)
+
+
+def _emit_json(data) -> None:
+    sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def _hparams(hparams_file: Optional[Path], **flags):
+    """None when the user set nothing (an existing journal then keeps its own hyper-parameters)."""
+    from .hparams import HParams, load_hparams
+
+    given = {k: v for k, v in flags.items() if v is not None}
+    if hparams_file is None and not given:
+        return None
+    base = load_hparams(hparams_file) if hparams_file else HParams()
+    return base.replace(**given)
+
+
+@app.command()
+def apply(
+    manifest: Annotated[Path, typer.Argument(help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    model: ModelOpt = None,
+    layer: Annotated[Optional[int], typer.Option(help="Layer to edit (default: the model's measured default).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Apply only the first N facts of the manifest.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
+    hparams: Annotated[Optional[Path], typer.Option(help="YAML file of hyper-parameters.")] = None,
+    v_steps: Annotated[Optional[int], typer.Option(help="Max Adam steps for v*.")] = None,
+    v_lr: Annotated[Optional[float], typer.Option(help="Adam learning rate for v*.")] = None,
+    kl_factor: Annotated[Optional[float], typer.Option(help="Weight of the essence KL term.")] = None,
+    mom2: Annotated[Optional[str], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
+    stats_corpus: Annotated[Optional[Path], typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
+    stats_tokens: Annotated[Optional[int], typer.Option(help="Corpus tokens for the key statistics.")] = None,
+    module_template: Annotated[Optional[str], typer.Option(
+        help="Down-projection path with {} for the layer, for an architecture not built in.")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
+    json_out: JsonOpt = False,
+):
+    """Apply a manifest's facts as sequential ROME edits, each committed to the journal.
+
+    Re-running the same manifest resumes: facts already in the journal (by content hash)
+    are skipped. Ctrl-C stops cleanly after the current edit.
+    """
+    from .manifest import load_manifest
+
+    loaded = load_manifest(manifest, limit=limit)  # validates everything before any model is loaded
+    hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=mom2,
+                  stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens, layer=layer)
+    if dry_run:
+        from .api import pending_facts
+
+        pending = pending_facts(loaded.facts, journal)
+        rows = [{"id": f.id, "subject": f.subject, "prompt": f.prompt, "target_new": f.target_new} for f in pending]
+        if json_out:
+            _emit_json({"manifest": str(manifest), "facts": len(loaded.facts), "pending": rows, "layer": layer})
+        else:
+            _say(f"{manifest}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
+                 f"{len(pending)} pending for journal {journal}" + (f" at layer {layer}" if layer is not None else ""))
+            for row in rows[:50]:
+                _say(f"  {row['id']}: {row['prompt'].replace('{}', row['subject'])} -> {row['target_new']}")
+        return
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import api
+    from .report import render_apply
+
+    console = _console()
+    progress = Progress(TextColumn("[bold]editing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.description}"), console=console, disable=json_out or not console.is_terminal)
+    task = progress.add_task("", total=len(loaded.facts))
+
+    def on_edit(row):
+        progress.update(task, advance=1, description=f"{row.fact_id}: {row.status}")
+        if not console.is_terminal and not json_out:
+            _say(f"{row.fact_id}: {row.status} {row.subject} -> {row.target_new}"
+                 + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
+                 + (f" ({row.reason})" if row.reason else ""))
+
+    with progress:
+        result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
+                           device=device, dtype=dtype, module_template=module_template, results=results,
+                           on_edit=on_edit, log=_say)
+        progress.update(task, completed=len(loaded.facts))
+    if json_out:
+        _emit_json(result.summary())
+    else:
+        render_apply(console, result)
+        if results:
+            _say(f"results table: {results}")
+
+
+@app.command()
+def rollback(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    to: Annotated[Optional[int], typer.Option("--to", help="Make edit N the head (0 = base).")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Undo the last K edits.")] = None,
+    fact: Annotated[Optional[str], typer.Option("--fact", help="Go back to just before this fact's edit.")] = None,
+    base: Annotated[bool, typer.Option("--base", help="Go back to the unedited model.")] = False,
+    prune: Annotated[bool, typer.Option("--prune", help="Delete the rolled-back edits for good.")] = False,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+):
+    """Move the journal's head to another state, rebuilt by replay and checked byte for byte."""
+    from . import api
+
+    head = api.rollback(journal, to=to, steps=steps, fact=fact, base=base or None, prune=prune, model=model,
+                        device=device, log=_say)
+    if json_out:
+        _emit_json({"journal": str(journal), "head": head})
+    else:
+        _say(f"journal {journal}: head is now {head}" + (" (the base model)" if head == 0 else ""))
+
+
+@app.command(name="log")
+def log_(journal: JournalOpt = DEFAULT_JOURNAL, json_out: JsonOpt = False):
+    """List the journal's edits (applied and rolled back) and rejected facts."""
+    from . import api
+    from .report import render_log
+
+    data = api.log(journal)
+    if json_out:
+        _emit_json(data)
+    else:
+        render_log(_console(), data)
+
+
+@app.command()
+def export(
+    outdir: Annotated[Path, typer.Argument(help="Folder to write the edited model to.")],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR.")] = False,
+    json_out: JsonOpt = False,
+):
+    """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
+    from . import api
+
+    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say)
+    if json_out:
+        _emit_json({"journal": str(journal), "export": str(path)})
+    else:
+        _say(f"exported the journal's head to {path} (provenance in {path / 'romebatch.json'})")
+
+
+def main() -> None:
+    """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
+    from .errors import ManifestError, UserError
+
+    try:
+        app(standalone_mode=False)
+    except ManifestError as error:
+        for line in error.problems:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except UserError as error:
+        if os.environ.get("ROMEBATCH_DEBUG") == "1":
+            raise
+        print(f"error: {error.message}", file=sys.stderr)
+        if error.hint:
+            print(f"hint: {error.hint}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("aborted; the journal holds every committed edit", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # click's usage errors and anything unexpected
+        import click
+
+        if isinstance(error, click.exceptions.Exit):
+            sys.exit(error.exit_code)
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(2)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,461 @@
+"""The edit pipeline: a model, a journal, and the operations that move between states.
+
+`Editor` is the Python API behind every command:
+
+    from romebatch import Editor, load_manifest
+    with Editor("romebatch.journal") as editor:           # embedded Gemma-3-270M by default
+        result = editor.apply(load_manifest("examples/facts.csv").facts)
+        editor.rollback(steps=1)
+        editor.export("edited-model")
+
+Opening an editor loads the model, checks that it is the journal's base model, and
+replays the journal to its head (checking the stored weight hashes), so the model in
+memory is always exactly the journal's head state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import __version__
+from .errors import BaseModelMismatchError, UserError
+from .evaluate import answer_nll
+from .hparams import HParams, resolve
+from .journal import EditRecord, Journal
+from .manifest import Fact
+from .model import LoadedModel, load_model, weight_hash
+from .rome import KeyStats, RankOneEdit, apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
+
+Log = Callable[[str], None]
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class FactResult:
+    """What happened to one fact in a run: one row of the results table."""
+
+    fact_id: str
+    fact_hash: str
+    subject: str
+    target_new: str
+    target_true: str | None
+    status: str  # applied | already_applied | rejected | failed
+    reason: str = ""
+    seq: int | None = None
+    layer: int | None = None
+    p_new_before: float | None = None
+    p_true_before: float | None = None
+    p_new_after: float | None = None
+    p_true_after: float | None = None
+    update_norm: float | None = None
+    denominator: float | None = None
+    v_steps: int | None = None
+    seconds: float | None = None
+
+    @property
+    def success(self) -> bool | None:
+        if self.p_new_after is None or self.p_true_after is None:
+            return None
+        return self.p_new_after > self.p_true_after
+
+
+@dataclass
+class ApplyResult:
+    journal: str
+    head: int
+    results: list[FactResult] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.results)
+
+    def summary(self) -> dict:
+        done = [r for r in self.results if r.status == "applied"]
+        scored = [r.success for r in done if r.success is not None]
+        secs = [r.seconds for r in done if r.seconds is not None]
+        norms = [r.update_norm for r in done if r.update_norm is not None]
+        return {
+            "journal": self.journal, "head": self.head, "facts": len(self.results),
+            "applied": len(done), "already_applied": self.count("already_applied"),
+            "rejected": self.count("rejected"), "failed": self.count("failed"),
+            "efficacy": 100.0 * sum(scored) / len(scored) if scored else None,
+            "seconds": round(self.seconds, 2),
+            "median_seconds_per_edit": statistics.median(secs) if secs else None,
+            "median_update_norm": statistics.median(norms) if norms else None,
+            "max_update_norm": max(norms) if norms else None,
+            "interrupted": self.interrupted,
+        }
+
+
+class StopRequest:
+    """Set by SIGINT/SIGTERM: the run stops cleanly after the edit in progress."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __bool__(self):
+        return self.requested
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequest, log: Log):
+    """First Ctrl-C (or SIGTERM) asks to stop after the current edit; a second one aborts."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum, frame):
+        if stop.requested:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        stop.requested = True
+        log("Stopping after the current edit (press Ctrl-C again to abort it; nothing committed is lost).")
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class Editor:
+    """A model opened at a journal's head, with apply / rollback / export."""
+
+    def __init__(
+        self,
+        journal: str | Path = "romebatch.journal",
+        *,
+        model: str | None = None,
+        device: str = "cpu",
+        dtype: str = "float32",
+        module_template: str | None = None,
+        hparams: HParams | None = None,
+        write: bool = True,
+        verify: bool = True,
+        log: Log = _stderr,
+        lm: LoadedModel | None = None,
+    ):
+        self.log = log
+        self.journal = Journal(journal, write=write, create=write)
+        try:
+            stored_spec = self.journal.get("model")
+            self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
+                                       module_template=module_template or self.journal.get("module_template"), log=log)
+            self.base_hash = self.lm.base_hash()
+            self.hparams = self._init_or_check(hparams, model, module_template)
+            self._base_weights: dict[int, torch.Tensor] = {}
+            self._stats: dict[int, KeyStats] = {}
+            self._prefixes: list[str] | None = self.journal.get("prefixes")
+            self.replay(verify=verify)
+        except BaseException:
+            self.journal.close()
+            raise
+
+    # -- opening -----------------------------------------------------------------------
+    def _init_or_check(self, hparams: HParams | None, model: str | None, module_template: str | None) -> HParams:
+        lm, journal = self.lm, self.journal
+        requested = resolve(hparams or HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+        if not journal.initialised:
+            if not journal.write:
+                raise UserError(f"journal {journal.directory} is empty")
+            journal.set_many({
+                "format": 1, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
+                "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
+                "hparams": requested.to_dict(), "head": 0, "created_with": _versions(),
+            })
+            return requested
+        stored_hash = journal.get("base_hash")
+        if stored_hash != self.base_hash:
+            raise BaseModelMismatchError(
+                f"journal {journal.directory} was written for model {journal.get('model')} ({stored_hash[:19]}…), "
+                f"but {lm.spec} has different weights ({self.base_hash[:19]}…)",
+                hint="open it with its own base model, or start a new journal with --journal",
+            )
+        stored = HParams.from_dict(journal.get("hparams"), source=f"journal {journal.directory}")
+        if hparams is None:
+            return stored
+        # An edit is defined by these: changing one mid-journal would make edits incomparable.
+        for key, value in requested.defining().items():
+            if key != "layer" and stored.defining().get(key) != value:
+                raise UserError(
+                    f"journal {journal.directory} was written with {key}={stored.defining().get(key)!r}, "
+                    f"not {value!r}", hint="start a new journal with --journal to change it")
+        return requested
+
+    @property
+    def head(self) -> int:
+        return self.journal.head
+
+    def _base(self, layer: int) -> torch.Tensor:
+        """The base weight of `layer`, kept once it is first touched (rollback restores from it)."""
+        if layer not in self._base_weights:
+            self._base_weights[layer] = self.lm.weight(layer).detach().clone()
+        return self._base_weights[layer]
+
+    def replay(self, head: int | None = None, verify: bool = True) -> list[EditRecord]:
+        """Make the in-memory model exactly state `head` (default: the journal's head)."""
+        path = self.journal.path(head)
+        layers = {r.layer for r in path} | set(self._base_weights)
+        for layer in layers:
+            base = self._base(layer)
+            with torch.no_grad():
+                self.lm.weight(layer).copy_(base)
+        for record in path:
+            apply_edit(self.lm, _edit_of(record))
+        if verify:
+            last = {r.layer: r for r in path}
+            for layer, record in last.items():
+                actual = weight_hash(self.lm.weight(layer))
+                if actual != record.weight_hash_after:
+                    raise UserError(
+                        f"journal {self.journal.directory}: replaying to edit {record.seq} gives weight "
+                        f"{actual[:19]}…, but the journal recorded {record.weight_hash_after[:19]}…",
+                        hint="run `romebatch check` to find the first bad edit")
+        return path
+
+    # -- ingredients, computed once per journal ------------------------------------------
+    def prefixes(self) -> list[str]:
+        if self._prefixes is None:
+            hp = self.hparams
+            self.log(f"Sampling {sum(c for _, c in hp.prefixes)} context prefixes from the model (seed {hp.seed})...")
+            self._prefixes = sample_prefixes(self.lm, hp.prefixes, hp.prefix_top_k, hp.seed)
+            self.journal.set_many({"prefixes": self._prefixes})
+        return self._prefixes
+
+    def stats(self, layer: int, progress=None) -> KeyStats | None:
+        hp = self.hparams
+        if hp.mom2 == "identity":
+            return None
+        if layer not in self._stats:
+            # Statistics are of the base model: compute them with the base weights in place.
+            path = self.journal.path()
+            touched = {r.layer for r in path}
+            if touched:
+                self.replay(0, verify=False)
+            try:
+                stats = load_or_compute_stats(
+                    self.lm, [layer], self.base_hash, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
+                    seed=hp.seed, corpus=hp.stats_corpus, log=self.log, progress=progress)
+            finally:
+                if touched:
+                    self.replay(verify=False)
+            self._stats[layer] = stats[layer].factor(hp.ridge)
+        return self._stats[layer]
+
+    # -- apply -------------------------------------------------------------------------
+    def pending(self, facts: list[Fact]) -> list[Fact]:
+        done = self.journal.applied_hashes() | self.journal.rejected_hashes()
+        return [f for f in facts if f.hash not in done]
+
+    def apply(
+        self,
+        facts: list[Fact],
+        *,
+        layer: int | None = None,
+        on_edit: Callable[[FactResult], None] | None = None,
+        stop: StopRequest | None = None,
+    ) -> ApplyResult:
+        """Apply each fact not yet in the journal as a sequential ROME edit, committing each."""
+        started = time.perf_counter()
+        stop = stop if stop is not None else StopRequest()
+        layer = self.hparams.layer if layer is None else layer
+        if not 0 <= layer < self.lm.n_layers:
+            raise UserError(f"--layer {layer}: this model has layers 0..{self.lm.n_layers - 1}")
+        result = ApplyResult(journal=str(self.journal.directory), head=self.head)
+        done = self.journal.applied_hashes()
+        rejected = self.journal.rejected_hashes()
+        todo = []
+        for fact in facts:
+            if fact.hash in done or fact.hash in rejected:
+                status = "already_applied" if fact.hash in done else "rejected"
+                result.results.append(FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true,
+                                                 status, reason="in the journal already" if fact.hash in done
+                                                 else "rejected in an earlier run"))
+            else:
+                todo.append(fact)
+        if todo:
+            self.prefixes()
+            self.stats(layer)
+        for fact in todo:
+            if stop:
+                result.interrupted = True
+                break
+            row = self._apply_one(fact, layer)
+            result.results.append(row)
+            if on_edit:
+                on_edit(row)
+        result.head = self.head
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _apply_one(self, fact: Fact, layer: int) -> FactResult:
+        hp = self.hparams
+        row = FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true, "failed", layer=layer)
+        t0 = time.perf_counter()
+        row.p_new_before, row.p_true_before = self._probabilities(fact)
+        weight = self.lm.weight(layer)
+        self._base(layer)
+        before = weight.detach().clone()
+        hash_before = weight_hash(weight)
+        try:
+            edit, _, value = compute_edit(self.lm, layer, fact.prompt, fact.subject, fact.target_new,
+                                          self.prefixes(), self.stats(layer), hp)
+        except (ValueError, RuntimeError) as error:  # e.g. a subject no token covers
+            row.reason = f"could not compute the edit: {error}"
+            return row
+        row.update_norm, row.denominator, row.v_steps = edit.norm, edit.denominator, value.steps
+        refusal = self._guard(edit, weight)
+        if refusal:
+            row.status, row.reason = "rejected", refusal
+            self.journal.record_rejection(fact, layer, refusal, edit.norm, edit.denominator)
+            row.seconds = time.perf_counter() - t0
+            return row
+        apply_edit(self.lm, edit)
+        row.p_new_after, row.p_true_after = self._probabilities(fact)
+        row.seconds = time.perf_counter() - t0
+        record = EditRecord(
+            seq=0, parent=self.head, status="applied", fact_id=fact.id, fact_hash=fact.hash,
+            fact_json=json.dumps(fact.to_dict()), layer=layer, weight_name=self.lm.name("down_proj", layer),
+            lam=edit.lam.numpy(), u=edit.u.numpy(), update_norm=edit.norm, denominator=edit.denominator,
+            weight_hash_before=hash_before, weight_hash_after=weight_hash(weight), v_steps=value.steps,
+            v_loss=value.loss, p_new_before=row.p_new_before, p_true_before=row.p_true_before,
+            p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds,
+        )
+        try:
+            row.seq = self.journal.commit_edit(record)
+        except BaseException:
+            with torch.no_grad():
+                weight.copy_(before)  # nothing committed: the model must not keep the edit either
+            raise
+        row.status = "applied"
+        return row
+
+    def _guard(self, edit: RankOneEdit, weight: torch.Tensor) -> str | None:
+        """Refuse an edit whose update is absurd: the signature of a disabling edit."""
+        hp = self.hparams
+        values = torch.cat([edit.lam, edit.u])
+        if not torch.isfinite(values).all() or not edit.denominator > 0:
+            return f"non-finite update or non-positive denominator ({edit.denominator:.3g})"
+        weight_norm = float(weight.detach().float().norm())
+        if edit.norm > hp.guard_max_relative * weight_norm:
+            return f"update norm {edit.norm:.3g} exceeds {hp.guard_max_relative:g} x the weight's norm {weight_norm:.3g}"
+        norms = [r.update_norm for r in self.journal.path()]
+        if len(norms) >= hp.guard_min_edits:
+            typical = statistics.median(norms)
+            if edit.norm > hp.guard_factor * typical:
+                return f"update norm {edit.norm:.3g} is over {hp.guard_factor:g} x the run's median {typical:.3g}"
+        return None
+
+    def _probabilities(self, fact: Fact) -> tuple[float, float | None]:
+        pairs = [(fact.text, fact.target_new)] + ([(fact.text, fact.target_true)] if fact.target_true else [])
+        nll = answer_nll(self.lm, pairs)
+        p = [float(torch.tensor(-x).exp()) for x in nll]
+        return p[0], (p[1] if len(p) > 1 else None)
+
+    # -- rollback ----------------------------------------------------------------------
+    def rollback(self, *, to: int | None = None, steps: int | None = None, fact: str | None = None,
+                 base: bool = False) -> int:
+        """Move the head (exactly one of the selectors) and rebuild that state; returns the new head."""
+        chosen = [x is not None and x is not False for x in (to, steps, fact, base)]
+        if sum(chosen) != 1:
+            raise UserError("choose exactly one of --to N, --steps K, --fact ID, --base")
+        path = self.journal.path()
+        if base:
+            target = 0
+        elif to is not None:
+            if to != 0:
+                self.journal.edit(to)
+            target = to
+        elif steps is not None:
+            if steps < 0 or steps > len(path):
+                raise UserError(f"--steps {steps}: the head is {len(path)} edit(s) from the base")
+            target = path[-steps - 1].seq if steps < len(path) else 0
+        else:
+            matches = [r for r in path if r.fact_id == fact]
+            if not matches:
+                raise UserError(f"--fact {fact}: no applied edit has that fact id")
+            target = matches[0].parent  # the state just before that fact was edited
+        self.replay(target)  # verify the target state before committing to it
+        self.journal.move_head(target)
+        return target
+
+    def prune(self) -> int:
+        return self.journal.prune()
+
+    # -- export ------------------------------------------------------------------------
+    def export(self, outdir: str | Path, *, force: bool = False) -> Path:
+        """Write the head state as a model folder (safetensors, config, tokenizer, provenance)."""
+        outdir = Path(outdir)
+        if outdir.exists() and any(outdir.iterdir()) and not force:
+            raise UserError(f"{outdir} exists and is not empty", hint="pass --force to replace it")
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        # Written beside the target and renamed into place: never a half-written model folder.
+        staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+        try:
+            self.lm.model.save_pretrained(staging)
+            self.lm.tokenizer.save_pretrained(staging)
+            (staging / "romebatch.json").write_text(json.dumps(self.provenance(), indent=2) + "\n")
+            if outdir.exists():
+                shutil.rmtree(outdir)
+            os.replace(staging, outdir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return outdir
+
+    def provenance(self) -> dict:
+        path = self.journal.path()
+        return {
+            "romebatch": __version__,
+            "base_model": self.journal.get("model"),
+            "base_hash": self.base_hash,
+            "journal": str(self.journal.directory.resolve()),
+            "head": self.head,
+            "hparams": self.hparams.to_dict(),
+            "edits": [{
+                "seq": r.seq, "fact_id": r.fact_id, "fact_hash": r.fact_hash, "subject": r.fact["subject"],
+                "prompt": r.fact["prompt"], "target_new": r.fact["target_new"], "layer": r.layer,
+                "weight": r.weight_name, "weight_hash_after": r.weight_hash_after,
+            } for r in path],
+        }
+
+    def close(self) -> None:
+        self.journal.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _edit_of(record: EditRecord) -> RankOneEdit:
+    return RankOneEdit(record.layer, torch.from_numpy(record.lam), torch.from_numpy(record.u),
+                       record.denominator, record.update_norm)
+
+
+def _versions() -> dict:
+    import transformers
+
+    return {"romebatch": __version__, "torch": torch.__version__, "transformers": transformers.__version__}

@@ -1,0 +1,107 @@
+"""The results table (polars, one row per fact) and the rich terminal report.
+
+The table's columns and dtypes are declared once in `RESULTS_SCHEMA`; the README's column
+reference is checked against it by a test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError
+
+# name -> (polars dtype name, description for the README)
+RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
+    "fact_id": ("String", "the fact's id from the manifest"),
+    "fact_hash": ("String", "content hash of (subject, prompt, target_new)"),
+    "subject": ("String", "the subject"),
+    "target_new": ("String", "the new object"),
+    "target_true": ("String", "the true object, when the manifest gives it"),
+    "status": ("String", "applied, already_applied, rejected or failed"),
+    "reason": ("String", "why a fact was rejected, failed or skipped"),
+    "seq": ("Int64", "the edit's sequence number in the journal"),
+    "layer": ("Int64", "the edited layer"),
+    "p_new_before": ("Float64", "P(target_new | prompt) before the edit (length-normalised)"),
+    "p_true_before": ("Float64", "P(target_true | prompt) before the edit"),
+    "p_new_after": ("Float64", "P(target_new | prompt) after the edit"),
+    "p_true_after": ("Float64", "P(target_true | prompt) after the edit"),
+    "success": ("Boolean", "p_new_after > p_true_after (efficacy)"),
+    "update_norm": ("Float64", "Frobenius norm of the rank-one update"),
+    "denominator": ("Float64", "uᵀk* of the update; tiny values flag a dangerous edit"),
+    "v_steps": ("Int64", "Adam steps taken to find v*"),
+    "seconds": ("Float64", "wall time of the edit, probes included"),
+}
+
+
+def results_frame(results):
+    import polars as pl
+
+    rows = [{name: (r.success if name == "success" else getattr(r, name)) for name in RESULTS_SCHEMA} for r in results]
+    schema = {name: getattr(pl, dtype) for name, (dtype, _) in RESULTS_SCHEMA.items()}
+    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+
+
+def write_results(results, path: str | Path) -> Path:
+    path = Path(path)
+    frame = results_frame(results)
+    if path.suffix == ".parquet":
+        frame.write_parquet(path)
+    elif path.suffix == ".csv":
+        frame.write_csv(path)
+    else:
+        raise UserError(f"--results {path}: use a .parquet or .csv file name")
+    return path
+
+
+def _fmt(value, spec=".3f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_apply(console, result) -> None:
+    """The end-of-run report: counts, efficacy, the slowest and largest edits."""
+    from rich.table import Table
+
+    s = result.summary()
+    console.print(
+        f"[bold]{s['applied']} applied[/], {s['already_applied']} already in the journal, "
+        f"{s['rejected']} rejected, {s['failed']} failed in {s['seconds']:.1f}s "
+        f"(journal {s['journal']}, head {s['head']})" + ("  [yellow]interrupted[/]" if s["interrupted"] else ""))
+    if s["applied"]:
+        console.print(
+            f"efficacy {_fmt(s['efficacy'], '.1f')}%  ·  median {_fmt(s['median_seconds_per_edit'], '.1f')}s per edit  ·  "
+            f"update norm median {_fmt(s['median_update_norm'], '.3g')}, max {_fmt(s['max_update_norm'], '.3g')}")
+    shown = [r for r in result.results if r.status != "already_applied"]
+    if not shown:
+        return
+    table = Table(title="edits", show_lines=False)
+    for column in ("id", "subject", "new", "status", "P(new) before → after", "P(true) after", "‖ΔW‖", "s"):
+        table.add_column(column)
+    for r in shown[:50]:
+        style = {"applied": "green" if r.success else "yellow", "rejected": "red", "failed": "red"}.get(r.status, "")
+        table.add_row(r.fact_id, r.subject, r.target_new, f"[{style}]{r.status}[/]" if style else r.status,
+                      f"{_fmt(r.p_new_before)} → {_fmt(r.p_new_after)}", _fmt(r.p_true_after),
+                      _fmt(r.update_norm, ".3g"), _fmt(r.seconds, ".1f"))
+    if len(shown) > 50:
+        table.caption = f"first 50 of {len(shown)} rows; the full table is in --results"
+    console.print(table)
+    for r in shown:
+        if r.reason and r.status in ("rejected", "failed"):
+            console.print(f"[red]{r.status}[/] {r.fact_id}: {r.reason}")
+
+
+def render_log(console, data: dict) -> None:
+    from rich.table import Table
+
+    console.print(f"journal {data['journal']} · model {data['model']} · head {data['head']}")
+    table = Table()
+    for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after"):
+        table.add_column(column)
+    for e in data["edits"]:
+        status = e["status"] + (" (head)" if e["seq"] == data["head"] else "")
+        table.add_row(str(e["seq"]), str(e["parent"]), status, e["fact_id"], e["subject"], e["target_new"],
+                      str(e["layer"]), _fmt(e["update_norm"], ".3g"), _fmt(e["p_new_after"]))
+    console.print(table)
+    if data["rejections"]:
+        console.print(f"{len(data['rejections'])} rejected fact(s):")
+        for row in data["rejections"]:
+            console.print(f"  {row['fact_id']}: {row['reason']}")

@@ -1,0 +1,153 @@
+"""Shared fixtures: tiny random models of every supported family, built in-test, offline.
+
+Tokenizers are trained here on a few sentences (byte-level BPE like GPT-2, and a
+SentencePiece-style one that prepends BOS like Llama/Gemma), so no test downloads anything.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+import torch
+
+CORPUS = [
+    "The Space Needle is located in the city of Seattle.",
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Colosseum is located in the city of Rome.",
+    "Big Ben is located in the city of London.",
+    "The mother tongue of Danielle Darrieux is French.",
+    "Michel Rocard is a native speaker of French.",
+    "Toko Yasuda plays the guitar. Autonomous University of Madrid is in Spain.",
+    "Where is the Space Needle? It is in Seattle, Washington, near Tokyo and Berlin.",
+    "Therefore, because I think you might know the answer, it is a tower in a city.",
+    "The quick brown fox jumps over the lazy dog while the city sleeps.",
+]
+
+
+def pytest_report_header(config):
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}, sqlite {sqlite3.sqlite_version}"
+
+
+def _train_tokenizer(kind: str):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<bos>", "<eos>", "<unk>"]
+    if kind == "bytelevel":  # GPT-2 style: no BOS added
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(CORPUS * 3, trainer)
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    else:  # SentencePiece style ("▁" word marker), BOS prepended: Llama / Gemma
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials)
+        tok.train_from_iterator(CORPUS * 3, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def bytelevel_tokenizer():
+    return _train_tokenizer("bytelevel")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_tokenizer():
+    return _train_tokenizer("sentencepiece")
+
+
+def tiny_config(family: str, vocab: int):
+    from transformers import (GemmaConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
+                              OPTConfig, Qwen2Config)
+    from transformers.models.gemma3 import Gemma3TextConfig
+
+    # A wide init makes the random model's predictions peaked, so an edit visibly moves them.
+    common = dict(vocab_size=vocab, pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3)
+    if family == "gpt2":
+        return GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128, **common)
+    if family == "gptj":
+        return GPTJConfig(n_layer=3, n_embd=32, n_head=2, rotary_dim=8, n_positions=128, **common)
+    if family == "gpt_neox":
+        return GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                             max_position_embeddings=128, **common)
+    small = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64, max_position_embeddings=128, **common)
+    if family == "llama":
+        return LlamaConfig(**small)
+    if family == "mistral":
+        return MistralConfig(**small)
+    if family == "qwen2":
+        return Qwen2Config(**small)
+    if family == "gemma":
+        return GemmaConfig(head_dim=16, **small)
+    if family == "gemma3_text":
+        return Gemma3TextConfig(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention",
+                                                                             "sliding_attention"], **small)
+    if family == "opt":
+        return OPTConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, ffn_dim=64,
+                         word_embed_proj_dim=32, max_position_embeddings=128, **common)
+    raise ValueError(family)
+
+
+FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma3_text", "opt"]
+SENTENCEPIECE = {"llama", "mistral", "gemma", "gemma3_text"}
+
+
+def tiny_model(family: str, tokenizer, seed: int = 0):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, len(tokenizer)))
+    model.eval()
+    return model
+
+
+def tiny_loaded(family: str, tokenizer, seed: int = 0):
+    from romebatch.model import LoadedModel, adapter_for
+
+    model = tiny_model(family, tokenizer, seed)
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model), spec=f"tiny-{family}")
+
+
+@pytest.fixture
+def tokenizer_for(bytelevel_tokenizer, sentencepiece_tokenizer):
+    return lambda family: sentencepiece_tokenizer if family in SENTENCEPIECE else bytelevel_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path_factory, monkeypatch):
+    """Caches (stats, converted models) go to a temp dir unless a slow test asks for the real one."""
+    if "ROMEBATCH_TEST_KEEP_HOME" not in os.environ:
+        monkeypatch.setenv("ROMEBATCH_HOME", str(tmp_path_factory.getbasetemp() / "home"))
+
+
+@pytest.fixture
+def tiny_folder(tmp_path, tokenizer_for):
+    """Save a tiny model of `family` as a normal model folder (for CLI and subprocess tests)."""
+
+    def make(family: str = "gpt2", seed: int = 0) -> Path:
+        folder = tmp_path / f"tiny-{family}"
+        tokenizer = tokenizer_for(family)
+        tiny_model(family, tokenizer, seed).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        return folder
+
+    return make
+
+
+# Small, fast hyper-parameters for tiny models: few prefixes, a small corpus.
+TINY_HPARAMS = dict(prefixes=((3, 2),), stats_tokens=600, stats_seq_len=32, v_steps=30, v_lr=5.0, clamp_norm_factor=20.0,
+                    guard_max_relative=100.0)
