@@ -289,6 +289,12 @@ class Journal:
             f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(chain))})", chain)}
         return [rows[seq] for seq in chain]
 
+    def child(self, parent: int, fact_hash: str) -> EditRecord | None:
+        """An existing edit of this fact computed on `parent` (e.g. rolled back earlier), if any."""
+        row = self.db.execute("SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1",
+                              (parent, fact_hash)).fetchone()
+        return _record(row) if row else None
+
     def applied_hashes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT fact_hash FROM edits WHERE status = 'applied'")}
 

@@ -230,7 +230,9 @@ def load_model(
 ) -> LoadedModel:
     """Load `spec`: None or EMBEDDED, a `.gguf` file, a local folder, or a cached hub id."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # romebatch shows its own progress; theirs clutters stderr
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
