@@ -26,10 +26,19 @@ def apply(
     log=None,
 ) -> ApplyResult:
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
+    from .model import load_model
+    from .preflight import check_facts_for_model
+
     facts = load_manifest(manifest, limit=limit).facts
     kwargs = {"log": log} if log else {}
-    with Editor(journal, model=model, device=device, dtype=dtype, module_template=module_template,
-                hparams=hparams, **kwargs) as editor:
+    # The model is loaded (and the facts checked against its tokenizer) before the journal
+    # is created or locked: bad input writes nothing.
+    stored = _journal_meta(journal)
+    lm = load_model(model or stored.get("model"), device=device, dtype=dtype,
+                    module_template=module_template or stored.get("module_template"), **kwargs)
+    longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
+    check_facts_for_model(lm, facts, longest_prefix)
+    with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
             result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop)
@@ -38,6 +47,14 @@ def apply(
 
         write_results(result.results, results)
     return result
+
+
+def _journal_meta(journal: str | Path) -> dict:
+    """The stored model spec of an existing journal ({} if there is none yet)."""
+    if not (Path(journal) / "journal.sqlite").exists():
+        return {}
+    with Journal(journal) as j:
+        return {"model": j.get("model"), "module_template": j.get("module_template")}
 
 
 def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
@@ -82,3 +99,12 @@ def pending_facts(facts, journal: str | Path):
     with Journal(journal) as j:
         done = j.applied_hashes() | j.rejected_hashes()
     return [f for f in facts if f.hash not in done]
+
+
+def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None):
+    """Verify the journal: schema, base model identity, and every edit's stored hashes by replay."""
+    from .editor import CheckReport  # noqa: F401  (the return type)
+
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, verify=False, **kwargs) as editor:
+        return editor.check()

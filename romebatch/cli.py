@@ -190,6 +190,32 @@ def export(
         _say(f"exported the journal's head to {path} (provenance in {path / 'romebatch.json'})")
 
 
+@app.command()
+def check(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+):
+    """Verify the journal: base model identity and every edit's hashes, by replay. Exit 1 if damaged."""
+    from . import api
+
+    report = api.check(journal, model=model, device=device, log=_say)
+    if json_out:
+        _emit_json({"journal": report.journal, "ok": report.ok, "edits": report.edits, "head": report.head,
+                    "problems": report.problems, "last_good": report.last_good})
+    else:
+        for line in report.problems:
+            _say(f"damaged: {line}")
+        if report.ok:
+            _say(f"journal {journal}: {report.edits} edit(s) verified by replay, head {report.head}")
+        else:
+            _say(f"journal {journal}: {len(report.problems)} problem(s); the last good state on the head's path is "
+                 f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
     from .errors import ManifestError, UserError

@@ -105,6 +105,19 @@ class ApplyResult:
         }
 
 
+@dataclass
+class CheckReport:
+    journal: str
+    edits: int
+    head: int
+    problems: list[str]
+    last_good: int  # the last edit on the head's path before the first damaged one
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
 class StopRequest:
     """Set by SIGINT/SIGTERM: the run stops cleanly after the edit in progress."""
 
@@ -234,6 +247,46 @@ class Editor:
                         hint="run `romebatch check` to find the first bad edit")
         return path
 
+    def check(self) -> "CheckReport":
+        """Replay every edit (every branch) and compare each stored hash; the model ends at the head."""
+        problems: list[str] = []
+        bad: set[int] = set()
+        current = None  # the seq whose state the model holds, None before the first replay
+        for record in self.journal.edits():
+            if record.parent in bad:
+                bad.add(record.seq)
+                problems.append(f"edit {record.seq} (fact {record.fact_id}): built on damaged edit {record.parent}")
+                continue
+            if current != record.parent:
+                self.replay(record.parent, verify=False)
+            weight = self.lm.weight(record.layer)
+            before = weight_hash(weight)
+            if before != record.weight_hash_before:
+                bad.add(record.seq)
+                problems.append(
+                    f"edit {record.seq} (fact {record.fact_id}): was not computed on the state of edit {record.parent} "
+                    f"(weight before is {before[:19]}…, the edit recorded {record.weight_hash_before[:19]}…)")
+                current = record.parent
+                continue
+            apply_edit(self.lm, _edit_of(record))
+            after = weight_hash(weight)
+            current = record.seq
+            if after != record.weight_hash_after:
+                bad.add(record.seq)
+                problems.append(
+                    f"edit {record.seq} (fact {record.fact_id}): its stored factors give weight {after[:19]}…, "
+                    f"but it recorded {record.weight_hash_after[:19]}… (a damaged vector or hash)")
+        path = [r.seq for r in self.journal.path()]
+        last_good = 0
+        for seq in path:
+            if seq in bad:
+                break
+            last_good = seq
+        if not bad:
+            self.replay(verify=False)
+        return CheckReport(journal=str(self.journal.directory), edits=len(self.journal.edits()), head=self.head,
+                           problems=problems, last_good=last_good if bad.intersection(path) else self.head)
+
     # -- ingredients, computed once per journal ------------------------------------------
     def prefixes(self) -> list[str]:
         if self._prefixes is None:
@@ -323,9 +376,10 @@ class Editor:
         self._base(layer)
         before = weight.detach().clone()
         hash_before = weight_hash(weight)
+        timings: dict = {}
         try:
             edit, _, value = compute_edit(self.lm, layer, fact.prompt, fact.subject, fact.target_new,
-                                          self.prefixes(), self.stats(layer), hp)
+                                          self.prefixes(), self.stats(layer), hp, timings)
         except (ValueError, RuntimeError) as error:  # e.g. a subject no token covers
             row.reason = f"could not compute the edit: {error}"
             return row
@@ -345,7 +399,7 @@ class Editor:
             lam=edit.lam.numpy(), u=edit.u.numpy(), update_norm=edit.norm, denominator=edit.denominator,
             weight_hash_before=hash_before, weight_hash_after=weight_hash(weight), v_steps=value.steps,
             v_loss=value.loss, p_new_before=row.p_new_before, p_true_before=row.p_true_before,
-            p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds,
+            p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds, **timings,
         )
         try:
             row.seq = self.journal.commit_edit(record)

@@ -71,17 +71,26 @@ def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tenso
         return module(key.to(lm.device, module.weight.dtype)[None])[0].float()
 
 
-def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp):
-    """k*, v* and the update for one fact; the model is unchanged when this returns."""
+def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp, timings: dict | None = None):
+    """k*, v* and the update for one fact; the model is unchanged when this returns.
+
+    Returns (edit, k_star, value). `timings`, if given, receives seconds_key and seconds_value.
+    """
+    import time
+
     from .keys import compute_key
     from .values import optimise_value
 
+    started = time.perf_counter()
     k_star = compute_key(lm, layer, fact_template, subject, prefixes)
     v_init = current_value(lm, layer, k_star)
+    keyed = time.perf_counter()
     value = optimise_value(
         lm, layer, fact_template, subject, target, prefixes, v_init,
         lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, kl_factor=hp.kl_factor,
         weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
     )
+    if timings is not None:
+        timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)
     edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None)
     return edit, k_star, value
