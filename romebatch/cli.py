@@ -218,7 +218,7 @@ def check(
 
 def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
-    from .errors import ManifestError, UserError
+    from .errors import ManifestError, UserError, one_line
 
     try:
         app(standalone_mode=False)
@@ -229,7 +229,7 @@ def main() -> None:
     except UserError as error:
         if os.environ.get("ROMEBATCH_DEBUG") == "1":
             raise
-        print(f"error: {error.message}", file=sys.stderr)
+        print(f"error: {one_line(error.message)}", file=sys.stderr)
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
         sys.exit(2)

@@ -23,8 +23,18 @@ class ManifestError(UserError):
     """One or more problems in a manifest; `problems` holds one line per problem."""
 
     def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+        self.problems = [one_line(p) for p in problems]
+        super().__init__("\n".join(self.problems))
+
+
+_LINE_BREAKERS = {i: f"\\x{i:02x}" for i in range(32)} | {0x7F: "\\x7f", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+MAX_PROBLEM_CHARS = 500
+
+
+def one_line(text: str) -> str:
+    """Escape control characters (a key or value from a hostile file may hold newlines) and cap the length."""
+    text = text.translate(_LINE_BREAKERS)
+    return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
 
 
 def located(path: object, row: int | None, field: str | None, what: str) -> str:
@@ -33,8 +43,8 @@ def located(path: object, row: int | None, field: str | None, what: str) -> str:
     if row is not None:
         where += f":{row}"
     if field is not None:
-        return f"{where}: field '{field}': {what}"
-    return f"{where}: {what}"
+        return one_line(f"{where}: field '{field}': {what}")
+    return one_line(f"{where}: {what}")
 
 
 class JournalLockedError(UserError):

@@ -633,6 +633,8 @@ def _yaml_records(path: str) -> list:
         line = mark.line + 1 if mark is not None else None
         what = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise _FileProblem(located(path, line, None, f"invalid YAML: {what}")) from None
+    except RecursionError:
+        raise _FileProblem(located(path, None, None, "invalid YAML: nested too deeply")) from None
     return _fact_list(path, doc, "YAML manifest")
 
 
@@ -650,6 +652,8 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
                     yield line_no, json.loads(line)
                 except json.JSONDecodeError as e:
                     yield line_no, _Unparsed(f"invalid JSON: {e.msg} (column {e.colno})")
+                except RecursionError:  # a nesting bomb: refuse it like any other bad line
+                    yield line_no, _Unparsed("invalid JSON: nested too deeply")
         except UnicodeDecodeError:
             raise _FileProblem(_bad_utf8(path)) from None
 
@@ -660,6 +664,8 @@ def _json_source(path: str) -> _Source:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise _FileProblem(located(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")) from None
+    except RecursionError:
+        raise _FileProblem(located(path, None, None, "invalid JSON: nested too deeply")) from None
     records = _fact_list(path, doc, "JSON manifest")
     fmt, adapt = _sniff_json(records[0] if records else None)
     return _Source(fmt, "record", _numbered(records), adapt)
@@ -784,6 +790,9 @@ def _csv_list(chk: _Checker, cell: str | None, column: str) -> list[str] | None:
             value = json.loads(cell)
         except json.JSONDecodeError as e:
             chk.problem(column, f"starts with '[' but is not a JSON list of strings: {e.msg} (column {e.colno})")
+            return None
+        except RecursionError:
+            chk.problem(column, "starts with '[' but is nested too deeply to be a list of strings")
             return None
         return chk.string_list(value, column)
     # Spaces around "|" are for readability ("a | b"), not part of the items.
