@@ -21,7 +21,11 @@ class HParams:
     layer: int | None = None  # edited layer; None: measured default, else ~1/4 of the depth
     v_lr: float = 0.5  # Adam learning rate for δ
     v_steps: int | None = None  # at most this many Adam steps; None: 20 (25 for Llama-style, as EasyEdit)
-    v_loss_stop: float = 0.05  # stop early once the loss falls below this
+    v_loss_stop: float = 0.05  # stop early once the stopping term falls below this
+    # "nll": the target NLL (the fit); "loss": the whole loss, as the original code. The norm
+    # penalty ‖δ‖/‖v_init‖² scales with 1/‖v_init‖: ~0.02 on GPT-2 XL (‖v‖ ~ 50) but ~0.9 on
+    # Gemma-3-270M (‖v‖ ~ 2), where the total loss never reaches 0.05 and "loss" never stops.
+    v_stop_on: str = "nll"
     kl_factor: float = 0.0625  # weight of KL(p_δ || p_0) on the essence prompt "{} is a"
     v_weight_decay: float = 0.5  # weight of ‖δ‖ / ‖v_init‖², the original's norm penalty
     clamp_norm_factor: float = 4.0  # ‖δ‖ is projected into the ball of radius factor · ‖v_init‖
@@ -68,6 +72,8 @@ class HParams:
                 not isinstance(value, (int, float)) or value < 0
             ):
                 raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
+        if self.v_stop_on not in ("nll", "loss"):
+            raise UserError(f"{source}: v_stop_on must be 'nll' or 'loss', got {self.v_stop_on!r}")
         if self.mom2 not in ("second_moment", "identity"):
             raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):

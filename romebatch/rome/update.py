@@ -87,7 +87,7 @@ def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp,
     keyed = time.perf_counter()
     value = optimise_value(
         lm, layer, fact_template, subject, target, prefixes, v_init,
-        lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, kl_factor=hp.kl_factor,
+        lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, stop_on=hp.v_stop_on, kl_factor=hp.kl_factor,
         weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
     )
     if timings is not None:

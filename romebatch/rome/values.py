@@ -7,7 +7,8 @@ optimised with Adam on
   + kl_factor · KL(p_δ ‖ p_0) of the next-token distribution after "{subject} is a"
   + v_weight_decay · ‖δ‖ / ‖v_init‖²          (the original code's penalty, kept as published)
 
-with early stopping below `v_loss_stop` and δ projected into the ball of radius
+with early stopping once the NLL (or, as the original code, the whole loss: `stop_on`)
+falls below `loss_stop`, and δ projected into the ball of radius
 `clamp_norm_factor · ‖v_init‖` after every step. v* = v_init + δ, where v_init is the
 layer's current output for the averaged key k*: so v* − W k* is exactly δ, and the update
 uses the same key everywhere (the original code's mixed-key defect cannot arise).
@@ -47,6 +48,7 @@ def optimise_value(
     lr: float = 0.5,
     steps: int = 20,
     loss_stop: float = 0.05,
+    stop_on: str = "nll",
     kl_factor: float = 0.0625,
     weight_decay: float = 0.5,
     clamp_norm_factor: float = 4.0,
@@ -110,7 +112,7 @@ def optimise_value(
         penalty = weight_decay * delta.norm() / init_norm_sq
         loss = nll + kl_factor * kl + penalty
         loss_value, nll_value = loss.item(), nll.item()
-        if loss_value < loss_stop:
+        if (nll_value if stop_on == "nll" else loss_value) < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break
         loss.backward()
