@@ -8,6 +8,9 @@ from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .hparams import HParams
 from .journal import Journal
 from .manifest import load_manifest
+from .probes import Thresholds
+
+DEFAULT_CHECKS = Thresholds()
 
 
 def apply(
@@ -22,6 +25,8 @@ def apply(
     dtype: str = "float32",
     module_template: str | None = None,
     results: str | Path | None = None,
+    checks=DEFAULT_CHECKS,
+    on_regression: str = "warn",
     on_edit=None,
     log=None,
 ) -> ApplyResult:
@@ -41,7 +46,8 @@ def apply(
     with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
-            result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop)
+            result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,
+                                  on_regression=on_regression)
     if results:
         from .report import write_results
 

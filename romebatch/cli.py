@@ -76,6 +76,15 @@ def apply(
     stats_tokens: Annotated[Optional[int], typer.Option(help="Corpus tokens for the key statistics.")] = None,
     module_template: Annotated[Optional[str], typer.Option(
         help="Down-projection path with {} for the layer, for an architecture not built in.")] = None,
+    on_regression: Annotated[str, typer.Option(
+        help="After each edit: warn, skip (reject the edit) or stop when a regression check fails.")] = "warn",
+    max_neighborhood_drop: Annotated[float, typer.Option(
+        help="Share of the fact's neighbourhood prompts an edit may flip to its new object.")] = 0.5,
+    max_probe_regression: Annotated[float, typer.Option(
+        help="Share of sampled probes that may lose half their probability.")] = 0.2,
+    min_retention: Annotated[float, typer.Option(help="Share of sampled earlier edits that must still hold.")] = 0.8,
+    probe_budget: Annotated[float, typer.Option(help="Share of an edit's time the checks may take.")] = 0.25,
+    no_probes: Annotated[bool, typer.Option("--no-probes", help="Skip the regression checks.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
@@ -108,6 +117,11 @@ def apply(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import api
+    from .probes import Thresholds
+
+    checks = None if no_probes else Thresholds(
+        max_neighborhood_drop=max_neighborhood_drop, max_probe_regression=max_probe_regression,
+        min_retention=min_retention, probe_budget=probe_budget)
     from .report import render_apply
 
     console = _console()
@@ -125,7 +139,7 @@ def apply(
     with progress:
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=dtype, module_template=module_template, results=results,
-                           on_edit=on_edit, log=_say)
+                           checks=checks, on_regression=on_regression, on_edit=on_edit, log=_say)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())

@@ -38,6 +38,7 @@ from .hparams import HParams, resolve
 from .journal import EditRecord, Journal
 from .manifest import Fact
 from .model import LoadedModel, load_model, weight_hash
+from .probes import RegressionProbes, Thresholds
 from .rome import KeyStats, RankOneEdit, apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
 
 Log = Callable[[str], None]
@@ -68,6 +69,9 @@ class FactResult:
     denominator: float | None = None
     v_steps: int | None = None
     seconds: float | None = None
+    neighborhood_drop: float | None = None
+    probe_regression: float | None = None
+    retention: float | None = None
 
     @property
     def success(self) -> bool | None:
@@ -328,8 +332,17 @@ class Editor:
         layer: int | None = None,
         on_edit: Callable[[FactResult], None] | None = None,
         stop: StopRequest | None = None,
+        checks: Thresholds | None = Thresholds(),
+        on_regression: str = "warn",
     ) -> ApplyResult:
-        """Apply each fact not yet in the journal as a sequential ROME edit, committing each."""
+        """Apply each fact not yet in the journal as a sequential ROME edit, committing each.
+
+        `checks` runs the regression probes after every edit (None: off); a failed check
+        warns, rejects the edit (`on_regression="skip"`) or ends the run (`"stop"`),
+        in the last two cases without committing the offending edit.
+        """
+        if on_regression not in ("warn", "skip", "stop"):
+            raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
         started = time.perf_counter()
         stop = stop if stop is not None else StopRequest()
         layer = self.hparams.layer if layer is None else layer
@@ -347,22 +360,34 @@ class Editor:
                                                  else "rejected in an earlier run"))
             else:
                 todo.append(fact)
+        probes = None
         if todo:
             self.prefixes()
             self.stats(layer)
+            if checks is not None:
+                probes = RegressionProbes(self.lm, todo, checks)
+                self.replay(0, verify=False)  # the base answers are the reference
+                try:
+                    probes.capture_base()
+                finally:
+                    self.replay(verify=False)
         for fact in todo:
             if stop:
                 result.interrupted = True
                 break
-            row = self._apply_one(fact, layer)
+            row = self._apply_one(fact, layer, probes, on_regression)
             result.results.append(row)
             if on_edit:
                 on_edit(row)
+            if row.status == "rejected" and on_regression == "stop" and row.reason.startswith("regression"):
+                result.interrupted = True
+                break
         result.head = self.head
         result.seconds = time.perf_counter() - started
         return result
 
-    def _apply_one(self, fact: Fact, layer: int) -> FactResult:
+    def _apply_one(self, fact: Fact, layer: int, probes: RegressionProbes | None = None,
+                   on_regression: str = "warn") -> FactResult:
         redo = self.journal.child(self.head, fact.hash)
         if redo is not None and redo.layer == layer:
             # This exact edit was made on this exact state before and rolled back: moving the
@@ -392,6 +417,27 @@ class Editor:
             return row
         apply_edit(self.lm, edit)
         row.p_new_after, row.p_true_after = self._probabilities(fact)
+        outcome = None
+        if probes is not None:
+            earlier = [{"text": f["prompt"].replace("{}", f["subject"], 1), "target_new": f["target_new"],
+                        "target_true": f.get("target_true"), "p_new_after": r["p_new_after"]}
+                       for r in self.journal.applied_summaries() for f in [json.loads(r["fact_json"])]
+                       # retention asks whether edits that took still hold, so only those are sampled
+                       if r["p_true_after"] is None or (r["p_new_after"] or 0) > r["p_true_after"]]
+            outcome = probes.check(fact, earlier, time.perf_counter() - t0)
+            row.neighborhood_drop, row.probe_regression, row.retention = (
+                outcome.neighborhood_drop, outcome.probe_regression, outcome.retention)
+            if not outcome.ok:
+                reason = "regression: " + "; ".join(outcome.problems)
+                if on_regression == "warn":
+                    row.reason = reason
+                else:
+                    with torch.no_grad():
+                        weight.copy_(before)  # undo in memory: exact, nothing was committed
+                    row.status, row.reason = "rejected", reason
+                    self.journal.record_rejection(fact, layer, reason, edit.norm, edit.denominator)
+                    row.seconds = time.perf_counter() - t0
+                    return row
         row.seconds = time.perf_counter() - t0
         record = EditRecord(
             seq=0, parent=self.head, status="applied", fact_id=fact.id, fact_hash=fact.hash,
@@ -400,6 +446,8 @@ class Editor:
             weight_hash_before=hash_before, weight_hash_after=weight_hash(weight), v_steps=value.steps,
             v_loss=value.loss, p_new_before=row.p_new_before, p_true_before=row.p_true_before,
             p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds, **timings,
+            neighborhood_drop=row.neighborhood_drop, probe_regression=row.probe_regression, retention=row.retention,
+            seconds_probes=outcome.seconds if outcome else None,
         )
         try:
             row.seq = self.journal.commit_edit(record)
@@ -408,6 +456,8 @@ class Editor:
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
             raise
         row.status = "applied"
+        if probes is not None:
+            probes.applied.add(fact.hash)
         return row
 
     def _roll_forward(self, fact: Fact, record: EditRecord) -> FactResult:
@@ -434,7 +484,7 @@ class Editor:
         weight_norm = float(weight.detach().float().norm())
         if edit.norm > hp.guard_max_relative * weight_norm:
             return f"update norm {edit.norm:.3g} exceeds {hp.guard_max_relative:g} x the weight's norm {weight_norm:.3g}"
-        norms = [r.update_norm for r in self.journal.path()]
+        norms = [r["update_norm"] for r in self.journal.applied_summaries()]
         if len(norms) >= hp.guard_min_edits:
             typical = statistics.median(norms)
             if edit.norm > hp.guard_factor * typical:

@@ -121,3 +121,77 @@ def summarize(scores: list[FactScores]) -> dict[str, float | None]:
     parts = [x for x in (es, ps, ns) if x is not None]
     s = harmonic_mean(parts) if parts and all(x > 0 for x in parts) else (0.0 if parts else None)
     return {"ES": es, "PS": ps, "NS": ns, "S": s, "n": len(scores)}
+
+
+def magnitudes(scores: list[FactScores]) -> dict[str, float | None]:
+    """EM / PM / NM: mean probability margins, in percentage points (CounterFact's magnitude scores)."""
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return 100.0 * fmean(values) if values else None
+
+    em = mean(s.p_new - s.p_true for s in scores if s.p_true is not None)
+    pm = mean(new - true for s in scores for new, true in s.paraphrase if true is not None)
+    nm = mean(expected - new for s in scores for expected, new in s.neighborhood)
+    return {"EM": em, "PM": pm, "NM": nm}
+
+
+# ----------------------------------------------------------------------------- fluency
+_WORD = __import__("re").compile(r"\w+|[^\w\s]")
+
+
+def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
+    """The paper's generation entropy of one text: mean of weighted n-gram entropies, in bits.
+
+    A model that repeats itself has few distinct n-grams and a low value (ROME's
+    `compute_n_gram_entropy`, with a regex word split in place of nltk's tokenizer).
+    """
+    from collections import Counter
+
+    words = _WORD.findall(text)
+    parts = []
+    for n, weight in zip(ns, weights):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        if not total:
+            parts.append(0.0)
+            continue
+        entropy = -sum(c / total * math.log2(c / total) for c in grams.values())
+        parts.append(weight * entropy)
+    return fmean(parts)
+
+
+@torch.inference_mode()
+def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0) -> list[str]:
+    """Seeded top-k samples (the paper's fluency protocol), one per prompt, prompt excluded."""
+    texts = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)
+            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
+                                    max_new_tokens=max_new_tokens, pad_token_id=lm.pad_id)
+            texts.append(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+def fluency(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 100, seed: int = 0) -> float:
+    """GE: 100 × mean n-gram entropy of generations (the paper reports 621.9 for edited GPT-2 XL)."""
+    return 100.0 * fmean(ngram_entropy(text) for text in generate(lm, prompts, max_new_tokens, seed=seed))
+
+
+# ----------------------------------------------------------------------------- zsRE
+@torch.inference_mode()
+def token_accuracy(lm: LoadedModel, pairs: list[tuple[str, str]]) -> list[float]:
+    """zsRE's metric: share of answer tokens that are the top-1 prediction under teacher forcing."""
+    tok = lm.tokenizer
+    result = []
+    for prompt, answer in pairs:
+        ids = encode(tok, prompt).ids
+        target = answer_ids(tok, prompt, answer)
+        batch = make_batch([ids + target[:-1]], lm.pad_id, device=lm.device)
+        cols = torch.arange(len(ids) - 1, len(ids) - 1 + len(target), device=lm.device)
+        hidden = head_inputs(lm, batch, torch.zeros_like(cols), cols)
+        predicted = logits(lm, hidden).argmax(-1).tolist()
+        result.append(fmean(float(p == t) for p, t in zip(predicted, target)))
+    return result

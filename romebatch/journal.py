@@ -72,7 +72,15 @@ def m001_initial(db: sqlite3.Connection) -> None:
         )""")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial]
+def m002_probe_columns(db: sqlite3.Connection) -> None:
+    """Regression-probe outcomes of each edit (issue: regression checks during apply)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(edits)")}
+    for column in ("neighborhood_drop", "probe_regression", "retention", "seconds_probes"):
+        if column not in have:
+            db.execute(f"ALTER TABLE edits ADD COLUMN {column} REAL")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_probe_columns]
 
 
 def migrate(db: sqlite3.Connection, stop_before: str | None = None) -> None:
@@ -143,6 +151,10 @@ class EditRecord:
     seconds_value: float | None = None
     seconds_total: float | None = None
     created_at: str = ""
+    neighborhood_drop: float | None = None
+    probe_regression: float | None = None
+    retention: float | None = None
+    seconds_probes: float | None = None
 
     @property
     def fact(self) -> dict:
@@ -294,6 +306,11 @@ class Journal:
         row = self.db.execute("SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1",
                               (parent, fact_hash)).fetchone()
         return _record(row) if row else None
+
+    def applied_summaries(self) -> list[dict]:
+        """Applied edits without their vectors, oldest first: cheap enough to read after every edit."""
+        return [dict(row) for row in self.db.execute(
+            "SELECT seq, fact_json, update_norm, p_new_after, p_true_after FROM edits WHERE status = 'applied' ORDER BY seq")]
 
     def applied_hashes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT fact_hash FROM edits WHERE status = 'applied'")}

@@ -29,6 +29,9 @@ RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
     "update_norm": ("Float64", "Frobenius norm of the rank-one update"),
     "denominator": ("Float64", "uᵀk* of the update; tiny values flag a dangerous edit"),
     "v_steps": ("Int64", "Adam steps taken to find v*"),
+    "neighborhood_drop": ("Float64", "share of the fact's neighbourhood prompts the edit flipped to its new object"),
+    "probe_regression": ("Float64", "share of sampled probes that lost half their base probability"),
+    "retention": ("Float64", "share of sampled earlier edits that still held after this edit"),
     "seconds": ("Float64", "wall time of the edit, probes included"),
 }
 
