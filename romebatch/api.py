@@ -114,3 +114,19 @@ def check(journal: str | Path = "romebatch.journal", *, model: str | None = None
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, write=False, verify=False, **kwargs) as editor:
         return editor.check()
+
+
+def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | None = None, thresholds=None,
+           results: str | Path | None = None, model: str | None = None, device: str = "cpu", log=None, progress=None):
+    """Score the head against the base model on every applied fact; see `romebatch.verify`."""
+    from .verify import VerifyThresholds, verify as run_verify
+
+    facts = load_manifest(manifest).facts if manifest else None
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        report = run_verify(editor, thresholds or VerifyThresholds(), facts, progress=progress)
+    if results:
+        from .report import write_verify_results
+
+        write_verify_results(report.rows, results)
+    return report

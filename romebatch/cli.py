@@ -205,6 +205,34 @@ def export(
 
 
 @app.command()
+def verify(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    manifest: Annotated[Optional[Path], typer.Option(help="Score with this manifest's probes (applied facts only).")] = None,
+    max_ns_drop: Annotated[float, typer.Option(help="Points NS may fall below the base model's.")] = 5.0,
+    min_retention: Annotated[float, typer.Option(help="% of edits that took which must still hold.")] = 90.0,
+    min_efficacy: Annotated[float, typer.Option(help="% of applied facts whose new object must win.")] = 0.0,
+    results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+):
+    """Specificity regression of the journal's head against the base model. Exit 1 on regression."""
+    from . import api
+    from .report import render_verify
+    from .verify import VerifyThresholds
+
+    thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
+    report = api.verify(journal, manifest=manifest, thresholds=thresholds, results=results, model=model,
+                        device=device, log=_say)
+    if json_out:
+        _emit_json(report.summary())
+    else:
+        render_verify(_console(), report)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
 def check(
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
@@ -232,10 +260,12 @@ def check(
 
 def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
+    from typer.exceptions import TyperException
+
     from .errors import ManifestError, UserError, one_line
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except ManifestError as error:
         for line in error.problems:
             print(f"error: {line}", file=sys.stderr)
@@ -247,20 +277,17 @@ def main() -> None:
         if error.hint:
             print(f"hint: {error.hint}", file=sys.stderr)
         sys.exit(2)
+    except TyperException as error:  # usage errors: typer's vendored click exceptions
+        error.show()
+        sys.exit(getattr(error, "exit_code", 2) or 2)
     except KeyboardInterrupt:
+        code = 130
+    # With standalone_mode=False, typer returns the code of `raise typer.Exit(n)` and of an
+    # interrupt (130) instead of exiting.
+    if code == 130:
         print("aborted; the journal holds every committed edit", file=sys.stderr)
-        sys.exit(130)
-    except Exception as error:  # click's usage errors and anything unexpected
-        import click
-
-        if isinstance(error, click.exceptions.Exit):
-            sys.exit(error.exit_code)
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(2)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -520,7 +520,11 @@ class Editor:
             if not matches:
                 raise UserError(f"--fact {fact}: no applied edit has that fact id")
             target = matches[0].parent  # the state just before that fact was edited
-        self.replay(target)  # verify the target state before committing to it
+        try:
+            self.replay(target)  # verify the target state before committing to it
+        except BaseException:
+            self.replay(verify=False)  # refused: the model stays at the head, like the journal
+            raise
         self.journal.move_head(target)
         return target
 
@@ -531,6 +535,8 @@ class Editor:
     def export(self, outdir: str | Path, *, force: bool = False) -> Path:
         """Write the head state as a model folder (safetensors, config, tokenizer, provenance)."""
         outdir = Path(outdir)
+        if outdir.exists() and not outdir.is_dir():
+            raise UserError(f"{outdir} exists and is not a folder")
         if outdir.exists() and any(outdir.iterdir()) and not force:
             raise UserError(f"{outdir} exists and is not empty", hint="pass --force to replace it")
         outdir.parent.mkdir(parents=True, exist_ok=True)

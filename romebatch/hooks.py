@@ -26,7 +26,15 @@ import torch
 
 
 class StopForward(Exception):
-    """Raised inside a hook to end the forward pass once the needed activation is read."""
+    """Raised inside a hook to end the forward pass once the needed activation is read.
+
+    It carries the context that asked for the stop, so an inner `attach` never swallows
+    a stop requested by an outer one.
+    """
+
+    def __init__(self, owner: object = None):
+        super().__init__()
+        self.owner = owner
 
 
 @dataclass(frozen=True)
@@ -48,11 +56,11 @@ def _replace_first(value, new):
     return new
 
 
-def _make_input_hook(hook: Hook):
+def _make_input_hook(hook: Hook, owner: object):
     def pre_hook(module, args):
         result = hook.fn(args[0])
         if hook.stop:
-            raise StopForward
+            raise StopForward(owner)
         if result is not None:
             return (result,) + tuple(args[1:])
         return None
@@ -60,11 +68,11 @@ def _make_input_hook(hook: Hook):
     return pre_hook
 
 
-def _make_output_hook(hook: Hook):
+def _make_output_hook(hook: Hook, owner: object):
     def post_hook(module, args, output):
         result = hook.fn(_first_tensor(output))
         if hook.stop:
-            raise StopForward
+            raise StopForward(owner)
         if result is not None:
             return _replace_first(output, result)
         return None
@@ -85,16 +93,18 @@ def attach(model: torch.nn.Module, hooks: list[Hook]) -> Iterator[None]:
     if missing:
         raise KeyError(f"no module named {missing[0]!r} in {type(model).__name__}")
     handles = []
+    owner = object()  # identifies this context's stops
     try:
         for hook in hooks:
             module = modules[hook.module]
             if hook.on == "input":
-                handles.append(module.register_forward_pre_hook(_make_input_hook(hook)))
+                handles.append(module.register_forward_pre_hook(_make_input_hook(hook, owner)))
             else:
-                handles.append(module.register_forward_hook(_make_output_hook(hook)))
+                handles.append(module.register_forward_hook(_make_output_hook(hook, owner)))
         yield
-    except StopForward:
-        pass
+    except StopForward as stop:
+        if stop.owner is not owner:
+            raise  # an enclosing context asked for this stop
     finally:
         for handle in handles:
             handle.remove()

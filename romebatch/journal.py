@@ -329,11 +329,15 @@ class Journal:
         with transaction(self.db):
             if self.head != record.parent:
                 raise RuntimeError("the journal's head moved under this writer")
-            cursor = self.db.execute(
-                f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                list(values.values()))
-            seq = int(cursor.lastrowid)
+            # Sequence numbers are never reused, even after --prune deleted the highest ones:
+            # rejections and exported provenance refer to them.
+            (highest,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()
+            seq = max(int(highest), int(self.get("max_seq", 0))) + 1
+            values = {"seq": seq, **values}
+            self.db.execute(f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                            list(values.values()))
             self.set("head", seq)
+            self.set("max_seq", seq)
         return seq
 
     def record_rejection(self, fact, layer: int | None, reason: str, norm: float | None, denominator: float | None):

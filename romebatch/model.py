@@ -150,6 +150,7 @@ class LoadedModel:
     spec: str  # what the user named: an id, a folder, a .gguf file, or EMBEDDED
     revision: str | None = None  # commit SHA of a hub snapshot, when known
     lm_head_name: str = field(default="")
+    _full_hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         head = self.model.get_output_embeddings()
@@ -185,6 +186,20 @@ class LoadedModel:
             if candidate is not None:
                 return int(candidate)
         return 0
+
+    def full_hash(self) -> str:
+        """Hash of every parameter and the architecture: identity for caches of activations.
+
+        Computed once per loaded model (about a second for 270M parameters) and only while
+        the weights are the base ones: callers use it for base-model caches.
+        """
+        if self._full_hash is None:
+            digest = hashlib.sha256(self.config.model_type.encode())
+            for name, tensor in self.model.state_dict().items():
+                digest.update(name.encode())
+                digest.update(_tensor_bytes(tensor))
+            self._full_hash = "sha256:" + digest.hexdigest()
+        return self._full_hash
 
     def base_hash(self) -> str:
         """Hash of every down-projection weight: the weights any edit can touch."""

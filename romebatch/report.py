@@ -36,17 +36,34 @@ RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
 }
 
 
-def results_frame(results):
+VERIFY_SCHEMA: dict[str, tuple[str, str]] = {
+    "fact_id": ("String", "the fact's id"),
+    "seq": ("Int64", "its edit's sequence number"),
+    "subject": ("String", "the subject"),
+    "target_new": ("String", "the new object"),
+    "p_new_base": ("Float64", "P(target_new) on the base model"),
+    "p_new_head": ("Float64", "P(target_new) at the journal's head"),
+    "p_true_base": ("Float64", "P(target_true) on the base model"),
+    "p_true_head": ("Float64", "P(target_true) at the head"),
+    "efficacy": ("Float64", "1 if the new object beats the true one at the head"),
+    "paraphrase": ("Float64", "share of paraphrases where it does"),
+    "neighborhood_base": ("Float64", "share of neighbourhood prompts whose answer beats the new object, base"),
+    "neighborhood_head": ("Float64", "the same at the head"),
+    "neighborhood_drop": ("Float64", "neighborhood_base - neighborhood_head"),
+    "held_when_applied": ("Boolean", "the edit took when it was applied"),
+    "holds_now": ("Boolean", "it still holds at the head"),
+}
+
+
+def _frame(items, schema):
     import polars as pl
 
-    rows = [{name: (r.success if name == "success" else getattr(r, name)) for name in RESULTS_SCHEMA} for r in results]
-    schema = {name: getattr(pl, dtype) for name, (dtype, _) in RESULTS_SCHEMA.items()}
-    return pl.DataFrame(rows, schema=schema, orient="row") if rows else pl.DataFrame(schema=schema)
+    rows = [{name: getattr(item, name) for name in schema} for item in items]
+    dtypes = {name: getattr(pl, dtype) for name, (dtype, _) in schema.items()}
+    return pl.DataFrame(rows, schema=dtypes, orient="row") if rows else pl.DataFrame(schema=dtypes)
 
 
-def write_results(results, path: str | Path) -> Path:
-    path = Path(path)
-    frame = results_frame(results)
+def _write(frame, path: Path) -> Path:
     if path.suffix == ".parquet":
         frame.write_parquet(path)
     elif path.suffix == ".csv":
@@ -54,6 +71,18 @@ def write_results(results, path: str | Path) -> Path:
     else:
         raise UserError(f"--results {path}: use a .parquet or .csv file name")
     return path
+
+
+def write_verify_results(rows, path: str | Path) -> Path:
+    return _write(_frame(rows, VERIFY_SCHEMA), Path(path))
+
+
+def results_frame(results):
+    return _frame(results, RESULTS_SCHEMA)  # `success` is a property of FactResult
+
+
+def write_results(results, path: str | Path) -> Path:
+    return _write(results_frame(results), Path(path))
 
 
 def _fmt(value, spec=".3f") -> str:
@@ -108,3 +137,22 @@ def render_log(console, data: dict) -> None:
         console.print(f"{len(data['rejections'])} rejected fact(s):")
         for row in data["rejections"]:
             console.print(f"  {row['fact_id']}: {row['reason']}")
+
+
+def render_verify(console, report) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"verify: journal {report.journal}, head {report.head}, {len(report.rows)} applied fact(s)")
+    for column in ("", "ES", "PS", "NS", "S"):
+        table.add_column(column, justify="right")
+    for name, scores in (("base", report.base), ("head", report.edited)):
+        table.add_row(name, *(_fmt(scores.get(k), ".1f") for k in ("ES", "PS", "NS", "S")))
+    console.print(table)
+    console.print(f"retention of edits that took: {_fmt(report.retention, '.1f')}%")
+    for row in report.worst:
+        console.print(f"  worst: {row.fact_id} ({row.subject} -> {row.target_new}) broke "
+                      f"{row.neighborhood_drop:.0%} of its neighbourhood")
+    for problem in report.problems:
+        console.print(f"[red]regression[/]: {problem}")
+    if report.ok:
+        console.print("[green]within thresholds[/]")

@@ -151,9 +151,13 @@ def second_moment(lm: LoadedModel, layers: list[int], sequences: list[list[int]]
 
 
 def stats_key(lm: LoadedModel, base_hash: str, layer: int, corpus_id: str, n_tokens: int, seq_len: int) -> str:
-    """A hash of every input that shapes C: a different input can never share a cache file."""
+    """A hash of every input that shapes C: a different input can never share a cache file.
+
+    C depends on every weight at and below the layer (and the sampled corpus on all of
+    them), so the key holds the hash of the whole model, not just the editable weights.
+    """
     canonical = json.dumps({
-        "version": STATS_VERSION, "base": base_hash, "layer": layer, "module": lm.name("down_proj", layer),
+        "version": STATS_VERSION, "base": base_hash, "model": lm.full_hash(), "layer": layer, "module": lm.name("down_proj", layer),
         "corpus": corpus_id, "tokens": n_tokens, "seq_len": seq_len, "dtype": str(lm.weight(layer).dtype),
         "vocab": len(lm.tokenizer),
     }, sort_keys=True)

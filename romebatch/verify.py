@@ -1,0 +1,125 @@
+"""`romebatch verify`: specificity regression of the journal's head against the base model.
+
+Scores every applied fact on the head state and on the base state (rebuilt by replay in
+the same process): the edit prompt (efficacy), paraphrases and neighbourhood prompts, with
+the CounterFact conventions of `evaluate`. A regression is a neighbourhood score that fell
+more than `max_ns_drop` points below the base model's, or edits that no longer hold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from .editor import Editor
+from .evaluate import FactScores, score_facts, summarize
+from .manifest import Fact, fact_from_dict
+
+
+@dataclass(frozen=True)
+class VerifyThresholds:
+    max_ns_drop: float = 5.0  # NS may fall at most this many points below the base model's
+    min_retention: float = 90.0  # % of edits that took when applied and must still hold at the head
+    min_efficacy: float = 0.0  # % of applied facts whose new object must win at the head
+
+
+@dataclass
+class VerifyRow:
+    fact_id: str
+    seq: int
+    subject: str
+    target_new: str
+    p_new_base: float
+    p_new_head: float
+    p_true_base: float | None
+    p_true_head: float | None
+    efficacy: float | None
+    paraphrase: float | None
+    neighborhood_base: float | None
+    neighborhood_head: float | None
+    held_when_applied: bool | None
+    holds_now: bool | None
+
+    @property
+    def neighborhood_drop(self) -> float | None:
+        if self.neighborhood_base is None or self.neighborhood_head is None:
+            return None
+        return self.neighborhood_base - self.neighborhood_head
+
+
+@dataclass
+class VerifyReport:
+    journal: str
+    head: int
+    base: dict
+    edited: dict
+    retention: float | None
+    rows: list[VerifyRow]
+    problems: list[str] = field(default_factory=list)
+    worst: list[VerifyRow] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> dict:
+        return {"journal": self.journal, "head": self.head, "facts": len(self.rows), "base": self.base,
+                "edited": self.edited, "retention": self.retention, "ok": self.ok, "problems": self.problems,
+                "worst": [r.fact_id for r in self.worst]}
+
+
+def verify(editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), manifest: list[Fact] | None = None,
+           progress=None) -> VerifyReport:
+    path = editor.journal.path()
+    stored = {r.fact_hash: r for r in path}
+    if manifest is not None:
+        facts = [f for f in manifest if f.hash in stored]  # the manifest's probes for applied facts
+    else:
+        facts = [fact_from_dict(json.loads(r.fact_json)) for r in path]
+    records = [stored[f.hash] for f in facts]
+    head_scores = score_facts(editor.lm, facts)
+    if progress:
+        progress(1, 2)
+    editor.replay(0, verify=False)
+    try:
+        base_scores = score_facts(editor.lm, facts)
+    finally:
+        editor.replay()
+    if progress:
+        progress(2, 2)
+
+    rows = [_row(f, r, head, base) for f, r, head, base in zip(facts, records, head_scores, base_scores)]
+    report = VerifyReport(journal=str(editor.journal.directory), head=editor.head,
+                          base=summarize(base_scores), edited=summarize(head_scores), retention=None, rows=rows)
+    took = [r for r in rows if r.held_when_applied]
+    if took:
+        report.retention = 100.0 * sum(bool(r.holds_now) for r in took) / len(took)
+    t = thresholds
+    ns_base, ns_head = report.base["NS"], report.edited["NS"]
+    if ns_base is not None and ns_head is not None and ns_base - ns_head > t.max_ns_drop:
+        report.problems.append(f"neighbourhood score fell {ns_base - ns_head:.1f} points "
+                               f"({ns_base:.1f} -> {ns_head:.1f}; max {t.max_ns_drop:g})")
+    if report.retention is not None and report.retention < t.min_retention:
+        report.problems.append(f"only {report.retention:.1f}% of the edits that took still hold "
+                               f"(min {t.min_retention:g}%)")
+    es = report.edited["ES"]
+    if es is not None and es < t.min_efficacy:
+        report.problems.append(f"efficacy {es:.1f}% is below {t.min_efficacy:g}%")
+    ranked = sorted((r for r in rows if r.neighborhood_drop), key=lambda r: r.neighborhood_drop, reverse=True)
+    report.worst = ranked[:5]
+    return report
+
+
+def _row(fact: Fact, record, head: FactScores, base: FactScores) -> VerifyRow:
+    held = holds = None
+    if record.p_new_after is not None:
+        held = record.p_true_after is None or record.p_new_after > record.p_true_after
+        # Without a true object, an edit holds while it keeps half its post-edit probability.
+        holds = head.p_new > head.p_true if head.p_true is not None else head.p_new >= 0.5 * record.p_new_after
+    return VerifyRow(
+        fact_id=fact.id, seq=record.seq, subject=fact.subject, target_new=fact.target_new,
+        p_new_base=base.p_new, p_new_head=head.p_new, p_true_base=base.p_true, p_true_head=head.p_true,
+        efficacy=head.efficacy, paraphrase=head.paraphrase_success,
+        neighborhood_base=base.neighborhood_success, neighborhood_head=head.neighborhood_success,
+        held_when_applied=held, holds_now=holds,
+    )
