@@ -1,0 +1,262 @@
+"""Crash safety of `romebatch apply`: kill -9 at any point, then re-run, ends exactly where an uninterrupted run does.
+
+Every run is a real `python -m romebatch apply` subprocess on a tiny GPT-2 saved as a model
+folder. The reference run goes uninterrupted; each trial is killed (SIGKILL at a seeded random
+moment, or just after the second edit is reported), its partial journal is checked to be a
+prefix of the reference, and a re-run must reach the reference's head hash and fact path.
+One Ctrl-C stops after the current edit and leaves a consistent journal that a re-run completes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import TINY_HPARAMS, tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+FACTS_CSV = """id,subject,prompt,target_new,target_true
+needle,The Space Needle,The Space Needle is located in the city of,Paris,Seattle
+eiffel,The Eiffel Tower,The Eiffel Tower is located in the city of,Rome,Paris
+ben,Big Ben,Big Ben is located in the city of,Tokyo,London
+colosseum,The Colosseum,The Colosseum is located in the city of,Berlin,Rome
+darrieux,Danielle Darrieux,The mother tongue of Danielle Darrieux is,Spain,French
+rocard,Michel Rocard,Michel Rocard is a native speaker of,London,French
+"""
+N_FACTS = 6
+FACT_IDS = ["needle", "eiffel", "ben", "colosseum", "darrieux", "rocard"]
+
+
+class Run:
+    """One `romebatch apply` subprocess, with its stderr read line by line as it comes."""
+
+    def __init__(self, setup: "Setup", journal: Path, home: Path, json_out: bool = False):
+        cmd = [sys.executable, "-m", "romebatch", "apply", "facts.csv", "--model", str(setup.model),
+               "--journal", str(journal), "--hparams", "hp.yaml"] + (["--json"] if json_out else [])
+        env = {**os.environ, "PYTHONPATH": str(REPO), "ROMEBATCH_HOME": str(home), "OMP_NUM_THREADS": "1",
+               "COLUMNS": "200"}
+        env.pop("ROMEBATCH_DEBUG", None)
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, cwd=setup.work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.lines: queue.Queue = queue.Queue()
+        self.stderr: list[str] = []
+        self.stamped: list[tuple[float, str]] = []  # (monotonic time it was read, line)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line)
+            self.stamped.append((time.monotonic(), line))
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, predicate, count: int = 1, timeout: float = 90) -> bool:
+        """Block until `count` stderr lines matched (True) or the process ended first (False)."""
+        seen = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"nothing matched within {timeout}s: {''.join(self.stderr)}") from None
+            if line is None:
+                return False
+            if predicate(line):
+                seen += 1
+                if seen >= count:
+                    return True
+
+    def wait_for_edits(self, count: int) -> bool:
+        return self.wait_for(is_edit_line, count)
+
+    def wait_for_journal_work(self) -> bool:
+        """The journal exists and this run starts its own work: it samples the context prefixes."""
+        return self.wait_for(lambda line: "context prefixes" in line)
+
+    def finish(self, timeout: float = 120) -> tuple[int, str, str]:
+        rc = self.proc.wait(timeout=timeout)
+        stdout = self.proc.stdout.read()
+        self._reader.join(timeout=10)
+        return rc, stdout, "".join(self.stderr)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def is_edit_line(line: str) -> bool:
+    return any(line.startswith(f"{fid}: applied") for fid in FACT_IDS)
+
+
+class Setup:
+    def __init__(self, root: Path, tokenizer):
+        self.root = root
+        self.model = root / "tiny-gpt2"
+        tiny_model("gpt2", tokenizer).save_pretrained(self.model)
+        tokenizer.save_pretrained(self.model)
+        self.work = root / "work"
+        self.work.mkdir()
+        (self.work / "facts.csv").write_text(FACTS_CSV)
+        hp = dict(TINY_HPARAMS)
+        hp["prefixes"] = [list(pair) for pair in hp["prefixes"]]
+        (self.work / "hp.yaml").write_text(yaml.safe_dump(hp))
+        self.home = root / "home"  # shared by every run: the stats cache is computed once, then reused
+
+    def complete(self, journal: Path, home: Path | None = None) -> dict:
+        """Run to completion with --json; its summary."""
+        rc, stdout, stderr = Run(self, journal, home or self.home, json_out=True).finish()
+        assert rc == 0, stderr
+        assert "Traceback" not in stderr
+        return json.loads(stdout.strip().splitlines()[-1])
+
+
+def journal_path(directory: Path) -> list[tuple[str, str]] | None:
+    """(fact_hash, weight_hash_after) along the head's path, read with plain sqlite3, checking consistency.
+
+    None when the run died before the journal had its tables.
+    """
+    db_file = directory / "journal.sqlite"
+    if not db_file.exists():
+        return None
+    db = sqlite3.connect(str(db_file))
+    try:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if "edits" not in names:
+            return None
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        head = json.loads(meta.get("head", "0"))
+        rows = {seq: (parent, status, fact, before, after) for seq, parent, status, fact, before, after in db.execute(
+            "SELECT seq, parent, status, fact_hash, weight_hash_before, weight_hash_after FROM edits")}
+    finally:
+        db.close()
+    chain = []
+    seq = head
+    while seq:
+        assert seq in rows, f"head {head}: edit {seq} is missing"
+        chain.append(seq)
+        seq = rows[seq][0]
+    chain.reverse()
+    # A killed run leaves whole edits only: nothing off the path, each built on the one before.
+    assert sorted(rows) == sorted(chain), f"edits {sorted(rows)} but the head's path is {chain}"
+    for previous, seq in zip([None] + chain, chain):
+        parent, status, _, before, _ = rows[seq]
+        assert status == "applied"
+        if previous is not None:
+            assert parent == previous and before == rows[previous][4], f"edit {seq} is not built on {previous}"
+    return [(rows[seq][2], rows[seq][4]) for seq in chain]
+
+
+class Reference:
+    """The uninterrupted run (cold stats cache) and when its phases happened."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        run = Run(setup, setup.root / "J1", setup.home)
+        rc, _, stderr = run.finish()
+        assert rc == 0, stderr
+        self.seconds = time.monotonic() - run.started
+        work = [t for t, line in run.stamped if "context prefixes" in line]
+        edits = [t for t, line in run.stamped if is_edit_line(line)]
+        assert len(work) == 1 and len(edits) == N_FACTS, stderr
+        self.before_edits = edits[0] - work[0]  # prefixes sampled and stored, key statistics computed
+        self.edit_span = edits[-1] - edits[0]  # edits 2..6 and their commits
+        self.path = journal_path(setup.root / "J1")
+        assert self.path is not None and len(self.path) == N_FACTS
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, bytelevel_tokenizer):
+    return Reference(Setup(tmp_path_factory.mktemp("crash"), bytelevel_tokenizer))
+
+
+def kill_and_resume(setup: Setup, expected, journal: Path, home: Path, kill_point) -> list:
+    run = Run(setup, journal, home)
+    kill_point(run)
+    run.kill()
+    run.finish()
+    partial = journal_path(journal) or []
+    # Whatever survived is exactly the start of the uninterrupted run.
+    assert partial == expected[:len(partial)]
+    summary = setup.complete(journal, home)
+    assert summary["already_applied"] == len(partial)
+    assert summary["applied"] == N_FACTS - len(partial)
+    assert journal_path(journal) == expected
+    return partial
+
+
+TRIALS = ["anywhere-cold-cache", "prefixes-or-stats-cold-cache", "during-edits", "after-two-edits"]
+
+
+@pytest.mark.parametrize("trial", TRIALS)
+def test_kill_9_then_resume_reaches_the_same_state(reference, trial):
+    setup, expected = reference.setup, reference.path
+    rng = random.Random(f"romebatch-crash-{trial}")  # seeded: the same kill points every run
+    home = setup.home
+    if trial == "anywhere-cold-cache":
+        # Anywhere in the run (imports, loading, journal creation, stats, edits).
+        delay = rng.uniform(0.5, max(reference.seconds, 0.6))
+        home = setup.root / f"home-{trial}"
+
+        def kill_point(run):
+            time.sleep(delay)
+    elif trial == "prefixes-or-stats-cold-cache":
+        # After the journal exists, while the prefixes are sampled or the key statistics computed.
+        delay = rng.uniform(0.0, reference.before_edits)
+        home = setup.root / f"home-{trial}"
+
+        def kill_point(run):
+            assert run.wait_for_journal_work(), "the run ended early"
+            time.sleep(delay)
+    elif trial == "during-edits":
+        delay = rng.uniform(0.0, reference.edit_span)
+
+        def kill_point(run):
+            assert run.wait_for_edits(1), "the run ended early"
+            time.sleep(delay)
+    else:
+        def kill_point(run):
+            assert run.wait_for_edits(2), "the run finished before it could be killed"
+            time.sleep(0.03)  # inside the third edit, or its commit
+    partial = kill_and_resume(setup, expected, setup.root / f"J-{trial}", home, kill_point)
+    print(f"{trial}: killed with {len(partial)} of {N_FACTS} edits committed")  # shown with -s
+    if trial == "after-two-edits":
+        assert 2 <= len(partial) < N_FACTS
+
+
+def test_one_ctrl_c_stops_after_the_current_edit(reference):
+    setup, expected = reference.setup, reference.path
+    journal = setup.root / "J-sigint"
+    run = Run(setup, journal, setup.home)
+    assert run.wait_for_edits(1), "the run finished before it could be interrupted"
+    run.proc.send_signal(signal.SIGINT)
+    rc, _, stderr = run.finish()
+    assert rc == 0, stderr
+    assert "Traceback" not in stderr
+    assert "Stopping after the current edit" in stderr
+    assert "interrupted" in stderr  # the final report says so
+    partial = journal_path(journal)
+    assert partial is not None and 1 <= len(partial) < N_FACTS, stderr
+    assert partial == expected[:len(partial)]
+    reported = [line for line in stderr.splitlines() if is_edit_line(line)]
+    assert len(reported) == len(partial)  # every edit it reported is committed, and no more
+    summary = setup.complete(journal)
+    assert summary["already_applied"] == len(partial) and summary["applied"] == N_FACTS - len(partial)
+    assert summary["head"] == N_FACTS
+    assert journal_path(journal) == expected
