@@ -3,6 +3,11 @@
     python benchmarks/counterfact.py --n 100                       # the recorded table
     python benchmarks/counterfact.py --n 20 --layers 2,4,6,8 --tag sweep   # the layer sweep
     python benchmarks/counterfact.py --n 20 --set v_lr=0.1 --tag lr0.1
+    python benchmarks/counterfact.py --mode sequential --n 200    # all edits kept, scored at the end
+
+Sequential mode is a romebatch journal (benchmarks/runs/<tag>-journal): re-running the
+command resumes it. It is scored at the end on every fact (ES/PS/NS and the magnitudes)
+and for fluency (GE, generations from the first 20 edit prompts), beside the unedited row.
 
 Each (config, record) result is appended to a JSONL file under benchmarks/runs/ as soon
 as it is computed, so an interrupted run resumes where it stopped. The unedited model's
@@ -77,8 +82,12 @@ def main() -> None:
     ap.add_argument("--layers", default=None, help="comma-separated layers (default: the model's default)")
     ap.add_argument("--set", nargs="*", default=[], help="hyper-parameter overrides name=value")
     ap.add_argument("--model", default=None)
-    ap.add_argument("--tag", default="single")
+    ap.add_argument("--tag", default=None)
+    ap.add_argument("--mode", choices=["single", "sequential"], default="single")
     args = ap.parse_args()
+    args.tag = args.tag or args.mode
+    if args.mode == "sequential":
+        return sequential(args)
 
     torch.manual_seed(0)
     lm = load_model(args.model)
@@ -135,6 +144,42 @@ def main() -> None:
         spe = f"{r['sec_per_edit']:.1f}" if r.get("sec_per_edit") else "-"
         st = f"{r['steps']:.0f}" if r.get("steps") else "-"
         print(f"{name:<22} {r['n']:>4} {r['ES']:>6.1f} {r['PS']:>6.1f} {r['NS']:>6.1f} {r['S']:>6.1f} {spe:>7} {st:>6}")
+
+
+def sequential(args) -> None:
+    from romebatch.editor import Editor
+    from romebatch.evaluate import fluency, magnitudes
+
+    out_dir = ROOT / "benchmarks" / "runs"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
+    overrides = parse_set(args.set)
+    lm = load_model(args.model)
+    fluency_prompts = [f.text for f in facts[:20]]
+    rows = {}
+    base_path = out_dir / f"unedited-seq-{args.start}-{args.n}.json"
+    if base_path.exists():
+        rows["unedited"] = json.loads(base_path.read_text())
+    else:
+        scores = score_facts(lm, facts)
+        rows["unedited"] = {**summarize(scores), **magnitudes(scores), "GE": fluency(lm, fluency_prompts)}
+        base_path.write_text(json.dumps(rows["unedited"]))
+    journal = out_dir / f"{args.tag}-journal"
+    hp = HParams.from_dict(overrides) if overrides else None
+    started = time.perf_counter()
+    with Editor(journal, lm=lm, hparams=hp, log=print) as editor:
+        def progress(row):
+            print(f"{row.seq}: {row.fact_id} {row.status} P(new) {row.p_new_before:.3f} -> "
+                  f"{(row.p_new_after or 0):.3f} {row.seconds:.1f}s", flush=True)
+
+        result = editor.apply(facts, on_edit=progress, checks=None)
+        print(f"applied {result.count('applied')} in {time.perf_counter() - started:.0f}s")
+        scores = score_facts(editor.lm, facts)
+        rows[f"{args.tag} ({editor.head} edits)"] = {**summarize(scores), **magnitudes(scores),
+                                                      "GE": fluency(editor.lm, fluency_prompts)}
+    print(f"\n{'row':<26} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'EM':>6} {'PM':>6} {'NM':>6} {'GE':>6}")
+    for name, r in rows.items():
+        print(f"{name:<26} {r['n']:>4} " + " ".join(f"{r[k]:>6.1f}" for k in ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE")))
 
 
 if __name__ == "__main__":

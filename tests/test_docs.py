@@ -1,0 +1,24 @@
+"""Generated docs must match what docs/generate.py writes now (run it after changing the CLI or schema)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+spec = importlib.util.spec_from_file_location("generate_docs", DOCS / "generate.py")
+generate = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(generate)
+
+
+@pytest.mark.parametrize("name", sorted(generate.FILES))
+def test_generated_doc_is_current(name):
+    assert (DOCS / name).read_text() == generate.FILES[name](), f"docs/{name} is stale: run python docs/generate.py"
+
+
+def test_readme_documents_every_results_column():
+    from romebatch.report import RESULTS_SCHEMA
+
+    readme = (DOCS.parent / "README.md").read_text()
+    for name, (dtype, description) in RESULTS_SCHEMA.items():
+        assert f"| `{name}` | {dtype} | {description.replace('|', chr(92) + '|')} |" in readme, name
