@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -451,9 +452,14 @@ class Editor:
         )
         try:
             row.seq = self.journal.commit_edit(record)
-        except BaseException:
+        except BaseException as error:
             with torch.no_grad():
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
+            if isinstance(error, (sqlite3.Error, OSError)):  # e.g. the disk is full
+                raise UserError(
+                    f"could not commit the edit of fact {fact.id} to journal {self.journal.directory} ({error}); "
+                    f"nothing of it was written, the journal is at edit {self.head}",
+                    hint="free some space and run the same command again: it resumes") from error
             raise
         row.status = "applied"
         if probes is not None:
@@ -546,12 +552,21 @@ class Editor:
             self.lm.model.save_pretrained(staging)
             self.lm.tokenizer.save_pretrained(staging)
             (staging / "romebatch.json").write_text(json.dumps(self.provenance(), indent=2) + "\n")
-            if outdir.exists():
-                shutil.rmtree(outdir)
-            os.replace(staging, outdir)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(error, OSError):
+                raise UserError(f"could not write the export ({error}); {outdir} was not changed",
+                                hint="free some space and run export again") from error
             raise
+        if outdir.exists():
+            # Move the old folder aside first: at every moment outdir is either the old
+            # complete export or the new one, never a partial one.
+            trash = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
+            os.replace(outdir, trash / "old")
+            os.replace(staging, outdir)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, outdir)
         return outdir
 
     def provenance(self) -> dict:

@@ -112,6 +112,26 @@ class transaction:
         return False
 
 
+_FAULT_COUNTS: dict[str, int] = {}
+
+
+def _fault_point(name: str) -> None:
+    """Crash-test seam: ROMEBATCH_FAULT=commit:3 kills the process (SIGKILL) inside its 3rd commit.
+
+    The kill lands after the edit row is written but before the transaction commits, the
+    moment a crash is most likely to leave a half-written edit if atomicity were broken.
+    """
+    spec = os.environ.get("ROMEBATCH_FAULT")
+    if not spec:
+        return
+    point, _, count = spec.partition(":")
+    if point != name:
+        return
+    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
+    if _FAULT_COUNTS[name] == int(count or 1):
+        os.kill(os.getpid(), 9)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -336,6 +356,7 @@ class Journal:
             values = {"seq": seq, **values}
             self.db.execute(f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
                             list(values.values()))
+            _fault_point("commit")
             self.set("head", seq)
             self.set("max_seq", seq)
         return seq

@@ -266,7 +266,8 @@ def load_model(
         folder, revision = _cached_hub_snapshot(spec)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype])
+        # safetensors only: a pickled checkpoint (.bin) from elsewhere must not run code.
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], use_safetensors=True)
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
     model.to(device)

@@ -43,12 +43,14 @@ FACT_IDS = ["needle", "eiffel", "ben", "colosseum", "darrieux", "rocard"]
 class Run:
     """One `romebatch apply` subprocess, with its stderr read line by line as it comes."""
 
-    def __init__(self, setup: "Setup", journal: Path, home: Path, json_out: bool = False):
+    def __init__(self, setup: "Setup", journal: Path, home: Path, json_out: bool = False, extra_env=None):
         cmd = [sys.executable, "-m", "romebatch", "apply", "facts.csv", "--model", str(setup.model),
                "--journal", str(journal), "--hparams", "hp.yaml"] + (["--json"] if json_out else [])
         env = {**os.environ, "PYTHONPATH": str(REPO), "ROMEBATCH_HOME": str(home), "OMP_NUM_THREADS": "1",
                "COLUMNS": "200"}
         env.pop("ROMEBATCH_DEBUG", None)
+        env.pop("ROMEBATCH_FAULT", None)
+        env.update(extra_env or {})
         self.started = time.monotonic()
         self.proc = subprocess.Popen(cmd, cwd=setup.work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                      text=True)
@@ -259,4 +261,50 @@ def test_one_ctrl_c_stops_after_the_current_edit(reference):
     summary = setup.complete(journal)
     assert summary["already_applied"] == len(partial) and summary["applied"] == N_FACTS - len(partial)
     assert summary["head"] == N_FACTS
+    assert journal_path(journal) == expected
+
+
+@pytest.mark.parametrize("commit", range(1, N_FACTS + 1))
+def test_kill_9_inside_a_journal_commit(reference, commit):
+    """SIGKILL after the edit row is inserted but before its transaction commits: no trace of it."""
+    setup, expected = reference.setup, reference.path
+    journal = setup.root / f"J-commit-{commit}"
+    run = Run(setup, journal, setup.home, extra_env={"ROMEBATCH_FAULT": f"commit:{commit}"})
+    rc, _, _ = run.finish()
+    assert rc == -signal.SIGKILL
+    partial = journal_path(journal)
+    assert partial == expected[:commit - 1]  # the killed commit left nothing, earlier ones are whole
+    summary = setup.complete(journal)
+    assert summary["already_applied"] == commit - 1
+    assert journal_path(journal) == expected
+
+
+RANDOM_TRIALS = 10  # with the 4 + 6 above: 20 kill -9 trials a run
+
+
+@pytest.mark.parametrize("trial", range(RANDOM_TRIALS))
+def test_kill_9_at_random_moments(reference, trial):
+    """More seeded random kill points across the whole edit phase."""
+    setup, expected = reference.setup, reference.path
+    rng = random.Random(f"romebatch-random-kill-{trial}")
+    delay = rng.uniform(0.0, reference.edit_span + 0.5)
+
+    def kill_point(run):
+        assert run.wait_for_journal_work() or True
+        time.sleep(reference.before_edits + delay)
+
+    kill_and_resume(setup, expected, setup.root / f"J-random-{trial}", setup.home, kill_point)
+
+
+def test_sigterm_stops_after_the_current_edit(reference):
+    setup, expected = reference.setup, reference.path
+    journal = setup.root / "J-sigterm"
+    run = Run(setup, journal, setup.home)
+    assert run.wait_for_edits(1), "the run finished before it could be stopped"
+    run.proc.send_signal(signal.SIGTERM)
+    rc, _, stderr = run.finish()
+    assert rc == 0 and "Traceback" not in stderr, stderr
+    partial = journal_path(journal)
+    assert partial is not None and 1 <= len(partial) < N_FACTS and partial == expected[:len(partial)]
+    setup.complete(journal)
     assert journal_path(journal) == expected
