@@ -28,6 +28,7 @@ def apply(
     checks=DEFAULT_CHECKS,
     on_regression: str = "warn",
     on_edit=None,
+    stats_progress=None,
     log=None,
 ) -> ApplyResult:
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
@@ -44,6 +45,7 @@ def apply(
     longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
     check_facts_for_model(lm, facts, longest_prefix)
     with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
+        editor.stats_progress = stats_progress
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
             result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,

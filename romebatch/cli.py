@@ -125,9 +125,14 @@ def apply(
     from .report import render_apply
 
     console = _console()
-    progress = Progress(TextColumn("[bold]editing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.description}"), console=console, disable=json_out or not console.is_terminal)
-    task = progress.add_task("", total=len(loaded.facts))
+    progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
+                        TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
+                        disable=json_out or not console.is_terminal)
+    stats_task = progress.add_task("", total=None, visible=False, label="key statistics (tokens)")
+    task = progress.add_task("", total=len(loaded.facts), label="editing")
+
+    def on_stats(done, total):
+        progress.update(stats_task, completed=done, total=total, visible=True)
 
     def on_edit(row):
         progress.update(task, advance=1, description=f"{row.fact_id}: {row.status}")
@@ -139,7 +144,8 @@ def apply(
     with progress:
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=dtype, module_template=module_template, results=results,
-                           checks=checks, on_regression=on_regression, on_edit=on_edit, log=_say)
+                           checks=checks, on_regression=on_regression, on_edit=on_edit, stats_progress=on_stats,
+                           log=_say)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())

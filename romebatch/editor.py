@@ -185,6 +185,7 @@ class Editor:
             self._base_weights: dict[int, torch.Tensor] = {}
             self._stats: dict[int, KeyStats] = {}
             self._prefixes: list[str] | None = self.journal.get("prefixes")
+            self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
             self.replay(verify=verify)
         except BaseException:
             self.journal.close()
@@ -314,7 +315,7 @@ class Editor:
             try:
                 stats = load_or_compute_stats(
                     self.lm, [layer], self.base_hash, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                    seed=hp.seed, corpus=hp.stats_corpus, log=self.log, progress=progress)
+                    seed=hp.seed, corpus=hp.stats_corpus, log=self.log, progress=progress or self.stats_progress)
             finally:
                 if touched:
                     self.replay(verify=False)
