@@ -436,6 +436,7 @@ class Editor:
                 else:
                     with torch.no_grad():
                         weight.copy_(before)  # undo in memory: exact, nothing was committed
+                    probes.applied.discard(fact.hash)
                     row.status, row.reason = "rejected", reason
                     self.journal.record_rejection(fact, layer, reason, edit.norm, edit.denominator)
                     row.seconds = time.perf_counter() - t0
@@ -456,6 +457,8 @@ class Editor:
         except BaseException as error:
             with torch.no_grad():
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
+            if probes is not None:
+                probes.applied.discard(fact.hash)
             if isinstance(error, (sqlite3.Error, OSError)):  # e.g. the disk is full
                 raise UserError(
                     f"could not commit the edit of fact {fact.id} to journal {self.journal.directory} ({error}); "
@@ -463,8 +466,6 @@ class Editor:
                     hint="free some space and run the same command again: it resumes") from error
             raise
         row.status = "applied"
-        if probes is not None:
-            probes.applied.add(fact.hash)
         return row
 
     def _roll_forward(self, fact: Fact, record: EditRecord) -> FactResult:

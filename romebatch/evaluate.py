@@ -130,9 +130,13 @@ def magnitudes(scores: list[FactScores]) -> dict[str, float | None]:
         values = [v for v in values if v is not None]
         return 100.0 * fmean(values) if values else None
 
+    def per_fact(pairs):  # like ES/PS/NS: average within a fact first, then over facts
+        pairs = list(pairs)
+        return fmean(pairs) if pairs else None
+
     em = mean(s.p_new - s.p_true for s in scores if s.p_true is not None)
-    pm = mean(new - true for s in scores for new, true in s.paraphrase if true is not None)
-    nm = mean(expected - new for s in scores for expected, new in s.neighborhood)
+    pm = mean(per_fact(new - true for new, true in s.paraphrase if true is not None) for s in scores)
+    nm = mean(per_fact(expected - new for expected, new in s.neighborhood) for s in scores)
     return {"EM": em, "PM": pm, "NM": nm}
 
 

@@ -102,6 +102,9 @@ class RegressionProbes:
         t = self.thresholds
         started = time.perf_counter()
         out = ProbeOutcome()
+        # The fact was just applied: its own prompt is meant to move and is no probe any more
+        # (a caller that rejects the edit discards it from `applied` again).
+        self.applied.add(fact.hash)
         budget_pairs = self._budget_pairs(edit_seconds)
 
         pairs = []

@@ -105,7 +105,8 @@ def verify(editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), ma
     es = report.edited["ES"]
     if es is not None and es < t.min_efficacy:
         report.problems.append(f"efficacy {es:.1f}% is below {t.min_efficacy:g}%")
-    ranked = sorted((r for r in rows if r.neighborhood_drop), key=lambda r: r.neighborhood_drop, reverse=True)
+    ranked = sorted((r for r in rows if (r.neighborhood_drop or 0) > 0), key=lambda r: r.neighborhood_drop,
+                    reverse=True)
     report.worst = ranked[:5]
     return report
 

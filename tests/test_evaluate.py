@@ -235,10 +235,6 @@ def test_summarize_s_is_zero_when_one_part_is_zero_and_none_without_scores():
     assert summarize([]) == {"ES": None, "PS": None, "NS": None, "S": None, "n": 0}
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: evaluate.magnitudes pools PM/NM over all prompts of all facts, while summarize (PS/NS) and "
-    "CounterFact's summarize average per fact first; the two differ when facts have different numbers "
-    "of paraphrase / neighbourhood prompts"))
 def test_magnitudes_average_per_fact_when_facts_have_different_prompt_counts(bytelevel_tokenizer):
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
     ref = reference_probabilities(lm, UNEVEN_FACTS)
