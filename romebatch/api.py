@@ -18,7 +18,7 @@ def apply(
     *,
     journal: str | Path = "romebatch.journal",
     model: str | None = None,
-    layer: int | None = None,
+    layer: int | str | None = None,
     limit: int | None = None,
     hparams: HParams | None = None,
     device: str = "cpu",
@@ -44,6 +44,8 @@ def apply(
                     module_template=module_template or stored.get("module_template"), **kwargs)
     longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
     check_facts_for_model(lm, facts, longest_prefix)
+    if layer == "auto":
+        layer = auto_layer(lm, facts, log=log)
     with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
         editor.stats_progress = stats_progress
         stop = StopRequest()
@@ -55,6 +57,26 @@ def apply(
 
         write_results(result.results, results)
     return result
+
+
+AUTO_LAYER_FACTS = 20
+
+
+def auto_layer(lm, facts, log=None) -> int:
+    """The traced edit layer for this model: cached, else traced once on up to 20 of the facts."""
+    from .trace import average_trace, load_recommendation, save_recommendation
+
+    cached = load_recommendation(lm)
+    if cached is not None:
+        return cached
+    sample = [(f.text, f.subject, f.target_true) for f in facts[:AUTO_LAYER_FACTS]]
+    if log:
+        log(f"--layer auto: causal tracing of {len(sample)} facts to find the edit layer (once, then cached)...")
+    effect, layer, _ = average_trace(lm, sample)
+    save_recommendation(lm, layer, effect, len(sample))
+    if log:
+        log(f"--layer auto: layer {layer} (MLP effect at the subject's last token)")
+    return layer
 
 
 def _journal_meta(journal: str | Path) -> dict:
@@ -132,3 +154,32 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
 
         write_verify_results(report.rows, results)
     return report
+
+
+def trace(prompt: str | None = None, subject: str | None = None, answer: str | None = None, *,
+          facts_file: str | Path | None = None, limit: int | None = None, model: str | None = None,
+          device: str = "cpu", samples: int = 10, noise: float = 3.0, window: int = 10, kinds=("hidden", "mlp", "attn"),
+          seed: int = 0, log=None, progress=None):
+    """Causal tracing: one fact (every cell, each kind), or the MLP effect averaged over a file of facts.
+
+    Returns a TraceResult for one fact, or (effect by layer, recommended layer, results) for a file;
+    the file form also caches the recommendation for `apply --layer auto`.
+    """
+    from .errors import UserError
+    from .model import load_model
+    from .trace import average_trace, read_trace_facts, save_recommendation, trace_fact
+
+    kwargs = {"log": log} if log else {}
+    if facts_file is None and (prompt is None or subject is None):
+        raise UserError("give --prompt and --subject, or --facts FILE")
+    lm = load_model(model, device=device, **kwargs)
+    if facts_file is None:
+        if subject not in prompt:
+            raise UserError(f"--subject {subject!r} does not occur in --prompt")
+        return trace_fact(lm, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window,
+                          seed=seed)
+    facts = read_trace_facts(facts_file, limit)
+    effect, layer, results = average_trace(lm, facts, samples=samples, noise=noise, window=window, seed=seed,
+                                           progress=progress)
+    save_recommendation(lm, layer, effect, len(facts))
+    return effect, layer, results

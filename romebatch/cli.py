@@ -64,7 +64,8 @@ def apply(
     manifest: Annotated[Path, typer.Argument(help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
-    layer: Annotated[Optional[int], typer.Option(help="Layer to edit (default: the model's measured default).")] = None,
+    layer: Annotated[Optional[str], typer.Option(
+        help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Apply only the first N facts of the manifest.")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     hparams: Annotated[Optional[Path], typer.Option(help="YAML file of hyper-parameters.")] = None,
@@ -97,9 +98,16 @@ def apply(
     """
     from .manifest import load_manifest
 
+    from .errors import UserError
+
     loaded = load_manifest(manifest, limit=limit)  # validates everything before any model is loaded
+    if layer is not None and layer != "auto":
+        if not layer.isdigit():
+            raise UserError(f"--layer {layer!r}: give a layer number or 'auto'")
+        layer = int(layer)
     hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=mom2,
-                  stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens, layer=layer)
+                  stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens,
+                  layer=layer if isinstance(layer, int) else None)
     if dry_run:
         from .api import pending_facts
 
@@ -236,6 +244,72 @@ def verify(
         render_verify(_console(), report)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def trace(
+    prompt: Annotated[Optional[str], typer.Option(help="The prompt, subject included.")] = None,
+    subject: Annotated[Optional[str], typer.Option(help="The subject whose embeddings are corrupted.")] = None,
+    answer: Annotated[Optional[str], typer.Option(help="Answer to trace (default: the model's prediction).")] = None,
+    facts: Annotated[Optional[Path], typer.Option(
+        "--facts", help="Known-facts JSON (prompt, subject, attribute) or a manifest: average over them.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Use the first N facts of --facts.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Write the heatmaps (or the average) as a PNG.")] = None,
+    results: Annotated[Optional[Path], typer.Option(help="Write the indirect effects (.parquet or .csv).")] = None,
+    samples: Annotated[int, typer.Option(help="Noise samples per cell.")] = 10,
+    noise: Annotated[float, typer.Option(help="Noise scale, in embedding standard deviations.")] = 3.0,
+    window: Annotated[int, typer.Option(help="Layers restored together for MLP and attention.")] = 10,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+):
+    """Causal tracing (ROME §2): where a fact lives, and which layer to edit."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from . import api
+    from .plots import render_trace, save_average_png, save_trace_png
+
+    console = _console()
+    if facts is None:
+        result = api.trace(prompt, subject, answer, model=model, device=device, samples=samples, noise=noise,
+                           window=window, log=_say)
+        rows = result.to_rows()
+        if out:
+            save_trace_png(result, out)
+        if json_out:
+            _emit_json({"prompt": result.prompt, "answer": result.answer, "p_clean": result.p_clean,
+                        "p_corrupt": result.p_corrupt, "tokens": result.tokens,
+                        "subject_tokens": list(result.subject_tokens),
+                        "scores": {k: v.tolist() for k, v in result.scores.items()}})
+        else:
+            render_trace(console, result)
+    else:
+        progress = Progress(TextColumn("[bold]tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                            console=console, disable=json_out or not console.is_terminal)
+        task = progress.add_task("", total=None)
+        with progress:
+            effect, layer, traced = api.trace(
+                facts_file=facts, limit=limit, model=model, device=device, samples=samples, noise=noise,
+                window=window, log=_say, progress=lambda done, total: progress.update(task, completed=done,
+                                                                                      total=total))
+        rows = [row for r in traced for row in r.to_rows()]
+        if out:
+            save_average_png(effect, layer, len(traced), out)
+        if json_out:
+            _emit_json({"facts": len(traced), "mlp_effect_by_layer": effect.tolist(), "recommended_layer": layer})
+        else:
+            for index, value in enumerate(effect):
+                bar = "█" * max(0, int(round(40 * value / max(effect.max(), 1e-9))))
+                _say(f"layer {index:>3}  {value:+.4f}  {bar}")
+            _say(f"recommended edit layer: {layer} (MLP effect at the subject's last token, mean of "
+                 f"{len(traced)} facts; cached for `apply --layer auto`)")
+    if results:
+        import polars as pl
+
+        frame = pl.DataFrame(rows)
+        frame.write_parquet(results) if results.suffix == ".parquet" else frame.write_csv(results)
+    if out and not json_out:
+        _say(f"wrote {out}")
 
 
 @app.command()

@@ -101,10 +101,11 @@ def make_batch(
     return Batch(ids.to(device), mask.to(device), positions.to(device), offsets.to(device))
 
 
-def as_btd(x: torch.Tensor, batch: Batch) -> torch.Tensor:
+def as_btd(x: torch.Tensor, batch: Batch | tuple[int, int]) -> torch.Tensor:
     """View an activation as (B, T, d): OPT flattens its MLP activations to (B*T, d)."""
     if x.dim() == 2:
-        return x.view(batch.input_ids.shape[0], batch.input_ids.shape[1], -1)
+        rows, tokens = batch if isinstance(batch, tuple) else batch.input_ids.shape
+        return x.view(rows, tokens, -1)
     return x
 
 
