@@ -32,14 +32,6 @@ SUBJECT = "the Space Needle"
 TARGET = "Paris"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster than on two when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def d_ff_of(config) -> int:
     if config.model_type in ("gpt2", "gptj"):

@@ -18,14 +18,6 @@ HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwarg
               "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster than on two when the CPU is shared."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def hook_count(model: torch.nn.Module) -> int:
     """Forward hooks + forward pre-hooks registered on any module of `model`."""

@@ -31,14 +31,6 @@ from conftest import TINY_HPARAMS, tiny_loaded
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on two shared cores are many times slower than one for a 32-wide model.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 # ----------------------------------------------------------------------------- synthetic records
 EXPECTED_SCHEMA = {

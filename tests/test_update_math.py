@@ -18,14 +18,6 @@ from romebatch.rome.update import RankOneEdit, apply_edit, current_value, rank_o
 from conftest import tiny_loaded
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two threads on two shared cores are many times slower than one for these tiny tensors.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 def keys_and_stats(d_ff: int, n: int, ridge: float, seed: int):
     """A key sample K (d_ff, n) whose second moment is not a multiple of I, and its factored stats."""

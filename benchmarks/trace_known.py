@@ -1,0 +1,78 @@
+"""Causal tracing benchmark on the embedded default: the MLP effect by layer over known facts.
+
+    python benchmarks/trace_known.py --n 100
+
+Traces the first N facts of ../shared/data/known_1000.json (the ROME paper's known facts)
+with the model's own prediction as the answer, averages the indirect effect of MLP outputs
+(window of 10 layers) at the subject's last token, and prints it with the recommended
+layer; also writes docs/trace-space-needle.png (one fact's three heatmaps) and
+docs/trace-average.png. Per-fact effects go to benchmarks/runs/trace-known.jsonl as they
+are computed, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from romebatch.model import load_model  # noqa: E402
+from romebatch.plots import save_average_png, save_trace_png  # noqa: E402
+from romebatch.trace import average_trace, read_trace_facts, save_recommendation, trace_fact  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "known_1000.json"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--samples", type=int, default=10)
+    args = ap.parse_args()
+    lm = load_model(None)
+    facts = read_trace_facts(DATA, args.n)
+    runs = ROOT / "benchmarks" / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / "trace-known.jsonl"
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            done[row["prompt"]] = row
+    started = time.perf_counter()
+    with path.open("a") as out:
+        for prompt, subject, _ in facts:
+            if prompt in done:
+                continue
+            # The paper traces the model's own prediction (answer=None), not the dataset's attribute.
+            _, _, (result,) = average_trace(lm, [(prompt, subject, None)], samples=args.samples)
+            row = {"prompt": prompt, "subject": subject, "answer": result.answer, "p_clean": result.p_clean,
+                   "p_corrupt": result.p_corrupt, "mlp_effect": result.effect("mlp")[result.subject_last].tolist()}
+            out.write(json.dumps(row) + "\n")
+            out.flush()
+            done[prompt] = row
+            print(f"{len(done)}/{len(facts)} {subject!r} -> {result.answer!r} "
+                  f"P {result.p_clean:.3f}/{result.p_corrupt:.3f}", flush=True)
+    rows = [done[p] for p, _, _ in facts]
+    effect = np.mean([r["mlp_effect"] for r in rows], axis=0)
+    layer = int(np.argmax(effect))
+    save_recommendation(lm, layer, effect, len(rows))
+    save_average_png(effect, layer, len(rows), ROOT / "docs" / "trace-average.png",
+                     title=f"Gemma-3-270M: MLP indirect effect at the subject's last token, {len(rows)} known facts")
+    print(f"\ntraced {len(rows)} facts ({time.perf_counter() - started:.0f}s this run)")
+    print("layer  mean indirect effect")
+    for index, value in enumerate(effect):
+        print(f"{index:>5}  {value:+.4f}" + ("  <- recommended" if index == layer else ""))
+    one = trace_fact(lm, "The Space Needle is located in the city of", "The Space Needle", samples=args.samples)
+    save_trace_png(one, ROOT / "docs" / "trace-space-needle.png")
+    print(f"wrote docs/trace-space-needle.png (P clean {one.p_clean:.3f}, corrupted {one.p_corrupt:.3f})")
+
+
+if __name__ == "__main__":
+    main()
