@@ -127,8 +127,8 @@ def pending_facts(facts, journal: str | Path):
     if not (Path(journal) / "journal.sqlite").exists():
         return list(facts)
     with Journal(journal) as j:
-        done = j.applied_hashes() | j.rejected_hashes()
-    return [f for f in facts if f.hash not in done]
+        settled = j.settled_hashes()
+    return [f for f in facts if f.hash not in settled]
 
 
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None):

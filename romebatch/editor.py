@@ -324,8 +324,8 @@ class Editor:
 
     # -- apply -------------------------------------------------------------------------
     def pending(self, facts: list[Fact]) -> list[Fact]:
-        done = self.journal.applied_hashes() | self.journal.rejected_hashes()
-        return [f for f in facts if f.hash not in done]
+        settled = self.journal.settled_hashes()
+        return [f for f in facts if f.hash not in settled]
 
     def apply(
         self,

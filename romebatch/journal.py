@@ -339,6 +339,10 @@ class Journal:
         path = {0} | {row[0] for row in self.db.execute("SELECT seq FROM edits WHERE status = 'applied'")}
         return {h for h, parent in self.db.execute("SELECT fact_hash, parent FROM rejections") if parent in path}
 
+    def settled_hashes(self) -> set[str]:
+        """Facts a re-run skips: applied on the head's path, or rejected on a state on it."""
+        return self.applied_hashes() | self.rejected_hashes()
+
     def commit_edit(self, record: EditRecord) -> int:
         """Write one edit and move the head to it, in one transaction; returns its seq."""
         values = {c: getattr(record, c) for c in _EDIT_COLUMNS if c != "seq"}
