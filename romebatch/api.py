@@ -133,8 +133,6 @@ def pending_facts(facts, journal: str | Path):
 
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None):
     """Verify the journal: schema, base model identity, and every edit's stored hashes by replay."""
-    from .editor import CheckReport  # noqa: F401  (the return type)
-
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, write=False, verify=False, **kwargs) as editor:
         return editor.check()

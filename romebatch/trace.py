@@ -72,18 +72,23 @@ def embedding_std(lm: LoadedModel, sample: int = 2000, seed: int = 0) -> float:
         return float(embed(ids).float().std())
 
 
+def subject_span(lm: LoadedModel, prompt: str, subject: str):
+    """The encoded prompt and the [first, last] token indices of the subject in it."""
+    start = prompt.find(subject)
+    if start < 0:
+        raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")
+    encoded = encode(lm.tokenizer, prompt)
+    first = next(i for i, (a, b) in enumerate(encoded.offsets) if b > a and b > start)
+    return encoded, (first, last_token_in_span(encoded, start, start + len(subject)))
+
+
 class _Setup:
     """Everything one fact's tracing runs share: tokens, subject span, answer token, noise."""
 
     def __init__(self, lm, prompt, subject, answer, noise, samples, seed):
         self.lm = lm
-        start = prompt.find(subject)
-        if start < 0:
-            raise ValueError(f"subject {subject!r} not in prompt {prompt!r}")
-        encoded = encode(lm.tokenizer, prompt)
+        encoded, (first, last) = subject_span(lm, prompt, subject)
         self.ids = encoded.ids
-        first = next(i for i, (a, b) in enumerate(encoded.offsets) if b > a and b > start)
-        last = last_token_in_span(encoded, start, start + len(subject))
         self.subject_tokens = (first, last)
         self.n_tokens = len(self.ids)
         if answer is None:  # the model's own prediction, as the paper traces
@@ -303,9 +308,9 @@ def average_trace(lm: LoadedModel, facts, *, samples: int = 10, noise: float = 3
     """MLP indirect effect at each fact's subject-last token, averaged: (effect by layer, best layer, results)."""
     results = []
     for done, (prompt, subject, answer) in enumerate(facts, 1):
-        probe = _Setup(lm, prompt, subject, answer, noise, 1, seed)
+        _, (_, subject_last) = subject_span(lm, prompt, subject)
         results.append(trace_fact(lm, prompt, subject, answer, kinds=("mlp",), noise=noise, samples=samples,
-                                  window=window, seed=seed, tokens=[probe.subject_tokens[1]]))
+                                  window=window, seed=seed, tokens=[subject_last]))
         if progress:
             progress(done, len(facts))
     effect = mlp_effect_by_layer(results)
