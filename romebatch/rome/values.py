@@ -12,19 +12,33 @@ falls below `loss_stop`, and δ projected into the ball of radius
 `clamp_norm_factor · ‖v_init‖` after every step. v* = v_init + δ, where v_init is the
 layer's current output for the averaged key k*: so v* − W k* is exactly δ, and the update
 uses the same key everywhere (the original code's mixed-key defect cannot arise).
+
+Two ways to run the same objective (`engine`):
+
+- "cached" (the default): δ only changes what happens at and after each row's subject
+  token, so every token before it is identical at every step. Those tokens are run once,
+  their attention keys and values kept in a cache, and each step runs only the tokens from
+  the subject's last one onwards (a third of the batch on CounterFact prompts). Logits are
+  computed only at the positions the loss reads.
+- "exact": the plain way, as the original code: every step runs every token through every
+  layer and computes logits at every position. Kept to show the cached engine computes the
+  same thing (`--exact-protocol`, benchmarks/speed.py).
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ..hooks import Hook
-from ..lm import answer_ids, as_btd, head_inputs, logits, make_batch, subject_last_index
+from ..hooks import Hook, attach
+from ..lm import answer_ids, as_btd, logits, make_batch, model_inputs, subject_last_index
 from ..model import LoadedModel
 
 ESSENCE_TEMPLATE = "{} is a"
+ENGINES = ("cached", "exact")
 
 
 @dataclass
@@ -34,6 +48,148 @@ class ValueResult:
     steps: int  # Adam steps taken (early stopping makes this < v_steps)
     loss: float  # final total loss
     nll: float  # final mean target NLL over the prompts
+
+
+@dataclass
+class Rows:
+    """The optimisation batch as token lists: N rewrite prompts, then the essence prompt."""
+
+    sequences: list[list[int]]
+    subject_index: list[int]  # the subject's last token in each sequence
+    read_rows: list[int]  # logits read at (read_rows[i], read_cols[i]); the essence row last
+    read_cols: list[int]
+    targets: list[int]  # the target token read at each rewrite position
+    n_prompts: int
+    answer_len: int
+
+
+def build_rows(lm: LoadedModel, template: str, subject: str, target: str, prefixes: list[str]) -> Rows:
+    tok = lm.tokenizer
+    target_ids = answer_ids(tok, template.replace("{}", subject, 1), target)
+    m = len(target_ids)
+    sequences, lookups, read_rows, read_cols, targets = [], [], [], [], []
+    # Rewrite prompts: prefix + prompt + all target tokens but the last (teacher forcing).
+    for prefix in ["", *prefixes]:
+        encoded, subject_index = subject_last_index(tok, template, subject, prefix)
+        row = len(sequences)
+        sequences.append(encoded.ids + target_ids[:-1])
+        lookups.append(subject_index)
+        for j in range(m):  # logits at column n-1+j predict target token j
+            read_rows.append(row)
+            read_cols.append(len(encoded.ids) - 1 + j)
+            targets.append(target_ids[j])
+    n_prompts = len(sequences)
+    essence, essence_index = subject_last_index(tok, ESSENCE_TEMPLATE, subject)
+    sequences.append(essence.ids)
+    lookups.append(essence_index)
+    read_rows.append(n_prompts)
+    read_cols.append(len(essence.ids) - 1)
+    return Rows(sequences, lookups, read_rows, read_cols, targets, n_prompts, m)
+
+
+# A forward pass of the optimisation batch: δ in, LM-head inputs at the read positions out.
+Forward = Callable[[torch.Tensor | None], torch.Tensor]
+
+
+def exact_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
+    """All tokens, all layers and full logits at every step: the original protocol's cost."""
+    device = lm.device
+    batch = make_batch(rows.sequences, lm.pad_id, device=device)
+    lookup_rows = torch.arange(len(rows.sequences), device=device)
+    lookup_cols = batch.offsets + torch.tensor(rows.subject_index, device=device)
+    read_rows = torch.tensor(rows.read_rows, device=device)
+    read_cols = batch.offsets[read_rows] + torch.tensor(rows.read_cols, device=device)
+
+    def forward(delta):
+        def add_delta(output):
+            shift = delta.to(output.dtype).expand(len(lookup_rows), -1)
+            patched = torch.index_put(as_btd(output, batch), (lookup_rows, lookup_cols), shift, accumulate=True)
+            return patched.view(output.shape)
+
+        hooks = [Hook(lm.name("down_proj", layer), add_delta)] if delta is not None else []
+        with attach(lm.model, hooks):
+            out = lm.model(**model_inputs(lm, batch), use_cache=False)
+        full = out.logits  # (B, T, V): every position, as the original code computes them
+        return full[read_rows, read_cols]
+
+    return forward
+
+
+def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
+    """Run each row's tokens before its subject token once; each step runs only the rest.
+
+    Layout: row r is [its s_r tokens before the subject's last token, pads up to S]
+    (the cached part) followed by [its tokens from the subject's last one, pads] (the part
+    run every step), so the subject's last token is column 0 of the stepped part in every
+    row. Pads sit after the real tokens of each part, so causal attention never lets a real
+    token see one and the cached pass needs no mask (a fully masked query would give NaN);
+    the stepped part masks them explicitly. Positions are explicit, so a row's positions
+    run on across the gap.
+    """
+    from transformers import DynamicCache
+
+    device = lm.device
+    seqs, starts = rows.sequences, rows.subject_index
+    n = len(seqs)
+    width_before = max(starts)
+    width_after = max(len(seq) - s for seq, s in zip(seqs, starts))
+    window = getattr(lm.config, "sliding_window", None)
+    if window and width_before + width_after >= window:
+        return exact_forward(lm, layer, rows)  # a sliding-window cache would drop tokens
+    pad = lm.pad_id
+    before_ids = torch.full((n, width_before), pad, dtype=torch.long)
+    before_mask = torch.zeros((n, width_before), dtype=torch.long)
+    before_pos = torch.zeros((n, width_before), dtype=torch.long)
+    after_ids = torch.full((n, width_after), pad, dtype=torch.long)
+    after_mask = torch.zeros((n, width_after), dtype=torch.long)
+    after_pos = torch.zeros((n, width_after), dtype=torch.long)
+    for r, (seq, s) in enumerate(zip(seqs, starts)):
+        before_ids[r, :s] = torch.tensor(seq[:s])
+        before_mask[r, :s] = 1
+        before_pos[r, :s] = torch.arange(s)
+        rest = len(seq) - s
+        after_ids[r, :rest] = torch.tensor(seq[s:])
+        after_mask[r, :rest] = 1
+        after_pos[r, :rest] = torch.arange(s, len(seq))
+    read_rows = torch.tensor(rows.read_rows, device=device)
+    read_cols = torch.tensor([c - starts[r] for r, c in zip(rows.read_rows, rows.read_cols)], device=device)
+    mask = torch.cat([before_mask, after_mask], dim=1).to(device)
+    takes_positions = "position_ids" in model_inputs(lm, make_batch([[pad]], pad, device=device))
+    # transformers 5 renamed `past_key_values` to `cache`; accept either.
+    cache_arg = "cache" if "cache" in inspect.signature(lm.model.forward).parameters else "past_key_values"
+
+    kept = None
+    if width_before:
+        cache = DynamicCache(config=lm.config)
+        inputs = {"input_ids": before_ids.to(device), cache_arg: cache, "use_cache": True}
+        if takes_positions:
+            inputs["position_ids"] = before_pos.to(device)
+        # Only the keys and values are needed: stop before the LM head.
+        with torch.no_grad(), attach(lm.model, [Hook(lm.lm_head_name, lambda x: None, on="input", stop=True)]):
+            lm.model(**inputs)
+        kept = [(layer_cache.keys, layer_cache.values) for layer_cache in cache.layers]
+    after_ids, after_pos = after_ids.to(device), after_pos.to(device)
+
+    def forward(delta):
+        # A step appends its tokens to the cache it is given: give each step a fresh one.
+        cache = DynamicCache(kept, config=lm.config) if kept is not None else None
+
+        def add_delta(output):
+            x = as_btd(output, (n, width_after))
+            patched = torch.cat([x[:, :1] + delta.to(x.dtype), x[:, 1:]], dim=1)
+            return patched.view(output.shape)
+
+        hooks = [Hook(lm.name("down_proj", layer), add_delta)] if delta is not None else []
+        captured: list[torch.Tensor] = []
+        hooks.append(Hook(lm.lm_head_name, lambda h: captured.append(h[read_rows, read_cols]), on="input", stop=True))
+        inputs = {"input_ids": after_ids, "attention_mask": mask, cache_arg: cache, "use_cache": cache is not None}
+        if takes_positions:
+            inputs["position_ids"] = after_pos
+        with attach(lm.model, hooks):
+            lm.model(**inputs)
+        return logits(lm, captured[0])
+
+    return forward
 
 
 def optimise_value(
@@ -52,51 +208,20 @@ def optimise_value(
     kl_factor: float = 0.0625,
     weight_decay: float = 0.5,
     clamp_norm_factor: float = 4.0,
+    engine: str = "cached",
 ) -> ValueResult:
-    tok = lm.tokenizer
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    rows = build_rows(lm, template, subject, target, prefixes)
+    forward = (cached_forward if engine == "cached" else exact_forward)(lm, layer, rows)
     device = lm.device
-    target_ids = answer_ids(tok, template.replace("{}", subject, 1), target)
-    m = len(target_ids)
+    targets = torch.tensor(rows.targets, device=device)  # (P,)
+    n_prompts, m = rows.n_prompts, rows.answer_len
 
-    # Rewrite prompts: prefix + prompt + all target tokens but the last (teacher forcing).
-    sequences, lookups, score_rows, score_cols, score_targets = [], [], [], [], []
-    for prefix in ["", *prefixes]:
-        encoded, subject_index = subject_last_index(tok, template, subject, prefix)
-        row = len(sequences)
-        sequences.append(encoded.ids + target_ids[:-1])
-        lookups.append(subject_index)
-        for j in range(m):  # logits at column n-1+j predict target token j
-            score_rows.append(row)
-            score_cols.append(len(encoded.ids) - 1 + j)
-            score_targets.append(target_ids[j])
-    n_prompts = len(sequences)
-    essence, essence_index = subject_last_index(tok, ESSENCE_TEMPLATE, subject)
-    sequences.append(essence.ids)
-    lookups.append(essence_index)
-
-    batch = make_batch(sequences, lm.pad_id, device=device)
-    offsets = batch.offsets.tolist()
-    rows = torch.tensor(score_rows + [n_prompts], device=device)  # (P+1,): the essence row last
-    cols = torch.tensor(
-        [c + offsets[r] for r, c in zip(score_rows, score_cols)] + [offsets[n_prompts] + len(essence.ids) - 1],
-        device=device,
-    )
-    targets = torch.tensor(score_targets, device=device)  # (P,)
-    lookup_rows = torch.arange(len(sequences), device=device)
-    lookup_cols = batch.offsets + torch.tensor(lookups, device=device)  # (N+1,)
+    with torch.no_grad():
+        base_logp = forward(None)[-1:].float().log_softmax(-1)  # (1, V): the unedited essence distribution
 
     delta = torch.zeros_like(v_init, requires_grad=True)  # (d_model,)
-
-    def add_delta(output: torch.Tensor) -> torch.Tensor:
-        # (B, T, d_model) + δ at each row's subject-last token; out of place for autograd.
-        shift = delta.to(output.dtype).expand(len(lookup_rows), -1)
-        patched = torch.index_put(as_btd(output, batch), (lookup_rows, lookup_cols), shift, accumulate=True)
-        return patched.view(output.shape)
-
-    hook = Hook(lm.name("down_proj", layer), add_delta)
-    with torch.no_grad():
-        base_logp = logits(lm, head_inputs(lm, batch, rows[-1:], cols[-1:])).log_softmax(-1)  # (1, V)
-
     optimiser = torch.optim.Adam([delta], lr=lr)
     max_norm = clamp_norm_factor * v_init.norm()
     init_norm_sq = v_init.norm() ** 2
@@ -104,7 +229,7 @@ def optimise_value(
     loss_value = nll_value = float("nan")
     for step in range(1, steps + 1):
         optimiser.zero_grad()
-        logp = logits(lm, head_inputs(lm, batch, rows, cols, [hook])).log_softmax(-1)  # (P+1, V)
+        logp = forward(delta).float().log_softmax(-1)  # (P+1, V)
         token_nll = -logp[:-1].gather(1, targets[:, None])[:, 0]  # (P,)
         nll = token_nll.view(n_prompts, m).mean()  # mean token NLL per prompt, then over prompts
         essence_logp = logp[-1:]
