@@ -86,6 +86,8 @@ def apply(
     min_retention: Annotated[float, typer.Option(help="Share of sampled earlier edits that must still hold.")] = 0.8,
     probe_budget: Annotated[float, typer.Option(help="Share of an edit's time the checks may take.")] = 0.25,
     no_probes: Annotated[bool, typer.Option("--no-probes", help="Skip the regression checks.")] = False,
+    exact_protocol: Annotated[bool, typer.Option(
+        "--exact-protocol", help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
@@ -107,7 +109,7 @@ def apply(
         layer = int(layer)
     hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=mom2,
                   stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens,
-                  layer=layer if isinstance(layer, int) else None)
+                  layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None)
     if dry_run:
         from .api import pending_facts
 

@@ -73,6 +73,8 @@ class FactResult:
     neighborhood_drop: float | None = None
     probe_regression: float | None = None
     retention: float | None = None
+    # Seconds per phase (key, value, update, scoring, probes, commit): benchmarks/speed.py.
+    timings: dict = field(default_factory=dict)
 
     @property
     def success(self) -> bool | None:
@@ -399,6 +401,7 @@ class Editor:
         row = FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true, "failed", layer=layer)
         t0 = time.perf_counter()
         row.p_new_before, row.p_true_before = self._probabilities(fact)
+        scored = time.perf_counter()
         weight = self.lm.weight(layer)
         self._base(layer)
         before = weight.detach().clone()
@@ -411,6 +414,7 @@ class Editor:
             row.reason = f"could not compute the edit: {error}"
             return row
         row.update_norm, row.denominator, row.v_steps = edit.norm, edit.denominator, value.steps
+        computed = time.perf_counter()
         refusal = self._guard(edit, weight)
         if refusal:
             row.status, row.reason = "rejected", refusal
@@ -418,7 +422,9 @@ class Editor:
             row.seconds = time.perf_counter() - t0
             return row
         apply_edit(self.lm, edit)
+        applied = time.perf_counter()
         row.p_new_after, row.p_true_after = self._probabilities(fact)
+        rescored = time.perf_counter()
         outcome = None
         if probes is not None:
             earlier = [{"text": f["prompt"].replace("{}", f["subject"], 1), "target_new": f["target_new"],
@@ -452,6 +458,7 @@ class Editor:
             neighborhood_drop=row.neighborhood_drop, probe_regression=row.probe_regression, retention=row.retention,
             seconds_probes=outcome.seconds if outcome else None,
         )
+        committing = time.perf_counter()
         try:
             row.seq = self.journal.commit_edit(record)
         except BaseException as error:
@@ -466,6 +473,13 @@ class Editor:
                     hint="free some space and run the same command again: it resumes") from error
             raise
         row.status = "applied"
+        done = time.perf_counter()
+        row.timings = {
+            "key": timings["seconds_key"], "value": timings["seconds_value"],
+            "update": (computed - scored) - timings["seconds_key"] - timings["seconds_value"] + (applied - computed),
+            "scoring": (scored - t0) + (rescored - applied), "probes": outcome.seconds if outcome else 0.0,
+            "commit": done - committing, "total": done - t0,
+        }
         return row
 
     def _roll_forward(self, fact: Fact, record: EditRecord) -> FactResult:

@@ -89,6 +89,7 @@ def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp,
         lm, layer, fact_template, subject, target, prefixes, v_init,
         lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, stop_on=hp.v_stop_on, kl_factor=hp.kl_factor,
         weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
+        engine="exact" if hp.exact_protocol else "cached",
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)
