@@ -40,6 +40,7 @@ from .journal import EditRecord, Journal
 from .manifest import Fact
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds
+from .rome.preserve import Preserver
 from .rome import KeyStats, RankOneEdit, apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
 
 Log = Callable[[str], None]
@@ -186,6 +187,9 @@ class Editor:
             self.hparams = self._init_or_check(hparams, model, module_template)
             self._base_weights: dict[int, torch.Tensor] = {}
             self._stats: dict[int, KeyStats] = {}
+            # layer -> (the head its state is for, the method's running state): rebuilt from the
+            # path's keys whenever the head has moved (rollback, replay to another state).
+            self._preservers: dict[int, tuple[int, Preserver]] = {}
             self._prefixes: list[str] | None = self.journal.get("prefixes")
             self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
             self.replay(verify=verify)
@@ -213,7 +217,8 @@ class Editor:
                 f"but {lm.spec} has different weights ({self.base_hash[:19]}…)",
                 hint="open it with its own base model, or start a new journal with --journal",
             )
-        stored = HParams.from_dict(journal.get("hparams"), source=f"journal {journal.directory}")
+        # Journals written before sequential-stability methods existed made plain edits.
+        stored = HParams.from_dict({"preserve": "none", **journal.get("hparams")}, source=f"journal {journal.directory}")
         if hparams is None:
             return stored
         # An edit is defined by these: changing one mid-journal would make edits incomparable.
@@ -324,6 +329,30 @@ class Editor:
             self._stats[layer] = stats[layer].factor(hp.ridge)
         return self._stats[layer]
 
+    def preserver(self, layer: int) -> Preserver | None:
+        """The sequential-stability method's state for `layer` at the current head."""
+        hp = self.hparams
+        if hp.preserve == "none":
+            return None
+        cached = self._preservers.get(layer)
+        if cached is None or cached[0] != self.head:
+            stats = self.stats(layer)
+            shape = self.lm.weight(layer).shape  # (d_model, d_ff), or (d_ff, d_model) for Conv1D
+            d_ff = shape[0] if self.lm.adapter.conv1d else shape[1]
+            preserver = cached[1] if cached else Preserver(hp.preserve, stats.cholesky if stats else None, d_ff,
+                                                           hp.preserve_weight)
+            keys = []
+            for record in self.journal.path():
+                if record.layer != layer:
+                    continue
+                if record.k_star is None:
+                    raise UserError(f"journal {self.journal.directory}: edit {record.seq} has no stored key, which "
+                                    f"--preserve {hp.preserve} needs", hint="start a new journal with --journal")
+                keys.append(torch.from_numpy(record.k_star.copy()))
+            preserver.rebuild(keys)
+            self._preservers[layer] = (self.head, preserver)
+        return self._preservers[layer][1]
+
     # -- apply -------------------------------------------------------------------------
     def pending(self, facts: list[Fact]) -> list[Fact]:
         settled = self.journal.settled_hashes()
@@ -408,8 +437,9 @@ class Editor:
         hash_before = weight_hash(weight)
         timings: dict = {}
         try:
-            edit, _, value = compute_edit(self.lm, layer, fact.prompt, fact.subject, fact.target_new,
-                                          self.prefixes(), self.stats(layer), hp, timings)
+            preserver = self.preserver(layer)
+            edit, k_star, value = compute_edit(self.lm, layer, fact.prompt, fact.subject, fact.target_new,
+                                               self.prefixes(), self.stats(layer), hp, timings, preserver)
         except (ValueError, RuntimeError) as error:  # e.g. a subject no token covers
             row.reason = f"could not compute the edit: {error}"
             return row
@@ -456,7 +486,7 @@ class Editor:
             v_loss=value.loss, p_new_before=row.p_new_before, p_true_before=row.p_true_before,
             p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds, **timings,
             neighborhood_drop=row.neighborhood_drop, probe_regression=row.probe_regression, retention=row.retention,
-            seconds_probes=outcome.seconds if outcome else None,
+            seconds_probes=outcome.seconds if outcome else None, k_star=k_star.float().cpu().numpy(),
         )
         committing = time.perf_counter()
         try:
@@ -473,6 +503,9 @@ class Editor:
                     hint="free some space and run the same command again: it resumes") from error
             raise
         row.status = "applied"
+        if preserver is not None:
+            preserver.add(torch.from_numpy(record.k_star.copy()))  # the stored float32 key, as a rebuild reads it
+            self._preservers[layer] = (self.head, preserver)
         done = time.perf_counter()
         row.timings = {
             "key": timings["seconds_key"], "value": timings["seconds_value"],

@@ -44,6 +44,10 @@ class HParams:
     guard_factor: float = 10.0  # refuse an edit whose ‖ΔW‖ exceeds this × the median of accepted edits
     guard_min_edits: int = 5  # the guard compares only once this many edits are accepted
     guard_max_relative: float = 1.0  # refuse any edit with ‖ΔW‖ > this × ‖W‖ (a disabling edit)
+    # Sequential stability (rome/preserve.py): "none" (plain ROME), "covariance" (earlier
+    # edits' keys added to C with weight preserve_weight) or "nullspace" (u ⟂ earlier keys).
+    preserve: str = "none"
+    preserve_weight: float = 10.0
     # True: optimise v* the plain way (every token, every layer, full logits at each step), as
     # the original code; False: the cached engine, which computes the same objective ~5x faster.
     exact_protocol: bool = False
@@ -77,12 +81,14 @@ class HParams:
             value = getattr(self, f.name)
             if f.name == "clamp_norm_factor" and value is None:
                 continue  # resolved per architecture
-            if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge") and (
+            if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge", "preserve_weight") and (
                 not isinstance(value, (int, float)) or value < 0
             ):
                 raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
         if self.v_stop_on not in ("nll", "loss"):
             raise UserError(f"{source}: v_stop_on must be 'nll' or 'loss', got {self.v_stop_on!r}")
+        if self.preserve not in ("none", "covariance", "nullspace"):
+            raise UserError(f"{source}: preserve must be none, covariance or nullspace, got {self.preserve!r}")
         if self.mom2 not in ("second_moment", "identity"):
             raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):

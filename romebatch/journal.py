@@ -80,7 +80,15 @@ def m002_probe_columns(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE edits ADD COLUMN {column} REAL")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_probe_columns]
+def m003_key_column(db: sqlite3.Connection) -> None:
+    """Each edit's key k* (float32, d_ff): the running state of the sequential-stability
+    methods (romebatch/rome/preserve.py) is rebuilt from the keys on the current path."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(edits)")}
+    if "k_star" not in have:
+        db.execute("ALTER TABLE edits ADD COLUMN k_star BLOB")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_probe_columns, m003_key_column]
 
 
 def migrate(db: sqlite3.Connection, stop_before: str | None = None) -> None:
@@ -175,6 +183,7 @@ class EditRecord:
     probe_regression: float | None = None
     retention: float | None = None
     seconds_probes: float | None = None
+    k_star: np.ndarray | None = None  # float32 (d_ff,); None in journals written before m003
 
     @property
     def fact(self) -> dict:
@@ -188,6 +197,8 @@ def _record(row: sqlite3.Row) -> EditRecord:
     values = dict(row)
     values["lam"] = blob_vector(values["lam"])
     values["u"] = blob_vector(values["u"])
+    if values.get("k_star") is not None:
+        values["k_star"] = blob_vector(values["k_star"])
     return EditRecord(**values)
 
 
@@ -348,6 +359,7 @@ class Journal:
         values = {c: getattr(record, c) for c in _EDIT_COLUMNS if c != "seq"}
         values["lam"] = vector_blob(record.lam)
         values["u"] = vector_blob(record.u)
+        values["k_star"] = vector_blob(record.k_star) if record.k_star is not None else None
         values["status"] = "applied"
         values["created_at"] = values["created_at"] or _now()
         with transaction(self.db):

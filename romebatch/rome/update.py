@@ -39,13 +39,17 @@ def rank_one_update(
     v_star: torch.Tensor,
     v_current: torch.Tensor,
     c_cholesky: torch.Tensor | None,
+    u: torch.Tensor | None = None,
 ) -> RankOneEdit:
     """(Λ, u) from k* (d_ff,), v* and the current value v(k*) (d_model,), in float64.
 
-    `c_cholesky` is the lower Cholesky factor of C; None means C = I.
+    `c_cholesky` is the lower Cholesky factor of C; None means C = I. A given `u` (from a
+    sequential-stability method, rome/preserve.py) replaces C⁻¹k*.
     """
     k = k_star.double().cpu()
-    if c_cholesky is None:
+    if u is not None:
+        u = u.double().cpu()
+    elif c_cholesky is None:
         u = k.clone()
     else:
         u = torch.cholesky_solve(k[:, None], c_cholesky.double().cpu())[:, 0]  # (d_ff,)
@@ -71,10 +75,12 @@ def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tenso
         return module(key.to(lm.device, module.weight.dtype)[None])[0].float()
 
 
-def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp, timings: dict | None = None):
+def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp, timings: dict | None = None,
+                 preserver=None):
     """k*, v* and the update for one fact; the model is unchanged when this returns.
 
     Returns (edit, k_star, value). `timings`, if given, receives seconds_key and seconds_value.
+    `preserver` (rome/preserve.py), if given, chooses u from k* instead of C⁻¹k*.
     """
     import time
 
@@ -93,5 +99,6 @@ def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp,
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)
-    edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None)
+    u = preserver.u(k_star) if preserver is not None else None
+    edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None, u)
     return edit, k_star, value

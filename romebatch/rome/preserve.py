@@ -1,0 +1,90 @@
+"""Keeping earlier edits while making new ones: what u = C⁻¹k* becomes in a sequence.
+
+Plain ROME solves each edit against the base model's key statistics C alone, so nothing
+stops edit 500 from overwriting what edit 3 wrote. Each method here changes only how u is
+found from k*; the update stays rank one, ΔW = Λ uᵀ with Λ = (v* − W k*) / (uᵀk*), so
+every edit is still one journal row of (Λ, u).
+
+- "none": u = C⁻¹ k*, the paper's update, edits independent of each other.
+- "covariance": u = (C + λ Σ_p k_p k_pᵀ)⁻¹ k*, summing over the earlier edits' keys at the
+  layer: ΔW then minimises ‖ΔW K₀‖² + λ Σ_p ‖ΔW k_p‖² (disturbing the base keys and the
+  earlier edits' keys as little as it can) subject to ΔW k* = v* − W k*. λ is relative to
+  C's own curvature along each k_p, so it means the same on any model.
+- "nullspace": u = C⁻¹ k* projected, in C's metric, off the earlier keys:
+  u = C⁻¹(k* − K α) with Kᵀu = 0, so ΔW k_p = 0 for every earlier edit: their outputs at
+  the edited layer are kept exactly (to rounding). AlphaEdit's idea, for one rank-one edit.
+
+The running state is a pure function of the keys of the edits on the journal's current
+path, in order: `rebuild` recomputes it from them after a rollback, with the same float64
+arithmetic in the same order as the edits were made, so it is byte-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+METHODS = ("none", "covariance", "nullspace")
+
+
+class Preserver:
+    """The running state of one layer's method: which u a new k* gets."""
+
+    def __init__(self, method: str, cholesky: torch.Tensor | None, d_ff: int, weight: float = 10.0):
+        if method not in METHODS:
+            raise ValueError(f"preserve method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.weight = weight
+        self.d_ff = d_ff
+        if cholesky is None:  # mom2 = identity: C = I
+            cholesky = torch.eye(d_ff, dtype=torch.float64)
+        self.base_cholesky = cholesky.double()
+        self.base = self.base_cholesky @ self.base_cholesky.T  # C (+ ridge), float64
+        self.rebuild([])
+
+    def rebuild(self, keys: list[torch.Tensor]) -> None:
+        """State after the edits whose keys are `keys` (oldest first)."""
+        self.keys: list[torch.Tensor] = []
+        self.matrix = self.base.clone() if self.method == "covariance" else None
+        self.solved = torch.zeros(self.d_ff, 0, dtype=torch.float64)  # C⁻¹ K, for nullspace
+        self._factor = self.base_cholesky
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: torch.Tensor) -> None:
+        """Record an applied edit's key k*."""
+        k = key.detach().double().cpu().reshape(-1)
+        self.keys.append(k)
+        if self.method == "covariance":
+            # λ times C's own curvature along k: λ = 1 counts the earlier edit as much as the
+            # whole corpus does in its direction, on any model and at any layer.
+            norm_sq = float(k @ k)
+            along = float(k @ self.base @ k) / norm_sq
+            self.matrix.add_(torch.outer(k, k), alpha=self.weight * along / norm_sq)
+            self._factor = None  # refactor lazily: only the next edit needs it
+        elif self.method == "nullspace":
+            solved = torch.cholesky_solve(k[:, None], self.base_cholesky)
+            self.solved = torch.cat([self.solved, solved], dim=1)
+
+    def u(self, k_star: torch.Tensor) -> torch.Tensor:
+        """u for a new key, float64 (d_ff,)."""
+        k = k_star.detach().double().cpu().reshape(-1)
+        if self.method == "covariance":
+            if self._factor is None:
+                self._factor = torch.linalg.cholesky(self.matrix)
+            return torch.cholesky_solve(k[:, None], self._factor)[:, 0]
+        u = torch.cholesky_solve(k[:, None], self.base_cholesky)[:, 0]
+        if self.method == "nullspace" and self.keys:
+            keys = torch.stack(self.keys, dim=1)  # (d_ff, n)
+            gram = keys.T @ self.solved  # Kᵀ C⁻¹ K, (n, n)
+            # lstsq, not solve: similar subjects give nearly parallel keys (a singular Gram).
+            alpha = torch.linalg.lstsq(gram, keys.T @ u[:, None]).solution
+            u = u - (self.solved @ alpha)[:, 0]
+        return u
+
+    def state(self) -> bytes:
+        """The running state's bytes (what a rollback must restore exactly)."""
+        parts = [torch.stack(self.keys) if self.keys else torch.zeros(0)]
+        if self.matrix is not None:
+            parts.append(self.matrix)
+        parts.append(self.solved)
+        return b"".join(p.contiguous().numpy().tobytes() for p in parts)
