@@ -4,6 +4,8 @@
     python benchmarks/counterfact.py --n 20 --layers 2,4,6,8 --tag sweep   # the layer sweep
     python benchmarks/counterfact.py --n 20 --set v_lr=0.1 --tag lr0.1
     python benchmarks/counterfact.py --mode sequential --n 200    # all edits kept, scored at the end
+    python benchmarks/counterfact.py --dataset zsre --n 100       # zsRE: token accuracies
+    python benchmarks/counterfact.py --n 50 --set exact_protocol=true --tag exact   # the plain v* path
 
 Sequential mode is a romebatch journal (benchmarks/runs/<tag>-journal): re-running the
 command resumes it. It is scored at the end on every fact (ES/PS/NS and the magnitudes)
@@ -36,6 +38,22 @@ from romebatch.rome import compute_edit, apply_edit, load_or_compute_stats, samp
 from romebatch.evaluate import FactScores  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
+ZSRE = ROOT.parent / "shared" / "data" / "zsre-1k.json"
+
+
+def zsre_rows(lm, facts) -> list:
+    """zsRE's scores as the ROME paper reports them: top-1 token accuracy under teacher forcing
+    of the new answer on the question (efficacy) and its rephrasing (paraphrase), and of the
+    true answer on an unrelated NQ question (specificity)."""
+    from romebatch.evaluate import token_accuracy
+
+    out = []
+    for fact in facts:
+        es = token_accuracy(lm, [(fact.text, fact.target_new)])[0]
+        ps = token_accuracy(lm, [(p, fact.target_new) for p in fact.paraphrases]) if fact.paraphrases else []
+        ns = token_accuracy(lm, [(n.prompt, n.answer) for n in fact.neighborhood]) if fact.neighborhood else []
+        out.append({"ES": es, "PS": sum(ps) / len(ps) if ps else None, "NS": sum(ns) / len(ns) if ns else None})
+    return out
 
 
 def parse_set(items: list[str]) -> dict:
@@ -63,7 +81,7 @@ def row_from_scores(fact_id: str, s: FactScores, extra: dict) -> dict:
 
 
 def table(rows: list[dict]) -> dict:
-    def pct(key):
+    def pct(key):  # ES/PS/NS are 0/1 per fact on CounterFact, token accuracies on zsRE
         vals = [r[key] for r in rows if r.get(key) is not None]
         return 100 * sum(vals) / len(vals) if vals else float("nan")
 
@@ -84,15 +102,18 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     ap.add_argument("--tag", default=None)
     ap.add_argument("--mode", choices=["single", "sequential"], default="single")
+    ap.add_argument("--dataset", choices=["counterfact", "zsre"], default="counterfact")
     args = ap.parse_args()
-    args.tag = args.tag or args.mode
+    args.tag = (args.tag or args.mode) + ("-zsre" if args.dataset == "zsre" else "")
+    data = ZSRE if args.dataset == "zsre" else DATA
     if args.mode == "sequential":
         return sequential(args)
 
     torch.manual_seed(0)
     lm = load_model(args.model)
-    manifest = load_manifest(DATA, skip_invalid=True)
+    manifest = load_manifest(data, skip_invalid=True)
     facts = manifest.facts[args.start:args.start + args.n]
+    zsre = args.dataset == "zsre"
     base_hash = lm.base_hash()
     overrides = parse_set(args.set)
     hp0 = resolve(HParams.from_dict(overrides), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
@@ -100,12 +121,16 @@ def main() -> None:
     out_dir = ROOT / "benchmarks" / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    base_path = out_dir / f"unedited-{args.start}-{args.n}.jsonl"
+    base_path = out_dir / f"unedited{'-zsre' if zsre else ''}-{args.start}-{args.n}.jsonl"
     base_done = load_done(base_path)
     if len(base_done) < len(facts):
         with base_path.open("w") as f:
-            for fact, s in zip(facts, score_facts(lm, facts)):
-                f.write(json.dumps(row_from_scores(fact.id, s, {})) + "\n")
+            if zsre:
+                for fact, r in zip(facts, zsre_rows(lm, facts)):
+                    f.write(json.dumps({"id": fact.id, **r}) + "\n")
+            else:
+                for fact, s in zip(facts, score_facts(lm, facts)):
+                    f.write(json.dumps(row_from_scores(fact.id, s, {})) + "\n")
         base_done = load_done(base_path)
     results = {"unedited": table(list(base_done.values()))}
 
@@ -127,11 +152,13 @@ def main() -> None:
                 edit, _, value = compute_edit(lm, layer, fact.prompt, fact.subject, fact.target_new, prefixes, st, hp)
                 seconds = time.perf_counter() - t
                 apply_edit(lm, edit)
-                s = score_facts(lm, [fact])[0]
+                extra = {"seconds": seconds, "steps": value.steps, "norm": edit.norm, "denominator": edit.denominator}
+                if zsre:
+                    row = {"id": fact.id, **zsre_rows(lm, [fact])[0], **extra}
+                else:
+                    row = row_from_scores(fact.id, score_facts(lm, [fact])[0], extra)
                 with torch.no_grad():
                     lm.weight(layer).copy_(weight)  # restore exactly: single-edit mode
-                row = row_from_scores(fact.id, s, {"seconds": seconds, "steps": value.steps,
-                                                    "norm": edit.norm, "denominator": edit.denominator})
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 done[fact.id] = row

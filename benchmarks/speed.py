@@ -56,7 +56,7 @@ from romebatch.rome.update import RankOneEdit, apply_edit  # noqa: E402
 from romebatch.verify import verify  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
-PHASES = ("key", "value", "update", "scoring", "probes", "commit", "total")
+PHASES = ("key", "value", "update", "guard", "scoring", "probes", "commit", "total")
 
 
 def apply_peak_rss_mib(model: str | None, n: int = 5) -> float:
@@ -67,9 +67,15 @@ def apply_peak_rss_mib(model: str | None, n: int = 5) -> float:
     import subprocess
 
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "romebatch", "apply", str(DATA), "--limit", str(n), "--journal",
+        # A manifest of the first n records: the whole file holds conflicting records, which
+        # `apply` rightly refuses (counterfact.py reads it with skip_invalid).
+        manifest = Path(tmp) / "facts.json"
+        manifest.write_text(json.dumps(json.loads(DATA.read_text())[:n]))
+        cmd = [sys.executable, "-m", "romebatch", "apply", str(manifest), "--journal",
                str(Path(tmp) / "journal"), "--json"] + (["--model", model] if model else [])
-        subprocess.run(cmd, check=True, capture_output=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"romebatch apply failed ({done.returncode}): {done.stderr[-2000:]}")
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -147,6 +153,12 @@ def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
     return {"edits": n_edits, "replay_seconds": seconds, "commit_median": statistics.median(commit_times)}
 
 
+def save(path: Path | None, out: dict) -> None:
+    """Write what is measured so far: a crash late in the run keeps the earlier numbers."""
+    if path:
+        path.write_text(json.dumps(out, indent=2))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="CounterFact edits per configuration")
@@ -208,6 +220,7 @@ def main() -> None:
         rows = apply_run(lm, run_facts, config, checks)
         norms += [r.update_norm for r in rows]
         out["runs"][name] = table = phase_table(rows, u)
+        save(args.json, out)
         print(f"{name}: {table['total']:.2f}s per edit = {table['total_U']:.2f} U "
               f"({table['steps']:.0f} steps, {table['per_step']:.2f}s per step)", flush=True)
 
@@ -225,9 +238,8 @@ def main() -> None:
     out["verify_prompts_per_second"] = n_prompts / seconds
     out["peak_rss_mib"] = apply_peak_rss_mib(args.model)
     out["peak_rss_ratio"] = out["peak_rss_mib"] / out["model_fp32_mib"]
+    save(args.json, out)
     report(out)
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
 
 
 def report(out: dict) -> None:

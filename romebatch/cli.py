@@ -86,6 +86,11 @@ def apply(
     min_retention: Annotated[float, typer.Option(help="Share of sampled earlier edits that must still hold.")] = 0.8,
     probe_budget: Annotated[float, typer.Option(help="Share of an edit's time the checks may take.")] = 0.25,
     no_probes: Annotated[bool, typer.Option("--no-probes", help="Skip the regression checks.")] = False,
+    preserve: Annotated[Optional[str], typer.Option(
+        help="Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them).")] = None,
+    preserve_weight: Annotated[Optional[float], typer.Option(help="λ for --preserve covariance.")] = None,
+    spread_layers: Annotated[Optional[int], typer.Option(
+        help="Spread edits round-robin over this many layers from --layer.")] = None,
     exact_protocol: Annotated[bool, typer.Option(
         "--exact-protocol", help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.")] = False,
     device: DeviceOpt = "cpu",
@@ -109,7 +114,8 @@ def apply(
         layer = int(layer)
     hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=mom2,
                   stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens,
-                  layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None)
+                  layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None,
+                  preserve=preserve, preserve_weight=preserve_weight, spread_layers=spread_layers)
     if dry_run:
         from .api import pending_facts
 

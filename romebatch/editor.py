@@ -34,7 +34,7 @@ import torch
 
 from . import __version__
 from .errors import BaseModelMismatchError, UserError
-from .evaluate import answer_nll
+from .evaluate import answer_nll, greedy_entropy
 from .hparams import HParams, resolve
 from .journal import EditRecord, Journal
 from .manifest import Fact
@@ -190,6 +190,7 @@ class Editor:
             # layer -> (the head its state is for, the method's running state): rebuilt from the
             # path's keys whenever the head has moved (rollback, replay to another state).
             self._preservers: dict[int, tuple[int, Preserver]] = {}
+            self._fluency_reference: float | None = None
             self._prefixes: list[str] | None = self.journal.get("prefixes")
             self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
             self.replay(verify=verify)
@@ -379,8 +380,11 @@ class Editor:
         started = time.perf_counter()
         stop = stop if stop is not None else StopRequest()
         layer = self.hparams.layer if layer is None else layer
-        if not 0 <= layer < self.lm.n_layers:
-            raise UserError(f"--layer {layer}: this model has layers 0..{self.lm.n_layers - 1}")
+        spread = self.hparams.spread_layers
+        if not 0 <= layer <= self.lm.n_layers - spread:
+            raise UserError(f"--layer {layer}" + (f" with --spread-layers {spread}" if spread > 1 else "")
+                            + f": this model has layers 0..{self.lm.n_layers - 1}")
+        window = list(range(layer, layer + spread))
         result = ApplyResult(journal=str(self.journal.directory), head=self.head)
         done = self.journal.applied_hashes()
         rejected = self.journal.rejected_hashes()
@@ -396,7 +400,10 @@ class Editor:
         probes = None
         if todo:
             self.prefixes()
-            self.stats(layer)
+            for each in window:
+                self.stats(each)
+            if self.hparams.guard_fluency:
+                self.fluency_reference()
             if checks is not None:
                 probes = RegressionProbes(self.lm, todo, checks)
                 self.replay(0, verify=False)  # the base answers are the reference
@@ -408,7 +415,10 @@ class Editor:
             if stop:
                 result.interrupted = True
                 break
-            row = self._apply_one(fact, layer, probes, on_regression)
+            # Round-robin over the window by position on the path: a resumed or rolled-back
+            # run puts its next edit where an uninterrupted one would have.
+            at = window[len(self.journal.chain()) % len(window)] if spread > 1 else layer
+            row = self._apply_one(fact, at, probes, on_regression)
             result.results.append(row)
             if on_edit:
                 on_edit(row)
@@ -453,6 +463,15 @@ class Editor:
             return row
         apply_edit(self.lm, edit)
         applied = time.perf_counter()
+        collapse = self._collapse(fact)
+        if collapse:
+            with torch.no_grad():
+                weight.copy_(before)  # undo in memory: exact, nothing was committed
+            row.status, row.reason = "rejected", collapse
+            self.journal.record_rejection(fact, layer, collapse, edit.norm, edit.denominator)
+            row.seconds = time.perf_counter() - t0
+            return row
+        guarded = time.perf_counter()
         row.p_new_after, row.p_true_after = self._probabilities(fact)
         rescored = time.perf_counter()
         outcome = None
@@ -510,7 +529,8 @@ class Editor:
         row.timings = {
             "key": timings["seconds_key"], "value": timings["seconds_value"],
             "update": (computed - scored) - timings["seconds_key"] - timings["seconds_value"] + (applied - computed),
-            "scoring": (scored - t0) + (rescored - applied), "probes": outcome.seconds if outcome else 0.0,
+            "scoring": (scored - t0) + (rescored - guarded), "guard": guarded - applied,
+            "probes": outcome.seconds if outcome else 0.0,
             "commit": done - committing, "total": done - t0,
         }
         return row
@@ -529,6 +549,31 @@ class Editor:
                           p_new_after=record.p_new_after, p_true_after=record.p_true_after,
                           update_norm=record.update_norm, denominator=record.denominator, v_steps=record.v_steps,
                           seconds=time.perf_counter() - t0)
+
+    def fluency_reference(self) -> float:
+        """The base model's greedy-generation entropy, which the collapse guard compares against."""
+        if self._fluency_reference is None:
+            touched = bool(self.journal.chain())
+            if touched:
+                self.replay(0, verify=False)
+            try:
+                self._fluency_reference = greedy_entropy(self.lm)
+            finally:
+                if touched:
+                    self.replay(verify=False)
+        return self._fluency_reference
+
+    def _collapse(self, fact: Fact) -> str | None:
+        """Refuse an applied edit after which the model only repeats itself (a disabling edit)."""
+        factor = self.hparams.guard_fluency
+        if not factor:
+            return None
+        reference = self.fluency_reference()
+        now = greedy_entropy(self.lm)
+        if now < factor * reference:
+            return (f"collapse: greedy generations' n-gram entropy fell to {now:.2f} bits, below {factor:g} x the "
+                    f"base model's {reference:.2f}")
+        return None
 
     def _guard(self, edit: RankOneEdit, weight: torch.Tensor) -> str | None:
         """Refuse an edit whose update is absurd: the signature of a disabling edit."""

@@ -184,6 +184,25 @@ def fluency(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 100, seed
     return 100.0 * fmean(ngram_entropy(text) for text in generate(lm, prompts, max_new_tokens, seed=seed))
 
 
+COLLAPSE_PROMPTS = ("The", "In the summer of", "My favourite")
+
+
+@torch.inference_mode()
+def greedy_entropy(lm: LoadedModel, prompts=COLLAPSE_PROMPTS, max_new_tokens: int = 32) -> float:
+    """Mean n-gram entropy of greedy continuations: the collapse guard's cheap fluency probe.
+
+    Greedy, so it is a deterministic function of the weights; a disabling edit makes the
+    model repeat one token or phrase, which drives this towards 0.
+    """
+    encoded = [encode(lm.tokenizer, p).ids for p in prompts]
+    batch = make_batch(encoded, lm.pad_id, side="left", device=lm.device)
+    out = lm.model.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
+                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=lm.pad_id)
+    width = batch.input_ids.shape[1]
+    texts = [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    return fmean(ngram_entropy(text) for text in texts)
+
+
 # ----------------------------------------------------------------------------- zsRE
 @torch.inference_mode()
 def token_accuracy(lm: LoadedModel, pairs: list[tuple[str, str]]) -> list[float]:

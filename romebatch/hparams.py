@@ -44,16 +44,21 @@ class HParams:
     guard_factor: float = 10.0  # refuse an edit whose ‖ΔW‖ exceeds this × the median of accepted edits
     guard_min_edits: int = 5  # the guard compares only once this many edits are accepted
     guard_max_relative: float = 1.0  # refuse any edit with ‖ΔW‖ > this × ‖W‖ (a disabling edit)
+    # Refuse an edit after which greedy generations' n-gram entropy falls below this × the
+    # base model's (a model that repeats itself); 0 turns the check off.
+    guard_fluency: float = 0.5
     # Sequential stability (rome/preserve.py): "none" (plain ROME), "covariance" (earlier
     # edits' keys added to C with weight preserve_weight) or "nullspace" (u ⟂ earlier keys).
     preserve: str = "none"
     preserve_weight: float = 10.0
+    # Spread edits round-robin over this many consecutive layers from `layer` (1: one layer).
+    spread_layers: int = 1
     # True: optimise v* the plain way (every token, every layer, full logits at each step), as
     # the original code; False: the cached engine, which computes the same objective ~5x faster.
     exact_protocol: bool = False
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
-    NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "exact_protocol")
+    NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_fluency", "exact_protocol")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -81,7 +86,8 @@ class HParams:
             value = getattr(self, f.name)
             if f.name == "clamp_norm_factor" and value is None:
                 continue  # resolved per architecture
-            if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge", "preserve_weight") and (
+            if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge", "preserve_weight",
+                          "guard_fluency") and (
                 not isinstance(value, (int, float)) or value < 0
             ):
                 raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
@@ -91,6 +97,8 @@ class HParams:
             raise UserError(f"{source}: preserve must be none, covariance or nullspace, got {self.preserve!r}")
         if self.mom2 not in ("second_moment", "identity"):
             raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")
+        if not isinstance(self.spread_layers, int) or self.spread_layers < 1:
+            raise UserError(f"{source}: spread_layers must be a positive integer, got {self.spread_layers!r}")
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
             raise UserError(f"{source}: layer must be a non-negative integer, got {self.layer!r}")
 

@@ -314,8 +314,8 @@ class Journal:
     def edits(self) -> list[EditRecord]:
         return [_record(row) for row in self.db.execute("SELECT * FROM edits ORDER BY seq")]
 
-    def path(self, head: int | None = None) -> list[EditRecord]:
-        """The edits that make state `head`, oldest first (follows parent links)."""
+    def chain(self, head: int | None = None) -> list[int]:
+        """The seqs of the edits that make state `head`, oldest first, without their vectors."""
         head = self.head if head is None else head
         parents = dict(self.db.execute("SELECT seq, parent FROM edits").fetchall())
         chain = []
@@ -326,10 +326,18 @@ class Journal:
             chain.append(seq)
             seq = parents[seq]
         chain.reverse()
+        return chain
+
+    def path(self, head: int | None = None) -> list[EditRecord]:
+        """The edits that make state `head`, oldest first (follows parent links)."""
+        chain = self.chain(head)
         if not chain:
             return []
-        rows = {row["seq"]: _record(row) for row in self.db.execute(
-            f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(chain))})", chain)}
+        rows = {}
+        for start in range(0, len(chain), 500):  # SQLite caps the parameters of one statement
+            part = chain[start:start + 500]
+            rows.update({row["seq"]: _record(row) for row in self.db.execute(
+                f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(part))})", part)})
         return [rows[seq] for seq in chain]
 
     def child(self, parent: int, fact_hash: str) -> EditRecord | None:

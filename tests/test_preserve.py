@@ -164,3 +164,40 @@ def test_a_journal_keeps_the_method_it_was_started_with(tmp_path, bytelevel_toke
     with pytest.raises(UserError, match="preserve='none'"):
         Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer),
                hparams=HParams(**{**TINY_HPARAMS, "preserve": "nullspace"}), log=quiet)
+
+
+# ----------------------------------------------------------------------------- collapse guard
+def disabling_compute_edit(lm, layer, *args, **kwargs):
+    """Stands in for ROME: an edit that adds one huge vector to every token's MLP output."""
+    from romebatch.rome import compute_edit
+    from romebatch.rome.update import RankOneEdit
+
+    edit, k_star, value = compute_edit(lm, layer, *args, **kwargs)
+    g = torch.Generator().manual_seed(0)
+    lam = 300.0 * torch.randn(edit.lam.shape, generator=g)
+    u = torch.full_like(edit.u, 1.0)  # keys are never all zero, so every token is hit
+    return RankOneEdit(layer, lam, u, edit.denominator, float(lam.norm() * u.norm())), k_star, value
+
+
+def test_collapse_guard_rejects_a_disabling_edit_and_leaves_the_weights(tmp_path, bytelevel_tokenizer, monkeypatch):
+    from romebatch import editor as editor_module
+    from romebatch.evaluate import greedy_entropy
+    from romebatch.model import weight_hash
+
+    monkeypatch.setattr(editor_module, "compute_edit", disabling_compute_edit)
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    hp = HParams(**{**TINY_HPARAMS, "guard_max_relative": 1e9})
+    before = weight_hash(lm.weight(LAYER))
+    with Editor(tmp_path / "guarded", lm=lm, hparams=hp, log=quiet) as editor:
+        result = editor.apply(FACTS[:1], checks=None)
+        (row,) = result.results
+        assert row.status == "rejected" and row.reason.startswith("collapse"), row.reason
+        assert editor.head == 0 and editor.journal.rejections()[0]["reason"].startswith("collapse")
+    assert weight_hash(lm.weight(LAYER)) == before
+
+    # The same edit without the guard goes in, and the model really does collapse.
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    reference = greedy_entropy(lm)
+    with Editor(tmp_path / "unguarded", lm=lm, hparams=hp.replace(guard_fluency=0.0), log=quiet) as editor:
+        assert [r.status for r in editor.apply(FACTS[:1], checks=None).results] == ["applied"]
+        assert greedy_entropy(lm) < 0.5 * reference

@@ -1,0 +1,198 @@
+"""Thousands of sequential edits: plain ROME beside each sequential-stability method.
+
+    python benchmarks/sequential.py --n 1000                  # all methods, checkpoints every 100
+    python benchmarks/sequential.py --n 3000 --methods covariance,none
+    python benchmarks/sequential.py --report                  # table and plot from what is recorded
+
+Each method's run is a romebatch journal (benchmarks/runs/seq-<method>-journal) and each
+checkpoint a line of benchmarks/runs/seq-<method>.jsonl, so killing the command loses at
+most the edit in flight: the same command resumes every run where it stopped. Methods
+advance in turns of one checkpoint interval, so an interrupted session leaves all of them
+at comparable depths.
+
+At every checkpoint (after k edits; records --start..--start+k of
+../shared/data/counterfact-edit-10k.json):
+
+- ES / PS / NS / S over the applied facts (all of them up to --sample, else an evenly
+  spaced sample of that many, always including the latest ones);
+- retention: ES of the first 100 edits, now;
+- GE: generation entropy of 10 fixed prompts' samples (the paper's fluency);
+- disabling edits: edits rejected by the collapse guard, and the largest update norm.
+
+The unedited model's row is the same scores on the same facts. Edits run with the
+regression probes off (the guards stay on): this measures the editing method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from romebatch.editor import Editor  # noqa: E402
+from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
+from romebatch.hparams import HParams  # noqa: E402
+from romebatch.manifest import load_manifest  # noqa: E402
+from romebatch.model import load_model  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
+RUNS = ROOT / "benchmarks" / "runs"
+METHODS = {
+    "none": {"preserve": "none"},
+    "covariance": {"preserve": "covariance"},
+    "nullspace": {"preserve": "nullspace"},
+    "window": {"preserve": "none", "spread_layers": 3},
+}
+FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
+                   "She walked into the room and", "Scientists have discovered", "The river flows",
+                   "Yesterday I", "The history of music", "A good friend"]
+
+
+def sample_indices(k: int, size: int) -> list[int]:
+    """All of 0..k-1 up to `size`, else an even spread that always includes the newest."""
+    if k <= size:
+        return list(range(k))
+    step = k / size
+    return sorted({min(k - 1, round(i * step)) for i in range(size - 1)} | {k - 1})
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def score(lm, facts, applied: list, sample: int, n_retention: int = 100) -> dict:
+    chosen = [applied[i] for i in sample_indices(len(applied), sample)]
+    row = {**summarize(score_facts(lm, chosen))}
+    first = applied[:n_retention]
+    row["retention"] = summarize(score_facts(lm, first))["ES"] if first else None
+    row["GE"] = fluency(lm, FLUENCY_PROMPTS)
+    return row
+
+
+def run_method(lm, name: str, facts, upto: int, every: int, sample: int) -> None:
+    """Advance one method by one checkpoint interval (or record a checkpoint a crash skipped)."""
+    out = RUNS / f"seq-{name}.jsonl"
+    done = {r["edits"] for r in read_jsonl(out)}
+    with Editor(RUNS / f"seq-{name}-journal", lm=lm, hparams=HParams(**METHODS[name]), log=print) as editor:
+        try:
+            pending = editor.pending(facts[:upto])
+            processed = upto - len(pending)  # facts applied or rejected: a prefix of the list
+            if not (processed and processed not in done and (processed % every == 0 or processed == upto)):
+                if processed >= upto:
+                    return
+                target = min(upto, (processed // every + 1) * every)
+                started = time.perf_counter()
+                result = editor.apply(facts[:target], checks=None)
+                print(f"[{name}] {target - processed} edits in {time.perf_counter() - started:.0f}s "
+                      f"({result.count('rejected')} rejected); head {editor.head}", flush=True)
+                processed = target
+            checkpoint(lm, editor, name, facts, processed, sample, out)
+        finally:
+            editor.replay(0, verify=False)  # the next method starts from the base weights
+
+
+def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
+    by_hash = {f.hash: f for f in facts}
+    path = editor.journal.path()
+    applied = [by_hash[r.fact_hash] for r in path if r.fact_hash in by_hash]
+    rejections = editor.journal.rejections()
+    seconds = sorted(r.seconds_total for r in path if r.seconds_total)
+    t = time.perf_counter()
+    row = {"method": name, "edits": k, "applied": len(applied), "rejected": len(rejections),
+           "collapse_rejections": sum(r["reason"].startswith("collapse") for r in rejections),
+           "max_update_norm": max((r.update_norm for r in path), default=0.0),
+           "median_seconds": seconds[len(seconds) // 2] if seconds else None,
+           **score(lm, facts, applied, sample)}
+    row["score_seconds"] = time.perf_counter() - t
+    with out.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"[{name}] checkpoint {k}: " + " ".join(f"{key} {row[key]:.1f}" for key in ("ES", "PS", "NS", "S", "retention", "GE")
+                                               if row.get(key) is not None), flush=True)
+
+
+def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
+    out = RUNS / "seq-unedited.jsonl"
+    done = {r["edits"] for r in read_jsonl(out)}
+    for k in list(range(every, upto + 1, every)) + ([upto] if upto % every else []):
+        if k in done:
+            continue
+        row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample)}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def report(methods: list[str]) -> None:
+    rows = {m: read_jsonl(RUNS / f"seq-{m}.jsonl") for m in ["unedited", *methods]}
+    keys = ("ES", "PS", "NS", "S", "retention", "GE")
+    print(f"{'method':<12} {'edits':>6} " + " ".join(f"{k:>9}" for k in keys) + f" {'rejected':>8} {'max ‖ΔW‖':>9} {'s/edit':>7}")
+    for m, recs in rows.items():
+        for r in sorted(recs, key=lambda r: r["edits"]):
+            print(f"{m:<12} {r['edits']:>6} " + " ".join(f"{r[k]:>9.1f}" if r.get(k) is not None else f"{'-':>9}" for k in keys)
+                  + (f" {r['rejected']:>8} {r['max_update_norm']:>9.3f} {r['median_seconds']:>7.1f}" if "rejected" in r else ""))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 5, figsize=(20, 3.6))
+    for ax, key in zip(axes, ("ES", "PS", "NS", "retention", "GE")):
+        for m, recs in rows.items():
+            recs = sorted(recs, key=lambda r: r["edits"])
+            if recs:
+                ax.plot([r["edits"] for r in recs], [r[key] for r in recs], marker="o", label=m,
+                        linestyle="--" if m == "unedited" else "-")
+        ax.set_title(key)
+        ax.set_xlabel("sequential edits")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    target = RUNS.parent / "sequential.png" if RUNS == ROOT / "benchmarks" / "runs" else RUNS / "sequential.png"
+    fig.savefig(target, dpi=90)
+    print(f"plot: {target}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=1000, help="edits per method")
+    ap.add_argument("--every", type=int, default=100, help="checkpoint interval")
+    ap.add_argument("--sample", type=int, default=200, help="facts scored per checkpoint")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--start", type=int, default=0)
+    ap.add_argument("--report", action="store_true", help="only print the table and write the plot")
+    ap.add_argument("--runs", type=Path, default=RUNS, help="where journals and checkpoints go")
+    args = ap.parse_args()
+    global RUNS
+    RUNS = args.runs
+    methods = args.methods.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if args.report:
+        return report(methods)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    lm = load_model()
+    facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
+    while True:
+        progress = False
+        for name in methods:
+            before = {r["edits"] for r in read_jsonl(RUNS / f"seq-{name}.jsonl")}
+            run_method(lm, name, facts, args.n, args.every, args.sample)
+            progress |= {r["edits"] for r in read_jsonl(RUNS / f"seq-{name}.jsonl")} != before
+        deepest = max((r["edits"] for m in methods for r in read_jsonl(RUNS / f"seq-{m}.jsonl")), default=0)
+        unedited(lm, facts, deepest, args.every, args.sample)
+        if not progress:
+            break
+    report(methods)
+
+
+if __name__ == "__main__":
+    main()
