@@ -160,6 +160,7 @@ def report(methods: list[str]) -> None:
 
 
 def main() -> None:
+    global RUNS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="edits per method")
     ap.add_argument("--every", type=int, default=100, help="checkpoint interval")
@@ -169,7 +170,6 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only print the table and write the plot")
     ap.add_argument("--runs", type=Path, default=RUNS, help="where journals and checkpoints go")
     args = ap.parse_args()
-    global RUNS
     RUNS = args.runs
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]

@@ -34,7 +34,7 @@ import torch
 
 from . import __version__
 from .errors import BaseModelMismatchError, UserError
-from .evaluate import answer_nll, greedy_entropy
+from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
 from .journal import EditRecord, Journal
 from .manifest import Fact
@@ -402,7 +402,7 @@ class Editor:
             self.prefixes()
             for each in window:
                 self.stats(each)
-            if self.hparams.guard_fluency:
+            if self.hparams.guard_nll_rise:
                 self.fluency_reference()
             if checks is not None:
                 probes = RegressionProbes(self.lm, todo, checks)
@@ -550,29 +550,38 @@ class Editor:
                           update_norm=record.update_norm, denominator=record.denominator, v_steps=record.v_steps,
                           seconds=time.perf_counter() - t0)
 
+    def _own_text_nll(self) -> float:
+        """Mean token NLL of the context prefixes, text the base model sampled itself."""
+        return text_nll(self.lm, [p.strip() for p in self.prefixes()])
+
     def fluency_reference(self) -> float:
-        """The base model's greedy-generation entropy, which the collapse guard compares against."""
+        """The base model's NLL of its own sampled text, which the collapse guard compares against."""
         if self._fluency_reference is None:
             touched = bool(self.journal.chain())
             if touched:
                 self.replay(0, verify=False)
             try:
-                self._fluency_reference = greedy_entropy(self.lm)
+                self._fluency_reference = self._own_text_nll()
             finally:
                 if touched:
                     self.replay(verify=False)
         return self._fluency_reference
 
     def _collapse(self, fact: Fact) -> str | None:
-        """Refuse an applied edit after which the model only repeats itself (a disabling edit)."""
-        factor = self.hparams.guard_fluency
-        if not factor:
+        """Refuse an applied edit after which the model no longer reads fluent text (a disabling edit).
+
+        The probe is one batched forward pass over the 20 texts the base model sampled as
+        context prefixes: an ordinary edit moves their NLL by hundredths of a nat, a
+        disabling edit by several nats.
+        """
+        limit = self.hparams.guard_nll_rise
+        if not limit:
             return None
         reference = self.fluency_reference()
-        now = greedy_entropy(self.lm)
-        if now < factor * reference:
-            return (f"collapse: greedy generations' n-gram entropy fell to {now:.2f} bits, below {factor:g} x the "
-                    f"base model's {reference:.2f}")
+        now = self._own_text_nll()
+        if not now <= reference + limit:  # NaN counts as a collapse
+            return (f"collapse: the base model's own sampled text now costs {now:.2f} nats/token "
+                    f"(base {reference:.2f}, at most +{limit:g} allowed)")
         return None
 
     def _guard(self, edit: RankOneEdit, weight: torch.Tensor) -> str | None:

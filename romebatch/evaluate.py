@@ -141,6 +141,29 @@ def magnitudes(scores: list[FactScores]) -> dict[str, float | None]:
 
 
 # ----------------------------------------------------------------------------- fluency
+@torch.inference_mode()
+def text_nll(lm: LoadedModel, texts: list[str]) -> float:
+    """Mean NLL per token of `texts` (every token after the first, teacher-forced), one batch."""
+    encoded = [encode(lm.tokenizer, t).ids for t in texts]
+    encoded = [ids for ids in encoded if len(ids) > 1]
+    if not encoded:
+        return 0.0
+    batch = make_batch(encoded, lm.pad_id, device=lm.device)
+    rows, cols, targets = [], [], []
+    for row, ids in enumerate(encoded):
+        for j in range(len(ids) - 1):  # logits at column j predict token j + 1
+            rows.append(row)
+            cols.append(batch.column(row, j))
+            targets.append(ids[j + 1])
+    hidden = head_inputs(lm, batch, torch.tensor(rows, device=lm.device), torch.tensor(cols, device=lm.device))
+    total = 0.0
+    for start in range(0, len(targets), 64):  # (64, V) logits at a time: the vocabulary may be 262k
+        logp = logits(lm, hidden[start:start + 64]).log_softmax(-1)
+        chunk = torch.tensor(targets[start:start + 64], device=lm.device)
+        total += float(-logp.gather(1, chunk[:, None]).double().sum())
+    return total / len(targets)
+
+
 _WORD = __import__("re").compile(r"\w+|[^\w\s]")
 
 

@@ -44,9 +44,9 @@ class HParams:
     guard_factor: float = 10.0  # refuse an edit whose ‖ΔW‖ exceeds this × the median of accepted edits
     guard_min_edits: int = 5  # the guard compares only once this many edits are accepted
     guard_max_relative: float = 1.0  # refuse any edit with ‖ΔW‖ > this × ‖W‖ (a disabling edit)
-    # Refuse an edit after which greedy generations' n-gram entropy falls below this × the
-    # base model's (a model that repeats itself); 0 turns the check off.
-    guard_fluency: float = 0.5
+    # Refuse an edit after which the base model's own sampled text (the context prefixes)
+    # costs more than this many nats/token above the base (a disabling edit); 0: no check.
+    guard_nll_rise: float = 1.0
     # Sequential stability (rome/preserve.py): "none" (plain ROME), "covariance" (earlier
     # edits' keys added to C with weight preserve_weight) or "nullspace" (u ⟂ earlier keys).
     preserve: str = "none"
@@ -58,7 +58,7 @@ class HParams:
     exact_protocol: bool = False
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
-    NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_fluency", "exact_protocol")
+    NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -87,7 +87,7 @@ class HParams:
             if f.name == "clamp_norm_factor" and value is None:
                 continue  # resolved per architecture
             if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge", "preserve_weight",
-                          "guard_fluency") and (
+                          "guard_nll_rise") and (
                 not isinstance(value, (int, float)) or value < 0
             ):
                 raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
