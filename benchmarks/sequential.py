@@ -129,7 +129,10 @@ def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
 
 
 def report(methods: list[str]) -> None:
-    rows = {m: read_jsonl(RUNS / f"seq-{m}.jsonl") for m in ["unedited", *methods]}
+    # One row per (method, edits): two processes running different methods may both have
+    # scored the unedited model at the same checkpoint.
+    rows = {m: list({r["edits"]: r for r in read_jsonl(RUNS / f"seq-{m}.jsonl")}.values())
+            for m in ["unedited", *methods]}
     keys = ("ES", "PS", "NS", "S", "retention", "GE")
     print(f"{'method':<12} {'edits':>6} " + " ".join(f"{k:>9}" for k in keys) + f" {'rejected':>8} {'max ‖ΔW‖':>9} {'s/edit':>7}")
     for m, recs in rows.items():
