@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import tempfile
@@ -71,12 +70,18 @@ def apply_peak_rss_mib(model: str | None, n: int = 5) -> float:
         # `apply` rightly refuses (counterfact.py reads it with skip_invalid).
         manifest = Path(tmp) / "facts.json"
         manifest.write_text(json.dumps(json.loads(DATA.read_text())[:n]))
-        cmd = [sys.executable, "-m", "romebatch", "apply", str(manifest), "--journal",
-               str(Path(tmp) / "journal"), "--json"] + (["--model", model] if model else [])
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
+        argv = ["romebatch", "apply", str(manifest), "--journal", str(Path(tmp) / "journal"), "--json"]
+        argv += ["--model", model] if model else []
+        # The child reports its own peak: RUSAGE_CHILDREN would count this process's pages
+        # that the child inherited before exec.
+        code = ("import resource, sys\nfrom romebatch.cli import main\nsys.argv = " + repr(argv) + "\n"
+                "try:\n    main()\nfinally:\n"
+                "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+        peaks = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK ")]
+        if done.returncode or not peaks:
             raise SystemExit(f"romebatch apply failed ({done.returncode}): {done.stderr[-2000:]}")
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # Linux: KiB
+    return int(peaks[-1]) / 1024  # Linux: KiB
 
 
 def measure_u(lm, layer: int, facts, prefixes, repeats: int = 1) -> list[float]:
