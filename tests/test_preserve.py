@@ -188,7 +188,7 @@ def test_collapse_guard_rejects_a_disabling_edit_and_leaves_the_weights(tmp_path
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
     # A random tiny model's own samples are near-uniform text (~6.9 nats/token of 7.4 possible
     # here), so even total collapse adds only ~0.5 nats; on a trained model it adds several.
-    hp = HParams(**{**TINY_HPARAMS, "guard_max_relative": 1e9, "guard_nll_rise": 0.25})
+    hp = HParams(**{**TINY_HPARAMS, "guard_max_relative": 1e9, "guard_nll_rise": 0.25, "prefixes": ((3, 8),)})
     before = weight_hash(lm.weight(LAYER))
     with Editor(tmp_path / "guarded", lm=lm, hparams=hp, log=quiet) as editor:
         result = editor.apply(FACTS[:1], checks=None)
