@@ -88,3 +88,28 @@ def test_apply_export_rollback_on_the_embedded_model(home, tmp_path):
     with sqlite3.connect(tmp_path / "j" / "journal.sqlite") as db:
         statuses = db.execute("SELECT status FROM edits ORDER BY seq").fetchall()
     assert [s for (s,) in statuses] == ["applied", "applied"]
+
+
+def test_cached_engine_matches_the_plain_path_on_gemma3(home, monkeypatch):
+    """The cached v* engine against the plain one on the real model: same logits, same v*."""
+    import torch
+
+    monkeypatch.setenv("ROMEBATCH_HOME", str(home))
+    from romebatch.model import load_model
+    from romebatch.rome import sample_prefixes
+    from romebatch.rome import values as V
+    from romebatch.rome.keys import compute_key
+    from romebatch.rome.update import current_value
+
+    lm = load_model(None)
+    prefixes = sample_prefixes(lm, ((5, 3), (10, 3)))
+    args = ("{} is located in the city of", "The Space Needle", "Paris")
+    rows = V.build_rows(lm, *args, prefixes)
+    delta = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(V.cached_forward(lm, 1, rows)(delta), V.exact_forward(lm, 1, rows)(delta),
+                               atol=2e-3, rtol=1e-3)
+    v_init = current_value(lm, 1, compute_key(lm, 1, args[0], args[1], prefixes))
+    found = [V.optimise_value(lm, 1, *args, prefixes, v_init, clamp_norm_factor=1.5, steps=8, engine=engine)
+             for engine in V.ENGINES]
+    assert found[0].steps == found[1].steps
+    torch.testing.assert_close(found[0].v_star, found[1].v_star, atol=1e-3, rtol=1e-3)
