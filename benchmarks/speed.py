@@ -72,11 +72,12 @@ def apply_peak_rss_mib(model: str | None, n: int = 5) -> float:
         manifest.write_text(json.dumps(json.loads(DATA.read_text())[:n]))
         argv = ["romebatch", "apply", str(manifest), "--journal", str(Path(tmp) / "journal"), "--json"]
         argv += ["--model", model] if model else []
-        # The child reports its own peak: RUSAGE_CHILDREN would count this process's pages
-        # that the child inherited before exec.
-        code = ("import resource, sys\nfrom romebatch.cli import main\nsys.argv = " + repr(argv) + "\n"
+        # The child reports its own peak (VmHWM, which exec resets): ru_maxrss, of the child or
+        # of RUSAGE_CHILDREN, survives exec and so counts this process's pages the fork shared.
+        code = ("import re, sys\nfrom romebatch.cli import main\nsys.argv = " + repr(argv) + "\n"
                 "try:\n    main()\nfinally:\n"
-                "    print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n")
+                "    status = open('/proc/self/status').read()\n"
+                "    print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr)\n")
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         peaks = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK ")]
         if done.returncode or not peaks:
