@@ -212,10 +212,12 @@ COLLAPSE_PROMPTS = ("The", "In the summer of", "My favourite")
 
 @torch.inference_mode()
 def greedy_entropy(lm: LoadedModel, prompts=COLLAPSE_PROMPTS, max_new_tokens: int = 32) -> float:
-    """Mean n-gram entropy of greedy continuations: the collapse guard's cheap fluency probe.
+    """Mean n-gram entropy of greedy continuations: a deterministic fluency probe.
 
-    Greedy, so it is a deterministic function of the weights; a disabling edit makes the
-    model repeat one token or phrase, which drives this towards 0.
+    Greedy, so it is a function of the weights alone; a disabling edit makes the model
+    repeat one token or phrase, which drives this towards 0. Too slow for the per-edit
+    collapse guard (2.5 s on Gemma-3-270M: the editor reads `text_nll` instead); the tests
+    use it to confirm, independently of that guard, that an edit really collapsed a model.
     """
     encoded = [encode(lm.tokenizer, p).ids for p in prompts]
     batch = make_batch(encoded, lm.pad_id, side="left", device=lm.device)
