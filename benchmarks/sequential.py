@@ -49,6 +49,10 @@ METHODS = {
     "covariance": {"preserve": "covariance"},
     "nullspace": {"preserve": "nullspace"},
     "window": {"preserve": "none", "spread_layers": 3},
+    # Smaller writes: every edit leaks a fixed fraction of its write ‖v* − W k*‖ into all
+    # other tokens' MLP outputs (RESULTS.md, "Where sequential edits leak"), so the leak
+    # accumulated over N edits scales with the write. Plain ROME with a tighter clamp on δ:
+    "clamp0.75": {"preserve": "none", "clamp_norm_factor": 0.75},
 }
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",

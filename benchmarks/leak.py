@@ -1,0 +1,108 @@
+"""Where sequential edits leak: how much each rank-one edit writes into every other token.
+
+    python benchmarks/leak.py benchmarks/runs/seq-none-journal [--every 25]
+
+A ROME edit ΔW = Λ uᵀ writes Λ (uᵀk*) at its own key and Λ (uᵀk) at any other key k. For
+keys distributed like the statistics C the mean square of that leak is ‖Λ‖² uᵀCu, which
+u = C⁻¹k* minimises for a given write; so each edit leaks a fixed fraction of its write,
+and N edits' leaks add up. This reads a journal (no edit is recomputed) and prints:
+
+- per edit: the write ‖v* − W k*‖ relative to ‖W k*‖, and the leak per unit of write,
+  predicted from C and measured on held-out keys (every token of CounterFact prompts the
+  journal did not edit, records 5000-5299: text like the neighbourhood prompts');
+- along the path, every --every edits: the drift of the layer, the RMS of ΔW_total k over
+  the held-out keys relative to the RMS of W k. This is what NS and fluency feel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from romebatch.hooks import Hook, attach  # noqa: E402
+from romebatch.journal import Journal  # noqa: E402
+from romebatch.model import load_model  # noqa: E402
+from romebatch.rome.stats import load_or_compute_stats  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
+
+
+@torch.inference_mode()
+def held_out_keys(lm, layer: int, records: list[dict]) -> torch.Tensor:
+    """Keys at every token but <bos> of the records' neighbourhood and paraphrase prompts."""
+    out = []
+    for record in records:
+        for text in (record["locality_prompt"], record["rephrase_prompt"]):
+            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+            captured = []
+            hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0].double()), on="input", stop=True)
+            with attach(lm.model, [hook]):
+                lm.model(input_ids=ids, use_cache=False)
+            out.append(captured[0][1:].cpu())
+    return torch.cat(out)
+
+
+def quantiles(values, qs=(0.1, 0.5, 0.9)) -> str:
+    return " / ".join(f"{q:.3g}" for q in np.quantile(np.asarray(values, dtype=float), qs))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("journal", type=Path)
+    ap.add_argument("--every", type=int, default=25, help="drift reported every this many edits")
+    ap.add_argument("--held-out", default="5000:5300", help="CounterFact record range for held-out keys")
+    args = ap.parse_args()
+
+    journal = Journal(args.journal)
+    path = journal.path()
+    if not path:
+        sys.exit(f"{args.journal}: no edits on the path")
+    hp = journal.get("hparams")
+    lm = load_model()
+    start, stop = (int(x) for x in args.held_out.split(":"))
+    held = {}
+    weights = {}
+    stats = {}
+    for layer in sorted({r.layer for r in path}):
+        held[layer] = held_out_keys(lm, layer, json.loads(DATA.read_text())[start:stop])
+        weights[layer] = lm.weight(layer).detach().double().cpu()
+        if lm.adapter.conv1d:
+            weights[layer] = weights[layer].T  # (d_model, d_ff)
+        stats[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=hp["stats_tokens"],
+                                             seq_len=hp["stats_seq_len"], seed=hp["seed"], corpus=hp["stats_corpus"])[layer].mom2.double()
+
+    rel_write, leak_pred, leak_held = [], [], []
+    total = {layer: torch.zeros_like(w) for layer, w in weights.items()}
+    print(f"{args.journal}: {len(path)} edits; held-out keys: {', '.join(f'layer {k}: {len(v)}' for k, v in held.items())}")
+    print(f"{'edits':>6} {'drift (held-out RMS ΔW k / RMS W k)':>38}")
+    for i, record in enumerate(path, 1):
+        lam = torch.from_numpy(record.lam.copy()).double()
+        u = torch.from_numpy(record.u.copy()).double()
+        layer, W, H = record.layer, weights[record.layer], held[record.layer]
+        if record.k_star is not None:
+            k = torch.from_numpy(record.k_star.copy()).double()
+            write = float(u @ k)  # the leak per unit of write is |uᵀk| / |uᵀk*|, whatever Λ is
+            rel_write.append(float(lam.norm() * abs(write) / (W @ k).norm()))
+            leak_pred.append(float(torch.sqrt(u @ stats[layer] @ u) / abs(write)))
+            leak_held.append(float((H @ u).pow(2).mean().sqrt() / abs(write)))
+        total[layer] += torch.outer(lam, u)
+        if i % args.every == 0 or i == len(path):
+            drifts = [float((H @ total[m].T).pow(2).sum(1).mean().sqrt() / (H @ weights[m].T).pow(2).sum(1).mean().sqrt())
+                      for m, H in held.items()]
+            print(f"{i:>6} {' '.join(f'{d:.3f}' for d in drifts):>38}", flush=True)
+    if rel_write:
+        print(f"write ‖v* − W k*‖ / ‖W k*‖ (10th / 50th / 90th percentile): {quantiles(rel_write)}")
+        print(f"leak per unit of write, predicted from C:          {quantiles(leak_pred)}")
+        print(f"leak per unit of write, measured on held-out keys: {quantiles(leak_held)}")
+
+
+if __name__ == "__main__":
+    main()
