@@ -24,6 +24,20 @@ from .model import LoadedModel
 
 
 @torch.inference_mode()
+def nll_at(lm: LoadedModel, batch, rows: list[int], cols: list[int], targets: list[int], chunk: int = 64) -> torch.Tensor:
+    """−log P(targets[i]) from the logits at (rows[i], cols[i]) of `batch`: (P,) float64 on CPU.
+
+    Only those positions reach the unembedding, `chunk` at a time: with a 262k vocabulary
+    a logit row is 1 MB.
+    """
+    hidden = head_inputs(lm, batch, torch.tensor(rows, device=lm.device), torch.tensor(cols, device=lm.device))
+    wanted = torch.tensor(targets, device=lm.device)
+    parts = [-logits(lm, hidden[s:s + chunk]).log_softmax(-1).gather(1, wanted[s:s + chunk, None])[:, 0]
+             for s in range(0, len(targets), chunk)]
+    return torch.cat(parts).double().cpu()
+
+
+@torch.inference_mode()
 def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
     """Mean token NLL of " answer" after each prompt, in the order given."""
     tok = lm.tokenizer
@@ -46,9 +60,7 @@ def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 
                 cols.append(batch.column(row, n_prompt - 1 + j))
                 targets.append(token)
                 owner.append(row)
-        hidden = head_inputs(lm, batch, torch.tensor(rows, device=lm.device), torch.tensor(cols, device=lm.device))
-        logp = logits(lm, hidden).log_softmax(-1)  # (P, V)
-        nll = -logp.gather(1, torch.tensor(targets, device=lm.device)[:, None])[:, 0].double().cpu()
+        nll = nll_at(lm, batch, rows, cols, targets)
         sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll)
         counts = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(owner), torch.ones_like(nll))
         for row, i in enumerate(chunk):
@@ -155,13 +167,7 @@ def text_nll(lm: LoadedModel, texts: list[str]) -> float:
             rows.append(row)
             cols.append(batch.column(row, j))
             targets.append(ids[j + 1])
-    hidden = head_inputs(lm, batch, torch.tensor(rows, device=lm.device), torch.tensor(cols, device=lm.device))
-    total = 0.0
-    for start in range(0, len(targets), 64):  # (64, V) logits at a time: the vocabulary may be 262k
-        logp = logits(lm, hidden[start:start + 64]).log_softmax(-1)
-        chunk = torch.tensor(targets[start:start + 64], device=lm.device)
-        total += float(-logp.gather(1, chunk[:, None]).double().sum())
-    return total / len(targets)
+    return float(nll_at(lm, batch, rows, cols, targets).mean())
 
 
 _WORD = __import__("re").compile(r"\w+|[^\w\s]")
