@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,6 +44,9 @@ from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
+# Outside the project (the data is read from ../shared, never copied in), at a fixed path
+# because the journal's hparams record it; rebuilt byte-identically when missing.
+DOMAIN = Path(tempfile.gettempdir()) / "romebatch-bench" / "counterfact-text-8000-10000.jsonl"
 RUNS = ROOT / "benchmarks" / "runs"
 METHODS = {
     "none": {"preserve": "none"},
@@ -53,10 +57,40 @@ METHODS = {
     # other tokens' MLP outputs (RESULTS.md, "Where sequential edits leak"), so the leak
     # accumulated over N edits scales with the write. Plain ROME with a tighter clamp on δ:
     "clamp0.75": {"preserve": "none", "clamp_norm_factor": 0.75},
+    # Key statistics from text like the prompts: the self-sampled corpus under-represents
+    # relation words (" native speaker of"), so u = C⁻¹k* leaks into them cheaply by C's
+    # account and expensively on CounterFact text. See domain_corpus().
+    "domain": {"preserve": "none", "stats_corpus": str(DOMAIN), "stats_tokens": 60_000},
 }
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",
                    "Yesterday I", "The history of music", "A good friend"]
+
+
+def domain_corpus(first: int = 8000, evaluated: int = 3000) -> Path:
+    """CounterFact-style text for the `domain` method's C, disjoint from what is scored.
+
+    The edit prompts (true object appended), paraphrases and neighbourhood
+    prompts of records `first`..end, leaving out any record whose subject appears in, and any
+    sentence that contains, a neighbourhood prompt of the first `evaluated` records (the
+    runs here edit and score at most those).
+    """
+    if DOMAIN.exists():
+        return DOMAIN
+    records = json.loads(DATA.read_text())
+    scored = {r["locality_prompt"] for r in records[:evaluated]}
+    lines = []
+    for r in records[first:]:
+        if any(r["subject"] in p for p in scored):
+            continue
+        texts = [r["prompt"] + " " + r["ground_truth"], r["rephrase_prompt"],
+                 r["locality_prompt"] + " " + r["locality_ground_truth"]]
+        lines += [json.dumps({"text": t}) for t in texts if not any(p in t for p in scored)]
+    DOMAIN.parent.mkdir(parents=True, exist_ok=True)
+    tmp = DOMAIN.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(DOMAIN)
+    return DOMAIN
 
 
 def sample_indices(k: int, size: int) -> list[int]:
@@ -186,6 +220,8 @@ def main() -> None:
         return report(methods)
     RUNS.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
+    if "domain" in methods:
+        domain_corpus()
     lm = load_model()
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
     while True:
