@@ -1,6 +1,7 @@
 """Where sequential edits leak: how much each rank-one edit writes into every other token.
 
-    python benchmarks/leak.py benchmarks/runs/seq-none-journal [--every 25]
+    python benchmarks/leak.py benchmarks/runs/seq-none-journal [--every 25] [--upto 100] [--score]
+    python benchmarks/leak.py benchmarks/runs/seq-none-journal --upto 100 --score --recompute-u CORPUS
 
 A ROME edit ΔW = Λ uᵀ writes Λ (uᵀk*) at its own key and Λ (uᵀk) at any other key k. For
 keys distributed like the statistics C the mean square of that leak is ‖Λ‖² uᵀCu, which
@@ -11,13 +12,21 @@ and N edits' leaks add up. This reads a journal (no edit is recomputed) and prin
   predicted from C and measured on held-out keys (every token of CounterFact prompts the
   journal did not edit, records 5000-5299: text like the neighbourhood prompts');
 - along the path, every --every edits: the drift of the layer, the RMS of ΔW_total k over
-  the held-out keys relative to the RMS of W k. This is what NS and fluency feel.
+  the held-out keys relative to the RMS of W k. This is what NS and fluency feel;
+- with --score, the facts so far scored with the summed edits on the base weights (which
+  reproduces the sequential run's own checkpoint exactly: each edit's Λ uᵀ is in the
+  journal) and the spread of the neighbourhood prompts' log-odds log P(true) − log P(new)
+  against the base model's;
+- with --recompute-u CORPUS, the same for a counterfactual: every edit keeps its write
+  v* − W k* at its own key, but through u = C⁻¹k* with C from CORPUS. (v* is not
+  re-optimised on the states this would have produced, so it is an estimate.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -28,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from romebatch.hooks import Hook, attach  # noqa: E402
+from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.journal import Journal  # noqa: E402
+from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.rome.stats import load_or_compute_stats  # noqa: E402
 
@@ -54,23 +65,34 @@ def quantiles(values, qs=(0.1, 0.5, 0.9)) -> str:
     return " / ".join(f"{q:.3g}" for q in np.quantile(np.asarray(values, dtype=float), qs))
 
 
+@torch.inference_mode()
+def neighbour_log_odds(lm, facts) -> np.ndarray:
+    """log P(expected) − log P(new object) on every neighbourhood prompt of `facts`."""
+    return np.array([math.log(e) - math.log(n) for s in score_facts(lm, facts) for e, n in s.neighborhood])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("journal", type=Path)
     ap.add_argument("--every", type=int, default=25, help="drift reported every this many edits")
+    ap.add_argument("--upto", type=int, help="only the first N edits of the path")
     ap.add_argument("--held-out", default="5000:5300", help="CounterFact record range for held-out keys")
+    ap.add_argument("--score", action="store_true",
+                    help="at each report, also score the facts so far with the summed edits on the base weights: "
+                         "ES/PS/NS and the spread of the neighbourhood prompts' log-odds against the base")
+    ap.add_argument("--recompute-u", metavar="CORPUS",
+                    help="what if: each u from C of this corpus (plain text or JSONL) instead, every write kept")
+    ap.add_argument("--corpus-tokens", type=int, default=60_000)
     args = ap.parse_args()
 
     journal = Journal(args.journal)
-    path = journal.path()
+    path = journal.path()[:args.upto]
     if not path:
         sys.exit(f"{args.journal}: no edits on the path")
     hp = journal.get("hparams")
     lm = load_model()
     start, stop = (int(x) for x in args.held_out.split(":"))
-    held = {}
-    weights = {}
-    stats = {}
+    held, weights, stats, other = {}, {}, {}, {}
     for layer in sorted({r.layer for r in path}):
         held[layer] = held_out_keys(lm, layer, json.loads(DATA.read_text())[start:stop])
         weights[layer] = lm.weight(layer).detach().double().cpu()
@@ -78,11 +100,18 @@ def main() -> None:
             weights[layer] = weights[layer].T  # (d_model, d_ff)
         stats[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=hp["stats_tokens"],
                                              seq_len=hp["stats_seq_len"], seed=hp["seed"], corpus=hp["stats_corpus"])[layer].mom2.double()
+        if args.recompute_u:
+            other[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=args.corpus_tokens,
+                                                 seq_len=hp["stats_seq_len"], seed=hp["seed"],
+                                                 corpus=args.recompute_u)[layer].factor(hp["ridge"]).cholesky
+    facts = [fact_from_dict(r.fact) for r in path]
+    base_log_odds = neighbour_log_odds(lm, facts) if args.score else None
 
     rel_write, leak_pred, leak_held = [], [], []
     total = {layer: torch.zeros_like(w) for layer, w in weights.items()}
-    print(f"{args.journal}: {len(path)} edits; held-out keys: {', '.join(f'layer {k}: {len(v)}' for k, v in held.items())}")
-    print(f"{'edits':>6} {'drift (held-out RMS ΔW k / RMS W k)':>38}")
+    print(f"{args.journal}: {len(path)} edits; held-out keys: {', '.join(f'layer {k}: {len(v)}' for k, v in held.items())}"
+          + (f"; u recomputed from C of {args.recompute_u}" if args.recompute_u else ""))
+    print(f"{'edits':>6} {'drift':>7}" + ("    ES    PS    NS  Δlog-odds std" if args.score else ""))
     for i, record in enumerate(path, 1):
         lam = torch.from_numpy(record.lam.copy()).double()
         u = torch.from_numpy(record.u.copy()).double()
@@ -90,18 +119,43 @@ def main() -> None:
         if record.k_star is not None:
             k = torch.from_numpy(record.k_star.copy()).double()
             write = float(u @ k)  # the leak per unit of write is |uᵀk| / |uᵀk*|, whatever Λ is
+            if args.recompute_u:  # the same write Λ (uᵀk*) at k*, through another u
+                lam = lam * write
+                u = torch.cholesky_solve(k[:, None], other[layer])[:, 0]
+                write = float(u @ k)
+                lam = lam / write
             rel_write.append(float(lam.norm() * abs(write) / (W @ k).norm()))
             leak_pred.append(float(torch.sqrt(u @ stats[layer] @ u) / abs(write)))
             leak_held.append(float((H @ u).pow(2).mean().sqrt() / abs(write)))
+        elif args.recompute_u:
+            sys.exit(f"{args.journal}: edit {record.seq} has no stored key; --recompute-u needs it")
         total[layer] += torch.outer(lam, u)
         if i % args.every == 0 or i == len(path):
             drifts = [float((H @ total[m].T).pow(2).sum(1).mean().sqrt() / (H @ weights[m].T).pow(2).sum(1).mean().sqrt())
                       for m, H in held.items()]
-            print(f"{i:>6} {' '.join(f'{d:.3f}' for d in drifts):>38}", flush=True)
+            line = f"{i:>6} {' '.join(f'{d:.3f}' for d in drifts):>7}"
+            if args.score:
+                line += score_with(lm, weights, total, facts[:i], base_log_odds[:sum(len(f.neighborhood) for f in facts[:i])])
+            print(line, flush=True)
     if rel_write:
         print(f"write ‖v* − W k*‖ / ‖W k*‖ (10th / 50th / 90th percentile): {quantiles(rel_write)}")
         print(f"leak per unit of write, predicted from C:          {quantiles(leak_pred)}")
         print(f"leak per unit of write, measured on held-out keys: {quantiles(leak_held)}")
+
+
+def score_with(lm, weights, total, facts, base_log_odds) -> str:
+    """Scores of `facts` with base + total written into the model, then the base put back."""
+    originals = {m: lm.weight(m).detach().clone() for m in weights}
+    try:
+        for m, w in weights.items():
+            edited = (w + total[m]).float()
+            lm.weight(m).data.copy_(edited.T if lm.adapter.conv1d else edited)
+        summary = summarize(score_facts(lm, facts))
+        spread = float(np.std(neighbour_log_odds(lm, facts) - base_log_odds))
+    finally:
+        for m, w in originals.items():
+            lm.weight(m).data.copy_(w)
+    return f" {summary['ES']:5.1f} {summary['PS']:5.1f} {summary['NS']:5.1f} {spread:14.2f}"
 
 
 if __name__ == "__main__":
