@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from romebatch.hooks import Hook, attach  # noqa: E402
-from romebatch.evaluate import score_facts, summarize  # noqa: E402
+from romebatch.evaluate import answer_nll, score_facts, summarize  # noqa: E402
 from romebatch.journal import Journal  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
@@ -83,6 +83,9 @@ def main() -> None:
     ap.add_argument("--recompute-u", metavar="CORPUS",
                     help="what if: each u from C of this corpus (plain text or JSONL) instead, every write kept")
     ap.add_argument("--corpus-tokens", type=int, default=60_000)
+    ap.add_argument("--by-position", action="store_true",
+                    help="at the end, the log-odds spread when the summed edit acts only at some positions of each "
+                         "neighbourhood prompt: its last token, the tokens before it, capitalised words (names)")
     args = ap.parse_args()
 
     journal = Journal(args.journal)
@@ -106,6 +109,10 @@ def main() -> None:
                                                  corpus=args.recompute_u)[layer].factor(hp["ridge"]).cholesky
     facts = [fact_from_dict(r.fact) for r in path]
     base_log_odds = neighbour_log_odds(lm, facts) if args.score else None
+    if args.score:
+        pairs = [pair for score in score_facts(lm, facts) for pair in score.neighborhood]
+        print(f"base model on the neighbourhood prompts: median P(expected) {np.median([e for e, _ in pairs]):.4f}, "
+              f"both P(expected) and P(new) below 0.01 on {100 * np.mean([max(e, n) < 0.01 for e, n in pairs]):.0f}% of them")
 
     rel_write, leak_pred, leak_held = [], [], []
     total = {layer: torch.zeros_like(w) for layer, w in weights.items()}
@@ -137,10 +144,59 @@ def main() -> None:
             if args.score:
                 line += score_with(lm, weights, total, facts[:i], base_log_odds[:sum(len(f.neighborhood) for f in facts[:i])])
             print(line, flush=True)
+    if args.by_position:
+        by_position(lm, path[0].layer, total[path[0].layer], facts)
     if rel_write:
         print(f"write ‖v* − W k*‖ / ‖W k*‖ (10th / 50th / 90th percentile): {quantiles(rel_write)}")
         print(f"leak per unit of write, predicted from C:          {quantiles(leak_pred)}")
         print(f"leak per unit of write, measured on held-out keys: {quantiles(leak_held)}")
+
+
+@torch.inference_mode()
+def by_position(lm, layer: int, total: torch.Tensor, facts) -> None:
+    """Which tokens of a neighbourhood prompt carry the drift: ΔW k added at some positions only."""
+    delta = total.float().to(lm.device)  # (d_model, d_ff)
+    module = lm.module("down_proj", layer)
+
+    def log_odds(prompt, answer, new, mask):
+        def hook(_, inputs, output):
+            x = inputs[0]
+            if mask is None or x.shape[1] < len(mask):  # the batch of prompt + answer tokens only
+                return output
+            m = torch.zeros(x.shape[1], 1, device=x.device)
+            m[:len(mask), 0] = torch.tensor(mask, dtype=torch.float, device=x.device)
+            return output + (x @ delta.T) * m
+        handle = module.register_forward_hook(hook)
+        try:
+            expected, other = answer_nll(lm, [(prompt, answer), (prompt, new)], batch_size=1)
+        finally:
+            handle.remove()
+        return other - expected
+
+    masks = {"every prompt token": lambda n, names: [1] * n, "last token": lambda n, names: [0] * (n - 1) + [1],
+             "tokens before the last": lambda n, names: [1] * (n - 1) + [0],
+             "capitalised words before the last": lambda n, names: names[:n - 1] + [0],
+             "other tokens before the last": lambda n, names: [1 - c for c in names[:n - 1]] + [0]}
+    rows = {name: [] for name in masks}
+    base = []
+    for fact in facts:
+        for n in fact.neighborhood:
+            ids = lm.tokenizer(n.prompt)["input_ids"]
+            names, capital = [], False
+            for i, token in enumerate(ids):
+                text = lm.tokenizer.decode([token])
+                if i == 0 or text.startswith(" ") or not text[:1].isalnum():  # a new word starts
+                    word = text.strip()
+                    capital = i > 0 and word[:1].isupper() and word not in ("The", "A", "An", "In")
+                names.append(int(capital))
+            base.append(log_odds(n.prompt, n.answer, fact.target_new, None))
+            for name, mask in masks.items():
+                rows[name].append(log_odds(n.prompt, n.answer, fact.target_new, mask(len(ids), names)))
+    base = np.array(base)
+    for name, values in rows.items():
+        values = np.array(values)
+        print(f"summed edit only at {name:<34} NS {100 * np.mean(values > 0):5.1f} (base {100 * np.mean(base > 0):.1f}), "
+              f"log-odds spread {np.std(values - base):.2f}")
 
 
 def score_with(lm, weights, total, facts, base_log_odds) -> str:
