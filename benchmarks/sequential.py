@@ -61,6 +61,10 @@ METHODS = {
     # relation words (" native speaker of"), so u = C⁻¹k* leaks into them cheaply by C's
     # account and expensively on CounterFact text. See domain_corpus().
     "domain": {"preserve": "none", "stats_corpus": str(DOMAIN), "stats_tokens": 60_000},
+    # Both: the smaller write and the better-placed u (their drifts at 100 edits were 0.21
+    # and 0.29 of the layer's output RMS, against 0.45 for plain ROME).
+    "domain-clamp0.75": {"preserve": "none", "stats_corpus": str(DOMAIN), "stats_tokens": 60_000,
+                         "clamp_norm_factor": 0.75},
 }
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",
@@ -220,7 +224,7 @@ def main() -> None:
         return report(methods)
     RUNS.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    if "domain" in methods:
+    if any(METHODS[m].get("stats_corpus") == str(DOMAIN) for m in methods):
         domain_corpus()
     lm = load_model()
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
