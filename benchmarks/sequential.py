@@ -10,6 +10,11 @@ most the edit in flight: the same command resumes every run where it stopped. Me
 advance in turns of one checkpoint interval, so an interrupted session leaves all of them
 at comparable depths.
 
+Methods (METHODS below): the three `--preserve` methods, `window` (`--spread-layers 3`),
+and variants of plain ROME that test what benchmarks/leak.py found drives NS down over many
+edits: a smaller write (`clamp0.75`), key statistics from CounterFact-style text held out
+from what is scored (`domain`), and both (`domain-clamp0.75`).
+
 At every checkpoint (after k edits; records --start..--start+k of
 ../shared/data/counterfact-edit-10k.json):
 
