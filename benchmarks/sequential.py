@@ -137,8 +137,11 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int) -> None
                 target = min(upto, (processed // every + 1) * every)
                 started = time.perf_counter()
                 result = editor.apply(facts[:target], checks=None)
-                print(f"[{name}] {target - processed} edits in {time.perf_counter() - started:.0f}s "
+                reached = upto - len(editor.pending(facts[:upto]))
+                print(f"[{name}] {reached - processed} edits in {time.perf_counter() - started:.0f}s "
                       f"({result.count('rejected')} rejected); head {editor.head}", flush=True)
+                if reached < target:  # stopped by Ctrl-C / SIGTERM: no checkpoint at a depth not reached
+                    raise SystemExit(f"[{name}] stopped at {reached} edits; the same command resumes")
                 processed = target
             checkpoint(lm, editor, name, facts, processed, sample, out)
         finally:
