@@ -42,7 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.editor import Editor  # noqa: E402
+from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
@@ -123,7 +123,7 @@ def score(lm, facts, applied: list, sample: int, n_retention: int = 100) -> dict
     return row
 
 
-def run_method(lm, name: str, facts, upto: int, every: int, sample: int) -> None:
+def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: StopRequest) -> None:
     """Advance one method by one checkpoint interval (or record a checkpoint a crash skipped)."""
     out = RUNS / f"seq-{name}.jsonl"
     done = {r["edits"] for r in read_jsonl(out)}
@@ -136,7 +136,7 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int) -> None
                     return
                 target = min(upto, (processed // every + 1) * every)
                 started = time.perf_counter()
-                result = editor.apply(facts[:target], checks=None)
+                result = editor.apply(facts[:target], checks=None, stop=stop)
                 reached = upto - len(editor.pending(facts[:upto]))
                 print(f"[{name}] {reached - processed} edits in {time.perf_counter() - started:.0f}s "
                       f"({result.count('rejected')} rejected); head {editor.head}", flush=True)
@@ -236,17 +236,23 @@ def main() -> None:
         domain_corpus()
     lm = load_model()
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
+    stop = StopRequest()  # Ctrl-C / SIGTERM: finish the edit in flight, then exit
+    with stop_on_signals(stop, print):
+        advance(lm, methods, facts, args, stop)
+    report(methods)
+
+
+def advance(lm, methods: list[str], facts, args, stop: StopRequest) -> None:
     while True:
         progress = False
         for name in methods:
             before = {r["edits"] for r in read_jsonl(RUNS / f"seq-{name}.jsonl")}
-            run_method(lm, name, facts, args.n, args.every, args.sample)
+            run_method(lm, name, facts, args.n, args.every, args.sample, stop)
             progress |= {r["edits"] for r in read_jsonl(RUNS / f"seq-{name}.jsonl")} != before
         deepest = max((r["edits"] for m in methods for r in read_jsonl(RUNS / f"seq-{m}.jsonl")), default=0)
         unedited(lm, facts, deepest, args.every, args.sample)
         if not progress:
             break
-    report(methods)
 
 
 if __name__ == "__main__":
