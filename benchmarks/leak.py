@@ -65,10 +65,9 @@ def quantiles(values, qs=(0.1, 0.5, 0.9)) -> str:
     return " / ".join(f"{q:.3g}" for q in np.quantile(np.asarray(values, dtype=float), qs))
 
 
-@torch.inference_mode()
-def neighbour_log_odds(lm, facts) -> np.ndarray:
-    """log P(expected) − log P(new object) on every neighbourhood prompt of `facts`."""
-    return np.array([math.log(e) - math.log(n) for s in score_facts(lm, facts) for e, n in s.neighborhood])
+def neighbour_log_odds(scores) -> np.ndarray:
+    """log P(expected) − log P(new object) on every neighbourhood prompt of the scored facts."""
+    return np.array([math.log(e) - math.log(n) for s in scores for e, n in s.neighborhood])
 
 
 def main() -> None:
@@ -108,9 +107,11 @@ def main() -> None:
                                                  seq_len=hp["stats_seq_len"], seed=hp["seed"],
                                                  corpus=args.recompute_u)[layer].factor(hp["ridge"]).cholesky
     facts = [fact_from_dict(r.fact) for r in path]
-    base_log_odds = neighbour_log_odds(lm, facts) if args.score else None
+    base_log_odds = None
     if args.score:
-        pairs = [pair for score in score_facts(lm, facts) for pair in score.neighborhood]
+        base_scores = score_facts(lm, facts)
+        base_log_odds = neighbour_log_odds(base_scores)
+        pairs = [pair for score in base_scores for pair in score.neighborhood]
         print(f"base model on the neighbourhood prompts: median P(expected) {np.median([e for e, _ in pairs]):.4f}, "
               f"both P(expected) and P(new) below 0.01 on {100 * np.mean([max(e, n) < 0.01 for e, n in pairs]):.0f}% of them")
 
@@ -145,7 +146,7 @@ def main() -> None:
                 line += score_with(lm, weights, total, facts[:i], base_log_odds[:sum(len(f.neighborhood) for f in facts[:i])])
             print(line, flush=True)
     if args.by_position:
-        by_position(lm, path[0].layer, total[path[0].layer], facts)
+        by_position(lm, total, facts)
     if rel_write:
         print(f"write ‖v* − W k*‖ / ‖W k*‖ (10th / 50th / 90th percentile): {quantiles(rel_write)}")
         print(f"leak per unit of write, predicted from C:          {quantiles(leak_pred)}")
@@ -153,24 +154,27 @@ def main() -> None:
 
 
 @torch.inference_mode()
-def by_position(lm, layer: int, total: torch.Tensor, facts) -> None:
-    """Which tokens of a neighbourhood prompt carry the drift: ΔW k added at some positions only."""
-    delta = total.float().to(lm.device)  # (d_model, d_ff)
-    module = lm.module("down_proj", layer)
+def by_position(lm, total: dict[int, torch.Tensor], facts) -> None:
+    """Which tokens of a neighbourhood prompt carry the drift: ΔW k added at some positions only,
+    at every edited layer (`total`: layer → summed ΔW, (d_model, d_ff))."""
+    deltas = {layer: delta.float().to(lm.device) for layer, delta in total.items()}
 
     def log_odds(prompt, answer, new, mask):
-        def hook(_, inputs, output):
-            x = inputs[0]
-            if mask is None or x.shape[1] < len(mask):  # the batch of prompt + answer tokens only
-                return output
-            m = torch.zeros(x.shape[1], 1, device=x.device)
-            m[:len(mask), 0] = torch.tensor(mask, dtype=torch.float, device=x.device)
-            return output + (x @ delta.T) * m
-        handle = module.register_forward_hook(hook)
+        def hook_for(delta):
+            def hook(_, inputs, output):
+                x = inputs[0]
+                if mask is None or x.shape[1] < len(mask):  # the batch of prompt + answer tokens only
+                    return output
+                m = torch.zeros(x.shape[1], 1, device=x.device)
+                m[:len(mask), 0] = torch.tensor(mask, dtype=torch.float, device=x.device)
+                return output + (x @ delta.T) * m
+            return hook
+        handles = [lm.module("down_proj", layer).register_forward_hook(hook_for(delta)) for layer, delta in deltas.items()]
         try:
             expected, other = answer_nll(lm, [(prompt, answer), (prompt, new)], batch_size=1)
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         return other - expected
 
     masks = {"every prompt token": lambda n, names: [1] * n, "last token": lambda n, names: [0] * (n - 1) + [1],
@@ -206,8 +210,9 @@ def score_with(lm, weights, total, facts, base_log_odds) -> str:
         for m, w in weights.items():
             edited = (w + total[m]).float()
             lm.weight(m).data.copy_(edited.T if lm.adapter.conv1d else edited)
-        summary = summarize(score_facts(lm, facts))
-        spread = float(np.std(neighbour_log_odds(lm, facts) - base_log_odds))
+        scores = score_facts(lm, facts)
+        summary = summarize(scores)
+        spread = float(np.std(neighbour_log_odds(scores) - base_log_odds))
     finally:
         for m, w in originals.items():
             lm.weight(m).data.copy_(w)
