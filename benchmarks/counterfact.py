@@ -136,7 +136,8 @@ def main() -> None:
 
     prefixes = sample_prefixes(lm, hp0.prefixes, hp0.prefix_top_k, hp0.seed)
     stats = load_or_compute_stats(lm, layers, base_hash, n_tokens=hp0.stats_tokens, seq_len=hp0.stats_seq_len,
-                                  seed=hp0.seed, corpus=hp0.stats_corpus, log=print) if hp0.mom2 != "identity" else {}
+                                  seed=hp0.seed, corpus=hp0.stats_corpus, sampling=hp0.stats_sampling,
+                                  log=print) if hp0.mom2 != "identity" else {}
     for layer in layers:
         hp = resolve(HParams.from_dict({**overrides, "layer": layer}), lm.config.model_type, lm.n_layers,
                      lm.adapter.v_steps)

@@ -80,7 +80,8 @@ def main() -> None:
                     help="at each report, also score the facts so far with the summed edits on the base weights: "
                          "ES/PS/NS and the spread of the neighbourhood prompts' log-odds against the base")
     ap.add_argument("--recompute-u", metavar="CORPUS",
-                    help="what if: each u from C of this corpus (plain text or JSONL) instead, every write kept")
+                    help="what if: each u from C of this corpus (plain text or JSONL, or self:plain / "
+                         "self:encyclopedic for text sampled from the model) instead, every write kept")
     ap.add_argument("--corpus-tokens", type=int, default=60_000)
     ap.add_argument("--by-position", action="store_true",
                     help="at the end, the log-odds spread when the summed edit acts only at some positions of each "
@@ -101,11 +102,15 @@ def main() -> None:
         if lm.adapter.conv1d:
             weights[layer] = weights[layer].T  # (d_model, d_ff)
         stats[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=hp["stats_tokens"],
-                                             seq_len=hp["stats_seq_len"], seed=hp["seed"], corpus=hp["stats_corpus"])[layer].mom2.double()
+                                             seq_len=hp["stats_seq_len"], seed=hp["seed"], corpus=hp["stats_corpus"],
+                                             sampling=hp.get("stats_sampling", "plain"))[layer].mom2.double()
         if args.recompute_u:
+            sampled = args.recompute_u.startswith("self:")  # self:plain, self:encyclopedic
             other[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=args.corpus_tokens,
                                                  seq_len=hp["stats_seq_len"], seed=hp["seed"],
-                                                 corpus=args.recompute_u)[layer].factor(hp["ridge"]).cholesky
+                                                 corpus=None if sampled else args.recompute_u,
+                                                 sampling=args.recompute_u[5:] if sampled else "plain",
+                                                 log=print)[layer].factor(hp["ridge"]).cholesky
     facts = [fact_from_dict(r.fact) for r in path]
     base_log_odds = None
     if args.score:

@@ -10,7 +10,8 @@ most the edit in flight: the same command resumes every run where it stopped. Me
 advance in turns of one checkpoint interval, so an interrupted session leaves all of them
 at comparable depths.
 
-Methods (METHODS below): the three `--preserve` methods, `window` (`--spread-layers 3`),
+Methods (METHODS below): `default` (romebatch as it ships), plain ROME (`none`) and the
+other `--preserve` methods, `window` (`--spread-layers 3`),
 and variants of plain ROME that test what benchmarks/leak.py found drives NS down over many
 edits: a smaller write (`clamp0.75`), key statistics from CounterFact-style text held out
 from what is scored (`domain`), and both (`domain-clamp0.75`).
@@ -53,23 +54,28 @@ DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
 # because the journal's hparams record it; rebuilt byte-identically when missing.
 DOMAIN = Path(tempfile.gettempdir()) / "romebatch-bench" / "counterfact-text-8000-10000.jsonl"
 RUNS = ROOT / "benchmarks" / "runs"
+# The configuration every method of sessions 1-3 was measured with (layer 1, clamp 1.5, C
+# from 10k tokens sampled plainly from <bos>), pinned so a change of romebatch's defaults
+# never changes a baseline or stops its journal from resuming.
+PLAIN = {"preserve": "none", "clamp_norm_factor": 1.5, "stats_tokens": 10_000, "stats_sampling": "plain"}
 METHODS = {
-    "none": {"preserve": "none"},
-    "covariance": {"preserve": "covariance"},
-    "nullspace": {"preserve": "nullspace"},
-    "window": {"preserve": "none", "spread_layers": 3},
+    # romebatch as it ships: HParams() resolved for the model (see romebatch/hparams.py).
+    "default": {},
+    "none": PLAIN,  # plain sequential ROME
+    "covariance": {**PLAIN, "preserve": "covariance"},
+    "nullspace": {**PLAIN, "preserve": "nullspace"},
+    "window": {**PLAIN, "spread_layers": 3},
     # Smaller writes: every edit leaks a fixed fraction of its write ‖v* − W k*‖ into all
     # other tokens' MLP outputs (RESULTS.md, "Where sequential edits leak"), so the leak
     # accumulated over N edits scales with the write. Plain ROME with a tighter clamp on δ:
-    "clamp0.75": {"preserve": "none", "clamp_norm_factor": 0.75},
+    "clamp0.75": {**PLAIN, "clamp_norm_factor": 0.75},
     # Key statistics from text like the prompts: the self-sampled corpus under-represents
     # relation words (" native speaker of"), so u = C⁻¹k* leaks into them cheaply by C's
     # account and expensively on CounterFact text. See domain_corpus().
-    "domain": {"preserve": "none", "stats_corpus": str(DOMAIN), "stats_tokens": 60_000},
+    "domain": {**PLAIN, "stats_corpus": str(DOMAIN), "stats_tokens": 60_000},
     # Both: the smaller write and the better-placed u (their drifts at 100 edits were 0.21
     # and 0.29 of the layer's output RMS, against 0.45 for plain ROME).
-    "domain-clamp0.75": {"preserve": "none", "stats_corpus": str(DOMAIN), "stats_tokens": 60_000,
-                         "clamp_norm_factor": 0.75},
+    "domain-clamp0.75": {**PLAIN, "stats_corpus": str(DOMAIN), "stats_tokens": 60_000, "clamp_norm_factor": 0.75},
 }
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",

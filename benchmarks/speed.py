@@ -194,7 +194,7 @@ def main() -> None:
     out["prefix_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
     load_or_compute_stats(lm, [hp.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                          seed=hp.seed, corpus=hp.stats_corpus, log=lambda m: None)
+                          seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=lambda m: None)
     out["stats_cached_seconds"] = time.perf_counter() - t
     if args.cold_stats:
         home = os.environ.get("ROMEBATCH_HOME")
@@ -202,7 +202,7 @@ def main() -> None:
             os.environ["ROMEBATCH_HOME"] = tmp
             t = time.perf_counter()
             load_or_compute_stats(lm, [hp.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                                  seed=hp.seed, corpus=hp.stats_corpus, log=lambda m: None)
+                                  seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=lambda m: None)
             out["stats_cold_seconds"] = time.perf_counter() - t
         if home is None:
             del os.environ["ROMEBATCH_HOME"]

@@ -75,6 +75,8 @@ def apply(
     mom2: Annotated[Optional[str], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
     stats_corpus: Annotated[Optional[Path], typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
     stats_tokens: Annotated[Optional[int], typer.Option(help="Corpus tokens for the key statistics.")] = None,
+    stats_sampling: Annotated[Optional[str], typer.Option(
+        help="Without --stats-corpus, how the model's own text is sampled: encyclopedic (default) or plain.")] = None,
     module_template: Annotated[Optional[str], typer.Option(
         help="Down-projection path with {} for the layer, for an architecture not built in.")] = None,
     on_regression: Annotated[str, typer.Option(
@@ -114,7 +116,7 @@ def apply(
         layer = int(layer)
     hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=mom2,
                   stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens,
-                  layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None,
+                  stats_sampling=stats_sampling, layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None,
                   preserve=preserve, preserve_weight=preserve_weight, spread_layers=spread_layers)
     if dry_run:
         from .api import pending_facts

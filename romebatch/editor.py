@@ -218,8 +218,10 @@ class Editor:
                 f"but {lm.spec} has different weights ({self.base_hash[:19]}…)",
                 hint="open it with its own base model, or start a new journal with --journal",
             )
-        # Journals written before sequential-stability methods existed made plain edits.
-        stored = HParams.from_dict({"preserve": "none", **journal.get("hparams")}, source=f"journal {journal.directory}")
+        # Journals written before sequential-stability methods and encyclopedic sampling
+        # existed made plain edits with C from plainly sampled text.
+        stored = HParams.from_dict({"preserve": "none", "stats_sampling": "plain", **journal.get("hparams")},
+                                   source=f"journal {journal.directory}")
         if hparams is None:
             return stored
         # An edit is defined by these: changing one mid-journal would make edits incomparable.
@@ -323,7 +325,7 @@ class Editor:
             try:
                 stats = load_or_compute_stats(
                     self.lm, [layer], self.base_hash, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                    seed=hp.seed, corpus=hp.stats_corpus, log=self.log, progress=progress or self.stats_progress)
+                    seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=self.log, progress=progress or self.stats_progress)
             finally:
                 if touched:
                     self.replay(verify=False)

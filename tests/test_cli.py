@@ -104,7 +104,7 @@ def test_apply_passes_every_option(tmp_path, monkeypatch, fake_apply):
     result = runner().invoke(app, [
         "apply", "facts.csv", "--journal", "J", "--model", "some/model", "--layer", "2", "--limit", "2",
         "--results", "out.csv", "--v-steps", "7", "--v-lr", "0.25", "--kl-factor", "0.1", "--mom2", "identity",
-        "--stats-corpus", "corpus.txt", "--stats-tokens", "500", "--module-template", "a.{}.b",
+        "--stats-corpus", "corpus.txt", "--stats-tokens", "500", "--stats-sampling", "plain", "--module-template", "a.{}.b",
         "--device", "cuda", "--dtype", "bfloat16", "--json",
     ])
     assert result.exit_code == 0, result.output
@@ -119,7 +119,7 @@ def test_apply_passes_every_option(tmp_path, monkeypatch, fake_apply):
     assert kwargs["module_template"] == "a.{}.b"
     assert callable(kwargs["on_edit"]) and callable(kwargs["log"])
     assert kwargs["hparams"] == HParams(layer=2, v_steps=7, v_lr=0.25, kl_factor=0.1, mom2="identity",
-                                        stats_corpus="corpus.txt", stats_tokens=500)
+                                        stats_corpus="corpus.txt", stats_tokens=500, stats_sampling="plain")
     summary = last_json(result.stdout)
     assert summary["head"] == 3 and summary["applied"] == 1 and summary["already_applied"] == 1
     assert summary["journal"] == "J" and summary["efficacy"] == 100.0

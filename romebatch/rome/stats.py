@@ -6,6 +6,13 @@ and at the layer, the corpus and the sample count, so it is computed once per su
 combination and cached under `$ROMEBATCH_HOME/stats/`, named by a hash of every input
 that shapes it. The paper uses 100,000 Wikipedia samples; offline, the default corpus is
 text sampled from the model itself (seeded), or any plain-text / JSONL file the user gives.
+
+How the model's own text is sampled matters for many edits. Each edit leaks into every
+other key in proportion to √(uᵀCu), which u = C⁻¹k* minimises only for keys distributed
+like C; text sampled from the start token is web prose with few relation phrases
+(" is a native speaker of"), so its C under-weights exactly the keys of neighbourhood
+prompts, and edits leak into them twice as much as C predicts (benchmarks/RESULTS.md).
+"encyclopedic" sampling starts every sequence with a short encyclopedic opener instead.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,25 +95,72 @@ def corpus_sequences(lm: LoadedModel, texts: list[str], n_tokens: int, seq_len: 
     return sequences
 
 
+# Openers of the sentences an encyclopedia is made of: who someone is, where something is,
+# who made it, what it speaks or plays. Generic phrases written for romebatch (no dataset's
+# templates); "{}" takes a first name from NAMES. Changing either changes the corpus id,
+# so cached statistics from the old list are never reused.
+OPENERS = (
+    "{} (born 1952) is", "{} was born in", "{} is a professional", "{} is a citizen of", "{} speaks",
+    "{} plays", "{} works as a", "{} is known for", "{} was educated at", "{} died in",
+    "The capital of", "The official language of", "The headquarters of", "The city of", "The river",
+    "It is located in", "The company was founded", "The album was released", "The film was directed by",
+    "The university is", "The team plays", "The village is", "The language is", "The band was formed",
+    "The mountain is", "The airport is", "The newspaper was", "The church is", "The station is",
+    "In 1920, the", "In 1875,", "During the war,", "The novel was written", "The game was developed by",
+    "The station is owned by", "The car is produced by", "The museum is", "The programme was broadcast on",
+    "The software is", "The family moved to", "The party was", "The religion of", "The position of",
+    "Its main product is", "The district is", "The island is", "The species is", "The instrument",
+)
+NAMES = ("Maria", "John", "Pierre", "Hans", "Yuki", "Carlos", "Anna", "Ivan", "Ahmed", "Sofia", "Lars", "Giovanni")
+# Encyclopedic sequences are short: the opener's own sentence is the fact-like part, and the
+# model drifts into web prose after it (40 tokens measured best of 40 / 128 / first sentence).
+ENCYCLOPEDIC_LEN = 40
+
+
+def corpus_id(corpus: str | None, sampling: str, seed: int) -> str:
+    """What names a corpus in the cache key: the file's bytes, or how the model sampled it."""
+    if corpus is not None:
+        return "file:" + hashlib.sha256(Path(corpus).read_bytes()).hexdigest()
+    if sampling == "plain":
+        return f"self-sampled:seed={seed}"
+    openers = hashlib.sha256(json.dumps([OPENERS, NAMES, ENCYCLOPEDIC_LEN]).encode()).hexdigest()[:16]
+    return f"self-sampled:{sampling}:{openers}:seed={seed}"
+
+
 @torch.inference_mode()
-def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int,
+def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int, sampling: str = "plain",
                   progress: Progress | None = None, batch_size: int = 32) -> list[list[int]]:
-    """Token sequences sampled from the model itself (plain sampling from the start token)."""
+    """Token sequences sampled from the model itself (plain sampling, top_k 0).
+
+    "plain": each sequence starts from the start token and is `seq_len` long.
+    "encyclopedic": each starts with an opener from OPENERS (drawn with `seed`) and is
+    ENCYCLOPEDIC_LEN tokens long (at most `seq_len`), the opener included.
+    """
     tok = lm.tokenizer
     start = next(t for t in (tok.bos_token_id, tok.eos_token_id, 0) if t is not None)
+    rng = random.Random(seed)
+    length = seq_len if sampling == "plain" else min(seq_len, ENCYCLOPEDIC_LEN)
     sequences: list[list[int]] = []
     total = 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         while total < n_tokens:
-            rows = min(batch_size, -(-(n_tokens - total) // seq_len))
-            inputs = torch.full((rows, 1), start, dtype=torch.long, device=lm.device)
+            rows = min(batch_size, -(-(n_tokens - total) // length))
+            if sampling == "plain":
+                prompts = [[start]] * rows
+            else:
+                openers = [rng.choice(OPENERS) for _ in range(rows)]
+                prompts = [[start] + tok(o.format(rng.choice(NAMES)) if "{}" in o else o,
+                                         add_special_tokens=False)["input_ids"] for o in openers]
+            batch = make_batch(prompts, lm.pad_id, side="left", device=lm.device)
+            width = batch.input_ids.shape[1]
+            new = max(length - width, 1)  # an opener longer than the length still gets a token
             out = lm.model.generate(
-                inputs, attention_mask=torch.ones_like(inputs), do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=lm.pad_id,
+                batch.input_ids, attention_mask=batch.attention_mask, do_sample=True, top_k=0, top_p=1.0,
+                max_new_tokens=new, min_new_tokens=new, pad_token_id=lm.pad_id,
             )
-            for row in out.tolist():
-                chunk = row[: n_tokens - total]
+            for prompt, row in zip(prompts, out.tolist()):
+                chunk = row[width - len(prompt):][: n_tokens - total]  # without the left padding
                 sequences.append(chunk)
                 total += len(chunk)
                 if total >= n_tokens:
@@ -173,6 +228,7 @@ def load_or_compute_stats(
     seq_len: int,
     seed: int,
     corpus: str | None = None,
+    sampling: str = "encyclopedic",
     cache_dir: Path | None = None,
     log: Callable[[str], None] = lambda message: None,
     progress: Progress | None = None,
@@ -181,11 +237,8 @@ def load_or_compute_stats(
     from safetensors.torch import load_file, save_file
 
     cache_dir = cache_dir or romebatch_home() / "stats"
-    if corpus is None:
-        corpus_id = f"self-sampled:seed={seed}"
-    else:
-        corpus_id = "file:" + hashlib.sha256(Path(corpus).read_bytes()).hexdigest()
-    paths = {layer: cache_dir / f"{stats_key(lm, base_hash, layer, corpus_id, n_tokens, seq_len)}.safetensors"
+    name = corpus_id(corpus, sampling, seed)
+    paths = {layer: cache_dir / f"{stats_key(lm, base_hash, layer, name, n_tokens, seq_len)}.safetensors"
              for layer in layers}
     result: dict[int, KeyStats] = {}
     for layer, path in paths.items():
@@ -197,8 +250,9 @@ def load_or_compute_stats(
         return result
 
     if corpus is None:
-        log(f"Sampling {n_tokens:,} tokens of text from the model for the key statistics (once, then cached)...")
-        sequences = sample_corpus(lm, n_tokens, seq_len, seed, progress=progress)
+        log(f"Sampling {n_tokens:,} tokens of {sampling} text from the model for the key statistics "
+            "(once, then cached)...")
+        sequences = sample_corpus(lm, n_tokens, seq_len, seed, sampling, progress=progress)
     else:
         sequences = corpus_sequences(lm, read_corpus(corpus), n_tokens, seq_len)
     log(f"Computing key statistics for layer(s) {', '.join(map(str, missing))} over {sum(map(len, sequences)):,} tokens...")
@@ -209,7 +263,7 @@ def load_or_compute_stats(
         fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
         os.close(fd)
         save_file({"mom2": mom2.contiguous(), "tokens": torch.tensor([count])}, tmp,
-                  metadata={"corpus": corpus_id, "layer": str(layer), "base": base_hash})
+                  metadata={"corpus": name, "layer": str(layer), "base": base_hash})
         os.replace(tmp, paths[layer])
         result[layer] = KeyStats(layer, mom2, count)
     return result
