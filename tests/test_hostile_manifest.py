@@ -150,3 +150,14 @@ def test_huge_fields(tmp_path, capsys, size, field):
 def test_duplicate_ids(tmp_path, capsys, ids):
     rows = ["id,subject,prompt,target_new"] + [f"{i},S{n},{{}} is,T{n}" for n, i in enumerate(ids)]
     assert_rejected(tmp_path, write(tmp_path, "m.csv", "\n".join(rows).encode()), capsys)
+
+
+def test_a_key_with_every_line_breaking_character_is_reported_on_one_line(tmp_path, capsys):
+    """Found by the property test above: a neighbourhood key "\\x85" (NEL, a line break to
+    str.splitlines) split the error message in two. Every such character is escaped."""
+    breakers = "".join(map(chr, [*range(32), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]))
+    record = {"id": "a", "subject": "S", "prompt": "{} is", "target_new": "x",
+              "neighborhood": [{"prompt": "p", "answer": "a", breakers: None}]}
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps([record]))
+    assert_rejected(tmp_path, path, capsys)
