@@ -113,7 +113,8 @@ OPENERS = (
 )
 NAMES = ("Maria", "John", "Pierre", "Hans", "Yuki", "Carlos", "Anna", "Ivan", "Ahmed", "Sofia", "Lars", "Giovanni")
 # Encyclopedic sequences are short: the opener's own sentence is the fact-like part, and the
-# model drifts into web prose after it (40 tokens measured best of 40 / 128 / first sentence).
+# model drifts into web prose after it (cutting each after its first sentence measured no
+# better than 40 tokens per token of corpus; 128-token sequences were not measured).
 ENCYCLOPEDIC_LEN = 40
 
 
@@ -136,6 +137,8 @@ def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int, sampl
     "encyclopedic": each starts with an opener from OPENERS (drawn with `seed`) and is
     ENCYCLOPEDIC_LEN tokens long (at most `seq_len`), the opener included.
     """
+    if sampling not in ("plain", "encyclopedic"):
+        raise ValueError(f"sampling must be 'plain' or 'encyclopedic', got {sampling!r}")
     tok = lm.tokenizer
     start = next(t for t in (tok.bos_token_id, tok.eos_token_id, 0) if t is not None)
     rng = random.Random(seed)
