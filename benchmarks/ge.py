@@ -21,17 +21,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from romebatch.editor import _edit_of  # noqa: E402
+from romebatch.editor import Editor  # noqa: E402
 from romebatch.evaluate import fluency  # noqa: E402
-from romebatch.journal import Journal  # noqa: E402
-from romebatch.model import load_model, weight_hash  # noqa: E402
-from romebatch.rome import apply_edit  # noqa: E402
+from romebatch.model import load_model  # noqa: E402
 from sequential import FLUENCY_PROMPTS  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "ge.jsonl"
@@ -39,20 +35,6 @@ OUT = ROOT / "benchmarks" / "runs" / "ge.jsonl"
 
 def rows() -> list[dict]:
     return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
-
-
-def set_state(lm, base: dict, path) -> None:
-    """The model at the end of `path` (a prefix of a journal's path), from the base weights."""
-    for layer, weight in base.items():
-        with torch.no_grad():
-            lm.weight(layer).copy_(weight)
-    for record in path:
-        apply_edit(lm, _edit_of(record))
-    if path:
-        last = {r.layer: r for r in path}
-        for layer, record in last.items():
-            if weight_hash(lm.weight(layer)) != record.weight_hash_after:
-                sys.exit(f"replaying to edit {record.seq} does not give the journal's weights")
 
 
 def main() -> None:
@@ -64,28 +46,29 @@ def main() -> None:
     depths = [int(x) for x in args.at.split(",")]
     lm = load_model()
     done = {(r["journal"], r["edits"], r["seed"]) for r in rows()}
-    base = {}
     for directory in args.journals:
-        journal = Journal(directory)
-        full = journal.path()
-        layers = {r.layer for r in full}
-        base.update({layer: lm.weight(layer).detach().clone() for layer in layers if layer not in base})
-        for depth in depths:
-            name = "unedited" if depth == 0 else directory.name
-            if depth > len(full):
-                print(f"{directory.name}: only {len(full)} edits, not {depth}; skipped")
-                continue
-            todo = [s for s in range(args.seeds) if (name, depth, s) not in done]
-            if not todo:
-                continue
-            set_state(lm, base, full[:depth])
-            for seed in todo:
-                value = fluency(lm, FLUENCY_PROMPTS, seed=seed)
-                with OUT.open("a") as f:
-                    f.write(json.dumps({"journal": name, "edits": depth, "seed": seed, "GE": value}) + "\n")
-                done.add((name, depth, seed))
-                print(f"{name} at {depth}: seed {seed} GE {value:.1f}", flush=True)
-        set_state(lm, base, [])
+        # Read-only (no lock: a run may be writing); replay rebuilds each state from the base
+        # weights and checks the journal's recorded hashes.
+        with Editor(directory, lm=lm, write=False, verify=False, log=lambda m: None) as editor:
+            try:
+                path = editor.journal.path()
+                for depth in depths:
+                    name = "unedited" if depth == 0 else directory.name
+                    if depth > len(path):
+                        print(f"{directory.name}: only {len(path)} edits, not {depth}; skipped")
+                        continue
+                    todo = [s for s in range(args.seeds) if (name, depth, s) not in done]
+                    if not todo:
+                        continue
+                    editor.replay(path[depth - 1].seq if depth else 0)
+                    for seed in todo:
+                        value = fluency(lm, FLUENCY_PROMPTS, seed=seed)
+                        with OUT.open("a") as f:
+                            f.write(json.dumps({"journal": name, "edits": depth, "seed": seed, "GE": value}) + "\n")
+                        done.add((name, depth, seed))
+                        print(f"{name} at {depth}: seed {seed} GE {value:.1f}", flush=True)
+            finally:
+                editor.replay(0, verify=False)  # the next journal opens on the base weights
     report()
 
 
