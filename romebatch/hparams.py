@@ -20,6 +20,7 @@ from .errors import UserError
 # halved again: 0.75 halves the drift of 100 edits (RESULTS.md, "Sequential editing").
 MEASURED = {("gemma3_text", 18): {"layer": 1, "clamp_norm_factor": 0.75}}
 PUBLISHED_CLAMP = 4.0
+STATS_SAMPLINGS = ("plain", "encyclopedic")  # how the self-sampled statistics corpus starts (rome/stats.py)
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class HParams:
             raise UserError(f"{source}: v_stop_on must be 'nll' or 'loss', got {self.v_stop_on!r}")
         if self.preserve not in ("none", "covariance", "nullspace"):
             raise UserError(f"{source}: preserve must be none, covariance or nullspace, got {self.preserve!r}")
-        if self.stats_sampling not in ("plain", "encyclopedic"):
+        if self.stats_sampling not in STATS_SAMPLINGS:
             raise UserError(f"{source}: stats_sampling must be 'plain' or 'encyclopedic', got {self.stats_sampling!r}")
         if self.mom2 not in ("second_moment", "identity"):
             raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 
 from ..errors import UserError
+from ..hparams import STATS_SAMPLINGS
 from ..hooks import Hook, attach
 from ..lm import as_btd, make_batch, model_inputs
 from ..model import LoadedModel, romebatch_home
@@ -137,8 +138,8 @@ def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int, sampl
     "encyclopedic": each starts with an opener from OPENERS (drawn with `seed`) and is
     ENCYCLOPEDIC_LEN tokens long (at most `seq_len`), the opener included.
     """
-    if sampling not in ("plain", "encyclopedic"):
-        raise ValueError(f"sampling must be 'plain' or 'encyclopedic', got {sampling!r}")
+    if sampling not in STATS_SAMPLINGS:
+        raise ValueError(f"sampling must be one of {STATS_SAMPLINGS}, got {sampling!r}")
     tok = lm.tokenizer
     start = next(t for t in (tok.bos_token_id, tok.eos_token_id, 0) if t is not None)
     rng = random.Random(seed)
