@@ -76,6 +76,12 @@ METHODS = {
     # Both: the smaller write and the better-placed u (their drifts at 100 edits were 0.21
     # and 0.29 of the layer's output RMS, against 0.45 for plain ROME).
     "domain-clamp0.75": {**PLAIN, "stats_corpus": str(DOMAIN), "stats_tokens": 60_000, "clamp_norm_factor": 0.75},
+    # Session 5, on top of the shipped default (which lost 8.5 NS points by 400 edits): a
+    # still smaller write (drift scales with it), and that with the earlier edits' keys
+    # protected (retention and ES fall as later edits overwrite earlier ones; a smaller
+    # write shrinks an edit's margin and its leak alike, so it cannot help retention).
+    "default-clamp0.5": {"clamp_norm_factor": 0.5},
+    "default-covariance-clamp0.5": {"preserve": "covariance", "clamp_norm_factor": 0.5},
 }
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",
