@@ -59,8 +59,11 @@ RUNS = ROOT / "benchmarks" / "runs"
 # never changes a baseline or stops its journal from resuming.
 PLAIN = {"preserve": "none", "clamp_norm_factor": 1.5, "stats_tokens": 10_000, "stats_sampling": "plain"}
 METHODS = {
-    # romebatch as it ships: HParams() resolved for the model (see romebatch/hparams.py).
+    # romebatch as it ships: HParams() resolved for the model (see romebatch/hparams.py):
+    # since session 5, clamp 0.5 and encyclopedic C (its journal began as "default-clamp0.5").
     "default": {},
+    # The session-4 default, clamp 0.75 (NS 8.5 below unedited by 400 edits; stopped at 422).
+    "default-s4": {"clamp_norm_factor": 0.75},
     "none": PLAIN,  # plain sequential ROME
     "covariance": {**PLAIN, "preserve": "covariance"},
     "nullspace": {**PLAIN, "preserve": "nullspace"},
@@ -76,12 +79,10 @@ METHODS = {
     # Both: the smaller write and the better-placed u (their drifts at 100 edits were 0.21
     # and 0.29 of the layer's output RMS, against 0.45 for plain ROME).
     "domain-clamp0.75": {**PLAIN, "stats_corpus": str(DOMAIN), "stats_tokens": 60_000, "clamp_norm_factor": 0.75},
-    # Session 5, on top of the shipped default (which lost 8.5 NS points by 400 edits): a
-    # still smaller write (drift scales with it), and that with the earlier edits' keys
-    # protected (retention and ES fall as later edits overwrite earlier ones; a smaller
-    # write shrinks an edit's margin and its leak alike, so it cannot help retention).
-    "default-clamp0.5": {"clamp_norm_factor": 0.5},
-    "default-covariance-clamp0.5": {"preserve": "covariance", "clamp_norm_factor": 0.5},
+    # The default with the earlier edits' keys protected: retention and ES fall as later
+    # edits overwrite earlier ones, and a smaller write shrinks an edit's margin and its leak
+    # alike, so the clamp alone cannot hold them (at 500 edits: ES 93.5, retention 88).
+    "default-covariance": {"preserve": "covariance"},
 }
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",
