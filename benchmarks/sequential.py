@@ -210,7 +210,8 @@ def report(methods: list[str]) -> None:
     except ImportError:
         return
     fig, axes = plt.subplots(1, 6, figsize=(24, 3.6))
-    colour = {m: f"C{i}" for i, m in enumerate(rows)}  # the same method in the same colour on every panel
+    # The same method in the same colour on every panel (the cycle has ten; an eleventh is black).
+    colour = {m: f"C{i}" if i < 10 else "black" for i, m in enumerate(rows)}
     for ax, key in zip(axes, ("ES", "PS", "NS", "retention", "GE")):
         for m, recs in rows.items():
             recs = sorted(recs, key=lambda r: r["edits"])
