@@ -194,12 +194,12 @@ def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
 def report(methods: list[str]) -> None:
     # One row per (method, edits): two processes running different methods may both have
     # scored the unedited model at the same checkpoint.
-    rows = {m: list({r["edits"]: r for r in read_jsonl(RUNS / f"seq-{m}.jsonl")}.values())
+    rows = {m: sorted({r["edits"]: r for r in read_jsonl(RUNS / f"seq-{m}.jsonl")}.values(), key=lambda r: r["edits"])
             for m in ["unedited", *methods]}
     keys = ("ES", "PS", "NS", "S", "retention", "GE")
     print(f"{'method':<12} {'edits':>6} " + " ".join(f"{k:>9}" for k in keys) + f" {'rejected':>8} {'max ‖ΔW‖':>9} {'s/edit':>7}")
     for m, recs in rows.items():
-        for r in sorted(recs, key=lambda r: r["edits"]):
+        for r in recs:
             print(f"{m:<12} {r['edits']:>6} " + " ".join(f"{r[k]:>9.1f}" if r.get(k) is not None else f"{'-':>9}" for k in keys)
                   + (f" {r['rejected']:>8} {r['max_update_norm']:>9.3f} {r['median_seconds']:>7.1f}" if "rejected" in r else ""))
     try:
@@ -214,7 +214,6 @@ def report(methods: list[str]) -> None:
     colour = {m: f"C{i}" if i < 10 else "black" for i, m in enumerate(rows)}
     for ax, key in zip(axes, ("ES", "PS", "NS", "retention", "GE")):
         for m, recs in rows.items():
-            recs = sorted(recs, key=lambda r: r["edits"])
             if recs:
                 ax.plot([r["edits"] for r in recs], [r[key] for r in recs], marker="o", label=m,
                         color=colour[m], linestyle="--" if m == "unedited" else "-")
@@ -224,7 +223,7 @@ def report(methods: list[str]) -> None:
     # what the target reads is the paired difference at the same checkpoint.
     base = {r["edits"]: r["NS"] for r in rows["unedited"]}
     for m in methods:
-        recs = sorted((r for r in rows[m] if r["edits"] in base), key=lambda r: r["edits"])
+        recs = [r for r in rows[m] if r["edits"] in base]
         if recs:
             axes[5].plot([r["edits"] for r in recs], [r["NS"] - base[r["edits"]] for r in recs], marker="o",
                          color=colour[m], label=m)
