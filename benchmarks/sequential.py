@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
@@ -84,6 +85,11 @@ METHODS = {
     # alike, so the clamp alone cannot hold them (at 500 edits: ES 93.5, retention 88).
     "default-covariance": {"preserve": "covariance"},
 }
+# Repair passes (romebatch/repair.py) are part of `romebatch apply` as it ships since
+# session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
+# default runs them; its journal ran without them up to edit 516, so its first pass, at 600,
+# repaired what those edits had lost.
+REPAIRS = {"default": REPAIR_EVERY}
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
                    "She walked into the room and", "Scientists have discovered", "The river flows",
                    "Yesterday I", "The history of music", "A good friend"]
@@ -149,10 +155,11 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
                     return
                 target = min(upto, (processed // every + 1) * every)
                 started = time.perf_counter()
-                result = editor.apply(facts[:target], checks=None, stop=stop)
+                result = editor.apply(facts[:target], checks=None, stop=stop, repair_every=REPAIRS.get(name))
                 reached = upto - len(editor.pending(facts[:upto]))
                 print(f"[{name}] {reached - processed} edits in {time.perf_counter() - started:.0f}s "
-                      f"({result.count('rejected')} rejected); head {editor.head}", flush=True)
+                      f"({result.count('rejected')} rejected, {result.count('repaired')} repaired); "
+                      f"head {editor.head}", flush=True)
                 if reached < target:  # stopped by Ctrl-C / SIGTERM: no checkpoint at a depth not reached
                     raise SystemExit(f"[{name}] stopped at {reached} edits; the same command resumes")
                 processed = target
@@ -164,11 +171,13 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
 def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
     by_hash = {f.hash: f for f in facts}
     path = editor.journal.path()
-    applied = [by_hash[r.fact_hash] for r in path if r.fact_hash in by_hash]
+    # In the order first edited; a repaired fact has more than one edit on the path.
+    applied = [by_hash[h] for h in dict.fromkeys(r.fact_hash for r in path) if h in by_hash]
     rejections = editor.journal.rejections()
     seconds = sorted(r.seconds_total for r in path if r.seconds_total)
     t = time.perf_counter()
-    row = {"method": name, "edits": k, "applied": len(applied), "rejected": len(rejections),
+    row = {"method": name, "edits": k, "applied": len(applied), "repairs": len(path) - len(applied),
+           "rejected": len(rejections),
            "collapse_rejections": sum(r["reason"].startswith("collapse") for r in rejections),
            "max_update_norm": max((r.update_norm for r in path), default=0.0),
            "median_seconds": seconds[len(seconds) // 2] if seconds else None,

@@ -11,6 +11,9 @@ from .manifest import load_manifest
 from .probes import Thresholds
 
 DEFAULT_CHECKS = Thresholds()
+# A repair pass (romebatch/repair.py) after every 100 edits and at the end of a run: at
+# ~0.04 s a fact per check, it costs under 5% of the edits' time up to thousands of facts.
+REPAIR_EVERY = 100
 
 
 def apply(
@@ -27,6 +30,7 @@ def apply(
     results: str | Path | None = None,
     checks=DEFAULT_CHECKS,
     on_regression: str = "warn",
+    repair_every: int | None = REPAIR_EVERY,
     on_edit=None,
     stats_progress=None,
     log=None,
@@ -51,7 +55,7 @@ def apply(
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
             result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,
-                                  on_regression=on_regression)
+                                  on_regression=on_regression, repair_every=repair_every)
     if results:
         from .report import write_results
 
@@ -110,10 +114,17 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
 def log(journal: str | Path = "romebatch.journal") -> dict:
     """The journal's metadata and edits (no model needed)."""
     with Journal(journal) as j:
+        # A repair edits a fact already on its path (romebatch/repair.py).
+        seen, repairs = set(), set()
+        for seq, fact_hash in j.path_facts():
+            if fact_hash in seen:
+                repairs.add(seq)
+            seen.add(fact_hash)
         return {
             "journal": str(j.directory), "head": j.head, "model": j.get("model"), "base_hash": j.get("base_hash"),
             "edits": [{
-                "seq": r.seq, "parent": r.parent, "status": r.status, "fact_id": r.fact_id, "subject": r.fact["subject"],
+                "seq": r.seq, "parent": r.parent, "status": r.status, "repair": r.seq in repairs,
+                "fact_id": r.fact_id, "subject": r.fact["subject"],
                 "target_new": r.fact["target_new"], "layer": r.layer, "update_norm": r.update_norm,
                 "denominator": r.denominator, "p_new_before": r.p_new_before, "p_new_after": r.p_new_after,
                 "p_true_after": r.p_true_after, "seconds": r.seconds_total, "created_at": r.created_at,

@@ -88,6 +88,8 @@ def apply(
     min_retention: Annotated[float, typer.Option(help="Share of sampled earlier edits that must still hold.")] = 0.8,
     probe_budget: Annotated[float, typer.Option(help="Share of an edit's time the checks may take.")] = 0.25,
     no_probes: Annotated[bool, typer.Option("--no-probes", help="Skip the regression checks.")] = False,
+    repair_every: Annotated[int, typer.Option(
+        help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")] = 100,
     preserve: Annotated[Optional[str], typer.Option(
         help="Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them).")] = None,
     preserve_weight: Annotated[Optional[float], typer.Option(help="λ for --preserve covariance.")] = None,
@@ -153,7 +155,8 @@ def apply(
         progress.update(stats_task, completed=done, total=total, visible=True)
 
     def on_edit(row):
-        progress.update(task, advance=1, description=f"{row.fact_id}: {row.status}")
+        # A repair edits a fact the bar has counted already.
+        progress.update(task, advance=row.status != "repaired", description=f"{row.fact_id}: {row.status}")
         if not console.is_terminal and not json_out:
             _say(f"{row.fact_id}: {row.status} {row.subject} -> {row.target_new}"
                  + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
@@ -162,8 +165,8 @@ def apply(
     with progress:
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=dtype, module_template=module_template, results=results,
-                           checks=checks, on_regression=on_regression, on_edit=on_edit, stats_progress=on_stats,
-                           log=_say)
+                           checks=checks, on_regression=on_regression, repair_every=repair_every, on_edit=on_edit,
+                           stats_progress=on_stats, log=_say)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())

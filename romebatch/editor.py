@@ -37,9 +37,10 @@ from .errors import BaseModelMismatchError, UserError
 from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
 from .journal import EditRecord, Journal
-from .manifest import Fact
+from .manifest import Fact, fact_from_dict
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds
+from .repair import MAX_EDITS_PER_FACT, Standing, to_repair
 from .rome.preserve import Preserver
 from .rome import KeyStats, RankOneEdit, apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
 
@@ -59,7 +60,7 @@ class FactResult:
     subject: str
     target_new: str
     target_true: str | None
-    status: str  # applied | already_applied | rejected | failed
+    status: str  # applied | repaired | already_applied | rejected | failed
     reason: str = ""
     seq: int | None = None
     layer: int | None = None
@@ -103,7 +104,7 @@ class ApplyResult:
         return {
             "journal": self.journal, "head": self.head, "facts": len(self.results),
             "applied": len(done), "already_applied": self.count("already_applied"),
-            "rejected": self.count("rejected"), "failed": self.count("failed"),
+            "repaired": self.count("repaired"), "rejected": self.count("rejected"), "failed": self.count("failed"),
             "efficacy": 100.0 * sum(scored) / len(scored) if scored else None,
             "seconds": round(self.seconds, 2),
             "median_seconds_per_edit": statistics.median(secs) if secs else None,
@@ -370,15 +371,20 @@ class Editor:
         stop: StopRequest | None = None,
         checks: Thresholds | None = Thresholds(),
         on_regression: str = "warn",
+        repair_every: int | None = None,
     ) -> ApplyResult:
         """Apply each fact not yet in the journal as a sequential ROME edit, committing each.
 
         `checks` runs the regression probes after every edit (None: off); a failed check
         warns, rejects the edit (`on_regression="skip"`) or ends the run (`"stop"`),
         in the last two cases without committing the offending edit.
+        `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
+        and once more at its end, if it applied any (None or 0: never).
         """
         if on_regression not in ("warn", "skip", "stop"):
             raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
+        if repair_every is not None and repair_every < 0:
+            raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
         started = time.perf_counter()
         stop = stop if stop is not None else StopRequest()
         layer = self.hparams.layer if layer is None else layer
@@ -413,31 +419,118 @@ class Editor:
                     probes.capture_base()
                 finally:
                     self.replay(verify=False)
+        since_repair = self._edits_since_repair() if repair_every else 0
+        if repair_every and (self._pending_plan() is not None or since_repair >= repair_every):
+            # A pass an interrupted run began (or was due to begin): finish it before going on,
+            # so a resumed run ends where an uninterrupted one would have.
+            result.results += self.repair(window, on_edit=on_edit, stop=stop)
+            since_repair = self._edits_since_repair()
         for fact in todo:
             if stop:
                 result.interrupted = True
                 break
-            # Round-robin over the window by position on the path: a resumed or rolled-back
-            # run puts its next edit where an uninterrupted one would have.
-            at = window[len(self.journal.chain()) % len(window)] if spread > 1 else layer
-            row = self._apply_one(fact, at, probes, on_regression)
+            row = self._apply_one(fact, self._next_layer(window), probes, on_regression)
             result.results.append(row)
             if on_edit:
                 on_edit(row)
             if row.status == "rejected" and on_regression == "stop" and row.reason.startswith("regression"):
                 result.interrupted = True
                 break
+            since_repair += row.status == "applied"
+            if repair_every and since_repair >= repair_every:
+                result.results += self.repair(window, on_edit=on_edit, stop=stop)
+                since_repair = 0
+        if repair_every and since_repair and not result.interrupted and not stop:
+            result.results += self.repair(window, on_edit=on_edit, stop=stop)
+        result.interrupted = result.interrupted or bool(stop and self.journal.get(REPAIR_PLAN))
         result.head = self.head
         result.seconds = time.perf_counter() - started
         return result
 
+    def _next_layer(self, window: list[int]) -> int:
+        # Round-robin over the window by position on the path: a resumed or rolled-back
+        # run puts its next edit where an uninterrupted one would have.
+        return window[len(self.journal.chain()) % len(window)] if len(window) > 1 else window[0]
+
+    def repair(self, window: list[int] | None = None, *, max_edits: int = MAX_EDITS_PER_FACT,
+               on_edit: Callable[[FactResult], None] | None = None, stop: StopRequest | None = None) -> list[FactResult]:
+        """Edit again, on the current weights, every fact on the head's path that no longer holds.
+
+        Later edits wear earlier ones down (romebatch/repair.py); each fact is edited at most
+        `max_edits` times on a path. A repair is an ordinary edit (guards on, no probes):
+        its row has status "repaired" when it was committed. The pass's plan (which facts,
+        from which state) is journaled before its first repair, so a pass that a crash or
+        Ctrl-C cut short is finished, not planned afresh, by the next `repair` or `apply`.
+        """
+        window = window or list(range(self.hparams.layer, self.hparams.layer + self.hparams.spread_layers))
+        plan = self._pending_plan()
+        if plan is None:
+            on_path = {0, *self.journal.chain()}
+            rejected: dict[str, int] = {}
+            for rejection in self.journal.rejections():
+                if rejection["parent"] in on_path:
+                    rejected[rejection["fact_hash"]] = rejected.get(rejection["fact_hash"], 0) + 1
+            lost = to_repair(self.lm, self.journal.path(), rejected, max_edits)
+            plan = [{"fact": s.fact.to_dict(), "was": _why_lost(s)} for s in lost]
+            self.journal.set_many({REPAIR_PLAN: {"at": self.head, "facts": plan, "done": 0}})
+        rows = []
+        for index in range(self.journal.get(REPAIR_PLAN)["done"], len(plan)):
+            if stop:
+                return rows  # the plan stays journaled: the next run finishes it
+            entry = plan[index]
+            fact = fact_from_dict(entry["fact"])
+            # The plan's progress is written in the same transaction as the repair (or its
+            # rejection), so a crash can neither lose a repair nor make one twice.
+            progress = {REPAIR_PLAN: {**self.journal.get(REPAIR_PLAN), "done": index + 1}}
+            row = self._apply_one(fact, self._next_layer(window), meta=progress)
+            if row.status == "failed":
+                self.journal.set_many(progress)  # nothing was written; a retry would fail alike
+            if row.status == "applied":
+                row.status = "repaired"
+            row.reason = f"repair: no longer held ({entry['was']})" + (f"; {row.reason}" if row.reason else "")
+            rows.append(row)
+            if on_edit:
+                on_edit(row)
+        self._end_repair_pass()
+        return rows
+
+    def _pending_plan(self) -> list[dict] | None:
+        """The journaled plan of a pass that was cut short, if the head is still inside it."""
+        plan = self.journal.get(REPAIR_PLAN)
+        if plan is None:
+            return None
+        chain = self.journal.chain()
+        at = plan["at"]
+        if (at == 0 or at in chain) and len(chain) - (chain.index(at) + 1 if at else 0) <= plan["done"]:
+            return plan["facts"]
+        # Rolled back past it, or edited elsewhere since: the pass no longer describes this path.
+        self.journal.set_many({REPAIR_PLAN: None})
+        return None
+
+    def _end_repair_pass(self) -> None:
+        marks = self.journal.get(REPAIR_MARKS) or []
+        self.journal.set_many({REPAIR_MARKS: marks + [self.head], REPAIR_PLAN: None})
+
+    def _edits_since_repair(self) -> int:
+        """First edits of a fact on the head's path since the last repair pass ended on it."""
+        marks = set(self.journal.get(REPAIR_MARKS) or [])
+        seen, since = set(), 0
+        for seq, fact_hash in self.journal.path_facts():
+            if fact_hash not in seen:
+                seen.add(fact_hash)
+                since += 1
+            if seq in marks:
+                since = 0
+        return since
+
     def _apply_one(self, fact: Fact, layer: int, probes: RegressionProbes | None = None,
-                   on_regression: str = "warn") -> FactResult:
+                   on_regression: str = "warn", meta: dict | None = None) -> FactResult:
+        """Compute, check and commit one edit; `meta` keys are journaled with its outcome."""
         redo = self.journal.child(self.head, fact.hash)
         if redo is not None and redo.layer == layer:
             # This exact edit was made on this exact state before and rolled back: moving the
             # head forward to it gives the same bytes as recomputing, without the cost.
-            return self._roll_forward(fact, redo)
+            return self._roll_forward(fact, redo, meta)
         hp = self.hparams
         row = FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true, "failed", layer=layer)
         t0 = time.perf_counter()
@@ -460,7 +553,7 @@ class Editor:
         refusal = self._guard(edit, weight)
         if refusal:
             row.status, row.reason = "rejected", refusal
-            self.journal.record_rejection(fact, layer, refusal, edit.norm, edit.denominator)
+            self.journal.record_rejection(fact, layer, refusal, edit.norm, edit.denominator, meta)
             row.seconds = time.perf_counter() - t0
             return row
         apply_edit(self.lm, edit)
@@ -470,7 +563,7 @@ class Editor:
             with torch.no_grad():
                 weight.copy_(before)  # undo in memory: exact, nothing was committed
             row.status, row.reason = "rejected", collapse
-            self.journal.record_rejection(fact, layer, collapse, edit.norm, edit.denominator)
+            self.journal.record_rejection(fact, layer, collapse, edit.norm, edit.denominator, meta)
             row.seconds = time.perf_counter() - t0
             return row
         guarded = time.perf_counter()
@@ -495,7 +588,7 @@ class Editor:
                         weight.copy_(before)  # undo in memory: exact, nothing was committed
                     probes.applied.discard(fact.hash)
                     row.status, row.reason = "rejected", reason
-                    self.journal.record_rejection(fact, layer, reason, edit.norm, edit.denominator)
+                    self.journal.record_rejection(fact, layer, reason, edit.norm, edit.denominator, meta)
                     row.seconds = time.perf_counter() - t0
                     return row
         row.seconds = time.perf_counter() - t0
@@ -511,7 +604,7 @@ class Editor:
         )
         committing = time.perf_counter()
         try:
-            row.seq = self.journal.commit_edit(record)
+            row.seq = self.journal.commit_edit(record, meta)
         except BaseException as error:
             with torch.no_grad():
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
@@ -537,14 +630,14 @@ class Editor:
         }
         return row
 
-    def _roll_forward(self, fact: Fact, record: EditRecord) -> FactResult:
+    def _roll_forward(self, fact: Fact, record: EditRecord, meta: dict | None = None) -> FactResult:
         t0 = time.perf_counter()
         apply_edit(self.lm, _edit_of(record))
         if weight_hash(self.lm.weight(record.layer)) != record.weight_hash_after:
             self.replay(verify=False)
             raise UserError(f"journal {self.journal.directory}: edit {record.seq} does not reproduce its stored hash",
                             hint="run `romebatch check` to find the damage")
-        self.journal.move_head(record.seq)
+        self.journal.move_head(record.seq, meta)
         return FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true, "applied",
                           reason=f"restored rolled-back edit {record.seq}", seq=record.seq, layer=record.layer,
                           p_new_before=record.p_new_before, p_true_before=record.p_true_before,
@@ -640,7 +733,8 @@ class Editor:
         except BaseException:
             self.replay(verify=False)  # refused: the model stays at the head, like the journal
             raise
-        self.journal.move_head(target)
+        # A repair pass cut short on the old path does not describe the new one.
+        self.journal.move_head(target, {REPAIR_PLAN: None})
         return target
 
     def prune(self) -> int:
@@ -702,6 +796,19 @@ class Editor:
 
     def __exit__(self, *exc):
         self.close()
+
+
+# Journal meta keys of repair passes: the plan of the pass in progress ({"at": head it began
+# on, "facts": [...], "done": entries tried}) and the heads at which passes ended.
+REPAIR_PLAN = "repair_plan"
+REPAIR_MARKS = "repair_passes"
+
+
+def _why_lost(standing: Standing) -> str:
+    if standing.p_true is not None:
+        return f"P(new) {standing.p_new:.3g} <= P(true) {standing.p_true:.3g}"
+    return (f"P(new) {standing.p_new:.3g}, under half its {standing.record.p_new_after:.3g} "
+            f"after edit {standing.record.seq}")
 
 
 def _edit_of(record: EditRecord) -> RankOneEdit:

@@ -340,6 +340,12 @@ class Journal:
                 f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(part))})", part)})
         return [rows[seq] for seq in chain]
 
+    def path_facts(self, head: int | None = None) -> list[tuple[int, str]]:
+        """(seq, fact hash) of the edits that make state `head`, oldest first: cheap, no vectors."""
+        chain = self.chain(head)
+        hashes = dict(self.db.execute("SELECT seq, fact_hash FROM edits").fetchall())
+        return [(seq, hashes[seq]) for seq in chain]
+
     def child(self, parent: int, fact_hash: str) -> EditRecord | None:
         """An existing edit of this fact computed on `parent` (e.g. rolled back earlier), if any."""
         row = self.db.execute("SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1",
@@ -362,8 +368,11 @@ class Journal:
         """Facts a re-run skips: applied on the head's path, or rejected on a state on it."""
         return self.applied_hashes() | self.rejected_hashes()
 
-    def commit_edit(self, record: EditRecord) -> int:
-        """Write one edit and move the head to it, in one transaction; returns its seq."""
+    def commit_edit(self, record: EditRecord, meta: dict | None = None) -> int:
+        """Write one edit and move the head to it, in one transaction; returns its seq.
+
+        `meta` keys are set in the same transaction (a repair pass's progress, say).
+        """
         values = {c: getattr(record, c) for c in _EDIT_COLUMNS if c != "seq"}
         values["lam"] = vector_blob(record.lam)
         values["u"] = vector_blob(record.u)
@@ -383,10 +392,15 @@ class Journal:
             _fault_point("commit")
             self.set("head", seq)
             self.set("max_seq", seq)
+            for key, value in (meta or {}).items():
+                self.set(key, value)
         return seq
 
-    def record_rejection(self, fact, layer: int | None, reason: str, norm: float | None, denominator: float | None):
+    def record_rejection(self, fact, layer: int | None, reason: str, norm: float | None, denominator: float | None,
+                         meta: dict | None = None):
         with transaction(self.db):
+            for key, value in (meta or {}).items():
+                self.set(key, value)
             self.db.execute(
                 "INSERT INTO rejections (parent, fact_id, fact_hash, fact_json, layer, reason, update_norm, "
                 "denominator, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -395,12 +409,14 @@ class Journal:
     def rejections(self) -> list[dict]:
         return [dict(row) for row in self.db.execute("SELECT * FROM rejections ORDER BY id")]
 
-    def move_head(self, seq: int) -> None:
+    def move_head(self, seq: int, meta: dict | None = None) -> None:
         """Make `seq` the head (0 = base); edits off its path are marked rolled back, not deleted."""
         if seq:
             self.edit(seq)  # exists?
         with transaction(self.db):
             self.set("head", seq)
+            for key, value in (meta or {}).items():
+                self.set(key, value)
             self._mark_statuses()
 
     def _mark_statuses(self) -> None:

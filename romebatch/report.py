@@ -17,7 +17,7 @@ RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
     "subject": ("String", "the subject"),
     "target_new": ("String", "the new object"),
     "target_true": ("String", "the true object, when the manifest gives it"),
-    "status": ("String", "applied, already_applied, rejected or failed"),
+    "status": ("String", "applied, repaired (edited again: it no longer held), already_applied, rejected or failed"),
     "reason": ("String", "why a fact was rejected, failed or skipped"),
     "seq": ("Int64", "the edit's sequence number in the journal"),
     "layer": ("Int64", "the edited layer"),
@@ -95,7 +95,8 @@ def render_apply(console, result) -> None:
 
     s = result.summary()
     console.print(
-        f"[bold]{s['applied']} applied[/], {s['already_applied']} already in the journal, "
+        f"[bold]{s['applied']} applied[/], " + (f"{s['repaired']} repaired, " if s["repaired"] else "")
+        + f"{s['already_applied']} already in the journal, "
         f"{s['rejected']} rejected, {s['failed']} failed in {s['seconds']:.1f}s "
         f"(journal {s['journal']}, head {s['head']})" + ("  [yellow]interrupted[/]" if s["interrupted"] else ""))
     if s["applied"]:
@@ -109,7 +110,8 @@ def render_apply(console, result) -> None:
     for column in ("id", "subject", "new", "status", "P(new) before → after", "P(true) after", "‖ΔW‖", "s"):
         table.add_column(column)
     for r in shown[:50]:
-        style = {"applied": "green" if r.success else "yellow", "rejected": "red", "failed": "red"}.get(r.status, "")
+        style = {"applied": "green" if r.success else "yellow", "repaired": "cyan", "rejected": "red",
+                 "failed": "red"}.get(r.status, "")
         table.add_row(r.fact_id, r.subject, r.target_new, f"[{style}]{r.status}[/]" if style else r.status,
                       f"{_fmt(r.p_new_before)} → {_fmt(r.p_new_after)}", _fmt(r.p_true_after),
                       _fmt(r.update_norm, ".3g"), _fmt(r.seconds, ".1f"))
@@ -129,7 +131,7 @@ def render_log(console, data: dict) -> None:
     for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after"):
         table.add_column(column)
     for e in data["edits"]:
-        status = e["status"] + (" (head)" if e["seq"] == data["head"] else "")
+        status = e["status"] + (" (repair)" if e.get("repair") else "") + (" (head)" if e["seq"] == data["head"] else "")
         table.add_row(str(e["seq"]), str(e["parent"]), status, e["fact_id"], e["subject"], e["target_new"],
                       str(e["layer"]), _fmt(e["update_norm"], ".3g"), _fmt(e["p_new_after"]))
     console.print(table)

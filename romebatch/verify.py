@@ -75,7 +75,8 @@ def verify(editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), ma
     if manifest is not None:
         facts = [f for f in manifest if f.hash in stored]  # the manifest's probes for applied facts
     else:
-        facts = [fact_from_dict(json.loads(r.fact_json)) for r in path]
+        # A repaired fact has several edits on the path (the last one is `stored`): score it once.
+        facts = [fact_from_dict(json.loads(r.fact_json)) for r in stored.values()]
     records = [stored[f.hash] for f in facts]
     head_scores = score_facts(editor.lm, facts)
     if progress:

@@ -39,7 +39,7 @@ def test_disk_full_during_a_commit_keeps_the_last_committed_edit(tmp_path, bytel
         committed = weight_hash(ed.lm.weight(layer))
         real = journal_module.Journal.commit_edit
 
-        def full(self, record):
+        def full(self, record, meta=None):
             raise sqlite3.OperationalError("database or disk is full")
 
         monkeypatch.setattr(journal_module.Journal, "commit_edit", full)

@@ -1,0 +1,214 @@
+"""Repair passes (romebatch/repair.py, Editor.repair): facts that later edits undid are edited again.
+
+On a tiny random GPT-2 (32 dimensions) four edits of one layer trample each other, and the
+last one writes the first fact's prompt back to its true object, so several facts no longer
+hold. Which ones is computed another way (each fact's ES on the weights) and compared with
+what the pass finds; a repair must make its fact hold, be an ordinary journal entry
+(rollback restores the bytes before it), and count toward the per-fact cap, refused or not,
+so passes end; `apply(repair_every=…)` runs them every N edits and at the end.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_HPARAMS, tiny_loaded
+from romebatch.editor import Editor
+from romebatch.errors import UserError
+from romebatch.evaluate import score_facts
+from romebatch.hparams import HParams
+from romebatch.journal import EditRecord
+from romebatch.manifest import Fact
+from romebatch.model import weight_hash
+from romebatch.repair import MAX_EDITS_PER_FACT, Standing, standings, to_repair
+
+LAYER = 1
+EIFFEL = Fact(id="eiffel", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Rome",
+              target_true="Paris")
+FACTS = [
+    EIFFEL,
+    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"),
+    Fact(id="darrieux", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="Spanish",
+         target_true="French"),
+    # Writes the first fact's prompt back to its true object.
+    Fact(id="undo", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Paris",
+         target_true="Rome"),
+]
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def editor_for(tmp_path, tokenizer, name="journal", **extra):
+    # Seed 1: every edit takes when made, and by the last one three facts no longer hold.
+    return Editor(tmp_path / name, lm=tiny_loaded("gpt2", tokenizer, seed=1),
+                  hparams=HParams(**{**TINY_HPARAMS, **extra}), log=quiet)
+
+
+def holds(lm, fact) -> bool:
+    (scores,) = score_facts(lm, [fact])
+    return scores.p_new > scores.p_true
+
+
+def tries(editor) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in editor.journal.path():
+        counts[record.fact_id] = counts.get(record.fact_id, 0) + 1
+    for rejection in editor.journal.rejections():
+        counts[rejection["fact_id"]] = counts.get(rejection["fact_id"], 0) + 1
+    return counts
+
+
+def test_a_repair_pass_edits_again_exactly_the_facts_that_no_longer_hold(tmp_path, bytelevel_tokenizer):
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        result = editor.apply(FACTS, checks=None)
+        assert [(r.status, r.success) for r in result.results] == [("applied", True)] * 4
+        expected = [f.id for f in FACTS if not holds(editor.lm, f)]
+        assert "eiffel" in expected and len(expected) >= 2  # the setup really undoes edits
+        before = weight_hash(editor.lm.weight(LAYER))
+
+        assert [s.fact.id for s in to_repair(editor.lm, editor.journal.path())] == expected
+        rows = editor.repair()
+        assert [(r.fact_id, r.status) for r in rows] == [(i, "repaired") for i in expected]
+        assert rows[0].reason.startswith("repair: no longer held (P(new)")
+        assert rows[0].success  # the first repair made its fact hold (later ones may undo it)
+        assert holds(editor.lm, FACTS[[f.id for f in FACTS].index(expected[-1])])
+        # An ordinary journal entry: the same fact twice on the path, and rollback to the
+        # state before the repairs gives back that state's bytes.
+        path = editor.journal.path()
+        assert [r.fact_id for r in path] == [f.id for f in FACTS] + expected
+        assert path[len(FACTS)].weight_hash_before == before
+        editor.rollback(steps=len(expected))
+        assert weight_hash(editor.lm.weight(LAYER)) == before
+        assert editor.check().ok
+
+
+def test_passes_end_once_every_lost_fact_reaches_the_cap(tmp_path, bytelevel_tokenizer):
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None)
+        passes = 0
+        while editor.repair():
+            passes += 1
+            assert passes < 10
+        assert passes >= 1 and max(tries(editor).values()) <= MAX_EDITS_PER_FACT
+        # What is left lost has used up its tries: another pass would edit nothing.
+        lost = [f.id for f in FACTS if not holds(editor.lm, f)]
+        assert all(tries(editor)[i] == MAX_EDITS_PER_FACT for i in lost)
+
+
+def test_a_refused_repair_counts_toward_the_cap(tmp_path, bytelevel_tokenizer, monkeypatch):
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None)
+        lost = [f.id for f in FACTS if not holds(editor.lm, f)]
+        head = editor.head
+        monkeypatch.setattr(Editor, "_guard", lambda self, edit, weight: "refused by the test")
+        statuses = []
+        while rows := editor.repair():
+            statuses.append([(r.fact_id, r.status) for r in rows])
+            assert len(statuses) < 10
+        # Each lost fact is tried until its refusals and its one edit reach the cap.
+        assert statuses == [[(i, "rejected") for i in lost]] * (MAX_EDITS_PER_FACT - 1)
+        assert editor.head == head
+
+
+def test_apply_runs_repair_passes_every_n_edits_and_at_the_end(tmp_path, bytelevel_tokenizer, monkeypatch):
+    calls = []
+    original = Editor.repair
+
+    def recording(self, *args, **kwargs):
+        calls.append(sum(r.status == "applied" for r in self.journal.edits()))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Editor, "repair", recording)
+    with editor_for(tmp_path, bytelevel_tokenizer, "every") as editor:
+        result = editor.apply(FACTS, checks=None, repair_every=3)
+        assert calls[0] == 3 and len(calls) == 2  # after the third edit, and at the end
+        repaired = [r for r in result.results if r.status == "repaired"]
+        assert repaired and result.summary()["repaired"] == len(repaired)
+        assert len(editor.journal.path()) == len(FACTS) + len(repaired)
+        # Nothing new to apply: a re-run neither edits nor repairs.
+        calls.clear()
+        again = editor.apply(FACTS, checks=None, repair_every=3)
+        assert {r.status for r in again.results} == {"already_applied"} and not calls
+    with editor_for(tmp_path, bytelevel_tokenizer, "never") as editor:
+        result = editor.apply(FACTS, checks=None, repair_every=0)
+        assert not calls and len(editor.journal.path()) == len(FACTS)
+        with pytest.raises(UserError, match="--repair-every -1"):
+            editor.apply(FACTS, checks=None, repair_every=-1)
+
+
+def test_standing_without_a_true_object_holds_while_it_keeps_half_its_probability():
+    fact = Fact(id="x", subject="S", prompt="{} is", target_new="new")
+    record = EditRecord.__new__(EditRecord)
+    record.p_new_after = 0.4
+    assert Standing(fact, record, 1, p_new=0.21, p_true=None).holds
+    assert not Standing(fact, record, 1, p_new=0.19, p_true=None).holds
+    assert Standing(fact, record, 1, p_new=0.3, p_true=0.2).holds
+    assert not Standing(fact, record, 1, p_new=0.3, p_true=0.31).holds
+
+
+def test_standings_score_each_fact_once_with_its_latest_edit(tmp_path, bytelevel_tokenizer):
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None)
+        editor.repair()
+        found = standings(editor.lm, editor.journal.path())
+        assert [s.fact.id for s in found] == [f.id for f in FACTS]
+        eiffel = found[0]
+        assert eiffel.edits == 2 and eiffel.record.fact_id == "eiffel"
+        assert eiffel.record.seq == max(r.seq for r in editor.journal.path() if r.fact_id == "eiffel")
+        (scores,) = score_facts(editor.lm, [EIFFEL])  # the same numbers, computed another way
+        assert eiffel.p_new == pytest.approx(scores.p_new, rel=1e-4)  # batched with other prompts: float32 padding noise
+        assert eiffel.p_true == pytest.approx(scores.p_true, rel=1e-4)  # batched with other prompts: float32 padding noise
+        assert json.loads(eiffel.record.fact_json)["id"] == "eiffel"
+
+
+def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_path, bytelevel_tokenizer):
+    from romebatch.editor import REPAIR_PLAN, StopRequest
+
+    with editor_for(tmp_path, bytelevel_tokenizer, "whole") as editor:
+        editor.apply(FACTS, checks=None)
+        editor.repair()
+        reference = [(r.fact_hash, r.weight_hash_after) for r in editor.journal.path()]
+    assert len(reference) >= len(FACTS) + 2  # the pass makes at least two repairs to cut between
+    with editor_for(tmp_path, bytelevel_tokenizer, "cut") as editor:
+        editor.apply(FACTS, checks=None)
+        stop = StopRequest()
+        rows = editor.repair(on_edit=lambda row: setattr(stop, "requested", True), stop=stop)  # Ctrl-C during the first repair
+        assert len(rows) == 1 and editor.journal.get(REPAIR_PLAN)["done"] == 1
+        # Facts were changed by that repair, but the rest of the pass follows its journaled plan.
+        again = editor.apply(FACTS, checks=None, repair_every=100)
+        finished = [r.status for r in again.results if r.status != "already_applied"]
+        assert finished == ["repaired"] * (len(reference) - len(FACTS) - 1)
+        assert editor.journal.get(REPAIR_PLAN) is None
+        assert [(r.fact_hash, r.weight_hash_after) for r in editor.journal.path()] == reference
+
+
+def test_rollback_drops_a_pass_cut_short(tmp_path, bytelevel_tokenizer):
+    from romebatch.editor import REPAIR_PLAN, StopRequest
+
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None)
+        stop = StopRequest()
+        editor.repair(on_edit=lambda row: setattr(stop, "requested", True), stop=stop)
+        assert editor.journal.get(REPAIR_PLAN) is not None
+        editor.rollback(steps=1)
+        assert editor.journal.get(REPAIR_PLAN) is None
+
+
+def test_log_marks_repairs_and_verify_scores_each_fact_once(tmp_path, bytelevel_tokenizer):
+    from romebatch import api
+    from romebatch.verify import verify
+
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None)
+        repaired = {r.seq for r in editor.repair()}
+        report = verify(editor)
+        assert [row.fact_id for row in report.rows] == [f.id for f in FACTS]
+        # Each row reads the fact's latest edit: a repaired fact's row is its repair's.
+        latest = {r.fact_id: r.seq for r in editor.journal.path()}
+        assert [row.seq for row in report.rows] == [latest[f.id] for f in FACTS]
+    logged = api.log(tmp_path / "journal")["edits"]
+    assert {e["seq"] for e in logged if e["repair"]} == repaired and repaired
