@@ -33,6 +33,23 @@ from sequential import FLUENCY_PROMPTS  # noqa: E402
 OUT = ROOT / "benchmarks" / "runs" / "ge.jsonl"
 
 
+def state_after(path, facts: int) -> int | None:
+    """The seq of the state once `facts` facts were edited, with the repairs that followed.
+
+    sequential.py's checkpoint at k facts scores the state just before the (k+1)-th fact's
+    first edit (a repair pass may come between); None if the path has fewer facts.
+    """
+    seen: set[str] = set()
+    state = 0
+    for record in path:
+        if record.fact_hash not in seen:
+            if len(seen) == facts:
+                return state
+            seen.add(record.fact_hash)
+        state = record.seq
+    return state if len(seen) == facts else None
+
+
 def rows() -> list[dict]:
     return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
 
@@ -40,7 +57,7 @@ def rows() -> list[dict]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("journals", type=Path, nargs="+")
-    ap.add_argument("--at", default="0", help="comma-separated depths (edits applied); 0 is the unedited model")
+    ap.add_argument("--at", default="0", help="comma-separated depths (facts edited); 0 is the unedited model")
     ap.add_argument("--seeds", type=int, default=8)
     args = ap.parse_args()
     depths = [int(x) for x in args.at.split(",")]
@@ -54,13 +71,14 @@ def main() -> None:
                 path = editor.journal.path()
                 for depth in depths:
                     name = "unedited" if depth == 0 else directory.name
-                    if depth > len(path):
-                        print(f"{directory.name}: only {len(path)} edits, not {depth}; skipped")
+                    state = state_after(path, depth)
+                    if state is None:
+                        print(f"{directory.name}: fewer than {depth} facts edited; skipped")
                         continue
                     todo = [s for s in range(args.seeds) if (name, depth, s) not in done]
                     if not todo:
                         continue
-                    editor.replay(path[depth - 1].seq if depth else 0)
+                    editor.replay(state)
                     for seed in todo:
                         value = fluency(lm, FLUENCY_PROMPTS, seed=seed)
                         with OUT.open("a") as f:

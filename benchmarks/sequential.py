@@ -84,6 +84,9 @@ METHODS = {
     # edits overwrite earlier ones, and a smaller write shrinks an edit's margin and its leak
     # alike, so the clamp alone cannot hold them (at 500 edits: ES 93.5, retention 88).
     "default-covariance": {"preserve": "covariance"},
+    # The default without repair passes: a copy of the default's journal rolled back to edit
+    # 602, the last state before its first pass (session 6), continued from there.
+    "default-norepair": {},
 }
 # Repair passes (romebatch/repair.py) are part of `romebatch apply` as it ships since
 # session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
@@ -206,11 +209,13 @@ def report(methods: list[str]) -> None:
     rows = {m: sorted({r["edits"]: r for r in read_jsonl(RUNS / f"seq-{m}.jsonl")}.values(), key=lambda r: r["edits"])
             for m in ["unedited", *methods]}
     keys = ("ES", "PS", "NS", "S", "retention", "GE")
-    print(f"{'method':<12} {'edits':>6} " + " ".join(f"{k:>9}" for k in keys) + f" {'rejected':>8} {'max ‖ΔW‖':>9} {'s/edit':>7}")
+    print(f"{'method':<12} {'edits':>6} " + " ".join(f"{k:>9}" for k in keys)
+          + f" {'rejected':>8} {'repairs':>7} {'max ‖ΔW‖':>9} {'s/edit':>7}")
     for m, recs in rows.items():
         for r in recs:
             print(f"{m:<12} {r['edits']:>6} " + " ".join(f"{r[k]:>9.1f}" if r.get(k) is not None else f"{'-':>9}" for k in keys)
-                  + (f" {r['rejected']:>8} {r['max_update_norm']:>9.3f} {r['median_seconds']:>7.1f}" if "rejected" in r else ""))
+                  + (f" {r['rejected']:>8} {r.get('repairs', 0):>7} {r['max_update_norm']:>9.3f} {r['median_seconds']:>7.1f}"
+                     if "rejected" in r else ""))
     try:
         import matplotlib
 
