@@ -84,9 +84,6 @@ METHODS = {
     # edits overwrite earlier ones, and a smaller write shrinks an edit's margin and its leak
     # alike, so the clamp alone cannot hold them (at 500 edits: ES 93.5, retention 88).
     "default-covariance": {"preserve": "covariance"},
-    # The default without repair passes: a copy of the default's journal rolled back to edit
-    # 602, the last state before its first pass (session 6), continued from there.
-    "default-norepair": {},
 }
 # Repair passes (romebatch/repair.py) are part of `romebatch apply` as it ships since
 # session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
