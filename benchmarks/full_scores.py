@@ -1,0 +1,65 @@
+"""ES / PS / NS over every fact a journal had edited by chosen depths, edited and unedited.
+
+    python benchmarks/full_scores.py benchmarks/runs/seq-default-journal --at 600,1000,1100
+
+sequential.py's checkpoints score an evenly spaced sample of 200 facts. CounterFact records
+have one neighbourhood prompt each, so a checkpoint's NS rests on 200 prompts and swings by
+several points between checkpoints; this scores all of them, on the checkpoint's state
+(the repairs that followed it included, as ge.py's `state_after`) and on the base model.
+The journal is only read (a run may be writing to it). Each (journal, depth, state) is a
+line of benchmarks/runs/full-scores.jsonl: re-running resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from ge import state_after  # noqa: E402
+from romebatch.editor import Editor  # noqa: E402
+from romebatch.evaluate import score_facts, summarize  # noqa: E402
+from romebatch.manifest import fact_from_dict  # noqa: E402
+from romebatch.model import load_model  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "runs" / "full-scores.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("journal", type=Path)
+    ap.add_argument("--at", required=True, help="comma-separated depths (facts edited)")
+    args = ap.parse_args()
+    done = {(r["journal"], r["depth"], r["state"]) for r in map(json.loads, OUT.read_text().splitlines())} \
+        if OUT.exists() else set()
+    lm = load_model()
+    with Editor(args.journal, lm=lm, write=False, verify=False, log=lambda m: None) as editor:
+        path = editor.journal.path()
+        first = {}
+        for record in path:
+            first.setdefault(record.fact_hash, record)  # in the order first edited
+        facts = [fact_from_dict(json.loads(r.fact_json)) for r in first.values()]
+        for depth in (int(x) for x in args.at.split(",")):
+            state = state_after(path, depth)
+            if state is None:
+                print(f"{args.journal.name}: fewer than {depth} facts edited; skipped")
+                continue
+            for name, seq in (("unedited", 0), ("edited", state)):
+                if (args.journal.name, depth, name) in done:
+                    continue
+                editor.replay(seq, verify=False)
+                row = {"journal": args.journal.name, "depth": depth, "state": name,
+                       **summarize(score_facts(lm, facts[:depth]))}
+                with OUT.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(json.dumps(row), flush=True)
+        editor.replay(0, verify=False)
+
+
+if __name__ == "__main__":
+    main()
