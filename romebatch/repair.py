@@ -3,10 +3,10 @@
 Every ROME edit leaks a small share of its write into every other key (RESULTS.md, "Where
 NS goes"), so over hundreds of sequential edits the earlier ones wear down: with the
 Gemma-3-270M default, 94% of 516 applied facts still held at edit 516, and 88 of the first
-100 at 500. A smaller write leaks less but also leaves each edit a smaller margin, so no
-setting of the edit itself stops this. What does is checking: every fact on the head's path
-is scored on its own prompt (two short forward passes each, ~0.04 s a fact on one CPU
-thread), and a fact that no longer holds is edited again on the current weights. The repair
+100 at 500. A smaller write leaks less but also leaves each edit a smaller margin, so a
+smaller clamp does not stop this. Checking does: every fact on the head's path is scored on
+its own prompt (two short sequences each, ~0.04 s a fact on one CPU thread), and a fact
+that no longer holds is edited again on the current weights. The repair
 is an ordinary journal entry for the same fact (guards included), so replay, rollback and
 export treat it like any other edit.
 """
