@@ -87,7 +87,7 @@ METHODS = {
 }
 # Repair passes (romebatch/repair.py) are part of `romebatch apply` as it ships since
 # session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
-# default runs them; its journal ran without them up to edit 516, so its first pass, at 600,
+# default runs them; its journal ran without them up to edit 602, so its first pass, at 602,
 # repaired what those edits had lost.
 REPAIRS = {"default": REPAIR_EVERY}
 FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",

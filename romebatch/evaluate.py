@@ -120,6 +120,17 @@ def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> lis
     ]
 
 
+def edit_holds(p_new: float, p_true: float | None, p_new_after: float | None) -> bool:
+    """Whether an applied edit still holds: the one test of retention, verify and repair passes.
+
+    The CounterFact test (ES) where a true object is known; without one, an edit holds while
+    it keeps half the probability it had right after it was made (always, if that is unknown).
+    """
+    if p_true is not None:
+        return p_new > p_true
+    return p_new_after is None or p_new >= 0.5 * p_new_after
+
+
 def summarize(scores: list[FactScores]) -> dict[str, float | None]:
     """ES / PS / NS in percent and their harmonic mean S, over the facts that have each probe."""
 

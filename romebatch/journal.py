@@ -293,8 +293,12 @@ class Journal:
 
     def set_many(self, values: dict) -> None:
         with transaction(self.db):
-            for key, value in values.items():
-                self.set(key, value)
+            self._set_all(values)
+
+    def _set_all(self, values: dict | None) -> None:
+        """Set each key, inside the caller's transaction."""
+        for key, value in (values or {}).items():
+            self.set(key, value)
 
     @property
     def initialised(self) -> bool:
@@ -392,15 +396,13 @@ class Journal:
             _fault_point("commit")
             self.set("head", seq)
             self.set("max_seq", seq)
-            for key, value in (meta or {}).items():
-                self.set(key, value)
+            self._set_all(meta)
         return seq
 
     def record_rejection(self, fact, layer: int | None, reason: str, norm: float | None, denominator: float | None,
                          meta: dict | None = None):
         with transaction(self.db):
-            for key, value in (meta or {}).items():
-                self.set(key, value)
+            self._set_all(meta)
             self.db.execute(
                 "INSERT INTO rejections (parent, fact_id, fact_hash, fact_json, layer, reason, update_norm, "
                 "denominator, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -415,8 +417,7 @@ class Journal:
             self.edit(seq)  # exists?
         with transaction(self.db):
             self.set("head", seq)
-            for key, value in (meta or {}).items():
-                self.set(key, value)
+            self._set_all(meta)
             self._mark_statuses()
 
     def _mark_statuses(self) -> None:

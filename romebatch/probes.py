@@ -22,7 +22,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .evaluate import answer_nll
+from .evaluate import answer_nll, edit_holds
 from .manifest import Fact
 from .model import LoadedModel
 
@@ -136,11 +136,11 @@ class RegressionProbes:
             for record in recent:
                 p_new = math.exp(-nll[i])
                 i += 1
+                p_true = None
                 if record.get("target_true"):
-                    held += p_new > math.exp(-nll[i])
+                    p_true = math.exp(-nll[i])
                     i += 1
-                else:
-                    held += p_new >= 0.5 * (record.get("p_new_after") or 0.0)
+                held += edit_holds(p_new, p_true, record.get("p_new_after"))
             out.retention = held / len(recent)
             out.edits_checked = len(recent)
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from math import exp
 
-from .evaluate import answer_nll
+from .evaluate import answer_nll, edit_holds
 from .journal import EditRecord
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
@@ -39,11 +39,7 @@ class Standing:
 
     @property
     def holds(self) -> bool:
-        # The CounterFact test (ES) where a true object is known; without one, an edit holds
-        # while it keeps half the probability it had right after its latest edit (probes.py).
-        if self.p_true is not None:
-            return self.p_new > self.p_true
-        return self.record.p_new_after is None or self.p_new >= 0.5 * self.record.p_new_after
+        return edit_holds(self.p_new, self.p_true, self.record.p_new_after)
 
 
 def standings(lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None,

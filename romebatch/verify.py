@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass, field
 
 from .editor import Editor
-from .evaluate import FactScores, score_facts, summarize
+from .evaluate import FactScores, edit_holds, score_facts, summarize
 from .manifest import Fact, fact_from_dict
 
 
@@ -116,8 +116,7 @@ def _row(fact: Fact, record, head: FactScores, base: FactScores) -> VerifyRow:
     held = holds = None
     if record.p_new_after is not None:
         held = record.p_true_after is None or record.p_new_after > record.p_true_after
-        # Without a true object, an edit holds while it keeps half its post-edit probability.
-        holds = head.p_new > head.p_true if head.p_true is not None else head.p_new >= 0.5 * record.p_new_after
+        holds = edit_holds(head.p_new, head.p_true, record.p_new_after)
     return VerifyRow(
         fact_id=fact.id, seq=record.seq, subject=fact.subject, target_new=fact.target_new,
         p_new_base=base.p_new, p_new_head=head.p_new, p_true_base=base.p_true, p_true_head=head.p_true,
