@@ -44,20 +44,30 @@ def main() -> None:
         for record in path:
             first.setdefault(record.fact_hash, record)  # in the order first edited
         facts = [fact_from_dict(json.loads(r.fact_json)) for r in first.values()]
+        states = {}
         for depth in (int(x) for x in args.at.split(",")):
-            state = state_after(path, depth)
-            if state is None:
+            states[depth] = state_after(path, depth)
+            if states[depth] is None:
                 print(f"{args.journal.name}: fewer than {depth} facts edited; skipped")
-                continue
-            for name, seq in (("unedited", 0), ("edited", state)):
-                if (args.journal.name, depth, name) in done:
-                    continue
-                editor.replay(seq, verify=False)
-                row = {"journal": args.journal.name, "depth": depth, "state": name,
-                       **summarize(score_facts(lm, facts[:depth]))}
-                with OUT.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(json.dumps(row), flush=True)
+        states = {depth: state for depth, state in states.items() if state is not None}
+
+        def write(depth: int, name: str, scores) -> None:
+            row = {"journal": args.journal.name, "depth": depth, "state": name, **summarize(scores)}
+            with OUT.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+        # The base model's scores of a depth are a prefix of the deepest one's: score once.
+        base = [d for d in states if (args.journal.name, d, "unedited") not in done]
+        if base:
+            editor.replay(0, verify=False)
+            scores = score_facts(lm, facts[:max(base)])
+            for depth in base:
+                write(depth, "unedited", scores[:depth])
+        for depth, state in states.items():
+            if (args.journal.name, depth, "edited") not in done:
+                editor.replay(state, verify=False)
+                write(depth, "edited", score_facts(lm, facts[:depth]))
         editor.replay(0, verify=False)
 
 
