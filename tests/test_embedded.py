@@ -28,7 +28,7 @@ def home(tmp_path_factory):
 def run(args, home, cwd, check=True):
     env = {**os.environ, "ROMEBATCH_HOME": str(home)}
     # The timeout only stops a hang: the first call converts the GGUF and samples key
-    # statistics (~5 min alone on 2 cores), and took over 30 min beside two other jobs.
+    # statistics (minutes alone), and took over 30 min beside two other heavy jobs on 2 cores.
     proc = subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=3600)
     if check and proc.returncode != 0:
