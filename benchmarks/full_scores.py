@@ -26,6 +26,7 @@ from romebatch.editor import Editor  # noqa: E402
 from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
+from sequential import read_jsonl  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "full-scores.jsonl"
 
@@ -35,8 +36,7 @@ def main() -> None:
     ap.add_argument("journal", type=Path)
     ap.add_argument("--at", required=True, help="comma-separated depths (facts edited)")
     args = ap.parse_args()
-    done = {(r["journal"], r["depth"], r["state"]) for r in map(json.loads, OUT.read_text().splitlines())} \
-        if OUT.exists() else set()
+    done = {(r["journal"], r["depth"], r["state"]) for r in read_jsonl(OUT)}
     lm = load_model()
     with Editor(args.journal, lm=lm, write=False, verify=False, log=lambda m: None) as editor:
         path = editor.journal.path()
@@ -44,12 +44,13 @@ def main() -> None:
         for record in path:
             first.setdefault(record.fact_hash, record)  # in the order first edited
         facts = [fact_from_dict(json.loads(r.fact_json)) for r in first.values()]
-        states = {}
+        states = {}  # depth -> the seq of its state
         for depth in (int(x) for x in args.at.split(",")):
-            states[depth] = state_after(path, depth)
-            if states[depth] is None:
+            state = state_after(path, depth)
+            if state is None:
                 print(f"{args.journal.name}: fewer than {depth} facts edited; skipped")
-        states = {depth: state for depth, state in states.items() if state is not None}
+            else:
+                states[depth] = state
 
         def write(depth: int, name: str, scores) -> None:
             row = {"journal": args.journal.name, "depth": depth, "state": name, **summarize(scores)}

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.evaluate import fluency  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
-from sequential import FLUENCY_PROMPTS  # noqa: E402
+from sequential import FLUENCY_PROMPTS, read_jsonl  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "ge.jsonl"
 
@@ -50,10 +50,6 @@ def state_after(path, facts: int) -> int | None:
     return state if len(seen) == facts else None
 
 
-def rows() -> list[dict]:
-    return [json.loads(line) for line in OUT.read_text().splitlines()] if OUT.exists() else []
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("journals", type=Path, nargs="+")
@@ -62,7 +58,7 @@ def main() -> None:
     args = ap.parse_args()
     depths = [int(x) for x in args.at.split(",")]
     lm = load_model()
-    done = {(r["journal"], r["edits"], r["seed"]) for r in rows()}
+    done = {(r["journal"], r["edits"], r["seed"]) for r in read_jsonl(OUT)}
     for directory in args.journals:
         # Read-only (no lock: a run may be writing); replay rebuilds each state from the base
         # weights and checks the journal's recorded hashes.
@@ -92,7 +88,7 @@ def main() -> None:
 
 def report() -> None:
     groups: dict[tuple, list[float]] = {}
-    for r in rows():
+    for r in read_jsonl(OUT):
         groups.setdefault((r["journal"], r["edits"]), []).append(r["GE"])
     unedited = groups.get(("unedited", 0))
     ref = statistics.fmean(unedited) if unedited else None
