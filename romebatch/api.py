@@ -50,7 +50,7 @@ def apply(
     check_facts_for_model(lm, facts, longest_prefix)
     if layer == "auto":
         layer = auto_layer(lm, facts, log=log)
-    with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
+    with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, create=True, **kwargs) as editor:
         editor.stats_progress = stats_progress
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
@@ -96,7 +96,7 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
              device: str = "cpu", log=None) -> int:
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
     kwargs = {"log": log} if log else {}
-    with Editor(journal, model=model, device=device, **kwargs) as editor:
+    with Editor(journal, model=model, device=device, create=False, **kwargs) as editor:
         head = editor.rollback(to=to, steps=steps, fact=fact, base=base)
         if prune:
             editor.prune()
@@ -107,7 +107,7 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
            device: str = "cpu", force: bool = False, log=None) -> Path:
     """Write the journal's head state as a model folder that transformers loads."""
     kwargs = {"log": log} if log else {}
-    with Editor(journal, model=model, device=device, **kwargs) as editor:
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         return editor.export(outdir, force=force)
 
 
@@ -144,7 +144,19 @@ def pending_facts(facts, journal: str | Path):
 
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None):
     """Verify the journal: schema, base model identity, and every edit's stored hashes by replay."""
+    from .audit import audit
+    from .editor import CheckReport
+
     kwargs = {"log": log} if log else {}
+    # The file itself first, without a model: a damaged journal is named in seconds, and
+    # replay only ever runs on rows whose structure is sound.
+    with Journal(journal) as j:
+        problems = audit(j.db)
+        if problems:
+            edits = j.db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
+            head = j.db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+            return CheckReport(journal=str(j.directory), edits=edits, head=head[0] if head else 0, problems=problems,
+                               last_good=0, structural=True)
     with Editor(journal, model=model, device=device, write=False, verify=False, **kwargs) as editor:
         return editor.check()
 

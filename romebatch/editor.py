@@ -36,7 +36,7 @@ from . import __version__
 from .errors import BaseModelMismatchError, UserError
 from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
-from .journal import EditRecord, Journal
+from .journal import FORMAT as JOURNAL_FORMAT, EditRecord, Journal
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds
@@ -121,6 +121,7 @@ class CheckReport:
     head: int
     problems: list[str]
     last_good: int  # the last edit on the head's path before the first damaged one
+    structural: bool = False  # the file itself is damaged: found without replay, no state to go back to
 
     @property
     def ok(self) -> bool:
@@ -174,12 +175,16 @@ class Editor:
         module_template: str | None = None,
         hparams: HParams | None = None,
         write: bool = True,
+        create: bool | None = None,
         verify: bool = True,
         log: Log = _stderr,
         lm: LoadedModel | None = None,
     ):
         self.log = log
-        self.journal = Journal(journal, write=write, create=write)
+        # A writer creates a missing journal unless told not to: every command but `apply`
+        # passes create=False, so a mistyped path fails instead of quietly starting an empty
+        # journal and acting on the unedited base model.
+        self.journal = Journal(journal, write=write, create=write if create is None else create)
         try:
             stored_spec = self.journal.get("model")
             self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
@@ -207,7 +212,7 @@ class Editor:
             if not journal.write:
                 raise UserError(f"journal {journal.directory} is empty")
             journal.set_many({
-                "format": 1, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
+                "format": JOURNAL_FORMAT, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
                 "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
                 "hparams": requested.to_dict(), "head": 0, "created_with": _versions(),
             })

@@ -56,3 +56,7 @@ class JournalLockedError(UserError):
 
 class BaseModelMismatchError(UserError):
     """A journal was opened against a model other than the one it was written for."""
+
+
+class JournalDamagedError(UserError):
+    """A journal whose structure or contents are damaged, or that a newer romebatch wrote."""
