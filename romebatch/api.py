@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
+from .errors import UserError
 from .hparams import HParams
 from .journal import Journal
 from .manifest import load_manifest
@@ -39,6 +40,11 @@ def apply(
     from .model import load_model
     from .preflight import check_facts_for_model
 
+    from .report import check_results_path
+
+    if on_regression not in ("warn", "skip", "stop"):
+        raise UserError(f"on_regression {on_regression!r}: choose warn, skip or stop")
+    check_results_path(results)
     facts = load_manifest(manifest, limit=limit).facts
     kwargs = {"log": log} if log else {}
     # The model is loaded (and the facts checked against its tokenizer) before the journal
@@ -95,6 +101,11 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
              fact: str | None = None, base: bool = False, prune: bool = False, model: str | None = None,
              device: str = "cpu", log=None) -> int:
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
+    from .editor import check_rollback_selector
+
+    check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, create=False, **kwargs) as editor:
         head = editor.rollback(to=to, steps=steps, fact=fact, base=base)
@@ -106,6 +117,11 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
            device: str = "cpu", force: bool = False, log=None) -> Path:
     """Write the journal's head state as a model folder that transformers loads."""
+    from .editor import check_export_target
+
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
+    check_export_target(Path(outdir), force)
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         return editor.export(outdir, force=force)
@@ -166,7 +182,12 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
     """Score the head against the base model on every applied fact; see `romebatch.verify`."""
     from .verify import VerifyThresholds, verify as run_verify
 
+    from .report import check_results_path
+
+    check_results_path(results)
     facts = load_manifest(manifest).facts if manifest else None
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         report = run_verify(editor, thresholds or VerifyThresholds(), facts, progress=progress)

@@ -658,11 +658,22 @@ def test_export_materialises_the_head(first_run, tmp_path):
             editor.export(occupied)
         assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
         assert (occupied / "keep.txt").read_text() == "mine"
-        # With force, it is replaced by the head state (2 now).
+        # --force replaces only an earlier export (it has romebatch.json), never someone's folder.
+        with pytest.raises(UserError, match="not an earlier romebatch export"):
+            editor.export(occupied, force=True)
+        assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+        (occupied / "keep.txt").unlink()
+        editor.export(occupied)
+        (occupied / "stale.txt").write_text("from the earlier export")
+        # With force, an earlier export is replaced by the head state (2 now).
         editor.export(occupied, force=True)
-        assert not (occupied / "keep.txt").exists()
+        assert not (occupied / "stale.txt").exists()
     # No staging folders are left beside the targets.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "journal", "occupied"]
+    # The folder gets the umask's mode, not mkdtemp's private 0700.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))
