@@ -158,23 +158,38 @@ def pending_facts(facts, journal: str | Path):
     return [f for f in facts if f.hash not in settled]
 
 
-def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None):
-    """Verify the journal: schema, base model identity, and every edit's stored hashes by replay."""
-    from .audit import audit
+def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
+          lm=None):
+    """Verify the journal: the file itself (no model needed), then every edit's stored hashes by replay."""
+    from .audit import audit, damaged_edits
     from .editor import CheckReport
+    from .errors import UserError
 
     kwargs = {"log": log} if log else {}
-    # The file itself first, without a model: a damaged journal is named in seconds, and
-    # replay only ever runs on rows whose structure is sound.
+    # The file itself first, without a model: damage is named in seconds, and replay runs
+    # only when the rows it reads are sound enough to replay.
     with Journal(journal) as j:
         problems = audit(j.db)
         if problems:
             edits = j.db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
-            head = j.db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
-            return CheckReport(journal=str(j.directory), edits=edits, head=head[0] if head else 0, problems=problems,
-                               last_good=0, structural=True)
-    with Editor(journal, model=model, device=device, write=False, verify=False, **kwargs) as editor:
-        return editor.check()
+            try:
+                head, chain = j.head, j.chain()
+            except UserError:
+                head, chain = 0, None
+    if not problems:
+        with Editor(journal, model=model, device=device, write=False, verify=False, lm=lm, **kwargs) as editor:
+            return editor.check()
+    damaged = damaged_edits(problems)
+    if chain is None or damaged is None:  # the tables or meta themselves: no state to go back to
+        return CheckReport(journal=str(journal), edits=edits, head=head, problems=problems, last_good=0,
+                           structural=True)
+    last_good = 0
+    for seq in chain:
+        if seq in damaged:
+            break
+        last_good = seq
+    return CheckReport(journal=str(journal), edits=edits, head=head, problems=problems,
+                       last_good=last_good if damaged & set(chain) else head)
 
 
 def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | None = None, thresholds=None,

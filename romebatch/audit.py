@@ -10,6 +10,7 @@ the model, runs only on a journal this audit passes (romebatch/editor.py `Editor
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from typing import Any
 
@@ -25,7 +26,8 @@ def audit(db: sqlite3.Connection) -> list[str]:
     """Structural problems of an open journal database, [] if it is sound."""
     problems: list[str] = []
     try:
-        verdict = [row[0] for row in db.execute("PRAGMA quick_check")]
+        # integrity_check, not quick_check: it also finds an index that disagrees with its table.
+        verdict = [row[0] for row in db.execute("PRAGMA integrity_check")]
     except sqlite3.DatabaseError as error:
         return [f"the SQLite file is damaged ({error})"]
     if verdict != ["ok"]:
@@ -43,6 +45,21 @@ def audit(db: sqlite3.Connection) -> list[str]:
     if hashed:
         _check_digests(db, meta, problems)
     return problems[:MAX_PROBLEMS]
+
+
+def damaged_edits(problems: list[str]) -> set[int] | None:
+    """The edits named by `audit`'s problems ("edit N: ..."), or None if any problem is not
+    about one edit (the file, a table, meta): then no earlier state is known to be good."""
+    seqs = set()
+    for line in problems:
+        match = _EDIT_PROBLEM.match(line)
+        if match is None:
+            return None
+        seqs.add(int(match.group(1)))
+    return seqs
+
+
+_EDIT_PROBLEM = re.compile(r"edit (\d+): ")
 
 
 def _meta(db: sqlite3.Connection, problems: list[str]) -> dict:

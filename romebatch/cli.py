@@ -431,7 +431,8 @@ def check(
         if report.ok:
             _say(f"journal {journal}: {report.edits} edit(s) verified by replay, head {report.head}")
         elif report.structural:
-            _say(f"journal {journal}: {len(report.problems)} problem(s) in the file itself; restore it from a copy")
+            _say(f"journal {journal}: {len(report.problems)} problem(s) in the file itself; restore it from a copy "
+                 f"(a rollback cannot repair the tables or meta)")
         else:
             _say(f"journal {journal}: {len(report.problems)} problem(s); the last good state on the head's path is "
                  f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`")

@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .errors import (EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, BaseModelMismatchError, UserError,
-                     resource_problem)
+from .errors import (EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, BaseModelMismatchError, JournalDamagedError,
+                     JournalWriteError, UserError, resource_problem)
 from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
 from .journal import FORMAT as JOURNAL_FORMAT, EditRecord, Journal
@@ -407,6 +407,7 @@ class Editor:
             raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
         if repair_every is not None and repair_every < 0:
             raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
+        refuse_damaged(self.journal)
         started = time.perf_counter()
         stop = stop if stop is not None else StopRequest()
         layer = self.hparams.layer if layer is None else layer
@@ -633,7 +634,7 @@ class Editor:
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
             if probes is not None:
                 probes.applied.discard(fact.hash)
-            if isinstance(error, (sqlite3.Error, OSError)):  # e.g. the disk is full
+            if isinstance(error, (sqlite3.Error, OSError, JournalWriteError)):  # e.g. the disk is full
                 raise UserError(
                     f"could not commit the edit of fact {fact.id} to journal {self.journal.directory} ({error}); "
                     f"nothing of it was written, the journal is at edit {self.head}",
@@ -851,6 +852,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def refuse_damaged(journal: Journal) -> None:
+    """Open nothing on a journal whose file is damaged (a tampered fact_hash would make a
+    resumed run apply an applied fact again): `romebatch check` names every problem."""
+    from .audit import audit
+
+    problems = audit(journal.db)
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise JournalDamagedError(f"journal {journal.directory} is damaged: {problems[0]}{more}",
+                                  hint=f"run `romebatch check --journal {journal.directory}` to see every problem")
 
 
 def check_rollback_selector(*, to=None, steps=None, fact=None, base=False) -> None:

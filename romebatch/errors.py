@@ -69,6 +69,10 @@ class BaseModelMismatchError(UserError):
     """A journal was opened against a model other than the one it was written for."""
 
 
+class JournalWriteError(UserError):
+    """A journal write failed (a full disk, an I/O error); the journal keeps its last good state."""
+
+
 class JournalDamagedError(UserError):
     """A journal whose structure or contents are damaged, or that a newer romebatch wrote."""
 

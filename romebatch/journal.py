@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from . import integrity
-from .errors import JournalDamagedError, JournalLockedError, UserError
+from .errors import JournalDamagedError, JournalLockedError, JournalWriteError, UserError
 
 DB_NAME = "journal.sqlite"
 LOCK_NAME = "lock"
@@ -141,7 +141,16 @@ class transaction:
         return self.db
 
     def __exit__(self, exc_type, exc, tb):
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if exc_type is not None:
+            self.db.execute("ROLLBACK")
+            return False
+        try:
+            self.db.execute("COMMIT")
+        except sqlite3.Error:
+            # A COMMIT that fails (a full disk) leaves the transaction open: end it, unwritten.
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
         return False
 
 
@@ -539,17 +548,38 @@ class Journal:
 
 
 class _Sealed(transaction):
-    """A transaction that re-computes the meta digest last, so out-of-band meta edits show."""
+    """A journal write: re-seals the meta digest last, so out-of-band meta edits show, and
+    turns a full disk or an I/O error into a JournalWriteError (nothing of the write is kept)."""
+
+    def __enter__(self):
+        try:
+            return super().__enter__()
+        except sqlite3.OperationalError as error:
+            raise _write_error(self.db, error) from None
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             try:
                 self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                                 (integrity.META_DIGEST, json.dumps(integrity.meta_digest(self.db))))
-            except BaseException:
+            except BaseException as error:
                 self.db.execute("ROLLBACK")
+                if isinstance(error, sqlite3.OperationalError):
+                    raise _write_error(self.db, error) from None
                 raise
-        return super().__exit__(exc_type, exc, tb)
+        try:
+            super().__exit__(exc_type, exc, tb)
+        except sqlite3.OperationalError as error:
+            raise _write_error(self.db, error) from None
+        if isinstance(exc, sqlite3.OperationalError):
+            raise _write_error(self.db, exc) from None
+        return False
+
+
+def _write_error(db: sqlite3.Connection, error: sqlite3.Error) -> JournalWriteError:
+    path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "the journal")
+    return JournalWriteError(f"could not write to journal {path} ({error}); nothing of this change was written",
+                             hint="free some space and run the same command again: it resumes")
 
 
 def _check_location(directory: Path, db_path: Path, create: bool) -> None:

@@ -252,8 +252,11 @@ def load_or_compute_stats(
     result: dict[int, KeyStats] = {}
     for layer, path in paths.items():
         if path.exists():
-            tensors = load_file(str(path))
-            result[layer] = KeyStats(layer, tensors["mom2"], int(tensors["tokens"].item()))
+            try:
+                tensors = load_file(str(path))
+                result[layer] = KeyStats(layer, tensors["mom2"], int(tensors["tokens"].item()))
+            except Exception:  # a damaged cache entry (SafetensorError, a missing key): recompute it
+                log(f"The cached key statistics {path.name} are unreadable; computing them again.")
     missing = [layer for layer in layers if layer not in result]
     if not missing:
         return result
@@ -266,13 +269,27 @@ def load_or_compute_stats(
         sequences = corpus_sequences(lm, read_corpus(corpus), n_tokens, seq_len)
     log(f"Computing key statistics for layer(s) {', '.join(map(str, missing))} over {sum(map(len, sequences)):,} tokens...")
     moments = second_moment(lm, missing, sequences, progress=progress)
-    cache_dir.mkdir(parents=True, exist_ok=True)
     for layer, (mom2, count) in moments.items():
-        # Write to a temp file and rename: a crash never leaves a half-written cache entry.
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-        os.close(fd)
-        save_file({"mom2": mom2.contiguous(), "tokens": torch.tensor([count])}, tmp,
-                  metadata={"corpus": name, "layer": str(layer), "base": base_hash})
-        os.replace(tmp, paths[layer])
         result[layer] = KeyStats(layer, mom2, count)
+        _save_cached(paths[layer], {"mom2": mom2.contiguous(), "tokens": torch.tensor([count])},
+                     {"corpus": name, "layer": str(layer), "base": base_hash}, log)
     return result
+
+
+def _save_cached(path: Path, tensors: dict, metadata: dict, log) -> None:
+    """Cache one layer's statistics; a cache that cannot be written (full disk) costs a recompute next time, not this run."""
+    from safetensors.torch import save_file
+
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write to a temp file and rename: a crash never leaves a half-written cache entry.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except Exception as error:  # OSError, or safetensors' SafetensorError on a full disk
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        log(f"Could not cache the key statistics in {path.parent} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+            "continuing without the cache.")
