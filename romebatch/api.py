@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
@@ -171,11 +172,11 @@ def check(journal: str | Path = "romebatch.journal", *, model: str | None = None
     with Journal(journal) as j:
         problems = audit(j.db)
         if problems:
-            edits = j.db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
             try:
+                edits = j.db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
                 head, chain = j.head, j.chain()
-            except UserError:
-                head, chain = 0, None
+            except (UserError, sqlite3.DatabaseError):
+                edits, head, chain = 0, 0, None
     if not problems:
         with Editor(journal, model=model, device=device, write=False, verify=False, lm=lm, **kwargs) as editor:
             return editor.check()

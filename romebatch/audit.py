@@ -33,6 +33,7 @@ def audit(db: sqlite3.Connection) -> list[str]:
     if verdict != ["ok"]:
         return [f"the SQLite file is damaged ({'; '.join(str(v) for v in verdict[:3])})"]
     try:
+        _check_schema(db, problems)
         meta = _meta(db, problems)
         edits = _rows(db, "edits", "seq")
         rejections = _rows(db, "rejections", "id")
@@ -60,6 +61,38 @@ def damaged_edits(problems: list[str]) -> set[int] | None:
 
 
 _EDIT_PROBLEM = re.compile(r"edit (\d+): ")
+
+
+def _check_schema(db: sqlite3.Connection, problems: list[str]) -> None:
+    """The tables and indexes must be exactly what romebatch's migrations made, text included."""
+    applied = [row[0] for row in db.execute("SELECT name FROM _migrations ORDER BY rowid")]
+    expected = _expected_schema(tuple(applied))
+    actual = {(kind, name): sql for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")
+              if sql is not None}
+    for key in sorted(set(expected) | set(actual)):
+        if expected.get(key) != actual.get(key):
+            what = "is missing" if key not in actual else "is not romebatch's" if key not in expected else \
+                "differs from what romebatch made"
+            problems.append(f"the schema of {key[0]} {key[1]} {what} (the file was changed)")
+
+
+_SCHEMAS: dict[tuple[str, ...], dict] = {}
+
+
+def _expected_schema(applied: tuple[str, ...]) -> dict:
+    """sqlite_master as the migrations named in `applied` leave it, built once in memory."""
+    if applied not in _SCHEMAS:
+        from .journal import MIGRATIONS, migrate
+
+        names = [m.__name__ for m in MIGRATIONS]
+        stop = names[len(applied)] if applied == tuple(names[:len(applied)]) and len(applied) < len(names) else None
+        db = sqlite3.connect(":memory:", isolation_level=None)
+        db.row_factory = sqlite3.Row
+        migrate(db, stop_before=stop)
+        _SCHEMAS[applied] = {(kind, name): sql for kind, name, sql in
+                             db.execute("SELECT type, name, sql FROM sqlite_master") if sql is not None}
+        db.close()
+    return _SCHEMAS[applied]
 
 
 def _meta(db: sqlite3.Connection, problems: list[str]) -> dict:
