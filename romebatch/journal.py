@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 
 from . import integrity
-from .errors import JournalDamagedError, JournalLockedError, JournalWriteError, UserError
+from .errors import JournalDamagedError, JournalLockedError, JournalWriteError, UserError, one_line
 
 DB_NAME = "journal.sqlite"
 LOCK_NAME = "lock"
@@ -328,23 +328,29 @@ class Journal:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
-            holder = handle.read().strip() or "another process"
+            holder = one_line(handle.read(200).strip()) or "another process"
             handle.close()
             raise JournalLockedError(
                 f"journal {self.directory} is in use by {holder}",
                 hint="wait for it to finish; `romebatch log` reads the journal meanwhile",
             ) from None
         # The kernel releases a flock when its holder dies, so a stale lock cannot block anyone.
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()}")
-        handle.flush()
+        # The pid written is only for the message another writer gets: a full disk may keep
+        # it from being written, which must not stop this writer.
+        try:
+            os.ftruncate(handle.fileno(), 0)
+            os.pwrite(handle.fileno(), f"pid {os.getpid()}".encode(), 0)  # unbuffered: nothing left to flush
+        except OSError:
+            pass
         self._lock_file = handle
 
     def _unlock(self) -> None:
         if self._lock_file is not None:
             fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
+            try:
+                self._lock_file.close()
+            except OSError:
+                pass
             self._lock_file = None
 
     def close(self) -> None:
