@@ -30,7 +30,15 @@ def cli_markdown() -> str:
         result = runner.invoke(app, args, env={"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"}, color=False)
         title = f"romebatch {name}" if name else "romebatch"
         parts.append(f"## {title}\n\n```\n{result.output.rstrip()}\n```\n")
+    parts.append(exit_codes_markdown())
     return "\n".join(parts)
+
+
+def exit_codes_markdown() -> str:
+    from romebatch.errors import EXIT_CODES
+
+    rows = "\n".join(f"| {code} | {meaning} |" for code, meaning in EXIT_CODES.items())
+    return f"## Exit codes\n\n| code | meaning |\n| ---: | --- |\n{rows}\n"
 
 
 def schema_markdown() -> str:

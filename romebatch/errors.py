@@ -17,6 +17,16 @@ EXIT_STOPPED_ON_REGRESSION = 3  # apply --on-regression stop ended the run
 EXIT_FACTS_FAILED = 4  # apply finished, but some facts' edits could not be computed
 EXIT_SIGINT = 130  # stopped by Ctrl-C, after the edit in progress (128 + SIGINT)
 EXIT_SIGTERM = 143  # stopped by SIGTERM, after the edit in progress (128 + SIGTERM)
+# What each means, for docs/cli.md and the README (tests/test_docs.py keeps both in step).
+EXIT_CODES = {
+    EXIT_OK: "success",
+    EXIT_CHECK_FAILED: "`verify` found a regression beyond its thresholds, or `check` found damage",
+    EXIT_BAD_INPUT: "bad input, a bad option or a refused operation (one `error:` line each); nothing was written",
+    EXIT_STOPPED_ON_REGRESSION: "`apply --on-regression stop` ended the run at a failed regression check",
+    EXIT_FACTS_FAILED: "`apply` finished, but the edit of one or more facts could not be computed (status `failed`)",
+    EXIT_SIGINT: "stopped by Ctrl-C after the edit in progress (a second Ctrl-C abandons it); every committed edit is kept",
+    EXIT_SIGTERM: "stopped by SIGTERM after the edit in progress; every committed edit is kept",
+}
 
 
 class UserError(Exception):

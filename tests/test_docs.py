@@ -22,3 +22,11 @@ def test_readme_documents_every_results_column():
     readme = (DOCS.parent / "README.md").read_text()
     for name, (dtype, description) in RESULTS_SCHEMA.items():
         assert f"| `{name}` | {dtype} | {description.replace('|', chr(92) + '|')} |" in readme, name
+
+
+def test_readme_documents_every_exit_code():
+    from romebatch.errors import EXIT_CODES
+
+    readme = (DOCS.parent / "README.md").read_text()
+    for code, meaning in EXIT_CODES.items():
+        assert f"| {code} | {meaning} |" in readme, code
