@@ -66,6 +66,19 @@ class HParams:
     # True: optimise v* the plain way (every token, every layer, full logits at each step), as
     # the original code; False: the cached engine, which computes the same objective ~5x faster.
     exact_protocol: bool = False
+    # Toward 10,000 sequential edits (issue 20; each off by default, so journals written before
+    # they existed keep their meaning). MPES (ENCORE's most-probable early stopping): stop
+    # optimising v* at the first step where the target's first token is the argmax on every
+    # rewrite prompt.
+    v_stop_argmax: bool = False
+    # AlphaEdit-style soft null space: keep u orthogonal to the top-k principal directions of
+    # C (the directions typical keys occupy), so W k moves little for typical keys; with
+    # preserve "nullspace" the earlier edits' keys join the constrained set, with
+    # "covariance" they stay the soft term AlphaEdit's sequential form uses. 0: off.
+    preserve_top_k: int = 0
+    # Bound on the edited matrix's growth: an edit that would make ‖W‖_F exceed
+    # (1 + norm_growth_max) · ‖W_base‖_F is scaled down to reach the bound exactly. 0: off.
+    norm_growth_max: float = 0.0
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
     NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")
@@ -97,7 +110,7 @@ class HParams:
             if f.name == "clamp_norm_factor" and value is None:
                 continue  # resolved per architecture
             if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge", "preserve_weight",
-                          "guard_nll_rise") and (
+                          "guard_nll_rise", "norm_growth_max") and (
                 not isinstance(value, (int, float)) or value < 0
             ):
                 raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
@@ -109,6 +122,10 @@ class HParams:
             raise UserError(f"{source}: stats_sampling must be 'plain' or 'encyclopedic', got {self.stats_sampling!r}")
         if self.mom2 not in ("second_moment", "identity"):
             raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")
+        if not isinstance(self.preserve_top_k, int) or isinstance(self.preserve_top_k, bool) or self.preserve_top_k < 0:
+            raise UserError(f"{source}: preserve_top_k must be a non-negative integer, got {self.preserve_top_k!r}")
+        if not isinstance(self.v_stop_argmax, bool):
+            raise UserError(f"{source}: v_stop_argmax must be true or false, got {self.v_stop_argmax!r}")
         if not isinstance(self.spread_layers, int) or self.spread_layers < 1:
             raise UserError(f"{source}: spread_layers must be a positive integer, got {self.spread_layers!r}")
         if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
