@@ -358,7 +358,7 @@ class Editor:
     def preserver(self, layer: int) -> Preserver | None:
         """The sequential-stability method's state for `layer` at the current head."""
         hp = self.hparams
-        if hp.preserve == "none":
+        if hp.preserve == "none" and not hp.preserve_top_k:
             return None
         cached = self._preservers.get(layer)
         if cached is None or cached[0] != self.head:
@@ -366,7 +366,7 @@ class Editor:
             shape = self.lm.weight(layer).shape  # (d_model, d_ff), or (d_ff, d_model) for Conv1D
             d_ff = shape[0] if self.lm.adapter.conv1d else shape[1]
             preserver = cached[1] if cached else Preserver(hp.preserve, stats.cholesky if stats else None, d_ff,
-                                                           hp.preserve_weight)
+                                                           hp.preserve_weight, hp.preserve_top_k)
             keys = []
             for record in self.journal.path():
                 if record.layer != layer:
@@ -568,7 +568,8 @@ class Editor:
         try:
             preserver = self.preserver(layer)
             edit, k_star, value = compute_edit(self.lm, layer, fact.prompt, fact.subject, fact.target_new,
-                                               self.prefixes(), self.stats(layer), hp, timings, preserver)
+                                               self.prefixes(), self.stats(layer), hp, timings, preserver,
+                                               self._max_weight_norm(layer))
         except (ValueError, RuntimeError) as error:  # e.g. a subject no token covers
             row.reason = f"could not compute the edit: {error}"
             return row
@@ -706,6 +707,11 @@ class Editor:
             return (f"collapse: the base model's own sampled text now costs {now:.2f} nats/token "
                     f"(base {reference:.2f}, at most +{limit:g} allowed)")
         return None
+
+    def _max_weight_norm(self, layer: int) -> float | None:
+        """The bound on ‖W‖_F that `norm_growth_max` sets, from the layer's base weight (None: off)."""
+        growth = self.hparams.norm_growth_max
+        return (1 + growth) * float(self._base(layer).double().norm()) if growth else None
 
     def _guard(self, edit: RankOneEdit, weight: torch.Tensor) -> str | None:
         """Refuse an edit whose update is absurd: the signature of a disabling edit."""

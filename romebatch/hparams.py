@@ -67,6 +67,19 @@ class HParams:
     # True: optimise v* the plain way (every token, every layer, full logits at each step), as
     # the original code; False: the cached engine, which computes the same objective ~5x faster.
     exact_protocol: bool = False
+    # Toward 10,000 sequential edits (issue 20; each off by default, so journals written before
+    # they existed keep their meaning). MPES (ENCORE's most-probable early stopping): stop
+    # optimising v* at the first step where the target's first token is the argmax on every
+    # rewrite prompt.
+    v_stop_argmax: bool = False
+    # AlphaEdit-style soft null space: keep u orthogonal to the top-k principal directions of
+    # C (the directions typical keys occupy), so W k moves little for typical keys; with
+    # preserve "nullspace" the earlier edits' keys join the constrained set, with
+    # "covariance" they stay the soft term AlphaEdit's sequential form uses. 0: off.
+    preserve_top_k: int = 0
+    # Bound on the edited matrix's growth: an edit that would make ‖W‖_F exceed
+    # (1 + norm_growth_max) · ‖W_base‖_F is scaled down to reach the bound exactly. 0: off.
+    norm_growth_max: float = 0.0
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
     NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")

@@ -14,6 +14,13 @@ every edit is still one journal row of (Λ, u).
   u = C⁻¹(k* − K α) with Kᵀu = 0, so ΔW k_p = 0 for every earlier edit: their outputs at
   the edited layer are kept exactly (to rounding). AlphaEdit's idea, for one rank-one edit.
 
+Any method can also keep u orthogonal to the top-k principal directions of C (`top_k`,
+AlphaEdit's preserved-knowledge null space made soft: a small model's C has little exact
+null space, so the k directions typical keys occupy most are removed). With U those
+eigenvectors and M the method's matrix (C, or C + λ Σ k_p k_pᵀ), u = M⁻¹(k* − A α) with
+Aᵀu = 0, A = U (and the earlier keys too for "nullspace"): the u of least ‖ΔW K‖ that
+moves no key in span(A). For M = C this is exactly (I − U Uᵀ) C⁻¹ k*.
+
 The running state is a pure function of the keys of the edits on the journal's current
 path, in order: `rebuild` recomputes it from them after a rollback, with the same float64
 arithmetic in the same order as the edits were made, so it is byte-identical.
@@ -29,7 +36,8 @@ METHODS = ("none", "covariance", "nullspace")
 class Preserver:
     """The running state of one layer's method: which u a new k* gets."""
 
-    def __init__(self, method: str, cholesky: torch.Tensor | None, d_ff: int, weight: float = 10.0):
+    def __init__(self, method: str, cholesky: torch.Tensor | None, d_ff: int, weight: float = 10.0,
+                 top_k: int = 0):
         if method not in METHODS:
             raise ValueError(f"preserve method must be one of {METHODS}, got {method!r}")
         self.method = method
@@ -39,6 +47,11 @@ class Preserver:
             cholesky = torch.eye(d_ff, dtype=torch.float64)
         self.base_cholesky = cholesky.double()
         self.base = self.base_cholesky @ self.base_cholesky.T  # C (+ ridge), float64
+        self.top_k = min(int(top_k), d_ff)
+        self.principal = torch.zeros(d_ff, 0, dtype=torch.float64)  # U: C's top-k eigenvectors
+        if self.top_k:
+            _, vectors = torch.linalg.eigh(self.base)  # ascending eigenvalues
+            self.principal = vectors[:, -self.top_k:].flip(1).contiguous()
         self.rebuild([])
 
     def rebuild(self, keys: list[torch.Tensor]) -> None:
@@ -68,6 +81,8 @@ class Preserver:
     def u(self, k_star: torch.Tensor) -> torch.Tensor:
         """u for a new key, float64 (d_ff,)."""
         k = k_star.detach().double().cpu().reshape(-1)
+        if self.top_k:
+            return self._constrained(k)
         if self.method == "covariance":
             if self._factor is None:
                 self._factor = torch.linalg.cholesky(self.matrix)
@@ -80,6 +95,25 @@ class Preserver:
             alpha = torch.linalg.lstsq(gram, keys.T @ u[:, None]).solution
             u = u - (self.solved @ alpha)[:, 0]
         return u
+
+    def _constrained(self, k: torch.Tensor) -> torch.Tensor:
+        """u = M⁻¹(k − A α) with Aᵀu = 0: A is C's top-k directions (and, for nullspace, the earlier keys)."""
+        if self.method == "covariance":
+            if self._factor is None:
+                self._factor = torch.linalg.cholesky(self.matrix)
+            factor = self._factor
+        else:
+            factor = self.base_cholesky
+        u = torch.cholesky_solve(k[:, None], factor)[:, 0]
+        a = self.principal
+        solved = torch.cholesky_solve(a, factor)  # M⁻¹ U
+        if self.method == "nullspace" and self.keys:
+            a = torch.cat([a, torch.stack(self.keys, dim=1)], dim=1)
+            solved = torch.cat([solved, self.solved], dim=1)
+        gram = a.T @ solved
+        # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
+        alpha = torch.linalg.lstsq(gram, a.T @ u[:, None]).solution
+        return u - (solved @ alpha)[:, 0]
 
     def state(self) -> bytes:
         """The running state's bytes (what a rollback must restore exactly)."""

@@ -59,6 +59,32 @@ def rank_one_update(
     return RankOneEdit(layer, lam32, u32, denominator, float(lam32.double().norm() * u32.double().norm()))
 
 
+def bound_norm(edit: RankOneEdit, weight: torch.Tensor, conv1d: bool, max_norm: float) -> tuple[RankOneEdit, float]:
+    """Scale Λ by the largest s ≤ 1 with ‖W + s Λ uᵀ‖_F ≤ max_norm; returns (edit, s).
+
+    ‖W + s D‖² = ‖W‖² + 2 s ⟨W, D⟩ + s² ‖D‖² is a quadratic in s, so the bound is met
+    exactly (in float64, then shrunk by 1e-6 so float32 rounding cannot cross it). The key,
+    u and the denominator are unchanged: only how far the edit moves v(k*) shrinks.
+    s is 0 when W is already at the bound and the edit would only push it further.
+    """
+    w = weight.detach().double().cpu()
+    if conv1d:
+        w = w.T  # (d_model, d_ff), the layout Λ uᵀ is in
+    lam, u = edit.lam.double(), edit.u.double()
+    a = float((w * w).sum())
+    b = float(lam @ w @ u)
+    c = float(lam @ lam) * float(u @ u)
+    limit = max_norm * max_norm
+    if c == 0 or a + 2 * b + c <= limit:
+        return edit, 1.0
+    disc = b * b - c * (a - limit)
+    s = (-b + disc ** 0.5) / c if disc >= 0 else 0.0
+    s = min(1.0, max(0.0, s * (1 - 1e-6)))
+    lam32 = (lam * s).float()
+    return RankOneEdit(edit.layer, lam32, edit.u, edit.denominator,
+                       float(lam32.double().norm() * edit.u.double().norm())), s
+
+
 def apply_edit(lm: LoadedModel, edit: RankOneEdit, sign: int = 1) -> None:
     """W ← W + sign · Λ uᵀ in place: elementwise float32 arithmetic, so replay is byte-exact."""
     weight = lm.weight(edit.layer)
@@ -76,11 +102,12 @@ def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tenso
 
 
 def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp, timings: dict | None = None,
-                 preserver=None):
+                 preserver=None, max_weight_norm: float | None = None):
     """k*, v* and the update for one fact; the model is unchanged when this returns.
 
     Returns (edit, k_star, value). `timings`, if given, receives seconds_key and seconds_value.
     `preserver` (rome/preserve.py), if given, chooses u from k* instead of C⁻¹k*.
+    `max_weight_norm`, if given, scales the update so ‖W‖_F stays within it (`bound_norm`).
     """
     import time
 
@@ -95,10 +122,15 @@ def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp,
         lm, layer, fact_template, subject, target, prefixes, v_init,
         lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, stop_on=hp.v_stop_on, kl_factor=hp.kl_factor,
         weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-        engine="exact" if hp.exact_protocol else "cached",
+        engine="exact" if hp.exact_protocol else "cached", stop_on_argmax=hp.v_stop_argmax,
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)
     u = preserver.u(k_star) if preserver is not None else None
     edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None, u)
+    if max_weight_norm is not None:
+        edit, scale = bound_norm(edit, lm.weight(layer), lm.adapter.conv1d, max_weight_norm)
+        if scale <= 0:
+            raise ValueError(f"the edited matrix's norm is at its bound ({max_weight_norm:.4g}); "
+                             "raise norm_growth_max to edit further")
     return edit, k_star, value

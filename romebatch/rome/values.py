@@ -209,7 +209,15 @@ def optimise_value(
     weight_decay: float = 0.5,
     clamp_norm_factor: float = 4.0,
     engine: str = "cached",
+    stop_on_argmax: bool = False,
 ) -> ValueResult:
+    """Optimise δ; `stop_on_argmax` adds most-probable early stopping (MPES, ENCORE).
+
+    MPES stops at the first step whose forward pass finds the target's first token the
+    most probable next token on every rewrite prompt: the edit then already takes, and
+    driving the NLL further down only over-fits (and costs steps). The check reads the
+    logits the step computed anyway, so it costs nothing.
+    """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     rows = build_rows(lm, template, subject, target, prefixes)
@@ -217,6 +225,7 @@ def optimise_value(
     device = lm.device
     targets = torch.tensor(rows.targets, device=device)  # (P,)
     n_prompts, m = rows.n_prompts, rows.answer_len
+    first_token = torch.arange(n_prompts, device=device) * m  # each prompt's read of target token 0
 
     with torch.no_grad():
         base_logp = forward(None)[-1:].float().log_softmax(-1)  # (1, V): the unedited essence distribution
@@ -237,7 +246,9 @@ def optimise_value(
         penalty = weight_decay * delta.norm() / init_norm_sq
         loss = nll + kl_factor * kl + penalty
         loss_value, nll_value = loss.item(), nll.item()
-        if (nll_value if stop_on == "nll" else loss_value) < loss_stop:
+        reached = stop_on_argmax and bool(
+            (logp[first_token].argmax(-1) == targets[first_token]).all())
+        if reached or (nll_value if stop_on == "nll" else loss_value) < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break
         loss.backward()

@@ -1,0 +1,185 @@
+"""Issue 20's ablation: the default beside each mechanism for long runs, from edit 0.
+
+    python benchmarks/ablation.py --n 40                      # every variant, 40 records each
+    python benchmarks/ablation.py --n 40 --variants default,mpes
+    python benchmarks/ablation.py --report                    # the table from what is recorded
+
+Every variant applies the same first --n loadable CounterFact records
+(../shared/data/counterfact-edit-10k.json) as sequential edits from the base model, as
+`romebatch apply` ships them (guards on, repair passes every 100 edits and at the end,
+regression probes off as in sequential.py), then scores all of them:
+
+- ES / PS / NS over every edited fact, and NS minus the unedited model's NS on the same facts;
+- retention: ES of the first --retention edits, now;
+- GE: generation entropy of sequential.py's 10 fixed prompts (one seed: a noisy reading);
+- median Adam steps and median seconds of the first edit of each fact, rejected / failed
+  edits, repairs, and how far ‖W‖_F of the edited layer grew over the base.
+
+Variants (VARIANTS below): `default` (romebatch as it ships), `nullspace` (u ⟂ C's top-64
+principal directions and the earlier edits' keys: AlphaEdit-style), `mpes` (most-probable
+early stopping of v*), `norm` (‖W‖_F at most (1 + g) ‖W_base‖_F; g from --norm-growth, or by
+default half the growth the default variant reached over the same records), `all`.
+
+Journals go to --work (outside the repository: never commit them); one line per edit and
+one per scored variant go to benchmarks/runs/ablation.jsonl, so the same command resumes
+where it stopped and re-running a finished variant only re-reads it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from romebatch.api import REPAIR_EVERY  # noqa: E402
+from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
+from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
+from romebatch.hparams import HParams  # noqa: E402
+from romebatch.manifest import load_manifest  # noqa: E402
+from romebatch.model import load_model  # noqa: E402
+from sequential import DATA, FLUENCY_PROMPTS, read_jsonl  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "runs" / "ablation.jsonl"
+TOP_K = 64  # of Gemma-3-270M's 2,048 key dimensions: a soft null space
+VARIANTS = {
+    "default": {},
+    "mpes": {"v_stop_argmax": True},
+    "nullspace": {"preserve": "nullspace", "preserve_top_k": TOP_K},
+    "all": {"preserve": "nullspace", "preserve_top_k": TOP_K, "v_stop_argmax": True, "norm_growth_max": "auto"},
+    "norm": {"norm_growth_max": "auto"},
+}
+
+
+def norm_growth(lm, editor: Editor) -> float:
+    layer = editor.hparams.layer
+    base = float(editor._base(layer).double().norm())
+    return float(lm.weight(layer).double().norm()) / base - 1
+
+
+def resolve_variant(name: str, n: int, growth: float | None) -> dict:
+    params = dict(VARIANTS[name])
+    if params.get("norm_growth_max") == "auto":
+        if growth is None:
+            reached = [r for r in read_jsonl(OUT) if r.get("kind") == "scored" and r["variant"] == "default"
+                       and r["n"] == n]
+            if not reached:
+                raise SystemExit(f"[{name}] needs --norm-growth, or the default variant scored at n={n} first")
+            growth = 0.5 * reached[-1]["norm_growth"]
+        params["norm_growth_max"] = round(growth, 6)
+    return params
+
+
+def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
+    rows = read_jsonl(OUT)
+    if any(r.get("kind") == "scored" and r["variant"] == name and r["n"] == args.n for r in rows):
+        return
+    params = resolve_variant(name, args.n, args.norm_growth)
+    with Editor(args.work / f"ablation-{name}-n{args.n}-journal", lm=lm, hparams=HParams(**params),
+                log=print) as editor:
+        try:
+            def on_edit(row) -> None:
+                with OUT.open("a") as f:
+                    f.write(json.dumps({"kind": "edit", "variant": name, "n": args.n, "fact": row.fact_id,
+                                        "status": row.status, "steps": row.v_steps, "seconds": row.seconds,
+                                        "norm": row.update_norm, "reason": row.reason[:200]}) + "\n")
+
+            started = time.perf_counter()
+            result = editor.apply(facts, checks=None, stop=stop, repair_every=REPAIR_EVERY, on_edit=on_edit)
+            print(f"[{name}] {result.count('applied')} applied, {result.count('repaired')} repaired, "
+                  f"{result.count('rejected')} rejected, {result.count('failed')} failed in "
+                  f"{time.perf_counter() - started:.0f}s", flush=True)
+            if stop or editor.pending(facts):
+                raise SystemExit(f"[{name}] stopped; the same command resumes")
+            path = editor.journal.path()
+            first = {}
+            for record in path:
+                first.setdefault(record.fact_hash, record)  # each fact's first edit on the path
+            by_hash = {f.hash: f for f in facts}
+            applied = [by_hash[h] for h in first if h in by_hash]
+            scores = score_facts(lm, applied)
+            retained = [by_hash[h] for h in list(first)[:args.retention] if h in by_hash]
+            row = {"kind": "scored", "variant": name, "n": args.n, "hparams": params, **summarize(scores),
+                   "retention": summarize(score_facts(lm, retained))["ES"], "GE": fluency(lm, FLUENCY_PROMPTS),
+                   "applied": len(applied), "repairs": len(path) - len(first),
+                   "rejected": len(editor.journal.rejections()),
+                   "median_steps": statistics.median(r.v_steps for r in first.values()),
+                   "mean_steps": statistics.fmean(r.v_steps for r in first.values()),
+                   "median_seconds": statistics.median(r.seconds_total for r in first.values()),
+                   "max_update_norm": max(r.update_norm for r in path), "norm_growth": norm_growth(lm, editor)}
+            with OUT.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+        finally:
+            editor.replay(0, verify=False)  # the next variant starts from the base weights
+
+
+def unedited(lm, facts, n: int) -> None:
+    if any(r.get("kind") == "scored" and r["variant"] == "unedited" and r["n"] == n for r in read_jsonl(OUT)):
+        return
+    row = {"kind": "scored", "variant": "unedited", "n": n, **summarize(score_facts(lm, facts)),
+           "GE": fluency(lm, FLUENCY_PROMPTS)}
+    with OUT.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def report(n: int | None) -> None:
+    rows = [r for r in read_jsonl(OUT) if r.get("kind") == "scored" and (n is None or r["n"] == n)]
+    base = {r["n"]: r for r in rows if r["variant"] == "unedited"}
+    print("| variant | n | ES | PS | NS | NS − unedited | retention | GE | median steps | mean steps "
+          "| median s/edit | repairs | rejected | max ‖ΔW‖ | ‖W‖ growth |")
+    print("| --- |" + " ---: |" * 14)
+    for r in rows:
+        if r["variant"] == "unedited":
+            print(f"| unedited | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | - | - | {r['GE']:.1f} "
+                  "| - | - | - | - | - | - | - |")
+            continue
+        ns = f"{r['NS'] - base[r['n']]['NS']:+.1f}" if r["n"] in base else "-"
+        print(f"| {r['variant']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {ns} "
+              f"| {r['retention']:.1f} | {r['GE']:.1f} | {r['median_steps']:g} | {r['mean_steps']:.1f} "
+              f"| {r['median_seconds']:.1f} | {r['repairs']} | {r['rejected']} | {r['max_update_norm']:.3f} "
+              f"| {100 * r['norm_growth']:.2f}% |")
+
+
+def main() -> None:
+    global OUT
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=500, help="CounterFact records, edited from 0 by every variant")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--retention", type=int, default=100, help="retention reads the first this many edits")
+    ap.add_argument("--norm-growth", type=float, default=None, help="g of the norm variants (default: auto)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/romebatch-ablation"), help="journals (never commit)")
+    ap.add_argument("--out", type=Path, default=Path(OUT), help="the resumable jsonl")
+    ap.add_argument("--report", action="store_true")
+    args = ap.parse_args()
+    OUT = args.out
+    if args.report:
+        return report(None)
+    names = args.variants.split(",")
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    args.work.mkdir(parents=True, exist_ok=True)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    lm = load_model()
+    facts = load_manifest(DATA, skip_invalid=True).facts[:args.n]
+    unedited(lm, facts, args.n)
+    stop = StopRequest()
+    with stop_on_signals(stop, print):
+        for name in names:
+            run_variant(lm, name, facts, args, stop)
+    report(args.n)
+
+
+if __name__ == "__main__":
+    main()

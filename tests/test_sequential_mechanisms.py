@@ -1,0 +1,233 @@
+"""Issue 20's mechanisms for long sequential runs, each against a reference computed another way.
+
+- MPES: v* optimisation stops at the first step where the target's first token is the
+  argmax on every rewrite prompt; the reference replays the un-stopped optimisation step by
+  step and reads each step's argmax from a plain forward pass of the prompt texts.
+- Soft null space (`preserve_top_k`): u ⟂ C's top-k eigenvectors, so W k is unchanged for
+  keys in their span (and, with "nullspace", for earlier edits' keys) through the Editor.
+- Norm bound (`norm_growth_max`): ‖W‖_F never exceeds (1 + g) ‖W_base‖_F, and it bites.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TINY_HPARAMS, tiny_loaded
+from romebatch.editor import Editor
+from romebatch.errors import UserError
+from romebatch.hooks import Hook, attach
+from romebatch.hparams import HParams
+from romebatch.lm import answer_ids, subject_last_index
+from romebatch.manifest import Fact
+from romebatch.rome import values as V
+from romebatch.rome.preserve import Preserver
+from romebatch.rome.update import RankOneEdit, bound_norm
+
+# The subject ends the prompt, so δ reaches the next-token logits on a random tiny model.
+TEMPLATE, SUBJECT, TARGET = "It is in {}", "the city", "Seattle"
+PREFIXES = ["The city. ", "Therefore it is a long story about many things. ", "I. "]
+LAYER = 1
+FACTS = [
+    Fact(id="needle", subject="The Space Needle", prompt="{} is located in the city of", target_new="Paris"),
+    Fact(id="eiffel", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Rome"),
+    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo"),
+    Fact(id="darrieux", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="Spain"),
+    Fact(id="rocard", subject="Michel Rocard", prompt="{} is a native speaker of", target_new="London"),
+]
+
+MPES_FACTS = [Fact(id=f"m{i}", subject=s, prompt="It is in {}", target_new=t)
+              for i, (s, t) in enumerate([("the city", "Seattle"), ("the tower", "Rome"), ("the river", "Tokyo")])]
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+# ------------------------------------------------------------------------------------ MPES
+def argmax_on_every_prompt(lm, delta: torch.Tensor) -> bool:
+    """Whether, with δ added at the subject's last token, the target's first token is the
+    argmax of the next-token logits on every rewrite prompt: one plain forward pass per
+    prompt text, no batching, no cache, nothing shared with the optimiser's engines."""
+    tok = lm.tokenizer
+    first = answer_ids(tok, TEMPLATE.replace("{}", SUBJECT, 1), TARGET)[0]
+    for prefix in ["", *PREFIXES]:
+        encoded, index = subject_last_index(tok, TEMPLATE, SUBJECT, prefix)
+
+        def add(output, index=index):
+            output = output.clone()
+            output[0, index] += delta
+            return output
+
+        with torch.no_grad(), attach(lm.model, [Hook(lm.name("down_proj", LAYER), add)]):
+            out = lm.model(input_ids=torch.tensor([encoded.ids]))
+        if int(out.logits[0, -1].argmax()) != first:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("engine", V.ENGINES)
+def test_mpes_stops_at_the_first_step_the_target_is_the_argmax_everywhere(bytelevel_tokenizer, engine):
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    v_init = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(lr=0.5, clamp_norm_factor=20.0, loss_stop=0.0, engine=engine)  # no NLL stop
+    cap = 30
+    # The reference: the un-stopped trajectory, k Adam steps for k = 0, 1, ... (Adam from δ = 0
+    # is deterministic, so `steps=k` is the trajectory's k-th point), judged independently.
+    expected = None
+    for k in range(cap + 1):
+        delta = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=k, **kwargs).delta
+        if argmax_on_every_prompt(lm, delta):
+            expected, expected_delta = k, delta
+            break
+    assert expected is not None and 2 <= expected < cap  # the test exercises a real stop
+    stopped = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap,
+                               stop_on_argmax=True, **kwargs)
+    assert stopped.steps == expected
+    torch.testing.assert_close(stopped.delta, expected_delta, atol=1e-6, rtol=0)
+    assert not argmax_on_every_prompt(lm, V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init,
+                                                           steps=expected - 1, **kwargs).delta)
+    # Without MPES the same run goes on to the cap.
+    plain = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap, **kwargs)
+    assert plain.steps == cap
+
+
+def test_mpes_through_the_editor_takes_fewer_steps_and_the_edits_still_take(tmp_path, bytelevel_tokenizer):
+    steps = {}
+    for mpes in (False, True):
+        hp = HParams(**{**TINY_HPARAMS, "v_lr": 0.5, "v_stop_argmax": mpes})
+        with Editor(tmp_path / f"j{mpes}", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp,
+                    log=quiet) as editor:
+            result = editor.apply(MPES_FACTS, checks=None)
+            steps[mpes] = [r.v_steps for r in result.results]
+            assert all(r.status == "applied" for r in result.results), [r.reason for r in result.results]
+            if mpes:
+                assert all(r.p_new_after > r.p_new_before for r in result.results)
+    assert sum(steps[True]) < sum(steps[False])
+
+
+# ------------------------------------------------------------------------------ null space
+def random_spd(d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 3 * d, dtype=torch.float64)
+    return a @ a.T / (3 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["none", "covariance", "nullspace"])
+def test_top_k_projection_matches_an_independent_solution(method):
+    d, k, n = 12, 3, 2
+    c = random_spd(d, 0)
+    g = torch.Generator().manual_seed(5)
+    keys = [torch.randn(d, generator=g, dtype=torch.float64) for _ in range(n)]
+    k_star = torch.randn(d, generator=g, dtype=torch.float64)
+    pres = Preserver(method, torch.linalg.cholesky(c), d, 7.0, top_k=k)
+    pres.rebuild(keys)
+    u = pres.u(k_star)
+    evals, evecs = torch.linalg.eigh(c)
+    top = evecs[:, -k:]
+    m = c.clone()
+    if method == "covariance":
+        for key in keys:
+            unit = key / key.norm()
+            m += 7.0 * (unit @ c @ unit) * torch.outer(unit, unit)
+    a = torch.cat([top, torch.stack(keys, dim=1)], dim=1) if method == "nullspace" else top
+    inv = torch.linalg.inv(m)
+    alpha = torch.linalg.solve(a.T @ inv @ a, a.T @ inv @ k_star)  # the KKT system
+    torch.testing.assert_close(u, inv @ (k_star - a @ alpha))
+    if method == "none":  # for M = C the constrained u is the Euclidean projection of C⁻¹k*
+        torch.testing.assert_close(u, (torch.eye(d, dtype=torch.float64) - top @ top.T) @ inv @ k_star)
+    assert (a.T @ u).abs().max() < 1e-9 * u.norm()
+
+
+def layer_output(lm, key: torch.Tensor) -> torch.Tensor:
+    module = lm.module("down_proj", LAYER)
+    with torch.no_grad():
+        return module(key[None].to(module.weight.dtype))[0].double()
+
+
+@pytest.mark.parametrize("preserve", ["none", "nullspace"])
+def test_null_space_edits_leave_preserved_keys_unchanged(tmp_path, bytelevel_tokenizer, preserve):
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    hp = HParams(**{**TINY_HPARAMS, "preserve": preserve, "preserve_top_k": 8})
+    with Editor(tmp_path / "j", lm=lm, hparams=hp, log=quiet) as editor:
+        pres = editor.preserver(LAYER)
+        top = pres.principal.float()  # (d_ff, 8): C's top-8 eigenvectors
+        g = torch.Generator().manual_seed(3)
+        preserved = top @ (3 * torch.randn(8, 6, generator=g))  # typical keys: in their span
+        before = [layer_output(lm, preserved[:, i]) for i in range(preserved.shape[1])]
+        outputs = []  # after each edit: the output at every earlier edit's key
+
+        def on_edit(row):
+            keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.path()]
+            outputs.append([layer_output(lm, k) for k in keys])
+
+        result = editor.apply(FACTS, on_edit=on_edit, checks=None)
+        assert all(r.status == "applied" for r in result.results), [r.reason for r in result.results]
+        # The edits really write (W changes, and most raise their new object's probability).
+        assert all(r.update_norm > 1e-2 for r in result.results)
+        assert sum(r.p_new_after > r.p_new_before for r in result.results) >= 3
+        for i in range(preserved.shape[1]):
+            after = layer_output(lm, preserved[:, i])
+            assert float((after - before[i]).abs().max()) < 1e-5 * max(1.0, float(before[i].abs().max()))
+        if preserve == "nullspace":  # the earlier edits' keys are in the preserved set too
+            for i in range(len(FACTS)):
+                for later in outputs[i + 1:]:
+                    assert float((later[i] - outputs[i][i]).abs().max()) < 1e-5 * max(1.0, float(outputs[i][i].abs().max()))
+    # Without the projection the same keys do move: the check above can fail.
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    with Editor(tmp_path / "plain", lm=lm, hparams=HParams(**TINY_HPARAMS), log=quiet) as editor:
+        before = [layer_output(lm, preserved[:, i]) for i in range(preserved.shape[1])]
+        editor.apply(FACTS, checks=None)
+        moved = max(float((layer_output(lm, preserved[:, i]) - before[i]).abs().max()) for i in range(len(before)))
+    assert moved > 1e-3
+
+
+# ------------------------------------------------------------------------------ norm bound
+def test_bound_norm_meets_the_bound_exactly():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 9, generator=g)
+    lam, u = torch.randn(6, generator=g), torch.randn(9, generator=g)
+    edit = RankOneEdit(0, lam, u, 1.0, float(lam.norm() * u.norm()))
+    after = float((w.double() + torch.outer(lam, u).double()).norm())
+    limit = 0.5 * (float(w.double().norm()) + after) if after > w.norm() else None
+    assert limit is not None
+    scaled, s = bound_norm(edit, w, False, limit)
+    assert 0 < s < 1
+    norm = float((w.double() + torch.outer(scaled.lam, scaled.u).double()).norm())
+    assert norm <= limit and norm > limit * (1 - 1e-5)
+    # Transposed storage (GPT-2's Conv1D) gives the same scale.
+    assert bound_norm(edit, w.T.contiguous(), True, limit)[1] == pytest.approx(s, rel=1e-9)
+    unchanged, one = bound_norm(edit, w, False, 2 * after)
+    assert one == 1.0 and unchanged is edit
+
+
+def test_norm_growth_bound_holds_through_a_sequential_run(tmp_path, bytelevel_tokenizer):
+    def run(growth):
+        lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+        base = float(lm.weight(LAYER).double().norm())
+        hp = HParams(**{**TINY_HPARAMS, "norm_growth_max": growth})
+        norms = []
+        with Editor(tmp_path / f"j{growth}", lm=lm, hparams=hp, log=quiet) as editor:
+            result = editor.apply(FACTS, checks=None, on_edit=lambda row: norms.append(
+                float(lm.weight(LAYER).double().norm())))
+        return base, norms, result
+
+    base, free, _ = run(0.0)
+    growth = 0.5 * (free[-1] / base - 1)  # half the growth the unbounded run reaches
+    assert growth > 0
+    base, bounded, result = run(growth)
+    limit = (1 + growth) * base
+    assert all(n <= limit * (1 + 1e-6) for n in bounded)
+    assert max(bounded) > limit * (1 - 1e-3)  # the bound really bites ...
+    assert bounded[-1] < free[-1]
+    assert result.results[0].status == "applied"  # ... and the first edits are whole
+
+
+def test_new_options_are_checked():
+    with pytest.raises(UserError, match="preserve_top_k"):
+        HParams(preserve_top_k=-1).check()
+    with pytest.raises(UserError, match="norm_growth_max"):
+        HParams(norm_growth_max=-0.1).check()
+    with pytest.raises(UserError, match="v_stop_argmax"):
+        HParams(v_stop_argmax="yes").check()
+    assert HParams().defining()["v_stop_argmax"] is False  # off by default
