@@ -31,6 +31,11 @@ ModelOpt = Annotated[Optional[str], typer.Option(
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line of stdout.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", help="Spread the model over devices, CPU and disk: auto, balanced, sequential, or a FILE.json "
+                         "of module: device (accelerate's dispatch; --device is then unused).")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'.")]
 DEFAULT_JOURNAL = Path("romebatch.journal")
 
 
@@ -101,6 +106,8 @@ def apply(
     dtype: DtypeOpt = "float32",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Apply a manifest's facts as sequential ROME edits, each committed to the journal.
 
@@ -166,7 +173,7 @@ def apply(
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=dtype, module_template=module_template, results=results,
                            checks=checks, on_regression=on_regression, repair_every=repair_every, on_edit=on_edit,
-                           stats_progress=on_stats, log=_say)
+                           stats_progress=on_stats, log=_say, device_map=device_map, max_memory=max_memory)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
@@ -187,12 +194,14 @@ def rollback(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Move the journal's head to another state, rebuilt by replay and checked byte for byte."""
     from . import api
 
     head = api.rollback(journal, to=to, steps=steps, fact=fact, base=base or None, prune=prune, model=model,
-                        device=device, log=_say)
+                        device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": str(journal), "head": head})
     else:
@@ -220,11 +229,14 @@ def export(
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR.")] = False,
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
     from . import api
 
-    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say)
+    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say,
+                      device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": str(journal), "export": str(path)})
     else:
@@ -242,6 +254,8 @@ def verify(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Specificity regression of the journal's head against the base model. Exit 1 on regression."""
     from . import api
@@ -250,7 +264,7 @@ def verify(
 
     thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
     report = api.verify(journal, manifest=manifest, thresholds=thresholds, results=results, model=model,
-                        device=device, log=_say)
+                        device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json(report.summary())
     else:
@@ -275,6 +289,8 @@ def trace(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Causal tracing (ROME §2): where a fact lives, and which layer to edit."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -285,7 +301,7 @@ def trace(
     console = _console()
     if facts is None:
         result = api.trace(prompt, subject, answer, model=model, device=device, samples=samples, noise=noise,
-                           window=window, log=_say)
+                           window=window, log=_say, device_map=device_map, max_memory=max_memory)
         rows = result.to_rows()
         if out:
             save_trace_png(result, out)
@@ -303,7 +319,7 @@ def trace(
         with progress:
             effect, layer, traced = api.trace(
                 facts_file=facts, limit=limit, model=model, device=device, samples=samples, noise=noise,
-                window=window, log=_say, progress=lambda done, total: progress.update(task, completed=done,
+                window=window, log=_say, device_map=device_map, max_memory=max_memory, progress=lambda done, total: progress.update(task, completed=done,
                                                                                       total=total))
         rows = [row for r in traced for row in r.to_rows()]
         if out:
@@ -331,11 +347,13 @@ def check(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Verify the journal: base model identity and every edit's hashes, by replay. Exit 1 if damaged."""
     from . import api
 
-    report = api.check(journal, model=model, device=device, log=_say)
+    report = api.check(journal, model=model, device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": report.journal, "ok": report.ok, "edits": report.edits, "head": report.head,
                     "problems": report.problems, "last_good": report.last_good})

@@ -177,13 +177,16 @@ class Editor:
         verify: bool = True,
         log: Log = _stderr,
         lm: LoadedModel | None = None,
+        device_map: str | dict | None = None,  # accelerate's dispatch (romebatch/device_map.py)
+        max_memory: str | dict | None = None,
     ):
         self.log = log
         self.journal = Journal(journal, write=write, create=write)
         try:
             stored_spec = self.journal.get("model")
             self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
-                                       module_template=module_template or self.journal.get("module_template"), log=log)
+                                       module_template=module_template or self.journal.get("module_template"), log=log,
+                                       device_map=device_map, max_memory=max_memory)
             self.base_hash = self.lm.base_hash()
             self.hparams = self._init_or_check(hparams, model, module_template)
             self._base_weights: dict[int, torch.Tensor] = {}
