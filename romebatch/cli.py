@@ -369,6 +369,45 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+def tune(
+    manifest: Annotated[Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
+    model: ModelOpt = None,
+    sample: Annotated[int, typer.Option(help="Facts edited one at a time over the grid (a seeded sample).")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    clamps: Annotated[str, typer.Option(help="Comma-separated clamp factors to try.")] = "0.5,1,2,4",
+    top_layers: Annotated[int, typer.Option(help="Layers taken from causal tracing (depth/4 is added).")] = 2,
+    seq_edits: Annotated[int, typer.Option(help="Edits in the sequential check of the best settings.")] = 50,
+    seq_top: Annotated[int, typer.Option(help="Settings that go through the sequential check.")] = 2,
+    hparams: Annotated[Optional[Path], typer.Option(help="YAML file of the other hyper-parameters.")] = None,
+    results: Annotated[Optional[Path], typer.Option(
+        help="Results JSONL: every measurement is appended; re-running resumes from it.")] = Path("romebatch-tune.jsonl"),
+    no_save: Annotated[bool, typer.Option("--no-save", help="Print the table; save no preset.")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+):
+    """Measure the edit layer and clamp on your facts; save them as this model's preset for `apply`."""
+    from .errors import UserError
+    from .report import render_tune
+    from .tune import tune as run_tune
+
+    try:
+        clamp_values = tuple(float(x) for x in clamps.split(","))
+    except ValueError:
+        raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
+    result = run_tune(manifest, model=model, sample=sample, seed=seed, clamps=clamp_values, top_layers=top_layers,
+                      seq_edits=seq_edits, seq_top=seq_top, hparams=_hparams(hparams), results=results,
+                      save=not no_save, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                      log=_say)
+    if json_out:
+        _emit_json(result.summary())
+    else:
+        render_tune(_console(), result)
+
+
 def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
     from typer.exceptions import TyperException

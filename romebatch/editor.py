@@ -205,10 +205,14 @@ class Editor:
     # -- opening -----------------------------------------------------------------------
     def _init_or_check(self, hparams: HParams | None, model: str | None, module_template: str | None) -> HParams:
         lm, journal = self.lm, self.journal
-        requested = resolve(hparams or HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+        from .presets import describe, fill_defaults
+
+        given, sources = fill_defaults(hparams or HParams(), lm)  # a `romebatch tune` preset, if any
+        requested = resolve(given, lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
         if not journal.initialised:
             if not journal.write:
                 raise UserError(f"journal {journal.directory} is empty")
+            self.log(describe(requested, sources))
             journal.set_many({
                 "format": 1, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
                 "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
