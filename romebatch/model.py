@@ -275,6 +275,10 @@ def load_model(
         folder = embedded_model_folder(log=log)
     elif spec.endswith(".gguf"):
         folder = gguf_to_safetensors(Path(spec), log=log)
+    elif spec.startswith("package:"):  # a GGUF shipped inside a Python package (packaged.py)
+        from .packaged import packaged_gguf
+
+        folder = gguf_to_safetensors(packaged_gguf(spec[len("package:"):]), log=log)
     elif Path(spec).is_dir():
         folder = Path(spec)
     elif Path(spec).exists():
