@@ -36,6 +36,8 @@ def apply(
     on_edit=None,
     stats_progress=None,
     log=None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> ApplyResult:
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
     from .model import load_model
@@ -52,7 +54,8 @@ def apply(
     # is created or locked: bad input writes nothing.
     stored = _journal_meta(journal)
     lm = load_model(model or stored.get("model"), device=device, dtype=dtype,
-                    module_template=module_template or stored.get("module_template"), **kwargs)
+                    module_template=module_template or stored.get("module_template"), device_map=device_map,
+                    max_memory=max_memory, **kwargs)
     longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
     check_facts_for_model(lm, facts, longest_prefix)
     if layer == "auto":
@@ -90,6 +93,11 @@ def auto_layer(lm, facts, log=None) -> int:
     return layer
 
 
+def _load_kwargs(log, device_map, max_memory) -> dict:
+    """Editor's keyword arguments for loading: the log if given, and the device map (device_map.py)."""
+    return {**({"log": log} if log else {}), "device_map": device_map, "max_memory": max_memory}
+
+
 def _journal_meta(journal: str | Path) -> dict:
     """The stored model spec of an existing journal ({} if there is none yet)."""
     if not (Path(journal) / "journal.sqlite").exists():
@@ -100,14 +108,14 @@ def _journal_meta(journal: str | Path) -> dict:
 
 def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
              fact: str | None = None, base: bool = False, prune: bool = False, model: str | None = None,
-             device: str = "cpu", log=None) -> int:
+             device: str = "cpu", log=None, device_map=None, max_memory=None) -> int:
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
     from .editor import check_rollback_selector
 
     check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
         pass
-    kwargs = {"log": log} if log else {}
+    kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, create=False, **kwargs) as editor:
         head = editor.rollback(to=to, steps=steps, fact=fact, base=base)
         if prune:
@@ -116,14 +124,14 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
 
 
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
-           device: str = "cpu", force: bool = False, log=None) -> Path:
+           device: str = "cpu", force: bool = False, log=None, device_map=None, max_memory=None) -> Path:
     """Write the journal's head state as a model folder that transformers loads."""
     from .editor import check_export_target
 
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
         pass
     check_export_target(Path(outdir), force)
-    kwargs = {"log": log} if log else {}
+    kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         return editor.export(outdir, force=force)
 
@@ -160,13 +168,13 @@ def pending_facts(facts, journal: str | Path):
 
 
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
-          lm=None):
+          lm=None, device_map=None, max_memory=None):
     """Verify the journal: the file itself (no model needed), then every edit's stored hashes by replay."""
     from .audit import audit, damaged_edits
     from .editor import CheckReport
     from .errors import UserError
 
-    kwargs = {"log": log} if log else {}
+    kwargs = _load_kwargs(log, device_map, max_memory)
     # The file itself first, without a model: damage is named in seconds, and replay runs
     # only when the rows it reads are sound enough to replay.
     with Journal(journal) as j:
@@ -194,7 +202,8 @@ def check(journal: str | Path = "romebatch.journal", *, model: str | None = None
 
 
 def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | None = None, thresholds=None,
-           results: str | Path | None = None, model: str | None = None, device: str = "cpu", log=None, progress=None):
+           results: str | Path | None = None, model: str | None = None, device: str = "cpu", log=None, progress=None,
+           device_map=None, max_memory=None):
     """Score the head against the base model on every applied fact; see `romebatch.verify`."""
     from .verify import VerifyThresholds, verify as run_verify
 
@@ -204,7 +213,7 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
     facts = load_manifest(manifest).facts if manifest else None
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
         pass
-    kwargs = {"log": log} if log else {}
+    kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         report = run_verify(editor, thresholds or VerifyThresholds(), facts, progress=progress)
     if results:
@@ -217,7 +226,7 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
 def trace(prompt: str | None = None, subject: str | None = None, answer: str | None = None, *,
           facts_file: str | Path | None = None, limit: int | None = None, model: str | None = None,
           device: str = "cpu", samples: int = 10, noise: float = 3.0, window: int = 10, kinds=("hidden", "mlp", "attn"),
-          seed: int = 0, log=None, progress=None):
+          seed: int = 0, log=None, progress=None, device_map=None, max_memory=None):
     """Causal tracing: one fact (every cell, each kind), or the MLP effect averaged over a file of facts.
 
     Returns a TraceResult for one fact, or (effect by layer, recommended layer, results) for a file;
@@ -230,7 +239,7 @@ def trace(prompt: str | None = None, subject: str | None = None, answer: str | N
     kwargs = {"log": log} if log else {}
     if facts_file is None and (prompt is None or subject is None):
         raise UserError("give --prompt and --subject, or --facts FILE")
-    lm = load_model(model, device=device, **kwargs)
+    lm = load_model(model, device=device, device_map=device_map, max_memory=max_memory, **kwargs)
     if facts_file is None:
         if subject not in prompt:
             raise UserError(f"--subject {subject!r} does not occur in --prompt")

@@ -78,6 +78,11 @@ def _value(choice):
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights' dtype while editing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line of stdout.")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option(
+    "--device-map", help="Spread the model over devices, CPU and disk: auto, balanced, sequential, or a FILE.json "
+                         "of module: device (accelerate's dispatch; --device is then unused).")]
+MaxMemoryOpt = Annotated[Optional[str], typer.Option(
+    "--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'.")]
 DEFAULT_JOURNAL = Path("romebatch.journal")
 
 
@@ -158,6 +163,8 @@ def apply(
     dtype: DtypeOpt = Dtype.float32,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Apply a manifest's facts as sequential ROME edits, each committed to the journal.
 
@@ -235,7 +242,8 @@ def apply(
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=_value(dtype), module_template=module_template, results=results,
                            checks=checks, on_regression=_value(on_regression), repair_every=repair_every,
-                           on_edit=on_edit, stats_progress=on_stats, log=_say)
+                           on_edit=on_edit, stats_progress=on_stats, log=_say, device_map=device_map,
+                           max_memory=max_memory)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
@@ -259,13 +267,15 @@ def rollback(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Move the journal's head to another state, rebuilt by replay and checked byte for byte."""
     from . import api
 
     _check_device(device)
     head = api.rollback(journal, to=to, steps=steps, fact=fact, base=base or None, prune=prune, model=model,
-                        device=device, log=_say)
+                        device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": str(journal), "head": head})
     else:
@@ -293,12 +303,15 @@ def export(
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR.")] = False,
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
     from . import api
 
     _check_device(device)
-    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say)
+    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say,
+                      device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": str(journal), "export": str(path)})
     else:
@@ -316,6 +329,8 @@ def verify(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Specificity regression of the journal's head against the base model. Exit 1 on regression."""
     from . import api
@@ -326,7 +341,7 @@ def verify(
     check_results_path(results)
     thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
     report = api.verify(journal, manifest=manifest, thresholds=thresholds, results=results, model=model,
-                        device=device, log=_say)
+                        device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json(report.summary())
     else:
@@ -351,6 +366,8 @@ def trace(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Causal tracing (ROME §2): where a fact lives, and which layer to edit."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -369,7 +386,7 @@ def trace(
     console = _console()
     if facts is None:
         result = api.trace(prompt, subject, answer, model=model, device=device, samples=samples, noise=noise,
-                           window=window, log=_say)
+                           window=window, log=_say, device_map=device_map, max_memory=max_memory)
         rows = result.to_rows()
         if out:
             save_trace_png(result, out)
@@ -387,7 +404,7 @@ def trace(
         with progress:
             effect, layer, traced = api.trace(
                 facts_file=facts, limit=limit, model=model, device=device, samples=samples, noise=noise,
-                window=window, log=_say, progress=lambda done, total: progress.update(task, completed=done,
+                window=window, log=_say, device_map=device_map, max_memory=max_memory, progress=lambda done, total: progress.update(task, completed=done,
                                                                                       total=total))
         rows = [row for r in traced for row in r.to_rows()]
         if out:
@@ -416,12 +433,14 @@ def check(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
 ):
     """Verify the journal: base model identity and every edit's hashes, by replay. Exit 1 if damaged."""
     from . import api
 
     _check_device(device)
-    report = api.check(journal, model=model, device=device, log=_say)
+    report = api.check(journal, model=model, device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": report.journal, "ok": report.ok, "edits": report.edits, "head": report.head,
                     "problems": report.problems, "last_good": report.last_good})
@@ -438,6 +457,45 @@ def check(
                  f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`")
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command()
+def tune(
+    manifest: Annotated[Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
+    model: ModelOpt = None,
+    sample: Annotated[int, typer.Option(help="Facts edited one at a time over the grid (a seeded sample).")] = 30,
+    seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
+    clamps: Annotated[str, typer.Option(help="Comma-separated clamp factors to try.")] = "0.5,1,2,4",
+    top_layers: Annotated[int, typer.Option(help="Layers taken from causal tracing (depth/4 is added).")] = 2,
+    seq_edits: Annotated[int, typer.Option(help="Edits in the sequential check of the best settings.")] = 50,
+    seq_top: Annotated[int, typer.Option(help="Settings that go through the sequential check.")] = 2,
+    hparams: Annotated[Optional[Path], typer.Option(help="YAML file of the other hyper-parameters.")] = None,
+    results: Annotated[Optional[Path], typer.Option(
+        help="Results JSONL: every measurement is appended; re-running resumes from it.")] = Path("romebatch-tune.jsonl"),
+    no_save: Annotated[bool, typer.Option("--no-save", help="Print the table; save no preset.")] = False,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    json_out: JsonOpt = False,
+    device_map: DeviceMapOpt = None,
+    max_memory: MaxMemoryOpt = None,
+):
+    """Measure the edit layer and clamp on your facts; save them as this model's preset for `apply`."""
+    from .errors import UserError
+    from .report import render_tune
+    from .tune import tune as run_tune
+
+    try:
+        clamp_values = tuple(float(x) for x in clamps.split(","))
+    except ValueError:
+        raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
+    result = run_tune(manifest, model=model, sample=sample, seed=seed, clamps=clamp_values, top_layers=top_layers,
+                      seq_edits=seq_edits, seq_top=seq_top, hparams=_hparams(hparams), results=results,
+                      save=not no_save, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                      log=_say)
+    if json_out:
+        _emit_json(result.summary())
+    else:
+        render_tune(_console(), result)
 
 
 def main() -> None:

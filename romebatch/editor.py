@@ -196,6 +196,8 @@ class Editor:
         verify: bool = True,
         log: Log = _stderr,
         lm: LoadedModel | None = None,
+        device_map: str | dict | None = None,  # accelerate's dispatch (romebatch/device_map.py)
+        max_memory: str | dict | None = None,
     ):
         self.log = log
         # A writer creates a missing journal unless told not to: every command but `apply`
@@ -205,7 +207,8 @@ class Editor:
         try:
             stored_spec = self.journal.get("model")
             self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
-                                       module_template=module_template or self.journal.get("module_template"), log=log)
+                                       module_template=module_template or self.journal.get("module_template"), log=log,
+                                       device_map=device_map, max_memory=max_memory)
             self.base_hash = self.lm.base_hash()
             self.hparams = self._init_or_check(hparams, model, module_template)
             self._base_weights: dict[int, torch.Tensor] = {}
@@ -224,10 +227,14 @@ class Editor:
     # -- opening -----------------------------------------------------------------------
     def _init_or_check(self, hparams: HParams | None, model: str | None, module_template: str | None) -> HParams:
         lm, journal = self.lm, self.journal
-        requested = resolve(hparams or HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+        from .presets import describe, fill_defaults
+
+        given, sources = fill_defaults(hparams or HParams(), lm)  # a `romebatch tune` preset, if any
+        requested = resolve(given, lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
         if not journal.initialised:
             if not journal.write:
                 raise UserError(f"journal {journal.directory} is empty")
+            self.log(describe(requested, sources))
             journal.set_many({
                 "format": JOURNAL_FORMAT, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
                 "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,

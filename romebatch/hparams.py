@@ -169,6 +169,10 @@ def load_hparams(path: str | Path) -> HParams:
         raise UserError(f"{path}: cannot read hyper-parameters ({what})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: hyper-parameters must be a mapping of name: value")
+    from .hparams_easyedit import from_easyedit, is_easyedit
+
+    if is_easyedit(data):  # an EasyEdit ROME file (hparams/ROME/*.yaml), mapped field by field
+        return from_easyedit(data, source=str(path))
     return HParams.from_dict(data, source=str(path))
 
 

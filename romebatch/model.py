@@ -169,11 +169,18 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        from .device_map import input_device
+
+        return input_device(self.model) or next(self.model.parameters()).device
 
     def weight(self, layer: int) -> torch.nn.Parameter:
-        """The down-projection weight of `layer`, as stored (orientation in adapter.conv1d)."""
-        return self.module("down_proj", layer).weight
+        """The down-projection weight of `layer`, as stored (orientation in adapter.conv1d).
+
+        Under a device map that offloads it, the CPU tensor forwards read it from (device_map.py).
+        """
+        from .device_map import writable_weight
+
+        return writable_weight(self.module("down_proj", layer))
 
     def module(self, kind: str, layer: int) -> torch.nn.Module:
         return self.model.get_submodule(self.adapter.module(kind, layer))
@@ -196,8 +203,10 @@ class LoadedModel:
         the weights are the base ones: callers use it for base-model caches.
         """
         if self._full_hash is None:
+            from .device_map import state_tensors
+
             digest = hashlib.sha256(self.config.model_type.encode())
-            for name, tensor in self.model.state_dict().items():
+            for name, tensor in state_tensors(self.model):  # offloaded tensors read through their hooks
                 digest.update(name.encode())
                 digest.update(_tensor_bytes(tensor))
             self._full_hash = "sha256:" + digest.hexdigest()
@@ -205,9 +214,11 @@ class LoadedModel:
 
     def base_hash(self) -> str:
         """Hash of every down-projection weight: the weights any edit can touch."""
+        from .device_map import read_tensor
+
         digest = hashlib.sha256()
-        for layer in range(self.n_layers):
-            digest.update(_tensor_bytes(self.weight(layer)))
+        for layer in range(self.n_layers):  # read, not pinned: only edited layers are (device_map.py)
+            digest.update(_tensor_bytes(read_tensor(self.module("down_proj", layer), "weight")))
         return "sha256:" + digest.hexdigest()
 
 
@@ -244,8 +255,14 @@ def load_model(
     dtype: str = "float32",
     module_template: str | None = None,
     log: Callable[[str], None] = _stderr,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
 ) -> LoadedModel:
-    """Load `spec`: None or EMBEDDED, a `.gguf` file, a local folder, or a cached hub id."""
+    """Load `spec`: None or EMBEDDED, a `.gguf` file, a local folder, or a cached hub id.
+
+    `device_map` / `max_memory` dispatch it over devices, CPU and disk (romebatch/device_map.py);
+    `device` is then unused.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -260,6 +277,10 @@ def load_model(
         folder = embedded_model_folder(log=log)
     elif spec.endswith(".gguf"):
         folder = gguf_to_safetensors(Path(spec), log=log)
+    elif spec.startswith("package:"):  # a GGUF shipped inside a Python package (packaged.py)
+        from .packaged import packaged_gguf
+
+        folder = gguf_to_safetensors(packaged_gguf(spec[len("package:"):]), log=log)
     elif Path(spec).is_dir():
         folder = Path(spec)
     elif Path(spec).exists():
@@ -272,11 +293,13 @@ def load_model(
         # for it are refused above), and safetensors only: a pickled checkpoint (.bin) from
         # elsewhere must not run code either.
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        dispatch = _dispatch_kwargs(device_map, max_memory)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=False)
+                                                     trust_remote_code=False, **dispatch)
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
-    model.to(device)
+    if not dispatch:  # a dispatched model stays where accelerate placed it
+        model.to(device)
     model.eval()
     model.requires_grad_(False)  # ROME optimises a vector, never the weights
     return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model, module_template),
@@ -300,6 +323,33 @@ def refuse_remote_code(folder: Path, spec: str) -> None:
         if isinstance(data, dict) and ("auto_map" in data or "custom_pipelines" in data):
             raise UserError(f"--model {spec}: {name} asks to run the folder's own code (auto_map); romebatch never "
                             f"runs a model folder's code", hint="use a model whose architecture transformers ships")
+
+
+def _dispatch_kwargs(device_map, max_memory) -> dict:
+    """from_pretrained's arguments for a device map (accelerate's dispatch); {} without one."""
+    from .device_map import needs_offload_folder, parse_device_map, parse_max_memory
+
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
+    if device_map is None:
+        if max_memory is not None:
+            raise UserError("--max-memory needs --device-map (auto, balanced or sequential)")
+        return {}
+    kwargs: dict = {"device_map": device_map}
+    if max_memory is not None:
+        kwargs["max_memory"] = max_memory
+    if needs_offload_folder(device_map, max_memory):
+        # Offloaded weights of a safetensors checkpoint are read from the checkpoint itself;
+        # this folder only takes what accelerate must convert. One per process, removed at exit.
+        kwargs["offload_folder"] = tempfile.mkdtemp(prefix="offload-", dir=_ensure(romebatch_home()))
+        import atexit
+
+        atexit.register(shutil.rmtree, kwargs["offload_folder"], True)
+    return kwargs
+
+
+def _ensure(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _cached_hub_snapshot(repo_id: str) -> tuple[Path, str | None]:

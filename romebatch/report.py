@@ -222,3 +222,27 @@ def render_verify(console, report) -> None:
         console.print(f"[red]regression[/]: {safe(problem)}")
     if report.ok:
         console.print("[green]within thresholds[/]")
+
+
+def render_tune(console, result) -> None:
+    """`romebatch tune`: the grid beside the unedited row, the sequential check, the choice and the preset."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    u = result.unedited
+    table = Table(title=f"tune: {escape(result.model)} ({u['n']} facts, each edited alone and rolled back)")
+    for column in ("setting", "ES", "PS", "NS", "S", "NS within tol.", "seq. NS loss", "seq. ES", ""):
+        table.add_column(column)
+    table.add_row("unedited", _fmt(u["ES"], ".1f"), _fmt(u["PS"], ".1f"), _fmt(u["NS"], ".1f"), _fmt(u["S"], ".1f"),
+                  "", "", "", "")
+    for row in result.table():
+        table.add_row(row["setting"], _fmt(row["ES"], ".1f"), _fmt(row["PS"], ".1f"), _fmt(row["NS"], ".1f"),
+                      _fmt(row["S"], ".1f"), "yes" if row["eligible"] else "no", _fmt(row["seq_ns_loss"], ".1f"),
+                      _fmt(row["seq_ES"], ".1f"), "[bold green]chosen[/]" if row["chosen"] else "")
+    console.print(table)
+    console.print(f"rule: {escape(result.rule)}", highlight=False)
+    console.print(f"chosen: layer {result.chosen.layer}, clamp_norm_factor {result.chosen.clamp:g} "
+                  f"({result.seconds / 60:.1f} min)", highlight=False)
+    if result.preset_path:
+        console.print(f"saved as this model's preset in {escape(str(result.preset_path))}; `romebatch apply` on "
+                      "this model now uses it unless a flag or --hparams says otherwise", highlight=False)

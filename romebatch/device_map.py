@@ -1,0 +1,155 @@
+"""Models larger than one device: accelerate's big-model dispatch, and edits through it.
+
+`--device-map auto|balanced|balanced_low_0|sequential|FILE.json` and `--max-memory` are
+handed to `from_pretrained`, which places each module with accelerate (the engine
+transformers uses) on a GPU, the CPU or disk. A module placed on "disk" (or on "cpu" when
+the main device is a GPU) holds its weights on the meta device; an `AlignDevicesHook`
+loads them from a weights map before each forward and drops them after.
+
+ROME writes one weight in place, so an offloaded weight needs a home that forwards read:
+the weights map (accelerate's `OffloadedWeightsLoader`) answers from its `state_dict` before
+its files, so the edited weight is loaded once into a CPU tensor placed there ("pinned"),
+and every later forward, edit, replay and hash reads and writes that one tensor. Only
+weights romebatch writes are pinned (one down-projection per edited layer); everything else
+stays offloaded. Hashes read offloaded tensors through the same map, so a dispatched model
+hashes exactly as the same weights loaded whole.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+_DEVICE = re.compile(r"^(cpu|disk|meta|mps|cuda|cuda:\d+|\d+)$")
+
+
+def parse_device_map(value: str | dict | None):
+    """A strategy name, or a JSON file's {module name: device}; None passes through."""
+    if value is None or isinstance(value, dict):
+        return value
+    if value in STRATEGIES:
+        return value
+    if not value.endswith(".json"):
+        raise UserError(f"--device-map {value!r}: give {', '.join(STRATEGIES)} or a FILE.json of module: device")
+    try:
+        data = json.loads(Path(value).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UserError(f"--device-map {value}: cannot read it ({str(error).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not data:
+        raise UserError(f"--device-map {value}: must be a JSON object of module name: device")
+    out = {}
+    for name, device in data.items():
+        if isinstance(device, bool) or not isinstance(device, (int, str)) or not _DEVICE.match(str(device)):
+            raise UserError(f"--device-map {value}: module {name!r} has device {device!r}; use a GPU index, "
+                            "'cuda:N', 'cpu' or 'disk'")
+        out[name] = int(device) if isinstance(device, str) and device.isdigit() else device
+    return out
+
+
+def parse_max_memory(value: str | dict | None):
+    """'0=20GiB,1=20GiB,cpu=60GiB' as accelerate's {0: '20GiB', 1: '20GiB', 'cpu': '60GiB'}."""
+    if value is None or isinstance(value, dict):
+        return value
+    out: dict = {}
+    for item in value.split(","):
+        device, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not (device.isdigit() or device in ("cpu", "disk", "mps")) or not _SIZE.match(size):
+            raise UserError(f"--max-memory {value!r}: write DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB' "
+                            f"(bad item {item.strip()!r})")
+        out[int(device) if device.isdigit() else device] = size if not size.isdigit() else int(size)
+    return out
+
+
+def dispatched(model: torch.nn.Module) -> bool:
+    return getattr(model, "hf_device_map", None) is not None
+
+
+def _align_hook(module: torch.nn.Module):
+    """The module's own AlignDevicesHook (possibly inside a SequentialHook), or None."""
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None:
+        return None
+    for candidate in getattr(hook, "hooks", (hook,)):
+        if hasattr(candidate, "weights_map") and hasattr(candidate, "execution_device"):
+            return candidate
+    return None
+
+
+def _offload_map(module: torch.nn.Module, name: str):
+    """(weights map, key) holding the offloaded tensor `name` of `module`; None if it is resident."""
+    tensor = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+    if tensor is None or tensor.device.type != "meta":
+        return None
+    hook = _align_hook(module)
+    if hook is None or not getattr(hook, "offload", False) or hook.weights_map is None:
+        raise UserError(f"{type(module).__name__}.{name} is on the meta device without an offload hook to load it from")
+    return hook.weights_map, name
+
+
+def read_tensor(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """The current value of `module.<name>`, wherever it lives (never pins)."""
+    found = _offload_map(module, name)
+    if found is None:
+        return getattr(module, name)
+    weights_map, key = found
+    return weights_map[key]
+
+
+def writable_weight(module: torch.nn.Module) -> torch.Tensor:
+    """`module.weight` as a tensor an in-place write reaches every later forward through.
+
+    Resident weights are returned as they are. An offloaded one is pinned: loaded once into
+    a CPU tensor that the weights map then serves (OffloadedWeightsLoader.state_dict wins
+    over its files), and returned.
+    """
+    found = _offload_map(module, "weight")
+    if found is None:
+        return module.weight
+    weights_map, key = found
+    store, full_key = weights_map, key
+    while hasattr(store, "dataset") and hasattr(store, "prefix"):  # accelerate's PrefixedDataset
+        full_key = store.prefix + full_key
+        store = store.dataset
+    if isinstance(store, dict):  # offloaded to CPU RAM: the dict's tensor is already the home
+        return store[full_key]
+    pinned = getattr(store, "state_dict", None)
+    if not isinstance(pinned, dict):
+        raise UserError(f"cannot edit {full_key}: it is offloaded to a store romebatch cannot write",
+                        hint="place the edited layer on a device in --device-map")
+    if full_key not in pinned:
+        pinned[full_key] = store[full_key].detach().to("cpu").clone()  # a private copy: never writes the files
+    return pinned[full_key]
+
+
+def state_tensors(model: torch.nn.Module):
+    """(name, tensor) of the whole state dict, offloaded tensors read through their hooks."""
+    for name, tensor in model.state_dict().items():
+        if tensor.device.type == "meta":
+            owner, _, attr = name.rpartition(".")
+            try:
+                tensor = read_tensor(model.get_submodule(owner), attr)
+            except KeyError:
+                raise UserError(f"cannot read offloaded {name} (a tied weight?)",
+                                hint="keep the embeddings and the head on a device in --device-map") from None
+        yield name, tensor
+
+
+def input_device(model: torch.nn.Module) -> torch.device | None:
+    """Where a dispatched model's inputs go (its embeddings' execution device); None if not dispatched."""
+    if not dispatched(model):
+        return None
+    hook = _align_hook(model.get_input_embeddings())
+    if hook is not None and hook.execution_device is not None:
+        return torch.device(hook.execution_device)
+    return next(p.device for p in model.parameters() if p.device.type != "meta")
+
+
+def needs_offload_folder(device_map, max_memory) -> bool:
+    return isinstance(device_map, str) or (isinstance(device_map, dict) and "disk" in device_map.values())

@@ -1,0 +1,349 @@
+"""`romebatch tune`: measure the edit layer and clamp for the user's own model, on their own facts.
+
+The defaults were measured on one model (RESULTS.md); every other model falls back to the
+published GPT-2 XL values, which on Gemma-3-270M leaked into neighbours and drifted fast
+under sequential editing. Tuning answers "which layer, which clamp?" by measurement:
+
+1. A seeded sample of the manifest's facts (`sample`); the facts after it in the same
+   shuffled order are kept apart for the sequential check (and for causal tracing).
+2. Candidate layers: the causal trace's MLP effect at the subject's last token (the top
+   `top_layers`) plus depth/4 (the published rule). Clamp factors: `clamps`.
+3. Grid: each fact is edited alone on the base weights, scored (ES, PS, NS) and rolled back
+   byte for byte. A fact without neighbourhood prompts gets other facts' prompts of the same
+   relation (the same template) with their true objects, as CounterFact builds them.
+4. The best `seq_top` settings by the rule below go through a short sequential check:
+   `seq_edits` facts applied one after another in a scratch journal, then NS scored.
+5. The rule: settings whose single-edit NS is no more than `ns_tolerance` points below the
+   unedited model's are eligible (all are, if none is); the `seq_top` with the highest S
+   (harmonic mean of ES, PS, NS) are checked sequentially, and the one that loses the least
+   NS there wins (ties: the higher single-edit S). Single-edit specificity does not predict
+   sequential drift (layer 4 against layer 1 on Gemma), hence step 4.
+6. The choice is saved as a preset keyed by the model's full hash (romebatch/presets.py);
+   `apply` on that model then uses it where no flag or file says otherwise.
+
+Every grid row and sequential result is appended to a JSONL results file as it is
+computed, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from statistics import fmean, harmonic_mean
+from typing import Callable
+
+import torch
+
+from .errors import UserError
+from .hparams import HParams, resolve
+from .manifest import Fact, Neighbor
+
+DEFAULT_CLAMPS = (0.5, 1.0, 2.0, 4.0)
+NEIGHBOURS_PER_FACT = 5
+
+
+@dataclass
+class Setting:
+    layer: int
+    clamp: float
+    rows: list[dict] = field(default_factory=list)  # one per fact: ES, PS, NS (0..1 or None)
+    seq_ns_loss: float | None = None  # NS points lost after the sequential check
+    seq_es: float | None = None
+    eligible: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"L{self.layer}-c{self.clamp:g}"
+
+    def score(self) -> dict:
+        return aggregate(self.rows)
+
+
+@dataclass
+class TuneResult:
+    model: str
+    model_hash: str
+    unedited: dict
+    settings: list[Setting]
+    chosen: Setting
+    rule: str
+    seq_unedited_ns: float | None
+    trace_effect: list[float]
+    preset_path: Path | None
+    seconds: float
+
+    def table(self) -> list[dict]:
+        out = []
+        for s in self.settings:
+            score = s.score()
+            out.append({"setting": s.key, "layer": s.layer, "clamp": s.clamp, **score, "eligible": s.eligible,
+                        "seq_ns_loss": s.seq_ns_loss, "seq_ES": s.seq_es, "chosen": s is self.chosen})
+        return out
+
+    def summary(self) -> dict:
+        return {"model": self.model, "model_hash": self.model_hash, "unedited": self.unedited,
+                "table": self.table(), "chosen": {"layer": self.chosen.layer, "clamp_norm_factor": self.chosen.clamp},
+                "rule": self.rule, "seq_unedited_NS": self.seq_unedited_ns, "mlp_effect_by_layer": self.trace_effect,
+                "preset": str(self.preset_path) if self.preset_path else None, "seconds": round(self.seconds, 1)}
+
+
+RULE = ("eligible: single-edit NS no more than {tol:g} points below the unedited model's; of those, the "
+        "{top} with the highest S go through {seq} sequential edits; the least NS loss there wins (ties: higher S)")
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """ES / PS / NS in percent over the facts that have each, and S, their harmonic mean."""
+
+    def pct(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return 100.0 * fmean(values) if values else None
+
+    es, ps, ns = pct("ES"), pct("PS"), pct("NS")
+    parts = [x for x in (es, ps, ns) if x is not None]
+    s = harmonic_mean(parts) if parts and all(x > 0 for x in parts) else (0.0 if parts else None)
+    return {"ES": es, "PS": ps, "NS": ns, "S": s, "n": len(rows)}
+
+
+def choose(settings: list[Setting], unedited_ns: float | None, ns_tolerance: float, seq_top: int) -> list[Setting]:
+    """The settings to check sequentially, best first (marks `eligible`); see the module docstring."""
+    for s in settings:
+        ns = s.score()["NS"]
+        s.eligible = unedited_ns is None or ns is None or ns >= unedited_ns - ns_tolerance
+    pool = [s for s in settings if s.eligible] or settings
+    return sorted(pool, key=lambda s: -(s.score()["S"] or 0.0))[:seq_top]
+
+
+def pick(candidates: list[Setting]) -> Setting:
+    """Of the sequentially checked candidates: least NS loss, then the higher single-edit S."""
+    return min(candidates, key=lambda s: (math.inf if s.seq_ns_loss is None else s.seq_ns_loss,
+                                          -(s.score()["S"] or 0.0)))
+
+
+def with_relation_neighbours(facts: list[Fact], per_fact: int = NEIGHBOURS_PER_FACT) -> list[Fact]:
+    """Facts without neighbourhood prompts get other subjects' prompts of the same relation.
+
+    The relation is the prompt template; a neighbour's answer is its own true object (the
+    prompt must keep it after the edit), as in CounterFact's construction.
+    """
+    by_relation: dict[str, list[Fact]] = {}
+    for fact in facts:
+        if fact.target_true is not None:
+            by_relation.setdefault(fact.prompt, []).append(fact)
+    out = []
+    for fact in facts:
+        if fact.neighborhood:
+            out.append(fact)
+            continue
+        others = [o for o in by_relation.get(fact.prompt, []) if o.subject != fact.subject
+                  and o.target_true != fact.target_new][:per_fact]
+        out.append(replace(fact, neighborhood=tuple(Neighbor(o.text, o.target_true) for o in others)))
+    return out
+
+
+def candidate_layers(effect, n_layers: int, top: int) -> list[int]:
+    ranked = sorted(range(len(effect)), key=lambda i: -effect[i])[:top]
+    return sorted(set(ranked) | {max(0, min(n_layers - 1, round(n_layers / 4)))})
+
+
+def _read_results(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a crash: it is recomputed
+            continue
+    return rows
+
+
+def tune(
+    manifest: str | Path,
+    *,
+    model: str | None = None,
+    sample: int = 30,
+    seed: int = 0,
+    clamps: tuple[float, ...] = DEFAULT_CLAMPS,
+    top_layers: int = 2,
+    trace_facts: int = 10,
+    seq_top: int = 2,
+    seq_edits: int = 50,
+    ns_tolerance: float = 2.0,
+    hparams: HParams | None = None,
+    results: str | Path | None = None,
+    save: bool = True,
+    device: str = "cpu",
+    dtype: str = "float32",
+    device_map=None,
+    max_memory=None,
+    lm=None,
+    log: Callable[[str], None] = lambda message: None,
+    progress: Callable[[int, int], None] | None = None,
+) -> TuneResult:
+    """Measure (layer, clamp) on `manifest`'s facts and save the winner as the model's preset."""
+    from .evaluate import score_facts
+    from .manifest import load_manifest
+    from .model import load_model
+    from .presets import save_preset
+    from .rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
+    from .trace import average_trace, save_recommendation
+
+    started = time.perf_counter()
+    if sample < 1 or seq_edits < 1 or seq_top < 1 or top_layers < 0 or not clamps:
+        raise UserError("tune: --sample, the sequential edits and candidates must be positive, and clamps non-empty")
+    if any(not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0) for c in clamps):
+        raise UserError(f"tune: clamp factors must be positive numbers, got {list(clamps)}")
+    facts = load_manifest(manifest).facts
+    lm = lm or load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, log=log)
+    base = hparams or HParams()
+    model_hash = lm.full_hash()
+    order = list(facts)
+    random.Random(seed).shuffle(order)
+    grid_facts = with_relation_neighbours(order)[:sample]
+    held_out = order[sample:]
+    # The sequential check edits facts the grid did not score, where the manifest has them.
+    seq_facts = with_relation_neighbours(order)[sample:sample + seq_edits] if held_out else grid_facts[:seq_edits]
+    results_path = Path(results) if results else None
+    done = _read_results(results_path) if results_path else []
+    for row in done:
+        if row.get("model_hash") not in (None, model_hash):
+            raise UserError(f"{results_path}: written for another model ({row['model_hash'][:19]}…)",
+                            hint="give another --results file")
+    # Rows measured with other hyper-parameters, or on another sample, are not reused.
+    config = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+    grid_ids, seq_ids = [f.id for f in grid_facts], [f.id for f in seq_facts]
+    done = [r for r in done if r.get("kind") == "trace"
+            or (r.get("kind") == "unedited" and r.get("ids") == grid_ids and r.get("seq_ids") == seq_ids)
+            or (r.get("kind") == "single" and r.get("config") == config)
+            or (r.get("kind") == "sequential" and r.get("config") == config and r.get("seq_ids") == seq_ids)]
+    written = open(results_path, "a", encoding="utf-8") if results_path else None
+
+    def record(row: dict) -> None:
+        row = {"model_hash": model_hash, "seed": seed, **row}
+        done.append(row)
+        if written:
+            written.write(json.dumps(row) + "\n")
+            written.flush()
+
+    try:
+        # -- candidate layers, from causal tracing on facts kept apart where there are any
+        traced = next((r for r in done if r.get("kind") == "trace"), None)
+        if traced is None:
+            pool = (held_out or order)[:trace_facts]
+            log(f"tune: causal tracing of {len(pool)} facts for the candidate layers...")
+            effect, best, _ = average_trace(lm, [(f.text, f.subject, f.target_true) for f in pool])
+            save_recommendation(lm, best, effect, len(pool))
+            traced = {"kind": "trace", "effect": [float(x) for x in effect], "facts": len(pool)}
+            record(traced)
+        layers = candidate_layers(traced["effect"], lm.n_layers, top_layers)
+        log(f"tune: layers {layers} (MLP effect top {top_layers}, plus depth/4) x clamps {list(clamps)} "
+            f"on {len(grid_facts)} facts")
+
+        unedited = next((r for r in done if r.get("kind") == "unedited"), None)
+        if unedited is None:
+            rows = [_row(f, s) for f, s in zip(grid_facts, score_facts(lm, grid_facts))]
+            seq_rows = [_row(f, s) for f, s in zip(seq_facts, score_facts(lm, seq_facts))]
+            unedited = {"kind": "unedited", "rows": rows, "seq_rows": seq_rows, "ids": grid_ids, "seq_ids": seq_ids}
+            record(unedited)
+        unedited_score = aggregate(unedited["rows"])
+        seq_unedited_ns = aggregate(unedited["seq_rows"])["NS"]
+
+        # -- the grid: each fact alone, rolled back byte for byte
+        settings = [Setting(layer, float(clamp)) for layer in layers for clamp in clamps]
+        have = {(r["layer"], r["clamp"], r["id"]): r for r in done if r.get("kind") == "single"}
+        total = len(settings) * len(grid_facts)
+        count = sum(1 for s in settings for f in grid_facts if (s.layer, s.clamp, f.id) in have)
+        hp0 = resolve(base, lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+        prefixes = sample_prefixes(lm, hp0.prefixes, hp0.prefix_top_k, hp0.seed)
+        stats = {}
+        t_grid = time.perf_counter()
+        computed = 0
+        for setting in settings:
+            hp = resolve(base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp), lm.config.model_type,
+                         lm.n_layers, lm.adapter.v_steps)
+            for fact in grid_facts:
+                row = have.get((setting.layer, setting.clamp, fact.id))
+                if row is None:
+                    if hp.mom2 != "identity" and setting.layer not in stats:
+                        stats.update(load_or_compute_stats(
+                            lm, [setting.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
+                            seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=log))
+                        stats[setting.layer].factor(hp.ridge)
+                    weight = lm.weight(setting.layer)
+                    saved = weight.detach().clone()
+                    t = time.perf_counter()
+                    edit, _, value = compute_edit(lm, setting.layer, fact.prompt, fact.subject, fact.target_new,
+                                                  prefixes, stats.get(setting.layer), hp)
+                    apply_edit(lm, edit)
+                    try:
+                        scores = score_facts(lm, [fact])[0]
+                    finally:
+                        with torch.no_grad():
+                            weight.copy_(saved)  # single-edit mode: the base bytes come back
+                    row = {"kind": "single", "config": config, "layer": setting.layer, "clamp": setting.clamp, "id": fact.id,
+                           **_row(fact, scores), "norm": edit.norm, "steps": value.steps,
+                           "seconds": round(time.perf_counter() - t, 3)}
+                    record(row)
+                    computed += 1
+                    count += 1
+                    if progress:
+                        progress(count, total)
+                    if computed % 10 == 0:
+                        rate = (time.perf_counter() - t_grid) / computed
+                        log(f"tune: {count}/{total} single edits, ETA {rate * (total - count) / 60:.1f} min")
+                setting.rows.append(row)
+
+        # -- the rule, then the sequential check of the best few
+        candidates = choose(settings, unedited_score["NS"], ns_tolerance, seq_top)
+        for setting in candidates:
+            previous = next((r for r in done if r.get("kind") == "sequential" and r["layer"] == setting.layer
+                             and r["clamp"] == setting.clamp), None)
+            if previous is None:
+                log(f"tune: sequential check of {setting.key}: {len(seq_facts)} edits...")
+                previous = {**_sequential(lm, base, setting, seq_facts, seq_unedited_ns), "config": config,
+                            "seq_ids": seq_ids}
+                record(previous)
+            setting.seq_ns_loss, setting.seq_es = previous["ns_loss"], previous["ES"]
+        chosen = pick(candidates)
+    finally:
+        if written:
+            written.close()
+    rule = RULE.format(tol=ns_tolerance, top=seq_top, seq=len(seq_facts))
+    result = TuneResult(model=lm.spec, model_hash=model_hash, unedited=unedited_score, settings=settings,
+                        chosen=chosen, rule=rule, seq_unedited_ns=seq_unedited_ns, trace_effect=traced["effect"],
+                        preset_path=None, seconds=time.perf_counter() - started)
+    if save:
+        result.preset_path = save_preset(lm, {"layer": chosen.layer, "clamp_norm_factor": chosen.clamp},
+                                         source={"manifest": str(manifest), "sample": len(grid_facts), "seed": seed,
+                                                 "rule": rule, "table": result.table(), "unedited": unedited_score})
+    return result
+
+
+def _row(fact: Fact, scores) -> dict:
+    return {"id": fact.id, "ES": scores.efficacy, "PS": scores.paraphrase_success, "NS": scores.neighborhood_success}
+
+
+def _sequential(lm, base: HParams, setting: Setting, facts: list[Fact], unedited_ns: float | None) -> dict:
+    """Apply `facts` one after another in a scratch journal, score NS at the end, restore the base."""
+    from .editor import Editor
+    from .evaluate import score_facts
+
+    hp = base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp)
+    with tempfile.TemporaryDirectory(prefix="romebatch-tune-") as tmp, \
+            Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as editor:
+        applied = editor.apply(facts, checks=None, repair_every=0)
+        kept = sum(r.status == "applied" for r in applied.results)
+        # Every fact is scored, a refused edit too: its neighbours still count, its ES fails.
+        score = aggregate([_row(f, s) for f, s in zip(facts, score_facts(lm, facts))])
+        editor.rollback(base=True)  # the model leaves as it came: base weights, checked by hash
+    loss = None if unedited_ns is None or score["NS"] is None else unedited_ns - score["NS"]
+    return {"kind": "sequential", "layer": setting.layer, "clamp": setting.clamp, "edits": len(facts),
+            "applied": kept, "ES": score["ES"], "NS": score["NS"], "ns_loss": loss}
