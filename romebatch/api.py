@@ -111,6 +111,23 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
         return editor.export(outdir, force=force)
 
 
+def export_adapter(outdir: str | Path, *, journal: str | Path = "romebatch.journal", rank: int | None = None,
+                   model: str | None = None, device: str = "cpu", force: bool = False, log=None):
+    """Write the journal's head as a PEFT LoRA adapter folder (romebatch/lora.py); returns its AdapterReport.
+
+    The journal is replayed on its base model first, every stored hash checked, so an
+    adapter is only ever made of edits that reproduce the journal's recorded weights.
+    """
+    from .lora import write_adapter
+
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        provenance = editor.provenance()
+        return write_adapter(outdir, editor.journal.path(), conv1d=editor.lm.adapter.conv1d,
+                             base_model=editor.journal.get("model"), base_hash=editor.base_hash, head=editor.head,
+                             journal=str(journal), rank=rank, force=force, provenance=provenance)
+
+
 def log(journal: str | Path = "romebatch.journal") -> dict:
     """The journal's metadata and edits (no model needed)."""
     with Journal(journal) as j:

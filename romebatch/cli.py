@@ -214,16 +214,38 @@ def log_(journal: JournalOpt = DEFAULT_JOURNAL, json_out: JsonOpt = False):
 
 @app.command()
 def export(
-    outdir: Annotated[Path, typer.Argument(help="Folder to write the edited model to.")],
+    outdir: Annotated[Optional[Path], typer.Argument(help="Folder to write the edited model to.")] = None,
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR (or an existing adapter).")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", help="Instead, write the head's edits as a PEFT LoRA adapter folder (base + adapter = head).")] = None,
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", help="With --adapter: compress each module to this rank by truncated SVD (default: exact).")] = None,
     json_out: JsonOpt = False,
 ):
     """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
     from . import api
 
+    if adapter is not None or rank is not None:
+        from .errors import UserError
+
+        if adapter is None or outdir is not None:
+            raise UserError("give either OUTDIR (a full model) or --adapter DIR [--rank R] (a LoRA adapter)")
+        report = api.export_adapter(adapter, journal=journal, rank=rank, model=model, device=device, force=force,
+                                    log=_say)
+        if json_out:
+            _emit_json({"journal": str(journal), **report.summary()})
+        else:
+            _say(f"exported the journal's head as a LoRA adapter to {report.path}: {report.edits} edits, "
+                 f"{len(report.modules)} module(s), rank {report.rank}, {report.bytes / 1e6:.2f} MB"
+                 + ("" if report.exact else f", relative Frobenius error {report.relative_error:.3g}"))
+        return
+    if outdir is None:
+        from .errors import UserError
+
+        raise UserError("give OUTDIR, the folder to write the edited model to (or --adapter DIR)")
     path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say)
     if json_out:
         _emit_json({"journal": str(journal), "export": str(path)})
