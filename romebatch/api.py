@@ -128,6 +128,21 @@ def export_adapter(outdir: str | Path, *, journal: str | Path = "romebatch.journ
                              journal=str(journal), rank=rank, force=force, provenance=provenance)
 
 
+def bundle(journal: str | Path, out: str | Path, *, first: int | None = None, last: int | None = None) -> dict:
+    """Write edits `first`..`last` of the journal's head's path as one verified file (romebatch/bundle.py)."""
+    from .bundle import write_bundle
+
+    return write_bundle(journal, out, first=first, last=last)
+
+
+def apply_bundle(bundle: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
+                 device: str = "cpu", dry_run: bool = False, log=None):
+    """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
+    from .bundle import apply_bundles
+
+    return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
+
+
 def log(journal: str | Path = "romebatch.journal") -> dict:
     """The journal's metadata and edits (no model needed)."""
     with Journal(journal) as j:

@@ -61,7 +61,8 @@ def _hparams(hparams_file: Optional[Path], **flags):
 
 @app.command()
 def apply(
-    manifest: Annotated[Path, typer.Argument(help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
+    manifest: Annotated[Path, typer.Argument(
+        help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json; or a .rbundle of edits made elsewhere.")],
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     layer: Annotated[Optional[str], typer.Option(
@@ -107,6 +108,10 @@ def apply(
     Re-running the same manifest resumes: facts already in the journal (by content hash)
     are skipped. Ctrl-C stops cleanly after the current edit.
     """
+    from .bundle import SUFFIX
+
+    if manifest.suffix == SUFFIX:
+        return _apply_bundle(manifest, journal, model, device, dry_run, json_out)
     from .manifest import load_manifest
 
     from .errors import UserError
@@ -174,6 +179,41 @@ def apply(
         render_apply(console, result)
         if results:
             _say(f"results table: {results}")
+
+
+def _apply_bundle(path: Path, journal: Path, model, device: str, dry_run: bool, json_out: bool) -> None:
+    """`apply BUNDLE`: a bundle's edits are appended as they are, not recomputed (romebatch/bundle.py)."""
+    from . import api
+
+    done = api.apply_bundle(path, journal=journal, model=model, device=device, dry_run=dry_run, log=_say)
+    if json_out:
+        _emit_json(done.summary())
+    elif done.already:
+        _say(f"{path}: journal {journal} is at its end state already; nothing to do")
+    elif done.dry_run:
+        _say(f"{path}: {done.edits} edits verified against journal {journal}'s head {done.head}; nothing written (dry run)")
+    else:
+        _say(f"{path}: {done.edits} edits verified and appended to journal {journal} as edits {done.first}..{done.last}"
+             + (" (renumbered)" if done.renumbered else "") + f", {done.rejections} rejections; head {done.head}")
+
+
+@app.command(name="bundle")
+def bundle_(
+    out: Annotated[Path, typer.Argument(help="The bundle file to write (.rbundle).")],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    first: Annotated[Optional[int], typer.Option("--from", help="First edit (seq on the head's path); default: the first.")] = None,
+    last: Annotated[Optional[int], typer.Option("--to", help="Last edit (seq on the head's path); default: the head.")] = None,
+    json_out: JsonOpt = False,
+):
+    """Write edits of the head's path as one hash-verified file; `romebatch apply OUT` appends them elsewhere."""
+    from . import api
+
+    info = api.bundle(journal, out, first=first, last=last)
+    if json_out:
+        _emit_json(info)
+    else:
+        _say(f"wrote {out}: edits {info['from']}..{info['to']} ({info['edits']} edits, {info['rejections']} rejections, "
+             f"{info['bytes'] / 1e6:.2f} MB) of journal {journal}")
 
 
 @app.command()
