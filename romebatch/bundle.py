@@ -356,7 +356,8 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
     then each one's edits are replayed on the journal's head state in memory, every weight
     hash compared, and only if all of them match are they written, in one transaction.
     A refused bundle raises UserError and writes nothing (bundles before it stay applied).
-    `dry_run` verifies and writes nothing at all.
+    `dry_run` verifies and writes nothing at all. A model given as `lm` must be at its base
+    weights, and is left at them.
     """
     import torch
 
@@ -368,6 +369,8 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
     bundles = [read_bundle(p) for p in paths]
     journal = Path(journal)
     stored = _peek(journal)
+    # A caller's model (at its base weights, or the base check below refuses) is given back as it came.
+    given = None if lm is None else {layer: lm.weight(layer).detach().clone() for layer in range(lm.n_layers)}
     if lm is None:
         spec = model or stored.get("model") or bundles[0].meta.get("model")
         template = stored.get("module_template") or bundles[0].meta.get("module_template")
@@ -379,15 +382,15 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
                 f"{b.path}: made on base model {b.meta.get('model')} ({b.base_hash[:19]}…), but {lm.spec} has "
                 f"different weights ({base_hash[:19]}…); nothing was written",
                 hint="apply it to a journal of the model it was made on (--model)")
-    editor = Editor(journal, lm=lm, write=not dry_run, **kwargs) if stored.get("base_hash") else None
+    editor, target = None, _Target(None, 0)
     try:
-        if editor is not None:
+        if stored.get("base_hash"):
+            editor = Editor(journal, lm=lm, write=not dry_run, **kwargs)
             target = _Target(None if dry_run else editor.journal, editor.head,
                              {r.layer for r in editor.journal.path()}, editor.journal.get("hparams"),
                              list(editor.journal.get(REPAIR_MARKS) or []))
             columns = {"edits": editor.journal.columns("edits"), "rejections": editor.journal.columns("rejections")}
         else:
-            target = _Target(None, 0)
             columns = _fresh_columns()
         results = []
         for b in bundles:
@@ -468,6 +471,10 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
             editor.close()
         elif target.journal is not None:
             target.journal.close()
+        if given is not None:
+            with torch.no_grad():
+                for layer, weight in given.items():
+                    lm.weight(layer).copy_(weight)
 
 
 def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> BundleApplied:

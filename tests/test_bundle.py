@@ -310,3 +310,28 @@ def test_a_crash_inside_the_append_leaves_no_edit(source, tmp_path):
     proc = romebatch("apply", str(out), "--journal", "K", "--model", str(source.folder), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert len(rows(tmp_path / "K", "edits")) == 4
+
+
+def test_benchmark_runs_pack_in_chunks_and_restore(source, tmp_path):
+    import importlib.util
+    import shutil
+
+    spec = importlib.util.spec_from_file_location("bench_bundles", REPO / "benchmarks" / "bundles.py")
+    bundles = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundles)
+    run = tmp_path / "seq-x-journal"
+    shutil.copytree(source.journal, run)
+    written = bundles.pack(run, chunk=3, log=quiet)
+    assert [p.name for p in written] == ["00001-00004.rbundle", "00005-00005.rbundle"]
+    assert bundles.pack(run, chunk=3, log=quiet) == []  # nothing new: no file is rewritten
+    original = rows(run, "edits")
+    shutil.rmtree(run)  # what a clone has: the bundles, no journal
+    from romebatch.model import load_model
+
+    lm = load_model(str(source.folder), log=quiet)
+    base = lm.weight(LAYER).detach().clone()
+    assert bundles.restore(run, lm, log=quiet) == 4
+    assert torch.equal(lm.weight(LAYER), base)  # the caller's model is given back at its base weights
+    assert rows(run, "edits") == [r for r in original if r["seq"] != 3]
+    assert bundles.restore(run, lm, log=quiet) == 0
+    assert check(run, model=str(source.folder), log=quiet).ok
