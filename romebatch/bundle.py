@@ -171,6 +171,7 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
     os.close(handle)
     try:
         save_file(tensors, staging, metadata={DOC_KEY: text, DIGEST_KEY: _sha256(text.encode("ascii"))})
+        os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain write would
         with open(staging, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(staging, out)  # a bundle is whole or absent, never half-written
@@ -181,6 +182,12 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         raise
     return {"bundle": str(out), "edits": len(seqs), "from": first, "to": last, "start": start_seq,
             "rejections": len(rejections), "bytes": out.stat().st_size}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _select(db: sqlite3.Connection, table: str, key: str, keys: list[int]) -> list[dict]:
@@ -505,6 +512,8 @@ def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> 
     if fresh:  # the journal is made by the bundle: it records how its edits were made
         meta = {k: v for k, v in b.meta.items() if k not in DERIVED_META}
         meta["base_hash"] = b.base_hash
+        if j.get("format") is None:  # what Editor writes in a new journal; a migration may have set it already
+            meta["format"] = 1
         if model_spec is not None:
             meta["model"] = model_spec
     marks = target.marks + [mapping[m] for m in b.doc[REPAIR_MARKS] if m in mapping and mapping[m] not in target.marks]

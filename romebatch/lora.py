@@ -197,6 +197,9 @@ def write_adapter(outdir: str | Path, path, *, conv1d: bool, base_model: str, ba
     outdir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place: never a half-written adapter folder.
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700: a served adapter is read by other users too
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -111,6 +111,9 @@ def test_round_trip_gives_the_same_journal(source, tmp_path):
     out = tmp_path / "all.rbundle"
     info = write_bundle(source.journal, out)
     assert (info["edits"], info["from"], info["to"], info["rejections"]) == (4, 1, 5, 1)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
     target = tmp_path / "copy"
     [done] = apply(source, [out], target)
     assert (done.edits, done.first, done.last, done.head, done.renumbered) == (4, 1, 5, 5, False)
