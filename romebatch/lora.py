@@ -199,7 +199,7 @@ def write_adapter(outdir: str | Path, path, *, conv1d: bool, base_model: str, ba
     staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
     mask = os.umask(0)
     os.umask(mask)
-    os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700: a served adapter is read by other users too
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700; a served adapter is read by other users too
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -207,6 +207,8 @@ def write_adapter(outdir: str | Path, path, *, conv1d: bool, base_model: str, ba
         info = {**(provenance or {}), "adapter": summary}
         (staging / PROVENANCE_NAME).write_text(json.dumps(info, indent=2) + "\n")
         (staging / CARD_NAME).write_text(model_card(report, path, base_model, base_hash, head, conv1d))
+        for written in staging.iterdir():
+            os.chmod(written, 0o666 & ~mask)  # safetensors writes 0600
         report.bytes = sum(p.stat().st_size for p in staging.iterdir())
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)

@@ -10,6 +10,7 @@ elementwise in float32 (romebatch/rome/update.py); PEFT adds B A in one matrix p
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -223,8 +224,6 @@ def test_adapter_folder_writes_are_atomic_and_never_replace_other_folders(tmp_pa
 
 
 def romebatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    import os
-
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=300)
@@ -240,6 +239,10 @@ def test_cli_export_adapter(tmp_path, tiny_folder):
     assert summary["bytes"] == sum(p.stat().st_size for p in (tmp_path / "ad").iterdir())
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
         "README.md", CONFIG_NAME, WEIGHTS_NAME, "romebatch.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ad").iterdir()} == {0o666 & ~mask}  # not 0600
+    assert (tmp_path / "ad").stat().st_mode & 0o777 == 0o777 & ~mask
     provenance = json.loads((tmp_path / "ad" / "romebatch.json").read_text())
     assert [e["seq"] for e in provenance["edits"]] == [1, 2, 4] and provenance["adapter"]["rank"] == 3
     proc = romebatch("export", "--adapter", "ad2", "--rank", "1", "--journal", str(journal), "--json", cwd=tmp_path)
