@@ -6,7 +6,9 @@
 
 Each method's run is a romebatch journal (benchmarks/runs/seq-<method>-journal) and each
 checkpoint a line of benchmarks/runs/seq-<method>.jsonl, so killing the command loses at
-most the edit in flight: the same command resumes every run where it stopped. Methods
+most the edit in flight: the same command resumes every run where it stopped. Journals are
+not tracked in git; the default run's is kept as bundles (benchmarks/bundles.py), from
+which it is rebuilt before it resumes. Methods
 advance in turns of one checkpoint interval, so an interrupted session leaves all of them
 at comparable depths.
 
@@ -42,7 +44,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bundles  # noqa: E402
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
@@ -146,7 +150,9 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
     """Advance one method by one checkpoint interval (or record a checkpoint a crash skipped)."""
     out = RUNS / f"seq-{name}.jsonl"
     done = {r["edits"] for r in read_jsonl(out)}
-    with Editor(RUNS / f"seq-{name}-journal", lm=lm, hparams=HParams(**METHODS[name]), log=print) as editor:
+    journal = RUNS / f"seq-{name}-journal"
+    bundles.restore(journal, lm)  # a run kept as bundles in git (benchmarks/bundles.py): rebuild its journal
+    with Editor(journal, lm=lm, hparams=HParams(**METHODS[name]), log=print) as editor:
         try:
             pending = editor.pending(facts[:upto])
             processed = upto - len(pending)  # facts applied or rejected: a prefix of the list
@@ -166,6 +172,8 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
             checkpoint(lm, editor, name, facts, processed, sample, out)
         finally:
             editor.replay(0, verify=False)  # the next method starts from the base weights
+    if bundles.bundle_paths(journal):
+        bundles.pack(journal)  # new bundles for the new edits; the old ones are never rewritten
 
 
 def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:

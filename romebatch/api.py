@@ -136,6 +136,38 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
         return editor.export(outdir, force=force)
 
 
+def export_adapter(outdir: str | Path, *, journal: str | Path = "romebatch.journal", rank: int | None = None,
+                   model: str | None = None, device: str = "cpu", force: bool = False, log=None):
+    """Write the journal's head as a PEFT LoRA adapter folder (romebatch/lora.py); returns its AdapterReport.
+
+    The journal is replayed on its base model first, every stored hash checked, so an
+    adapter is only ever made of edits that reproduce the journal's recorded weights.
+    """
+    from .lora import write_adapter
+
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        provenance = editor.provenance()
+        return write_adapter(outdir, editor.journal.path(), conv1d=editor.lm.adapter.conv1d,
+                             base_model=editor.journal.get("model"), base_hash=editor.base_hash, head=editor.head,
+                             journal=str(journal), rank=rank, force=force, provenance=provenance)
+
+
+def bundle(journal: str | Path, out: str | Path, *, first: int | None = None, last: int | None = None) -> dict:
+    """Write edits `first`..`last` of the journal's head's path as one verified file (romebatch/bundle.py)."""
+    from .bundle import write_bundle
+
+    return write_bundle(journal, out, first=first, last=last)
+
+
+def apply_bundle(bundle: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
+                 device: str = "cpu", dry_run: bool = False, log=None):
+    """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
+    from .bundle import apply_bundles
+
+    return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
+
+
 def log(journal: str | Path = "romebatch.journal") -> dict:
     """The journal's metadata and edits (no model needed)."""
     with Journal(journal) as j:

@@ -123,7 +123,8 @@ def _hparams(hparams_file: Optional[Path], **flags):
 
 @app.command()
 def apply(
-    manifest: Annotated[Path, typer.Argument(help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
+    manifest: Annotated[Path, typer.Argument(
+        help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json; or a .rbundle of edits made elsewhere.")],
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     layer: Annotated[Optional[str], typer.Option(
@@ -172,6 +173,10 @@ def apply(
     are skipped. Ctrl-C stops cleanly after the current edit.
     """
     from .errors import UserError, one_line
+    from .bundle import SUFFIX
+
+    if manifest.suffix == SUFFIX:
+        return _apply_bundle(manifest, journal, model, device, dry_run, json_out)
     from .manifest import load_manifest
     from .report import check_results_path
 
@@ -256,6 +261,41 @@ def apply(
         raise RunEnded(code)
 
 
+def _apply_bundle(path: Path, journal: Path, model, device: str, dry_run: bool, json_out: bool) -> None:
+    """`apply BUNDLE`: a bundle's edits are appended as they are, not recomputed (romebatch/bundle.py)."""
+    from . import api
+
+    done = api.apply_bundle(path, journal=journal, model=model, device=device, dry_run=dry_run, log=_say)
+    if json_out:
+        _emit_json(done.summary())
+    elif done.already:
+        _say(f"{path}: journal {journal} is at its end state already; nothing to do")
+    elif done.dry_run:
+        _say(f"{path}: {done.edits} edits verified against journal {journal}'s head {done.head}; nothing written (dry run)")
+    else:
+        _say(f"{path}: {done.edits} edits verified and appended to journal {journal} as edits {done.first}..{done.last}"
+             + (" (renumbered)" if done.renumbered else "") + f", {done.rejections} rejections; head {done.head}")
+
+
+@app.command(name="bundle")
+def bundle_(
+    out: Annotated[Path, typer.Argument(help="The bundle file to write (.rbundle).")],
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    first: Annotated[Optional[int], typer.Option("--from", help="First edit (seq on the head's path); default: the first.")] = None,
+    last: Annotated[Optional[int], typer.Option("--to", help="Last edit (seq on the head's path); default: the head.")] = None,
+    json_out: JsonOpt = False,
+):
+    """Write edits of the head's path as one hash-verified file; `romebatch apply OUT` appends them elsewhere."""
+    from . import api
+
+    info = api.bundle(journal, out, first=first, last=last)
+    if json_out:
+        _emit_json(info)
+    else:
+        _say(f"wrote {out}: edits {info['from']}..{info['to']} ({info['edits']} edits, {info['rejections']} rejections, "
+             f"{info['bytes'] / 1e6:.2f} MB) of journal {journal}")
+
+
 @app.command()
 def rollback(
     journal: JournalOpt = DEFAULT_JOURNAL,
@@ -297,11 +337,15 @@ def log_(journal: JournalOpt = DEFAULT_JOURNAL, json_out: JsonOpt = False):
 
 @app.command()
 def export(
-    outdir: Annotated[Path, typer.Argument(help="Folder to write the edited model to.")],
+    outdir: Annotated[Optional[Path], typer.Argument(help="Folder to write the edited model to.")] = None,
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR (or an existing adapter).")] = False,
+    adapter: Annotated[Optional[Path], typer.Option(
+        "--adapter", help="Instead, write the head's edits as a PEFT LoRA adapter folder (base + adapter = head).")] = None,
+    rank: Annotated[Optional[int], typer.Option(
+        "--rank", help="With --adapter: compress each module to this rank by truncated SVD (default: exact).")] = None,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -309,6 +353,24 @@ def export(
     """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
     from . import api
 
+    if adapter is not None or rank is not None:
+        from .errors import UserError
+
+        if adapter is None or outdir is not None:
+            raise UserError("give either OUTDIR (a full model) or --adapter DIR [--rank R] (a LoRA adapter)")
+        report = api.export_adapter(adapter, journal=journal, rank=rank, model=model, device=device, force=force,
+                                    log=_say)
+        if json_out:
+            _emit_json({"journal": str(journal), **report.summary()})
+        else:
+            _say(f"exported the journal's head as a LoRA adapter to {report.path}: {report.edits} edits, "
+                 f"{len(report.modules)} module(s), rank {report.rank}, {report.bytes / 1e6:.2f} MB"
+                 + ("" if report.exact else f", relative Frobenius error {report.relative_error:.3g}"))
+        return
+    if outdir is None:
+        from .errors import UserError
+
+        raise UserError("give OUTDIR, the folder to write the edited model to (or --adapter DIR)")
     _check_device(device)
     path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say,
                       device_map=device_map, max_memory=max_memory)

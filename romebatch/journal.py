@@ -552,6 +552,59 @@ class Journal:
             self.set(integrity.EDITS_DIGEST, integrity.table_digest(self.db, "edits", "seq"))
         return cursor.rowcount
 
+    # -- edits made elsewhere (romebatch/bundle.py) ----------------------------------------
+    def columns(self, table: str) -> list[str]:
+        return [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
+
+    def next_seq(self) -> int:
+        """The seq the next edit gets: seqs are never reused, even after --prune deleted the highest."""
+        (highest,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()
+        return max(int(highest), int(self.get("max_seq", 0))) + 1
+
+    def append_rows(self, edits: list[dict], rejections: list[dict], meta: dict | None, *, parent: int) -> None:
+        """Append edits and rejections made elsewhere, and set `meta`, in one transaction.
+
+        Each row maps a column to its SQL value; edit rows come numbered (`seq`, `parent`:
+        each on the one before, the first on `parent`) and are checked here only for
+        that: the caller (a bundle) has verified their weight hashes. The head moves to the
+        last edit. If the head is no longer `parent`, nothing is written.
+        """
+        known = {"edits": set(self.columns("edits")), "rejections": set(self.columns("rejections"))}
+        expected = parent
+        for row in edits:
+            if row.get("parent") != expected or not row.get("seq", 0) > max(expected, 0):
+                raise RuntimeError("appended edits must follow each other from the head")
+            expected = row["seq"]
+        with self._transaction():
+            if self.head != parent:
+                raise RuntimeError("the journal's head moved under this writer")
+            if edits and edits[0]["seq"] < self.next_seq():
+                raise RuntimeError("appended edits must have seqs above every seq the journal has used")
+            previous_hash = self._row_hash(parent)
+            (next_id,) = self.db.execute("SELECT COALESCE(MAX(id), 0) + 1 FROM rejections").fetchone()
+            for table, rows in (("edits", edits), ("rejections", rejections)):
+                for values in rows:
+                    unknown = set(values) - known[table]
+                    if unknown:  # column names go into SQL: only the table's own
+                        raise RuntimeError(f"no column {sorted(unknown)[0]!r} in table {table}")
+                    # Hashes are this journal's own: recomputed over the row as it is stored here.
+                    values = {k: v for k, v in values.items() if k != "row_hash"}
+                    if table == "edits":
+                        values["row_hash"] = previous_hash = integrity.row_hash(values, previous_hash)
+                        digest_key, key = integrity.EDITS_DIGEST, values["seq"]
+                    else:
+                        values["id"], next_id = next_id, next_id + 1  # ids in this journal's order
+                        values["row_hash"] = integrity.row_hash(values)
+                        digest_key, key = integrity.REJECTIONS_DIGEST, values["id"]
+                    self.db.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                                    list(values.values()))
+                    self.set(digest_key, integrity.extend_digest(self.get(digest_key, ""), key, values["row_hash"]))
+            _fault_point("append")
+            if edits:
+                self.set("head", edits[-1]["seq"])
+                self.set("max_seq", edits[-1]["seq"])
+            self._set_all(meta)
+
 
 class _Sealed(transaction):
     """A journal write: re-seals the meta digest last, so out-of-band meta edits show, and
