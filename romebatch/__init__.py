@@ -22,6 +22,7 @@ _EXPORTS = {
     "rollback": "romebatch.api",
     "export": "romebatch.api",
     "log": "romebatch.api",
+    "compare": "romebatch.api",
     "Journal": "romebatch.journal",
     "HParams": "romebatch.hparams",
     "load_hparams": "romebatch.hparams",

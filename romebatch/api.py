@@ -192,3 +192,41 @@ def trace(prompt: str | None = None, subject: str | None = None, answer: str | N
                                            progress=progress)
     save_recommendation(lm, layer, effect, len(facts))
     return effect, layer, results
+
+
+def compare(journal: str | Path = "romebatch.journal", *, facts_file: str | Path | None = None,
+            fact_ids=(), prompts=(), at: int | None = None, max_new_tokens: int | None = None,
+            sample: int | None = None, seed: int = 0, results: str | Path | None = None,
+            model: str | None = None, device: str = "cpu", log=None):
+    """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.compare`.
+
+    Selectors: a manifest (`facts_file`), journal fact ids, free `prompts`; none of them: a
+    seeded sample of `sample` facts edited on the state's path.
+    """
+    from .compare import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, compare as run_compare, select_facts
+    from .errors import UserError
+
+    if facts_file is not None and fact_ids:
+        raise UserError("choose --facts MANIFEST or --fact ID, not both")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: give at least 1")
+    if results is not None and Path(results).suffix not in (".parquet", ".csv"):
+        raise UserError(f"--results {results}: use a .parquet or .csv file name")
+    manifest_facts = load_manifest(facts_file).facts if facts_file else None
+    # Everything the user named is checked before the model is loaded.
+    with Journal(journal) as j:
+        if at is not None and at != 0:
+            if at < 0:
+                raise UserError(f"--at {at}: give an edit number (0 = the base model)")
+            j.edit(at)
+        facts = select_facts(j, manifest_facts=manifest_facts, fact_ids=list(fact_ids), prompts=list(prompts),
+                             at=at, sample=DEFAULT_SAMPLE if sample is None else sample, seed=seed)
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        report = run_compare(editor, facts, list(prompts), at=at,
+                             max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
+    if results:
+        from .compare import write_compare_results
+
+        write_compare_results(report, results)
+    return report

@@ -351,6 +351,45 @@ def check(
         raise typer.Exit(1)
 
 
+@app.command()
+def compare(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    facts: Annotated[Optional[Path], typer.Option(
+        "--facts", help="Compare this manifest's facts (edited or not).")] = None,
+    fact: Annotated[Optional[list[str]], typer.Option(
+        "--fact", help="A journal fact id to compare (repeatable).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="A free prompt to continue on both states (repeatable).")] = None,
+    at: Annotated[Optional[int], typer.Option(
+        "--at", help="The journal state to compare with the base model (edit N); default: the head.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 8,
+    sample: Annotated[int, typer.Option(
+        help="With no selector: how many of the state's edited facts to sample (seeded).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of that sample.")] = 0,
+    results: Annotated[Optional[Path], typer.Option(help="Write the comparison table (.parquet or .csv).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+):
+    """Base model vs a journal state, prompt by prompt: greedy continuation, P(new), P(true).
+
+    Each fact brings its prompt, paraphrases and neighbourhood prompts. With no --facts,
+    --fact or --prompt: a seeded sample of the facts edited on the state's path.
+    """
+    from . import api
+    from .compare import render_compare
+
+    report = api.compare(journal, facts_file=facts, fact_ids=fact or [], prompts=prompt or [], at=at,
+                         max_new_tokens=max_new_tokens, sample=sample, seed=seed, results=results, model=model,
+                         device=device, log=_say)
+    if json_out:
+        _emit_json(report.summary())
+    else:
+        render_compare(_console(), report)
+        if results:
+            _say(f"comparison table: {results}")
+
+
 def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
     from typer.exceptions import TyperException
