@@ -154,11 +154,19 @@ def apply(
     def on_stats(done, total):
         progress.update(stats_task, completed=done, total=total, visible=True)
 
+    warned = []  # (fact id, warning) of the edits kept with a failed regression check
+
     def on_edit(row):
+        from rich.markup import escape
+
+        if row.warning:
+            warned.append((row.fact_id, row.warning))
+        shown = f"{row.fact_id}: {row.status}" + (
+            f" · {len(warned)} warned, latest {warned[-1][0]}: {warned[-1][1]}" if warned else "")
         # A repair edits a fact the bar has counted already.
-        progress.update(task, advance=row.status != "repaired", description=f"{row.fact_id}: {row.status}")
+        progress.update(task, advance=row.status != "repaired", description=escape(shown))
         if not console.is_terminal and not json_out:
-            _say(f"{row.fact_id}: {row.status} {row.subject} -> {row.target_new}"
+            _say(f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
                  + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
                  + (f" ({row.reason})" if row.reason else ""))
 
@@ -172,6 +180,9 @@ def apply(
         _emit_json(result.summary())
     else:
         render_apply(console, result)
+        from .report import render_warnings
+
+        render_warnings(console, result.results)
         if results:
             _say(f"results table: {results}")
 
@@ -200,16 +211,26 @@ def rollback(
 
 
 @app.command(name="log")
-def log_(journal: JournalOpt = DEFAULT_JOURNAL, json_out: JsonOpt = False):
-    """List the journal's edits (applied and rolled back) and rejected facts."""
+def log_(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", "-n", help="Show the last N matching edits and rejections (0: all); default 20, all with --json.")] = None,
+    status: Annotated[Optional[str], typer.Option(
+        help="Only edits that are applied (on the head's path), rolled_back, repaired or warned; or rejected facts.")] = None,
+    fact: Annotated[Optional[str], typer.Option("--fact", help="Only this fact id.")] = None,
+    since: Annotated[Optional[int], typer.Option("--since", help="Only edits after edit N.")] = None,
+    json_out: JsonOpt = False,
+):
+    """A summary of the journal, then its last edits and rejected facts (filters: --status, --fact, --since)."""
     from . import api
-    from .report import render_log
+    from .logview import DEFAULT_LIMIT, render
 
-    data = api.log(journal)
+    data = api.log(journal, status=status, fact=fact, since=since,
+                   limit=limit if limit is not None or json_out else DEFAULT_LIMIT)
     if json_out:
         _emit_json(data)
     else:
-        render_log(_console(), data)
+        render(_console(), data)
 
 
 @app.command()

@@ -75,6 +75,7 @@ class FactResult:
     neighborhood_drop: float | None = None
     probe_regression: float | None = None
     retention: float | None = None
+    warning: str = ""  # the regression checks that failed on an edit kept by --on-regression warn
     # Seconds per phase (key, value, update, scoring, probes, commit): benchmarks/speed.py.
     timings: dict = field(default_factory=dict)
 
@@ -111,6 +112,7 @@ class ApplyResult:
             "median_update_norm": statistics.median(norms) if norms else None,
             "max_update_norm": max(norms) if norms else None,
             "interrupted": self.interrupted,
+            "warned": sum(bool(r.warning) for r in self.results if r.status == "applied"),
         }
 
 
@@ -582,7 +584,7 @@ class Editor:
             if not outcome.ok:
                 reason = "regression: " + "; ".join(outcome.problems)
                 if on_regression == "warn":
-                    row.reason = reason
+                    row.reason = row.warning = reason
                 else:
                     with torch.no_grad():
                         weight.copy_(before)  # undo in memory: exact, nothing was committed
@@ -601,6 +603,7 @@ class Editor:
             p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds, **timings,
             neighborhood_drop=row.neighborhood_drop, probe_regression=row.probe_regression, retention=row.retention,
             seconds_probes=outcome.seconds if outcome else None, k_star=k_star.float().cpu().numpy(),
+            warning=row.warning or None,
         )
         committing = time.perf_counter()
         try:
@@ -643,7 +646,7 @@ class Editor:
                           p_new_before=record.p_new_before, p_true_before=record.p_true_before,
                           p_new_after=record.p_new_after, p_true_after=record.p_true_after,
                           update_norm=record.update_norm, denominator=record.denominator, v_steps=record.v_steps,
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, warning=record.warning or "")
 
     def _own_text_nll(self) -> float:
         """Mean token NLL of every 4th context prefix, text the base model sampled itself.

@@ -88,7 +88,19 @@ def m003_key_column(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE edits ADD COLUMN k_star BLOB")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_probe_columns, m003_key_column]
+def m005_warning_column(db: sqlite3.Connection) -> None:
+    """Why a regression check failed on an edit that `--on-regression warn` kept (NULL: none failed),
+    written in the edit's own transaction so a warning is never lost or orphaned."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(edits)")}
+    if "warning" not in have:
+        db.execute("ALTER TABLE edits ADD COLUMN warning TEXT")
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    m001_initial, m002_probe_columns, m003_key_column,
+    # (m004, the lead's integrity hash, goes here when the branches are merged)
+    m005_warning_column,
+]
 
 
 def migrate(db: sqlite3.Connection, stop_before: str | None = None) -> None:
@@ -184,6 +196,7 @@ class EditRecord:
     retention: float | None = None
     seconds_probes: float | None = None
     k_star: np.ndarray | None = None  # float32 (d_ff,); None in journals written before m003
+    warning: str | None = None  # the failed regression checks of a kept edit (m005)
 
     @property
     def fact(self) -> dict:

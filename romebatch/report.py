@@ -33,6 +33,7 @@ RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
     "probe_regression": ("Float64", "share of sampled probes that lost half their base probability"),
     "retention": ("Float64", "share of sampled earlier edits that still held after this edit"),
     "seconds": ("Float64", "wall time of the edit, probes included"),
+    "warning": ("String", "the regression checks that failed on an edit kept by --on-regression warn"),
 }
 
 
@@ -158,3 +159,25 @@ def render_verify(console, report) -> None:
         console.print(f"[red]regression[/]: {problem}")
     if report.ok:
         console.print("[green]within thresholds[/]")
+
+
+def damage(row) -> float:
+    """How badly a warned edit failed its checks: its worst share (0..1) over the three probes."""
+    worst = [row.neighborhood_drop or 0.0, row.probe_regression or 0.0]
+    if row.retention is not None:
+        worst.append(1.0 - row.retention)
+    return max(worst)
+
+
+def render_warnings(console, results, top: int = 10) -> None:
+    """The warned edits of a run (kept by --on-regression warn), the most damaging first."""
+    from rich.text import Text
+
+    warned = [r for r in results if r.warning]
+    if not warned:
+        return
+    console.print(Text(f"{len(warned)} edit(s) kept with a regression warning"
+                       + (f"; the {top} most damaging:" if len(warned) > top else ":"), style="yellow"))
+    for r in sorted(warned, key=damage, reverse=True)[:top]:
+        console.print(Text("  warned ", style="yellow") + Text(f"{r.fact_id} (edit {r.seq}, damage {damage(r):.0%}): "
+                                                              f"{r.warning}"))
