@@ -111,8 +111,19 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
         return editor.export(outdir, force=force)
 
 
-def log(journal: str | Path = "romebatch.journal") -> dict:
-    """The journal's metadata and edits (no model needed)."""
+def log(journal: str | Path = "romebatch.journal", *, status: str | None = None, fact: str | None = None,
+        since: int | None = None, limit: int | None = None) -> dict:
+    """The journal's metadata, a summary, and its edits and rejections (no model needed).
+
+    Filters (romebatch/logview.py): status applied | rolled_back | repaired | warned |
+    rejected, one fact id, edits after `since`, the last `limit` (None: all).
+    """
+    from .logview import select
+
+    return select(_log_all(journal), status=status, fact=fact, since=since, limit=limit)
+
+
+def _log_all(journal: str | Path) -> dict:
     with Journal(journal) as j:
         # A repair edits a fact already on its path (romebatch/repair.py).
         seen, repairs = set(), set()
@@ -128,6 +139,9 @@ def log(journal: str | Path = "romebatch.journal") -> dict:
                 "target_new": r.fact["target_new"], "layer": r.layer, "update_norm": r.update_norm,
                 "denominator": r.denominator, "p_new_before": r.p_new_before, "p_new_after": r.p_new_after,
                 "p_true_after": r.p_true_after, "seconds": r.seconds_total, "created_at": r.created_at,
+                "warning": r.warning, "p_true_before": r.p_true_before, "neighborhood_drop": r.neighborhood_drop,
+                "probe_regression": r.probe_regression, "retention": r.retention, "v_steps": r.v_steps,
+                "fact": r.fact,
             } for r in j.edits()],
             "rejections": [{k: v for k, v in row.items() if k != "fact_json"} for row in j.rejections()],
         }
