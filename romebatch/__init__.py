@@ -23,6 +23,7 @@ _EXPORTS = {
     "export": "romebatch.api",
     "log": "romebatch.api",
     "compare": "romebatch.api",
+    "curves": "romebatch.api",
     "Journal": "romebatch.journal",
     "HParams": "romebatch.hparams",
     "load_hparams": "romebatch.hparams",

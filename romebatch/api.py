@@ -244,3 +244,19 @@ def compare(journal: str | Path = "romebatch.journal", *, facts_file: str | Path
 
         write_compare_results(report, results)
     return report
+
+
+def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: str | Path | None = None) -> dict:
+    """Scores, repairs, warnings and rejections per window of `every` edits, from the journal alone.
+
+    `out` also draws them as a PNG. See romebatch/curves.py for what each number is.
+    """
+    from .curves import curves as read_curves, save_png
+    from .errors import UserError
+
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise UserError(f"--out {out}: give a .png file name")
+    report = read_curves(journal, every)
+    if out is not None:
+        save_png(report, out)
+    return report

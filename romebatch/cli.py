@@ -411,6 +411,26 @@ def compare(
             _say(f"comparison table: {results}")
 
 
+@app.command(name="report")
+def report_(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Draw the curves as a PNG.")] = None,
+    every: Annotated[int, typer.Option(help="Edits per window (a row of the table, a point of the curves).")] = 100,
+    json_out: JsonOpt = False,
+):
+    """ES, NS kept, retention, probe regression, repairs and warnings per window of edits, from the journal."""
+    from . import api
+    from .curves import render
+
+    data = api.curves(journal, every=every, out=out)
+    if json_out:
+        _emit_json(data)
+    else:
+        render(_console(), data)
+        if out:
+            _say(f"wrote {out}")
+
+
 def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
     from typer.exceptions import TyperException
