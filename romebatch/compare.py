@@ -213,29 +213,36 @@ def write_compare_results(report: CompareReport, path) -> object:
 
 
 def render_compare(console, report: CompareReport) -> None:
-    """A rich table, every user string shown literally (Text objects: no markup is read)."""
+    """One rich table per fact (and one for free prompts); every user string shown literally."""
+    from rich import box
     from rich.table import Table
     from rich.text import Text
 
     def p(before, after) -> Text:
         if before is None:
             return Text("-")
-        text = Text(f"{before:.3f} → {after:.3f}")
-        if abs(after - before) >= 0.1:
-            text.stylize("bold")
-        return text
+        return Text(f"{before:.3f} → {after:.3f}", style="bold" if abs(after - before) >= 0.1 else "")
 
     state = "the base model" if report.state == 0 else f"edit {report.state}"
-    table = Table(title=f"compare: base vs {state} (journal {report.journal}; greedy, "
-                        f"{report.max_new_tokens} new tokens)", show_lines=False)
-    for column in ("fact", "kind", "prompt", "base says", f"{state} says", "P(new)", "P(true)"):
-        table.add_column(column)
-    for r in report.rows:
-        said = Text(repr(r.state_text), style="bold yellow" if r.changed else "")
-        true_label = r.target_true if r.target_true is not None else ""
-        table.add_row(Text(r.fact_id or "-"), Text(r.kind), Text(r.prompt), Text(repr(r.base_text)), said,
-                      p(r.p_new_base, r.p_new_state) + Text(f" {r.target_new}" if r.target_new else ""),
-                      p(r.p_true_base, r.p_true_state) + Text(f" {true_label}" if true_label else ""))
-    console.print(table)
+    console.print(Text(f"base model vs {state} of journal {report.journal} (greedy, {report.max_new_tokens} "
+                       f"new tokens; P length-normalised)"))
+    groups: dict[str | None, list[PromptComparison]] = {}
+    for row in report.rows:
+        groups.setdefault(row.fact_id if row.kind != "free" else None, []).append(row)
+    for fact_id, rows in groups.items():
+        own = rows[0]
+        title = (Text("free prompts") if fact_id is None else
+                 Text(f"{fact_id}: new {own.target_new!r}" + (f", true {own.target_true!r}" if own.target_true else "")))
+        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("", "prompt", "base says", f"{state} says", "P(new)", "P(true)"):
+            table.add_column(column)
+        for r in rows:
+            true = p(r.p_true_base, r.p_true_state)
+            if r.kind == "neighborhood":  # its "true" object is the neighbour's own answer
+                true += Text(f" {r.target_true!r}")
+            table.add_row(Text(r.kind), Text(r.prompt), Text(repr(r.base_text)),
+                          Text(repr(r.state_text), style="bold yellow" if r.changed else ""),
+                          p(r.p_new_base, r.p_new_state), true)
+        console.print(table)
     changed = sum(r.changed for r in report.rows)
     console.print(Text(f"{changed} of {len(report.rows)} continuation(s) changed"))
