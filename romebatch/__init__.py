@@ -24,6 +24,7 @@ _EXPORTS = {
     "log": "romebatch.api",
     "compare": "romebatch.api",
     "curves": "romebatch.api",
+    "edit": "romebatch.api",
     "Journal": "romebatch.journal",
     "HParams": "romebatch.hparams",
     "load_hparams": "romebatch.hparams",

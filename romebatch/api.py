@@ -25,7 +25,7 @@ def apply(
     limit: int | None = None,
     hparams: HParams | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
     module_template: str | None = None,
     results: str | Path | None = None,
     checks=DEFAULT_CHECKS,
@@ -34,6 +34,7 @@ def apply(
     on_edit=None,
     stats_progress=None,
     log=None,
+    retry_rejected: bool = False,
 ) -> ApplyResult:
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
     from .model import load_model
@@ -44,7 +45,7 @@ def apply(
     # The model is loaded (and the facts checked against its tokenizer) before the journal
     # is created or locked: bad input writes nothing.
     stored = _journal_meta(journal)
-    lm = load_model(model or stored.get("model"), device=device, dtype=dtype,
+    lm = load_model(model or stored.get("model"), device=device, dtype=dtype or stored.get("dtype") or "float32",
                     module_template=module_template or stored.get("module_template"), **kwargs)
     longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
     check_facts_for_model(lm, facts, longest_prefix)
@@ -55,7 +56,8 @@ def apply(
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
             result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,
-                                  on_regression=on_regression, repair_every=repair_every)
+                                  on_regression=on_regression, repair_every=repair_every,
+                                  retry_rejected=retry_rejected)
     if results:
         from .report import write_results
 
@@ -88,7 +90,7 @@ def _journal_meta(journal: str | Path) -> dict:
     if not (Path(journal) / "journal.sqlite").exists():
         return {}
     with Journal(journal) as j:
-        return {"model": j.get("model"), "module_template": j.get("module_template")}
+        return {"model": j.get("model"), "module_template": j.get("module_template"), "dtype": j.get("dtype")}
 
 
 def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
@@ -104,11 +106,16 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
 
 
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
-           device: str = "cpu", force: bool = False, log=None) -> Path:
-    """Write the journal's head state as a model folder that transformers loads."""
+           device: str = "cpu", force: bool = False, dtype: str | None = None, log=None) -> Path:
+    """Write the journal's head state as a model folder that transformers loads (`dtype`: cast on writing)."""
+    from .export_card import EXPORT_DTYPES
+    from .errors import UserError
+
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, **kwargs) as editor:
-        return editor.export(outdir, force=force)
+        return editor.export(outdir, force=force, dtype=dtype)
 
 
 def log(journal: str | Path = "romebatch.journal", *, status: str | None = None, fact: str | None = None,
@@ -147,13 +154,27 @@ def _log_all(journal: str | Path) -> dict:
         }
 
 
-def pending_facts(facts, journal: str | Path):
-    """Facts not yet applied (or rejected) in `journal`; all of them if it does not exist yet."""
+def pending_facts(facts, journal: str | Path, retry_rejected: bool = False):
+    """Facts not yet applied (or rejected, unless `retry_rejected`) in `journal`; all if it does not exist yet."""
     if not (Path(journal) / "journal.sqlite").exists():
         return list(facts)
     with Journal(journal) as j:
-        settled = j.settled_hashes()
+        settled = j.applied_hashes() if retry_rejected else j.settled_hashes()
     return [f for f in facts if f.hash not in settled]
+
+
+def rerun_counts(facts, journal: str | Path) -> dict:
+    """What a re-run does with `facts`: how many are applied already, rejected earlier, rolled back."""
+    if not (Path(journal) / "journal.sqlite").exists():
+        return {"applied": 0, "rejected": 0, "rolled_back": 0}
+    with Journal(journal) as j:
+        applied, rejected = j.applied_hashes(), j.rejected_hashes()
+        rolled = {h for (h,) in j.db.execute("SELECT fact_hash FROM edits WHERE status = 'rolled_back'")}
+        rolled -= applied | rejected  # a rejection on the path still keeps a rolled-back fact out
+    hashes = [f.hash for f in facts]
+    return {"applied": sum(h in applied for h in hashes), "rejected": sum(h in rejected and h not in applied
+                                                                          for h in hashes),
+            "rolled_back": sum(h in rolled for h in hashes)}
 
 
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None):
@@ -260,3 +281,37 @@ def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: 
     if out is not None:
         save_png(report, out)
     return report
+
+
+def edit(subject: str, prompt: str, target_new: str, *, target_true: str | None = None, id: str | None = None,
+         journal: str | Path = "romebatch.journal", model: str | None = None, device: str = "cpu",
+         dtype: str | None = None, hparams: HParams | None = None, checks=DEFAULT_CHECKS, log=None):
+    """One fact, one call (for notebooks): validate it, edit it into `journal`, return its FactResult.
+
+        romebatch.edit(subject="The Space Needle", prompt="{} is located in the city of",
+                       target_new="Paris", target_true="Seattle")
+
+    `prompt` has "{}" where the subject goes, or contains the subject verbatim. The fact is
+    journaled like any other: `log`, `compare`, `rollback` and `export` see it.
+    """
+    from .manifest import fact_from_dict
+    from .model import load_model
+    from .preflight import check_facts_for_model
+
+    record = {"subject": subject, "prompt": prompt, "target_new": target_new, "source": "romebatch.edit"}
+    if target_true is not None:
+        record["target_true"] = target_true
+    record["id"] = id if id is not None else "edit"
+    fact = fact_from_dict(record)  # the manifest's validation: one clear error for a bad fact
+    if id is None:  # named by its content, like the journal identifies it
+        import dataclasses
+
+        fact = dataclasses.replace(fact, id="edit-" + fact.hash.split(":")[-1][:8])
+    kwargs = {"log": log} if log else {}
+    stored = _journal_meta(journal)
+    lm = load_model(model or stored.get("model"), device=device, dtype=dtype or stored.get("dtype") or "float32",
+                    module_template=stored.get("module_template"), **kwargs)
+    check_facts_for_model(lm, [fact], max((n for n, _ in (hparams or HParams()).prefixes), default=0))
+    with Editor(journal, lm=lm, hparams=hparams, **kwargs) as editor:
+        result = editor.apply([fact], checks=checks)
+    return result.results[0]

@@ -15,6 +15,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from .hparams import HParams as _DefaultHParams
+
 app = typer.Typer(
     name="romebatch",
     help="Apply thousands of ROME fact edits to a language model: journaled, checked, reversible.",
@@ -24,14 +26,34 @@ app = typer.Typer(
 )
 
 # Shared options: the same name and behaviour in every command.
-JournalOpt = Annotated[Path, typer.Option("--journal", "-j", help="Journal directory.")]
+JournalOpt = Annotated[Path, typer.Option("--journal", "-j", envvar="ROMEBATCH_JOURNAL", help="Journal directory.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
-                          "else the embedded Gemma-3-270M.")]
+    "--model", "-m", envvar="ROMEBATCH_MODEL",
+    help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
+         "else the embedded Gemma-3-270M.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line of stdout.")]
 DEFAULT_JOURNAL = Path("romebatch.journal")
+# The ROME settings' defaults, shown in --help (hparams.py imports no torch). A journal that
+# exists keeps the settings it was made with.
+_HP = _DefaultHParams()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"romebatch {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print romebatch's version and exit.")] = False,
+):
+    """Apply thousands of ROME fact edits to a language model: journaled, checked, reversible."""
 
 
 def _console():
@@ -65,16 +87,20 @@ def apply(
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     layer: Annotated[Optional[str], typer.Option(
-        help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default.")] = None,
+        help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default "
+             "(1 on Gemma-3-270M), else a quarter of its depth.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Apply only the first N facts of the manifest.")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     hparams: Annotated[Optional[Path], typer.Option(help="YAML file of hyper-parameters.")] = None,
-    v_steps: Annotated[Optional[int], typer.Option(help="Max Adam steps for v*.")] = None,
-    v_lr: Annotated[Optional[float], typer.Option(help="Adam learning rate for v*.")] = None,
-    kl_factor: Annotated[Optional[float], typer.Option(help="Weight of the essence KL term.")] = None,
+    v_steps: Annotated[Optional[int], typer.Option(
+        help="Max Adam steps for v*; default 20, 25 for Llama-style models (Gemma included).")] = None,
+    v_lr: Annotated[Optional[float], typer.Option(help=f"Adam learning rate for v*; default {_HP.v_lr:g}.")] = None,
+    kl_factor: Annotated[Optional[float], typer.Option(
+        help=f"Weight of the essence KL term; default {_HP.kl_factor:g}.")] = None,
     mom2: Annotated[Optional[str], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
     stats_corpus: Annotated[Optional[Path], typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
-    stats_tokens: Annotated[Optional[int], typer.Option(help="Corpus tokens for the key statistics.")] = None,
+    stats_tokens: Annotated[Optional[int], typer.Option(
+        help=f"Corpus tokens for the key statistics; default {_HP.stats_tokens:,}.")] = None,
     stats_sampling: Annotated[Optional[str], typer.Option(
         help="Without --stats-corpus, how the model's own text is sampled: encyclopedic (default) or plain.")] = None,
     module_template: Annotated[Optional[str], typer.Option(
@@ -91,14 +117,19 @@ def apply(
     repair_every: Annotated[int, typer.Option(
         help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")] = 100,
     preserve: Annotated[Optional[str], typer.Option(
-        help="Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them).")] = None,
-    preserve_weight: Annotated[Optional[float], typer.Option(help="λ for --preserve covariance.")] = None,
+        help=f"Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them); "
+             f"default {_HP.preserve}.")] = None,
+    preserve_weight: Annotated[Optional[float], typer.Option(
+        help=f"λ for --preserve covariance; default {_HP.preserve_weight:g}.")] = None,
     spread_layers: Annotated[Optional[int], typer.Option(
-        help="Spread edits round-robin over this many layers from --layer.")] = None,
+        help=f"Spread edits round-robin over this many layers from --layer; default {_HP.spread_layers}.")] = None,
     exact_protocol: Annotated[bool, typer.Option(
         "--exact-protocol", help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="float32, bfloat16 or float16; default: the journal's own, float32 for a new one.")] = None,
+    retry_rejected: Annotated[bool, typer.Option(
+        "--retry-rejected", help="Try again the facts an earlier run rejected (they are skipped otherwise).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
     json_out: JsonOpt = False,
 ):
@@ -121,15 +152,22 @@ def apply(
                   stats_sampling=stats_sampling, layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None,
                   preserve=preserve, preserve_weight=preserve_weight, spread_layers=spread_layers)
     if dry_run:
-        from .api import pending_facts
+        from .api import pending_facts, rerun_counts
 
-        pending = pending_facts(loaded.facts, journal)
+        pending = pending_facts(loaded.facts, journal, retry_rejected=retry_rejected)
+        again = rerun_counts(loaded.facts, journal)
         rows = [{"id": f.id, "subject": f.subject, "prompt": f.prompt, "target_new": f.target_new} for f in pending]
         if json_out:
-            _emit_json({"manifest": str(manifest), "facts": len(loaded.facts), "pending": rows, "layer": layer})
+            _emit_json({"manifest": str(manifest), "facts": len(loaded.facts), "pending": rows, "layer": layer,
+                        "already_applied": again["applied"], "rejected_earlier": again["rejected"],
+                        "retry_rejected": retry_rejected, "rolled_back": again["rolled_back"]})
         else:
             _say(f"{manifest}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
                  f"{len(pending)} pending for journal {journal}" + (f" at layer {layer}" if layer is not None else ""))
+            if any(again.values()):
+                _say(f"  {again['applied']} applied already (skipped); {again['rejected']} rejected earlier ("
+                     + ("retried: --retry-rejected" if retry_rejected else "skipped; --retry-rejected tries them again")
+                     + f"); {again['rolled_back']} rolled back (applied again)")
             for row in rows[:50]:
                 _say(f"  {row['id']}: {row['prompt'].replace('{}', row['subject'])} -> {row['target_new']}")
         return
@@ -174,7 +212,7 @@ def apply(
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=dtype, module_template=module_template, results=results,
                            checks=checks, on_regression=on_regression, repair_every=repair_every, on_edit=on_edit,
-                           stats_progress=on_stats, log=_say)
+                           stats_progress=on_stats, log=_say, retry_rejected=retry_rejected)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
@@ -240,12 +278,14 @@ def export(
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR.")] = False,
+    dtype: Annotated[Optional[str], typer.Option(
+        "--dtype", help="Write the weights as float32, bfloat16 or float16; default: as the journal holds them.")] = None,
     json_out: JsonOpt = False,
 ):
-    """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
+    """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance, model card)."""
     from . import api
 
-    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say)
+    path = api.export(outdir, journal=journal, model=model, device=device, force=force, dtype=dtype, log=_say)
     if json_out:
         _emit_json({"journal": str(journal), "export": str(path)})
     else:
@@ -257,8 +297,9 @@ def verify(
     journal: JournalOpt = DEFAULT_JOURNAL,
     manifest: Annotated[Optional[Path], typer.Option(help="Score with this manifest's probes (applied facts only).")] = None,
     max_ns_drop: Annotated[float, typer.Option(help="Points NS may fall below the base model's.")] = 5.0,
-    min_retention: Annotated[float, typer.Option(help="% of edits that took which must still hold.")] = 90.0,
-    min_efficacy: Annotated[float, typer.Option(help="% of applied facts whose new object must win.")] = 0.0,
+    min_retention: Annotated[float, typer.Option(
+        help="Share (0..1) of the edits that took which must still hold, as in apply.")] = 0.9,
+    min_efficacy: Annotated[float, typer.Option(help="Share (0..1) of applied facts whose new object must win.")] = 0.0,
     results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",

@@ -172,7 +172,7 @@ class Editor:
         *,
         model: str | None = None,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | None = None,  # None: the dtype the journal was computed in (float32 for a new one)
         module_template: str | None = None,
         hparams: HParams | None = None,
         write: bool = True,
@@ -184,6 +184,7 @@ class Editor:
         self.journal = Journal(journal, write=write, create=write)
         try:
             stored_spec = self.journal.get("model")
+            dtype = dtype or self.journal.get("dtype") or "float32"
             self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
                                        module_template=module_template or self.journal.get("module_template"), log=log)
             self.base_hash = self.lm.base_hash()
@@ -211,10 +212,15 @@ class Editor:
             journal.set_many({
                 "format": 1, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
                 "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
-                "hparams": requested.to_dict(), "head": 0, "created_with": _versions(),
+                "hparams": requested.to_dict(), "head": 0, "created_with": _versions(), "dtype": model_dtype(lm),
             })
             return requested
         stored_hash = journal.get("base_hash")
+        stored_dtype = journal.get("dtype") or "float32"
+        if stored_hash != self.base_hash and model_dtype(lm) != stored_dtype:
+            raise BaseModelMismatchError(
+                f"journal {journal.directory} was computed in {stored_dtype}, but the model was loaded in "
+                f"{model_dtype(lm)}", hint="leave out --dtype: the journal's own dtype is the default")
         if stored_hash != self.base_hash:
             raise BaseModelMismatchError(
                 f"journal {journal.directory} was written for model {journal.get('model')} ({stored_hash[:19]}…), "
@@ -374,6 +380,7 @@ class Editor:
         checks: Thresholds | None = Thresholds(),
         on_regression: str = "warn",
         repair_every: int | None = None,
+        retry_rejected: bool = False,
     ) -> ApplyResult:
         """Apply each fact not yet in the journal as a sequential ROME edit, committing each.
 
@@ -382,6 +389,8 @@ class Editor:
         in the last two cases without committing the offending edit.
         `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
         and once more at its end, if it applied any (None or 0: never).
+        Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
+        say); facts whose edit was rolled back are applied again.
         """
         if on_regression not in ("warn", "skip", "stop"):
             raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
@@ -397,7 +406,7 @@ class Editor:
         window = list(range(layer, layer + spread))
         result = ApplyResult(journal=str(self.journal.directory), head=self.head)
         done = self.journal.applied_hashes()
-        rejected = self.journal.rejected_hashes()
+        rejected = set() if retry_rejected else self.journal.rejected_hashes()
         todo = []
         for fact in facts:
             if fact.hash in done or fact.hash in rejected:
@@ -744,8 +753,14 @@ class Editor:
         return self.journal.prune()
 
     # -- export ------------------------------------------------------------------------
-    def export(self, outdir: str | Path, *, force: bool = False) -> Path:
-        """Write the head state as a model folder (safetensors, config, tokenizer, provenance)."""
+    def export(self, outdir: str | Path, *, force: bool = False, dtype: str | None = None) -> Path:
+        """Write the head state as a model folder (safetensors, config, tokenizer, provenance, model card).
+
+        `dtype` (float32, bfloat16, float16) casts the weights as they are written; the model
+        in memory is not touched, so the journal's exact state stays what it is.
+        """
+        from .export_card import model_card, save_weights
+
         outdir = Path(outdir)
         if outdir.exists() and not outdir.is_dir():
             raise UserError(f"{outdir} exists and is not a folder")
@@ -755,9 +770,12 @@ class Editor:
         # Written beside the target and renamed into place: never a half-written model folder.
         staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
         try:
-            self.lm.model.save_pretrained(staging)
+            written = save_weights(self.lm.model, staging, dtype)
             self.lm.tokenizer.save_pretrained(staging)
-            (staging / "romebatch.json").write_text(json.dumps(self.provenance(), indent=2) + "\n")
+            provenance = self.provenance()
+            provenance["dtype"] = written
+            (staging / "romebatch.json").write_text(json.dumps(provenance, indent=2) + "\n")
+            (staging / "README.md").write_text(model_card(provenance, outdir.name))
         except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(error, OSError):
@@ -817,6 +835,11 @@ def _why_lost(standing: Standing) -> str:
 def _edit_of(record: EditRecord) -> RankOneEdit:
     return RankOneEdit(record.layer, torch.from_numpy(record.lam), torch.from_numpy(record.u),
                        record.denominator, record.update_norm)
+
+
+def model_dtype(lm: LoadedModel) -> str:
+    """"float32", "bfloat16" or "float16": the dtype the model's weights are held in."""
+    return str(next(lm.model.parameters()).dtype).removeprefix("torch.")
 
 
 def _versions() -> dict:
