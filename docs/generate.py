@@ -21,7 +21,8 @@ sys.path.insert(0, str(DOCS.parent))
 # checks each convention through the CLI.
 CONVENTIONS = """## Conventions
 
-- `romebatch --version` prints the version.
+- `romebatch --version` prints the version; `romebatch --install-completion` installs shell
+  completion (Typer's own; `--show-completion bash` prints it).
 - Environment defaults: `ROMEBATCH_JOURNAL` for `--journal`, `ROMEBATCH_MODEL` for `--model`
   (an option given on the command line wins). `ROMEBATCH_HOME` holds the caches,
   `ROMEBATCH_DEBUG=1` shows tracebacks.
@@ -45,6 +46,13 @@ CONVENTIONS = """## Conventions
   every edit unless `-n`, `--status`, `--fact` or `--since` narrow it.
 - With `--on-regression warn` every warning is journaled with its edit (`log --status
   warned`, the results' `warning` column) and shown live and in the final report.
+- The progress bar of `apply` shows elapsed time, ETA, seconds per edit, the fact being
+  edited, and the probes' base answers and repair passes as stages of their own.
+- A run's summary (`apply --json`, under `run`; the Parquet results table's `romebatch`
+  metadata) names the model, its base hash, dtype, hyper-parameters, the romebatch, torch and
+  transformers versions, the journal's head and the date.
+- `trace` with no `--model` traces the model of `--journal` (default `./romebatch.journal`)
+  when that journal exists, else the embedded model.
 - User strings (subjects, prompts, ids) are printed literally, never read as rich markup.
 - Python: `romebatch.edit(subject=..., prompt=..., target_new=...)` edits one fact in one
   call; `romebatch.compare`, `romebatch.curves` and `romebatch.log(status=..., limit=...)` are

@@ -35,6 +35,7 @@ def apply(
     stats_progress=None,
     log=None,
     retry_rejected: bool = False,
+    on_stage=None,
 ) -> ApplyResult:
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
     from .model import load_model
@@ -53,6 +54,7 @@ def apply(
         layer = auto_layer(lm, facts, log=log)
     with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
         editor.stats_progress = stats_progress
+        editor.on_stage = on_stage
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
             result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,
@@ -61,7 +63,7 @@ def apply(
     if results:
         from .report import write_results
 
-        write_results(result.results, results)
+        write_results(result.results, results, metadata=result.summary())
     return result
 
 
@@ -203,8 +205,10 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
 def trace(prompt: str | None = None, subject: str | None = None, answer: str | None = None, *,
           facts_file: str | Path | None = None, limit: int | None = None, model: str | None = None,
           device: str = "cpu", samples: int = 10, noise: float = 3.0, window: int = 10, kinds=("hidden", "mlp", "attn"),
-          seed: int = 0, log=None, progress=None):
+          seed: int = 0, log=None, progress=None, journal: str | Path | None = None):
     """Causal tracing: one fact (every cell, each kind), or the MLP effect averaged over a file of facts.
+
+    The model: `model`, else `journal`'s model (if that journal exists), else the embedded one.
 
     Returns a TraceResult for one fact, or (effect by layer, recommended layer, results) for a file;
     the file form also caches the recommendation for `apply --layer auto`.
@@ -216,7 +220,9 @@ def trace(prompt: str | None = None, subject: str | None = None, answer: str | N
     kwargs = {"log": log} if log else {}
     if facts_file is None and (prompt is None or subject is None):
         raise UserError("give --prompt and --subject, or --facts FILE")
-    lm = load_model(model, device=device, **kwargs)
+    stored = _journal_meta(journal) if journal is not None and model is None else {}
+    lm = load_model(model or stored.get("model"), device=device, dtype=stored.get("dtype") or "float32",
+                    module_template=stored.get("module_template"), **kwargs)
     if facts_file is None:
         if subject not in prompt:
             raise UserError(f"--subject {subject!r} does not occur in --prompt")

@@ -21,7 +21,7 @@ app = typer.Typer(
     name="romebatch",
     help="Apply thousands of ROME fact edits to a language model: journaled, checked, reversible.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # Typer's own: --install-completion / --show-completion
     pretty_exceptions_enable=False,
 )
 
@@ -172,7 +172,7 @@ def apply(
                 _say(f"  {row['id']}: {row['prompt'].replace('{}', row['subject'])} -> {row['target_new']}")
         return
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import api
     from .probes import Thresholds
@@ -184,8 +184,8 @@ def apply(
 
     console = _console()
     progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
-                        disable=json_out or not console.is_terminal)
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"),
+                        console=console, disable=json_out or not console.is_terminal)
     stats_task = progress.add_task("", total=None, visible=False, label="key statistics (tokens)")
     task = progress.add_task("", total=len(loaded.facts), label="editing")
 
@@ -193,16 +193,32 @@ def apply(
         progress.update(stats_task, completed=done, total=total, visible=True)
 
     warned = []  # (fact id, warning) of the edits kept with a failed regression check
+    timed = []  # seconds of each edit made in this run
 
-    def on_edit(row):
+    def status_line(first: str | None = None) -> str:
         from rich.markup import escape
 
+        parts = [first] if first else []
+        if timed:
+            parts.append(f"{sum(timed) / len(timed):.1f} s/edit")
+        if warned:
+            parts.append(f"{len(warned)} warned, latest {warned[-1][0]}: {warned[-1][1]}")
+        return escape(" · ".join(parts))
+
+    def on_stage(stage, fact_id):
+        # Repairs and the probes' base answers are stages of their own on the bar's label.
+        progress.update(task, label={"editing": "editing", "repairing": "repair pass", "repair scoring":
+                                     "repair pass (scoring)", "probes": "probes (base answers)"}.get(stage, stage),
+                        description=status_line(f"now {fact_id}" if fact_id else None), refresh=True)
+
+    def on_edit(row):
         if row.warning:
             warned.append((row.fact_id, row.warning))
-        shown = f"{row.fact_id}: {row.status}" + (
-            f" · {len(warned)} warned, latest {warned[-1][0]}: {warned[-1][1]}" if warned else "")
+        if row.seconds is not None and row.status in ("applied", "repaired", "rejected"):
+            timed.append(row.seconds)
         # A repair edits a fact the bar has counted already.
-        progress.update(task, advance=row.status != "repaired", description=escape(shown))
+        progress.update(task, advance=row.status != "repaired", description=status_line(f"{row.fact_id}: {row.status}"),
+                        refresh=True)  # drawn now: an edit takes seconds, a refresh microseconds
         if not console.is_terminal and not json_out:
             _say(f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
                  + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
@@ -212,7 +228,7 @@ def apply(
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
                            device=device, dtype=dtype, module_template=module_template, results=results,
                            checks=checks, on_regression=on_regression, repair_every=repair_every, on_edit=on_edit,
-                           stats_progress=on_stats, log=_say, retry_rejected=retry_rejected)
+                           stats_progress=on_stats, log=_say, retry_rejected=retry_rejected, on_stage=on_stage)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
@@ -335,6 +351,9 @@ def trace(
     noise: Annotated[float, typer.Option(help="Noise scale, in embedding standard deviations.")] = 3.0,
     window: Annotated[int, typer.Option(help="Layers restored together for MLP and attention.")] = 10,
     model: ModelOpt = None,
+    journal: Annotated[Path, typer.Option(
+        "--journal", "-j", envvar="ROMEBATCH_JOURNAL",
+        help="Journal whose model to trace when --model is not given (if it exists).")] = DEFAULT_JOURNAL,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
 ):
@@ -346,8 +365,8 @@ def trace(
 
     console = _console()
     if facts is None:
-        result = api.trace(prompt, subject, answer, model=model, device=device, samples=samples, noise=noise,
-                           window=window, log=_say)
+        result = api.trace(prompt, subject, answer, model=model, journal=journal, device=device, samples=samples,
+                           noise=noise, window=window, log=_say)
         rows = result.to_rows()
         if out:
             save_trace_png(result, out)
@@ -364,7 +383,7 @@ def trace(
         task = progress.add_task("", total=None)
         with progress:
             effect, layer, traced = api.trace(
-                facts_file=facts, limit=limit, model=model, device=device, samples=samples, noise=noise,
+                facts_file=facts, limit=limit, model=model, journal=journal, device=device, samples=samples, noise=noise,
                 window=window, log=_say, progress=lambda done, total: progress.update(task, completed=done,
                                                                                       total=total))
         rows = [row for r in traced for row in r.to_rows()]

@@ -93,6 +93,9 @@ class ApplyResult:
     results: list[FactResult] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    # What made the run (model, its hash, dtype, hparams, versions, date), as
+    # lm-evaluation-harness results record it: `summary()["run"]` and the results table's metadata.
+    run: dict = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -113,6 +116,7 @@ class ApplyResult:
             "max_update_norm": max(norms) if norms else None,
             "interrupted": self.interrupted,
             "warned": sum(bool(r.warning) for r in self.results if r.status == "applied"),
+            "run": self.run,
         }
 
 
@@ -197,6 +201,9 @@ class Editor:
             self._fluency_reference: float | None = None
             self._prefixes: list[str] | None = self.journal.get("prefixes")
             self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
+            # (stage, fact id or None) before each stage of a run: "probes" (the base answers),
+            # "editing", "repair scoring", "repairing"; the CLI's progress bar shows it.
+            self.on_stage: Callable[[str, str | None], None] | None = None
             self.replay(verify=verify)
         except BaseException:
             self.journal.close()
@@ -404,7 +411,7 @@ class Editor:
             raise UserError(f"--layer {layer}" + (f" with --spread-layers {spread}" if spread > 1 else "")
                             + f": this model has layers 0..{self.lm.n_layers - 1}")
         window = list(range(layer, layer + spread))
-        result = ApplyResult(journal=str(self.journal.directory), head=self.head)
+        result = ApplyResult(journal=str(self.journal.directory), head=self.head, run=self.run_info())
         done = self.journal.applied_hashes()
         rejected = set() if retry_rejected else self.journal.rejected_hashes()
         todo = []
@@ -425,6 +432,7 @@ class Editor:
                 self.fluency_reference()
             if checks is not None:
                 probes = RegressionProbes(self.lm, todo, checks)
+                self._stage("probes")
                 self.replay(0, verify=False)  # the base answers are the reference
                 try:
                     probes.capture_base()
@@ -440,6 +448,7 @@ class Editor:
             if stop:
                 result.interrupted = True
                 break
+            self._stage("editing", fact.id)
             row = self._apply_one(fact, self._next_layer(window), probes, on_regression)
             result.results.append(row)
             if on_edit:
@@ -455,8 +464,22 @@ class Editor:
             result.results += self.repair(window, on_edit=on_edit, stop=stop)
         result.interrupted = result.interrupted or bool(stop and self.journal.get(REPAIR_PLAN))
         result.head = self.head
+        result.run["head"] = self.head
         result.seconds = time.perf_counter() - started
         return result
+
+    def run_info(self) -> dict:
+        """The model, its base hash, dtype, hyper-parameters, versions and the date of a run."""
+        from datetime import datetime, timezone
+
+        return {"model": self.journal.get("model"), "base_hash": self.base_hash, "dtype": model_dtype(self.lm),
+                "revision": self.lm.revision, "hparams": self.hparams.to_dict(), "versions": _versions(),
+                "journal": str(self.journal.directory), "head": self.head,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def _stage(self, name: str, fact_id: str | None = None) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, fact_id)
 
     def _next_layer(self, window: list[int]) -> int:
         # Round-robin over the window by position on the path: a resumed or rolled-back
@@ -481,6 +504,7 @@ class Editor:
             for rejection in self.journal.rejections():
                 if rejection["parent"] in on_path:
                     rejected[rejection["fact_hash"]] = rejected.get(rejection["fact_hash"], 0) + 1
+            self._stage("repair scoring")
             lost = to_repair(self.lm, self.journal.path(), rejected, max_edits)
             plan = [{"fact": s.fact.to_dict(), "was": _why_lost(s)} for s in lost]
             self.journal.set_many({REPAIR_PLAN: {"at": self.head, "facts": plan, "done": 0}})
@@ -493,6 +517,7 @@ class Editor:
             # The plan's progress is written in the same transaction as the repair (or its
             # rejection), so a crash can neither lose a repair nor make one twice.
             progress = {REPAIR_PLAN: {**self.journal.get(REPAIR_PLAN), "done": index + 1}}
+            self._stage("repairing", fact.id)
             row = self._apply_one(fact, self._next_layer(window), meta=progress)
             if row.status == "failed":
                 self.journal.set_many(progress)  # nothing was written; a retry would fail alike

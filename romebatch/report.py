@@ -64,9 +64,12 @@ def _frame(items, schema):
     return pl.DataFrame(rows, schema=dtypes, orient="row") if rows else pl.DataFrame(schema=dtypes)
 
 
-def _write(frame, path: Path) -> Path:
+def _write(frame, path: Path, metadata: dict | None = None) -> Path:
     if path.suffix == ".parquet":
-        frame.write_parquet(path)
+        # Parquet carries key-value metadata: the run that made the table (a CSV cannot).
+        import json
+
+        frame.write_parquet(path, metadata={"romebatch": json.dumps(metadata, default=str)} if metadata else None)
     elif path.suffix == ".csv":
         frame.write_csv(path)
     else:
@@ -82,8 +85,9 @@ def results_frame(results):
     return _frame(results, RESULTS_SCHEMA)  # `success` is a property of FactResult
 
 
-def write_results(results, path: str | Path) -> Path:
-    return _write(results_frame(results), Path(path))
+def write_results(results, path: str | Path, metadata: dict | None = None) -> Path:
+    """The per-fact table; `metadata` (e.g. `ApplyResult.summary()`) goes into a Parquet file's metadata."""
+    return _write(results_frame(results), Path(path), metadata)
 
 
 def _fmt(value, spec=".3f") -> str:

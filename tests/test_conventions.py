@@ -240,3 +240,49 @@ def test_one_call_edit(tmp_path, tiny_folder):
     assert again.status == "already_applied"
     with pytest.raises(UserError, match="subject"):
         romebatch.edit(subject="Nobody", prompt="Big Ben is in", target_new="Rome", journal=journal, model=str(folder))
+
+
+# ----------------------------------------------------------------------------- run metadata, trace, completion
+def test_a_runs_summary_and_results_table_name_what_made_them(tmp_path, tiny_folder):
+    import polars as pl
+    import transformers
+
+    folder = tiny_folder("gpt2")
+    journal = tmp_path / "J"
+    result = api.apply(write_manifest(tmp_path / "f.jsonl", [BEN]), journal=journal, model=str(folder),
+                       hparams=HParams(**TINY_HPARAMS), checks=None, repair_every=0, results=tmp_path / "r.parquet",
+                       log=quiet)
+    run = result.summary()["run"]
+    with Journal(journal) as j:
+        assert run["model"] == j.get("model") == str(folder) and run["base_hash"] == j.get("base_hash")
+        assert run["hparams"] == j.get("hparams")
+    assert run["versions"] == {"romebatch": romebatch.__version__, "torch": torch.__version__,
+                               "transformers": transformers.__version__}
+    assert run["head"] == 1 and run["dtype"] == "float32" and run["date"][:2] == "20"
+    stored = json.loads(pl.read_parquet_metadata(tmp_path / "r.parquet")["romebatch"])
+    assert stored["run"] == run and stored["applied"] == 1
+
+
+def test_trace_takes_the_journals_model(tmp_path, monkeypatch):
+    write_journal(tmp_path / "J", ["sha256:a"])
+    asked = []
+
+    def load_model(spec, **kwargs):
+        asked.append(spec)
+        raise UserError("stop here")
+
+    monkeypatch.setattr("romebatch.model.load_model", load_model)
+    for kwargs, expected in (({"journal": tmp_path / "J"}, "tiny-test-model"),
+                             ({"journal": tmp_path / "J", "model": "x/y"}, "x/y"),
+                             ({"journal": tmp_path / "none"}, None)):
+        with pytest.raises(UserError, match="stop here"):
+            api.trace("Big Ben is in", "Big Ben", **kwargs)
+        assert asked[-1] == expected
+    result = CliRunner().invoke(app, ["trace", "--prompt", "Big Ben is in", "--subject", "Big Ben",
+                                      "--journal", str(tmp_path / "J")])
+    assert isinstance(result.exception, UserError) and asked[-1] == "tiny-test-model"
+
+
+def test_shell_completion_is_typers_own():
+    result = CliRunner().invoke(app, ["--show-completion", "bash"])
+    assert result.exit_code == 0 and "complete" in result.output and "romebatch" in result.output.lower()

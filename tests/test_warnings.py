@@ -139,3 +139,29 @@ def test_without_a_terminal_each_warned_edit_line_says_so(tmp_path, folder):
     lines = [line for line in result.stderr.splitlines() if line.startswith(("good-1:", "harmful:", "good-2:"))]
     assert [line.split(" ")[0:3] for line in lines] == [["good-1:", "applied", "Big"], ["harmful:", "applied", "(warned)"],
                                                          ["good-2:", "applied", "The"]]
+
+
+def test_the_live_bar_shows_elapsed_time_seconds_per_edit_and_the_current_stage(tmp_path, folder, monkeypatch):
+    from rich.console import Console
+
+    import romebatch.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "_console", lambda: Console(file=screen, force_terminal=True, width=250))
+    stages = []
+    real = api.apply
+
+    def spy(*args, **kwargs):
+        inner = kwargs["on_stage"]
+        kwargs["on_stage"] = lambda stage, fact_id: (stages.append((stage, fact_id)), inner(stage, fact_id))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr("romebatch.api.apply", spy)
+    result = _apply_cli(tmp_path, folder)
+    assert result.exit_code == 0, result.output
+    # The probes' base answers, then each fact as it starts.
+    assert stages == [("probes", None), ("editing", "good-1"), ("editing", "harmful"), ("editing", "good-2")]
+    out = screen.getvalue()
+    assert "probes (base answers)" in out and "now harmful" in out
+    assert " s/edit" in out and "good-2: applied" in out
+    assert "0:00:0" in out  # the elapsed-time column
