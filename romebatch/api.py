@@ -27,7 +27,7 @@ def apply(
     limit: int | None = None,
     hparams: HParams | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str | None = None,
     module_template: str | None = None,
     results: str | Path | None = None,
     checks=DEFAULT_CHECKS,
@@ -38,6 +38,8 @@ def apply(
     log=None,
     device_map: str | dict | None = None,
     max_memory: str | dict | None = None,
+    retry_rejected: bool = False,
+    on_stage=None,
 ) -> ApplyResult:
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
     from .model import load_model
@@ -53,7 +55,7 @@ def apply(
     # The model is loaded (and the facts checked against its tokenizer) before the journal
     # is created or locked: bad input writes nothing.
     stored = _journal_meta(journal)
-    lm = load_model(model or stored.get("model"), device=device, dtype=dtype,
+    lm = load_model(model or stored.get("model"), device=device, dtype=dtype or stored.get("dtype") or "float32",
                     module_template=module_template or stored.get("module_template"), device_map=device_map,
                     max_memory=max_memory, **kwargs)
     longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
@@ -62,14 +64,16 @@ def apply(
         layer = auto_layer(lm, facts, log=log)
     with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, create=True, **kwargs) as editor:
         editor.stats_progress = stats_progress
+        editor.on_stage = on_stage
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
             result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,
-                                  on_regression=on_regression, repair_every=repair_every)
+                                  on_regression=on_regression, repair_every=repair_every,
+                                  retry_rejected=retry_rejected)
     if results:
         from .report import write_results
 
-        write_results(result.results, results)
+        write_results(result.results, results, metadata=result.summary())
     return result
 
 
@@ -103,7 +107,7 @@ def _journal_meta(journal: str | Path) -> dict:
     if not (Path(journal) / "journal.sqlite").exists():
         return {}
     with Journal(journal) as j:
-        return {"model": j.get("model"), "module_template": j.get("module_template")}
+        return {"model": j.get("model"), "module_template": j.get("module_template"), "dtype": j.get("dtype")}
 
 
 def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
@@ -124,16 +128,20 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
 
 
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
-           device: str = "cpu", force: bool = False, log=None, device_map=None, max_memory=None) -> Path:
-    """Write the journal's head state as a model folder that transformers loads."""
+           device: str = "cpu", force: bool = False, dtype: str | None = None, log=None, device_map=None,
+           max_memory=None) -> Path:
+    """Write the journal's head state as a model folder that transformers loads (`dtype`: cast on writing)."""
     from .editor import check_export_target
+    from .export_card import EXPORT_DTYPES
 
+    if dtype is not None and dtype not in EXPORT_DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
         pass
     check_export_target(Path(outdir), force)
     kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
-        return editor.export(outdir, force=force)
+        return editor.export(outdir, force=force, dtype=dtype)
 
 
 def export_adapter(outdir: str | Path, *, journal: str | Path = "romebatch.journal", rank: int | None = None,
@@ -168,8 +176,19 @@ def apply_bundle(bundle: str | Path, *, journal: str | Path = "romebatch.journal
     return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
 
 
-def log(journal: str | Path = "romebatch.journal") -> dict:
-    """The journal's metadata and edits (no model needed)."""
+def log(journal: str | Path = "romebatch.journal", *, status: str | None = None, fact: str | None = None,
+        since: int | None = None, limit: int | None = None) -> dict:
+    """The journal's metadata, a summary, and its edits and rejections (no model needed).
+
+    Filters (romebatch/logview.py): status applied | rolled_back | repaired | warned |
+    rejected, one fact id, edits after `since`, the last `limit` (None: all).
+    """
+    from .logview import select
+
+    return select(_log_all(journal), status=status, fact=fact, since=since, limit=limit)
+
+
+def _log_all(journal: str | Path) -> dict:
     with Journal(journal) as j:
         # A repair edits a fact already on its path (romebatch/repair.py).
         seen, repairs = set(), set()
@@ -185,18 +204,35 @@ def log(journal: str | Path = "romebatch.journal") -> dict:
                 "target_new": r.fact["target_new"], "layer": r.layer, "update_norm": r.update_norm,
                 "denominator": r.denominator, "p_new_before": r.p_new_before, "p_new_after": r.p_new_after,
                 "p_true_after": r.p_true_after, "seconds": r.seconds_total, "created_at": r.created_at,
+                "warning": r.warning, "p_true_before": r.p_true_before, "neighborhood_drop": r.neighborhood_drop,
+                "probe_regression": r.probe_regression, "retention": r.retention, "v_steps": r.v_steps,
+                "fact": r.fact,
             } for r in j.edits()],
             "rejections": [{k: v for k, v in row.items() if k != "fact_json"} for row in j.rejections()],
         }
 
 
-def pending_facts(facts, journal: str | Path):
-    """Facts not yet applied (or rejected) in `journal`; all of them if it does not exist yet."""
+def pending_facts(facts, journal: str | Path, retry_rejected: bool = False):
+    """Facts not yet applied (or rejected, unless `retry_rejected`) in `journal`; all if it does not exist yet."""
     if not (Path(journal) / "journal.sqlite").exists():
         return list(facts)
     with Journal(journal) as j:
-        settled = j.settled_hashes()
+        settled = j.applied_hashes() if retry_rejected else j.settled_hashes()
     return [f for f in facts if f.hash not in settled]
+
+
+def rerun_counts(facts, journal: str | Path) -> dict:
+    """What a re-run does with `facts`: how many are applied already, rejected earlier, rolled back."""
+    if not (Path(journal) / "journal.sqlite").exists():
+        return {"applied": 0, "rejected": 0, "rolled_back": 0}
+    with Journal(journal) as j:
+        applied, rejected = j.applied_hashes(), j.rejected_hashes()
+        rolled = {h for (h,) in j.db.execute("SELECT fact_hash FROM edits WHERE status = 'rolled_back'")}
+        rolled -= applied | rejected  # a rejection on the path still keeps a rolled-back fact out
+    hashes = [f.hash for f in facts]
+    return {"applied": sum(h in applied for h in hashes), "rejected": sum(h in rejected and h not in applied
+                                                                          for h in hashes),
+            "rolled_back": sum(h in rolled for h in hashes)}
 
 
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
@@ -258,8 +294,11 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
 def trace(prompt: str | None = None, subject: str | None = None, answer: str | None = None, *,
           facts_file: str | Path | None = None, limit: int | None = None, model: str | None = None,
           device: str = "cpu", samples: int = 10, noise: float = 3.0, window: int = 10, kinds=("hidden", "mlp", "attn"),
-          seed: int = 0, log=None, progress=None, device_map=None, max_memory=None):
+          seed: int = 0, log=None, progress=None, journal: str | Path | None = None, device_map=None,
+          max_memory=None):
     """Causal tracing: one fact (every cell, each kind), or the MLP effect averaged over a file of facts.
+
+    The model: `model`, else `journal`'s model (if that journal exists), else the embedded one.
 
     Returns a TraceResult for one fact, or (effect by layer, recommended layer, results) for a file;
     the file form also caches the recommendation for `apply --layer auto`.
@@ -271,7 +310,10 @@ def trace(prompt: str | None = None, subject: str | None = None, answer: str | N
     kwargs = {"log": log} if log else {}
     if facts_file is None and (prompt is None or subject is None):
         raise UserError("give --prompt and --subject, or --facts FILE")
-    lm = load_model(model, device=device, device_map=device_map, max_memory=max_memory, **kwargs)
+    stored = _journal_meta(journal) if journal is not None and model is None else {}
+    lm = load_model(model or stored.get("model"), device=device, dtype=stored.get("dtype") or "float32",
+                    module_template=stored.get("module_template"), device_map=device_map, max_memory=max_memory,
+                    **kwargs)
     if facts_file is None:
         if subject not in prompt:
             raise UserError(f"--subject {subject!r} does not occur in --prompt")
@@ -282,3 +324,91 @@ def trace(prompt: str | None = None, subject: str | None = None, answer: str | N
                                            progress=progress)
     save_recommendation(lm, layer, effect, len(facts))
     return effect, layer, results
+
+
+def compare(journal: str | Path = "romebatch.journal", *, facts_file: str | Path | None = None,
+            fact_ids=(), prompts=(), at: int | None = None, max_new_tokens: int | None = None,
+            sample: int | None = None, seed: int = 0, results: str | Path | None = None,
+            model: str | None = None, device: str = "cpu", log=None):
+    """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.compare`.
+
+    Selectors: a manifest (`facts_file`), journal fact ids, free `prompts`; none of them: a
+    seeded sample of `sample` facts edited on the state's path.
+    """
+    from .compare import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, compare as run_compare, select_facts
+    from .errors import UserError
+
+    if facts_file is not None and fact_ids:
+        raise UserError("choose --facts MANIFEST or --fact ID, not both")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: give at least 1")
+    if results is not None and Path(results).suffix not in (".parquet", ".csv"):
+        raise UserError(f"--results {results}: use a .parquet or .csv file name")
+    manifest_facts = load_manifest(facts_file).facts if facts_file else None
+    # Everything the user named is checked before the model is loaded.
+    with Journal(journal) as j:
+        if at is not None and at != 0:
+            if at < 0:
+                raise UserError(f"--at {at}: give an edit number (0 = the base model)")
+            j.edit(at)
+        facts = select_facts(j, manifest_facts=manifest_facts, fact_ids=list(fact_ids), prompts=list(prompts),
+                             at=at, sample=DEFAULT_SAMPLE if sample is None else sample, seed=seed)
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        report = run_compare(editor, facts, list(prompts), at=at,
+                             max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
+    if results:
+        from .compare import write_compare_results
+
+        write_compare_results(report, results)
+    return report
+
+
+def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: str | Path | None = None) -> dict:
+    """Scores, repairs, warnings and rejections per window of `every` edits, from the journal alone.
+
+    `out` also draws them as a PNG. See romebatch/curves.py for what each number is.
+    """
+    from .curves import curves as read_curves, save_png
+    from .errors import UserError
+
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise UserError(f"--out {out}: give a .png file name")
+    report = read_curves(journal, every)
+    if out is not None:
+        save_png(report, out)
+    return report
+
+
+def edit(subject: str, prompt: str, target_new: str, *, target_true: str | None = None, id: str | None = None,
+         journal: str | Path = "romebatch.journal", model: str | None = None, device: str = "cpu",
+         dtype: str | None = None, hparams: HParams | None = None, checks=DEFAULT_CHECKS, log=None):
+    """One fact, one call (for notebooks): validate it, edit it into `journal`, return its FactResult.
+
+        romebatch.edit(subject="The Space Needle", prompt="{} is located in the city of",
+                       target_new="Paris", target_true="Seattle")
+
+    `prompt` has "{}" where the subject goes, or contains the subject verbatim. The fact is
+    journaled like any other: `log`, `compare`, `rollback` and `export` see it.
+    """
+    from .manifest import fact_from_dict
+    from .model import load_model
+    from .preflight import check_facts_for_model
+
+    record = {"subject": subject, "prompt": prompt, "target_new": target_new, "source": "romebatch.edit"}
+    if target_true is not None:
+        record["target_true"] = target_true
+    record["id"] = id if id is not None else "edit"
+    fact = fact_from_dict(record)  # the manifest's validation: one clear error for a bad fact
+    if id is None:  # named by its content, like the journal identifies it
+        import dataclasses
+
+        fact = dataclasses.replace(fact, id="edit-" + fact.hash.split(":")[-1][:8])
+    kwargs = {"log": log} if log else {}
+    stored = _journal_meta(journal)
+    lm = load_model(model or stored.get("model"), device=device, dtype=dtype or stored.get("dtype") or "float32",
+                    module_template=stored.get("module_template"), **kwargs)
+    check_facts_for_model(lm, [fact], max((n for n, _ in (hparams or HParams()).prefixes), default=0))
+    with Editor(journal, lm=lm, hparams=hparams, **kwargs) as editor:
+        result = editor.apply([fact], checks=checks)
+    return result.results[0]

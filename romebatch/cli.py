@@ -16,19 +16,22 @@ from typing import Annotated, Optional
 
 import typer
 
+from .hparams import HParams as _DefaultHParams
+
 app = typer.Typer(
     name="romebatch",
     help="Apply thousands of ROME fact edits to a language model: journaled, checked, reversible.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # Typer's own: --install-completion / --show-completion
     pretty_exceptions_enable=False,
 )
 
 # Shared options: the same name and behaviour in every command.
-JournalOpt = Annotated[Path, typer.Option("--journal", "-j", help="Journal directory.")]
+JournalOpt = Annotated[Path, typer.Option("--journal", "-j", envvar="ROMEBATCH_JOURNAL", help="Journal directory.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
-                          "else the embedded Gemma-3-270M.")]
+    "--model", "-m", envvar="ROMEBATCH_MODEL",
+    help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
+         "else the embedded Gemma-3-270M.")]
 
 
 # Enumerations are typer choices, so a typo is a usage error (exit 2) before anything loads.
@@ -84,6 +87,25 @@ DeviceMapOpt = Annotated[Optional[str], typer.Option(
 MaxMemoryOpt = Annotated[Optional[str], typer.Option(
     "--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'.")]
 DEFAULT_JOURNAL = Path("romebatch.journal")
+# The ROME settings' defaults, shown in --help (hparams.py imports no torch). A journal that
+# exists keeps the settings it was made with.
+_HP = _DefaultHParams()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        sys.stdout.write(f"romebatch {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print romebatch's version and exit.")] = False,
+):
+    """Apply thousands of ROME fact edits to a language model: journaled, checked, reversible."""
 
 
 def _console():
@@ -128,16 +150,20 @@ def apply(
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     layer: Annotated[Optional[str], typer.Option(
-        help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default.")] = None,
+        help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default "
+             "(1 on Gemma-3-270M), else a quarter of its depth.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="Apply only the first N facts of the manifest.")] = None,
     results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     hparams: Annotated[Optional[Path], typer.Option(help="YAML file of hyper-parameters.")] = None,
-    v_steps: Annotated[Optional[int], typer.Option(help="Max Adam steps for v*.")] = None,
-    v_lr: Annotated[Optional[float], typer.Option(help="Adam learning rate for v*.")] = None,
-    kl_factor: Annotated[Optional[float], typer.Option(help="Weight of the essence KL term.")] = None,
+    v_steps: Annotated[Optional[int], typer.Option(
+        help="Max Adam steps for v*; default 20, 25 for Llama-style models (Gemma included).")] = None,
+    v_lr: Annotated[Optional[float], typer.Option(help=f"Adam learning rate for v*; default {_HP.v_lr:g}.")] = None,
+    kl_factor: Annotated[Optional[float], typer.Option(
+        help=f"Weight of the essence KL term; default {_HP.kl_factor:g}.")] = None,
     mom2: Annotated[Optional[Mom2], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
     stats_corpus: Annotated[Optional[Path], typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
-    stats_tokens: Annotated[Optional[int], typer.Option(help="Corpus tokens for the key statistics.")] = None,
+    stats_tokens: Annotated[Optional[int], typer.Option(
+        help=f"Corpus tokens for the key statistics; default {_HP.stats_tokens:,}.")] = None,
     stats_sampling: Annotated[Optional[Sampling], typer.Option(
         help="Without --stats-corpus, how the model's own text is sampled: encyclopedic (default) or plain.")] = None,
     module_template: Annotated[Optional[str], typer.Option(
@@ -154,14 +180,19 @@ def apply(
     repair_every: Annotated[int, typer.Option(
         help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")] = 100,
     preserve: Annotated[Optional[Preserve], typer.Option(
-        help="Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them).")] = None,
-    preserve_weight: Annotated[Optional[float], typer.Option(help="λ for --preserve covariance.")] = None,
+        help=f"Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them); "
+             f"default {_HP.preserve}.")] = None,
+    preserve_weight: Annotated[Optional[float], typer.Option(
+        help=f"λ for --preserve covariance; default {_HP.preserve_weight:g}.")] = None,
     spread_layers: Annotated[Optional[int], typer.Option(
-        help="Spread edits round-robin over this many layers from --layer.")] = None,
+        help=f"Spread edits round-robin over this many layers from --layer; default {_HP.spread_layers}.")] = None,
     exact_protocol: Annotated[bool, typer.Option(
         "--exact-protocol", help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = Dtype.float32,
+    dtype: Annotated[Optional[Dtype], typer.Option(
+        "--dtype", help="float32, bfloat16 or float16; default: the journal's own, float32 for a new one.")] = None,
+    retry_rejected: Annotated[bool, typer.Option(
+        "--retry-rejected", help="Try again the facts an earlier run rejected (they are skipped otherwise).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
@@ -202,20 +233,27 @@ def apply(
                   exact_protocol=exact_protocol or None, preserve=_value(preserve), preserve_weight=preserve_weight,
                   spread_layers=spread_layers)
     if dry_run:
-        from .api import pending_facts
+        from .api import pending_facts, rerun_counts
 
-        pending = pending_facts(loaded.facts, journal)
+        pending = pending_facts(loaded.facts, journal, retry_rejected=retry_rejected)
+        again = rerun_counts(loaded.facts, journal)
         rows = [{"id": f.id, "subject": f.subject, "prompt": f.prompt, "target_new": f.target_new} for f in pending]
         if json_out:
-            _emit_json({"manifest": str(manifest), "facts": len(loaded.facts), "pending": rows, "layer": layer})
+            _emit_json({"manifest": str(manifest), "facts": len(loaded.facts), "pending": rows, "layer": layer,
+                        "already_applied": again["applied"], "rejected_earlier": again["rejected"],
+                        "retry_rejected": retry_rejected, "rolled_back": again["rolled_back"]})
         else:
             _say(f"{manifest}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
                  f"{len(pending)} pending for journal {journal}" + (f" at layer {layer}" if layer is not None else ""))
+            if any(again.values()):
+                _say(f"  {again['applied']} applied already (skipped); {again['rejected']} rejected earlier ("
+                     + ("retried: --retry-rejected" if retry_rejected else "skipped; --retry-rejected tries them again")
+                     + f"); {again['rolled_back']} rolled back (applied again)")
             for row in rows[:50]:
                 _say(f"  {row['id']}: {row['prompt'].replace('{}', row['subject'])} -> {row['target_new']}")
         return
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from . import api
     from .probes import Thresholds
@@ -227,19 +265,43 @@ def apply(
 
     console = _console()
     progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                        TimeRemainingColumn(), TextColumn("{task.description}"), console=console,
-                        disable=json_out or not console.is_terminal)
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"),
+                        console=console, disable=json_out or not console.is_terminal)
     stats_task = progress.add_task("", total=None, visible=False, label="key statistics (tokens)")
     task = progress.add_task("", total=len(loaded.facts), label="editing")
 
     def on_stats(done, total):
         progress.update(stats_task, completed=done, total=total, visible=True)
 
+    warned = []  # (fact id, warning) of the edits kept with a failed regression check
+    timed = []  # seconds of each edit made in this run
+
+    def status_line(first: str | None = None) -> str:
+        from rich.markup import escape
+
+        parts = [first] if first else []
+        if timed:
+            parts.append(f"{sum(timed) / len(timed):.1f} s/edit")
+        if warned:
+            parts.append(f"{len(warned)} warned, latest {warned[-1][0]}: {warned[-1][1]}")
+        return escape(" · ".join(parts))
+
+    def on_stage(stage, fact_id):
+        # Repairs and the probes' base answers are stages of their own on the bar's label.
+        progress.update(task, label={"editing": "editing", "repairing": "repair pass", "repair scoring":
+                                     "repair pass (scoring)", "probes": "probes (base answers)"}.get(stage, stage),
+                        description=status_line(f"now {fact_id}" if fact_id else None), refresh=True)
+
     def on_edit(row):
+        if row.warning:
+            warned.append((row.fact_id, row.warning))
+        if row.seconds is not None and row.status in ("applied", "repaired", "rejected"):
+            timed.append(row.seconds)
         # A repair edits a fact the bar has counted already.
-        progress.update(task, advance=row.status != "repaired", description=f"{row.fact_id}: {row.status}")
+        progress.update(task, advance=row.status != "repaired", description=status_line(f"{row.fact_id}: {row.status}"),
+                        refresh=True)  # drawn now: an edit takes seconds, a refresh microseconds
         if not console.is_terminal and not json_out:
-            _say(f"{row.fact_id}: {row.status} {row.subject} -> {row.target_new}"
+            _say(f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
                  + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
                  + (f" ({row.reason})" if row.reason else ""))
 
@@ -248,12 +310,15 @@ def apply(
                            device=device, dtype=_value(dtype), module_template=module_template, results=results,
                            checks=checks, on_regression=_value(on_regression), repair_every=repair_every,
                            on_edit=on_edit, stats_progress=on_stats, log=_say, device_map=device_map,
-                           max_memory=max_memory)
+                           max_memory=max_memory, retry_rejected=retry_rejected, on_stage=on_stage)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
     else:
         render_apply(console, result)
+        from .report import render_warnings
+
+        render_warnings(console, result.results)
         if results:
             _say(f"results table: {results}")
     code = result.exit_code()
@@ -323,16 +388,26 @@ def rollback(
 
 
 @app.command(name="log")
-def log_(journal: JournalOpt = DEFAULT_JOURNAL, json_out: JsonOpt = False):
-    """List the journal's edits (applied and rolled back) and rejected facts."""
+def log_(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    limit: Annotated[Optional[int], typer.Option(
+        "--limit", "-n", help="Show the last N matching edits and rejections (0: all); default 20, all with --json.")] = None,
+    status: Annotated[Optional[str], typer.Option(
+        help="Only edits that are applied (on the head's path), rolled_back, repaired or warned; or rejected facts.")] = None,
+    fact: Annotated[Optional[str], typer.Option("--fact", help="Only this fact id.")] = None,
+    since: Annotated[Optional[int], typer.Option("--since", help="Only edits after edit N.")] = None,
+    json_out: JsonOpt = False,
+):
+    """A summary of the journal, then its last edits and rejected facts (filters: --status, --fact, --since)."""
     from . import api
-    from .report import render_log
+    from .logview import DEFAULT_LIMIT, render
 
-    data = api.log(journal)
+    data = api.log(journal, status=status, fact=fact, since=since,
+                   limit=limit if limit is not None or json_out else DEFAULT_LIMIT)
     if json_out:
         _emit_json(data)
     else:
-        render_log(_console(), data)
+        render(_console(), data)
 
 
 @app.command()
@@ -346,11 +421,13 @@ def export(
         "--adapter", help="Instead, write the head's edits as a PEFT LoRA adapter folder (base + adapter = head).")] = None,
     rank: Annotated[Optional[int], typer.Option(
         "--rank", help="With --adapter: compress each module to this rank by truncated SVD (default: exact).")] = None,
+    dtype: Annotated[Optional[Dtype], typer.Option(
+        "--dtype", help="Write the weights as float32, bfloat16 or float16; default: as the journal holds them.")] = None,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
 ):
-    """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
+    """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance, model card)."""
     from . import api
 
     if adapter is not None or rank is not None:
@@ -372,8 +449,8 @@ def export(
 
         raise UserError("give OUTDIR, the folder to write the edited model to (or --adapter DIR)")
     _check_device(device)
-    path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say,
-                      device_map=device_map, max_memory=max_memory)
+    path = api.export(outdir, journal=journal, model=model, device=device, force=force, dtype=_value(dtype),
+                      log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": str(journal), "export": str(path)})
     else:
@@ -385,8 +462,9 @@ def verify(
     journal: JournalOpt = DEFAULT_JOURNAL,
     manifest: Annotated[Optional[Path], typer.Option(help="Score with this manifest's probes (applied facts only).")] = None,
     max_ns_drop: Annotated[float, typer.Option(help="Points NS may fall below the base model's.")] = 5.0,
-    min_retention: Annotated[float, typer.Option(help="% of edits that took which must still hold.")] = 90.0,
-    min_efficacy: Annotated[float, typer.Option(help="% of applied facts whose new object must win.")] = 0.0,
+    min_retention: Annotated[float, typer.Option(
+        help="Share (0..1) of the edits that took which must still hold, as in apply.")] = 0.9,
+    min_efficacy: Annotated[float, typer.Option(help="Share (0..1) of applied facts whose new object must win.")] = 0.0,
     results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
@@ -426,6 +504,9 @@ def trace(
     noise: Annotated[float, typer.Option(help="Noise scale, in embedding standard deviations.")] = 3.0,
     window: Annotated[int, typer.Option(help="Layers restored together for MLP and attention.")] = 10,
     model: ModelOpt = None,
+    journal: Annotated[Path, typer.Option(
+        "--journal", "-j", envvar="ROMEBATCH_JOURNAL",
+        help="Journal whose model to trace when --model is not given (if it exists).")] = DEFAULT_JOURNAL,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
@@ -447,8 +528,8 @@ def trace(
         raise UserError("--samples, --window and --limit must be at least 1, and --noise positive")
     console = _console()
     if facts is None:
-        result = api.trace(prompt, subject, answer, model=model, device=device, samples=samples, noise=noise,
-                           window=window, log=_say, device_map=device_map, max_memory=max_memory)
+        result = api.trace(prompt, subject, answer, model=model, journal=journal, device=device, samples=samples,
+                           noise=noise, window=window, log=_say, device_map=device_map, max_memory=max_memory)
         rows = result.to_rows()
         if out:
             save_trace_png(result, out)
@@ -465,8 +546,9 @@ def trace(
         task = progress.add_task("", total=None)
         with progress:
             effect, layer, traced = api.trace(
-                facts_file=facts, limit=limit, model=model, device=device, samples=samples, noise=noise,
-                window=window, log=_say, device_map=device_map, max_memory=max_memory, progress=lambda done, total: progress.update(task, completed=done,
+                facts_file=facts, limit=limit, model=model, journal=journal, device=device, samples=samples, noise=noise,
+                window=window, log=_say, device_map=device_map, max_memory=max_memory,
+                progress=lambda done, total: progress.update(task, completed=done,
                                                                                       total=total))
         rows = [row for r in traced for row in r.to_rows()]
         if out:
@@ -536,7 +618,7 @@ def tune(
         help="Results JSONL: every measurement is appended; re-running resumes from it.")] = Path("romebatch-tune.jsonl"),
     no_save: Annotated[bool, typer.Option("--no-save", help="Print the table; save no preset.")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.float32,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -552,12 +634,71 @@ def tune(
         raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
     result = run_tune(manifest, model=model, sample=sample, seed=seed, clamps=clamp_values, top_layers=top_layers,
                       seq_edits=seq_edits, seq_top=seq_top, hparams=_hparams(hparams), results=results,
-                      save=not no_save, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                      save=not no_save, device=device, dtype=_value(dtype), device_map=device_map, max_memory=max_memory,
                       log=_say)
     if json_out:
         _emit_json(result.summary())
     else:
         render_tune(_console(), result)
+
+
+@app.command()
+def compare(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    facts: Annotated[Optional[Path], typer.Option(
+        "--facts", help="Compare this manifest's facts (edited or not).")] = None,
+    fact: Annotated[Optional[list[str]], typer.Option(
+        "--fact", help="A journal fact id to compare (repeatable).")] = None,
+    prompt: Annotated[Optional[list[str]], typer.Option(
+        "--prompt", help="A free prompt to continue on both states (repeatable).")] = None,
+    at: Annotated[Optional[int], typer.Option(
+        "--at", help="The journal state to compare with the base model (edit N); default: the head.")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 8,
+    sample: Annotated[int, typer.Option(
+        help="With no selector: how many of the state's edited facts to sample (seeded).")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed of that sample.")] = 0,
+    results: Annotated[Optional[Path], typer.Option(help="Write the comparison table (.parquet or .csv).")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "cpu",
+    json_out: JsonOpt = False,
+):
+    """Base model vs a journal state, prompt by prompt: greedy continuation, P(new), P(true).
+
+    Each fact brings its prompt, paraphrases and neighbourhood prompts. With no --facts,
+    --fact or --prompt: a seeded sample of the facts edited on the state's path.
+    """
+    from . import api
+    from .compare import render_compare
+
+    report = api.compare(journal, facts_file=facts, fact_ids=fact or [], prompts=prompt or [], at=at,
+                         max_new_tokens=max_new_tokens, sample=sample, seed=seed, results=results, model=model,
+                         device=device, log=_say)
+    if json_out:
+        _emit_json(report.summary())
+    else:
+        render_compare(_console(), report)
+        if results:
+            _say(f"comparison table: {results}")
+
+
+@app.command(name="report")
+def report_(
+    journal: JournalOpt = DEFAULT_JOURNAL,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Draw the curves as a PNG.")] = None,
+    every: Annotated[int, typer.Option(help="Edits per window (a row of the table, a point of the curves).")] = 100,
+    json_out: JsonOpt = False,
+):
+    """ES, NS kept, retention, probe regression, repairs and warnings per window of edits, from the journal."""
+    from . import api
+    from .curves import render
+
+    data = api.curves(journal, every=every, out=out)
+    if json_out:
+        _emit_json(data)
+    else:
+        render(_console(), data)
+        if out:
+            _say(f"wrote {out}")
 
 
 def main() -> None:

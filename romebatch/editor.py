@@ -76,6 +76,7 @@ class FactResult:
     neighborhood_drop: float | None = None
     probe_regression: float | None = None
     retention: float | None = None
+    warning: str = ""  # the regression checks that failed on an edit kept by --on-regression warn
     # Seconds per phase (key, value, update, scoring, probes, commit): benchmarks/speed.py.
     timings: dict = field(default_factory=dict)
 
@@ -95,6 +96,9 @@ class ApplyResult:
     seconds: float = 0.0
     stopped_on_regression: bool = False  # --on-regression stop ended the run
     stop_signal: int | None = None  # SIGINT or SIGTERM asked the run to stop
+    # What made the run (model, its hash, dtype, hparams, versions, date), as
+    # lm-evaluation-harness results record it: `summary()["run"]` and the results table's metadata.
+    run: dict = field(default_factory=dict)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -126,6 +130,8 @@ class ApplyResult:
             "interrupted": self.interrupted,
             "stopped_on_regression": self.stopped_on_regression,
             "exit_code": self.exit_code(),
+            "warned": sum(bool(r.warning) for r in self.results if r.status == "applied"),
+            "run": self.run,
         }
 
 
@@ -188,7 +194,7 @@ class Editor:
         *,
         model: str | None = None,
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str | None = None,  # None: the dtype the journal was computed in (float32 for a new one)
         module_template: str | None = None,
         hparams: HParams | None = None,
         write: bool = True,
@@ -206,6 +212,7 @@ class Editor:
         self.journal = Journal(journal, write=write, create=write if create is None else create)
         try:
             stored_spec = self.journal.get("model")
+            dtype = dtype or self.journal.get("dtype") or "float32"
             self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
                                        module_template=module_template or self.journal.get("module_template"), log=log,
                                        device_map=device_map, max_memory=max_memory)
@@ -219,6 +226,9 @@ class Editor:
             self._fluency_reference: float | None = None
             self._prefixes: list[str] | None = self.journal.get("prefixes")
             self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
+            # (stage, fact id or None) before each stage of a run: "probes" (the base answers),
+            # "editing", "repair scoring", "repairing"; the CLI's progress bar shows it.
+            self.on_stage: Callable[[str, str | None], None] | None = None
             self.replay(verify=verify)
         except BaseException:
             self.journal.close()
@@ -238,10 +248,15 @@ class Editor:
             journal.set_many({
                 "format": JOURNAL_FORMAT, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
                 "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
-                "hparams": requested.to_dict(), "head": 0, "created_with": _versions(),
+                "hparams": requested.to_dict(), "head": 0, "created_with": _versions(), "dtype": model_dtype(lm),
             })
             return requested
         stored_hash = journal.get("base_hash")
+        stored_dtype = journal.get("dtype") or "float32"
+        if stored_hash != self.base_hash and model_dtype(lm) != stored_dtype:
+            raise BaseModelMismatchError(
+                f"journal {journal.directory} was computed in {stored_dtype}, but the model was loaded in "
+                f"{model_dtype(lm)}", hint="leave out --dtype: the journal's own dtype is the default")
         if stored_hash != self.base_hash:
             raise BaseModelMismatchError(
                 f"journal {journal.directory} was written for model {journal.get('model')} ({stored_hash[:19]}…), "
@@ -401,6 +416,7 @@ class Editor:
         checks: Thresholds | None = Thresholds(),
         on_regression: str = "warn",
         repair_every: int | None = None,
+        retry_rejected: bool = False,
     ) -> ApplyResult:
         """Apply each fact not yet in the journal as a sequential ROME edit, committing each.
 
@@ -409,6 +425,8 @@ class Editor:
         in the last two cases without committing the offending edit.
         `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
         and once more at its end, if it applied any (None or 0: never).
+        Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
+        say); facts whose edit was rolled back are applied again.
         """
         if on_regression not in ("warn", "skip", "stop"):
             raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
@@ -423,9 +441,9 @@ class Editor:
             raise UserError(f"--layer {layer}" + (f" with --spread-layers {spread}" if spread > 1 else "")
                             + f": this model has layers 0..{self.lm.n_layers - 1}")
         window = list(range(layer, layer + spread))
-        result = ApplyResult(journal=str(self.journal.directory), head=self.head)
+        result = ApplyResult(journal=str(self.journal.directory), head=self.head, run=self.run_info())
         done = self.journal.applied_hashes()
-        rejected = self.journal.rejected_hashes()
+        rejected = set() if retry_rejected else self.journal.rejected_hashes()
         todo = []
         for fact in facts:
             if fact.hash in done or fact.hash in rejected:
@@ -444,6 +462,7 @@ class Editor:
                 self.fluency_reference()
             if checks is not None:
                 probes = RegressionProbes(self.lm, todo, checks)
+                self._stage("probes")
                 self.replay(0, verify=False)  # the base answers are the reference
                 try:
                     probes.capture_base()
@@ -459,6 +478,7 @@ class Editor:
             if stop:
                 result.interrupted = True
                 break
+            self._stage("editing", fact.id)
             row = self._apply_one(fact, self._next_layer(window), probes, on_regression)
             result.results.append(row)
             if on_edit:
@@ -475,8 +495,22 @@ class Editor:
         result.interrupted = result.interrupted or bool(stop and self.journal.get(REPAIR_PLAN))
         result.stop_signal = stop.signal if stop else None
         result.head = self.head
+        result.run["head"] = self.head
         result.seconds = time.perf_counter() - started
         return result
+
+    def run_info(self) -> dict:
+        """The model, its base hash, dtype, hyper-parameters, versions and the date of a run."""
+        from datetime import datetime, timezone
+
+        return {"model": self.journal.get("model"), "base_hash": self.base_hash, "dtype": model_dtype(self.lm),
+                "revision": self.lm.revision, "hparams": self.hparams.to_dict(), "versions": _versions(),
+                "journal": str(self.journal.directory), "head": self.head,
+                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    def _stage(self, name: str, fact_id: str | None = None) -> None:
+        if self.on_stage is not None:
+            self.on_stage(name, fact_id)
 
     def _next_layer(self, window: list[int]) -> int:
         # Round-robin over the window by position on the path: a resumed or rolled-back
@@ -501,6 +535,7 @@ class Editor:
             for rejection in self.journal.rejections():
                 if rejection["parent"] in on_path:
                     rejected[rejection["fact_hash"]] = rejected.get(rejection["fact_hash"], 0) + 1
+            self._stage("repair scoring")
             lost = to_repair(self.lm, self.journal.path(), rejected, max_edits)
             plan = [{"fact": s.fact.to_dict(), "was": _why_lost(s)} for s in lost]
             self.journal.set_many({REPAIR_PLAN: {"at": self.head, "facts": plan, "done": 0}})
@@ -513,6 +548,7 @@ class Editor:
             # The plan's progress is written in the same transaction as the repair (or its
             # rejection), so a crash can neither lose a repair nor make one twice.
             progress = {REPAIR_PLAN: {**self.journal.get(REPAIR_PLAN), "done": index + 1}}
+            self._stage("repairing", fact.id)
             row = self._apply_one(fact, self._next_layer(window), meta=progress)
             if row.status == "failed":
                 self.journal.set_many(progress)  # nothing was written; a retry would fail alike
@@ -614,7 +650,7 @@ class Editor:
             if not outcome.ok:
                 reason = "regression: " + "; ".join(outcome.problems)
                 if on_regression == "warn":
-                    row.reason = reason
+                    row.reason = row.warning = reason
                 else:
                     with torch.no_grad():
                         weight.copy_(before)  # undo in memory: exact, nothing was committed
@@ -633,6 +669,7 @@ class Editor:
             p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds, **timings,
             neighborhood_drop=row.neighborhood_drop, probe_regression=row.probe_regression, retention=row.retention,
             seconds_probes=outcome.seconds if outcome else None, k_star=k_star.float().cpu().numpy(),
+            warning=row.warning or None,
         )
         committing = time.perf_counter()
         try:
@@ -675,7 +712,7 @@ class Editor:
                           p_new_before=record.p_new_before, p_true_before=record.p_true_before,
                           p_new_after=record.p_new_after, p_true_after=record.p_true_after,
                           update_norm=record.update_norm, denominator=record.denominator, v_steps=record.v_steps,
-                          seconds=time.perf_counter() - t0)
+                          seconds=time.perf_counter() - t0, warning=record.warning or "")
 
     def _own_text_nll(self) -> float:
         """Mean token NLL of every 4th context prefix, text the base model sampled itself.
@@ -776,8 +813,14 @@ class Editor:
         return self.journal.prune()
 
     # -- export ------------------------------------------------------------------------
-    def export(self, outdir: str | Path, *, force: bool = False) -> Path:
-        """Write the head state as a model folder (safetensors, config, tokenizer, provenance)."""
+    def export(self, outdir: str | Path, *, force: bool = False, dtype: str | None = None) -> Path:
+        """Write the head state as a model folder (safetensors, config, tokenizer, provenance, model card).
+
+        `dtype` (float32, bfloat16, float16) casts the weights as they are written; the model
+        in memory is not touched, so the journal's exact state stays what it is.
+        """
+        from .export_card import model_card, save_weights
+
         outdir = Path(outdir)
         check_export_target(outdir, force)
         outdir.parent.mkdir(parents=True, exist_ok=True)
@@ -785,9 +828,12 @@ class Editor:
         staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
         trash = None
         try:
-            self.lm.model.save_pretrained(staging)
+            written = save_weights(self.lm.model, staging, dtype)
             self.lm.tokenizer.save_pretrained(staging)
-            (staging / EXPORT_MARKER).write_text(json.dumps(self.provenance(), indent=2) + "\n")
+            provenance = self.provenance()
+            provenance["dtype"] = written
+            (staging / EXPORT_MARKER).write_text(json.dumps(provenance, indent=2) + "\n")
+            (staging / "README.md").write_text(model_card(provenance, outdir.name))
             os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from its users
             if outdir.exists():
                 # Move the old folder aside first: at every moment outdir is either the old
@@ -898,6 +944,11 @@ def _why_lost(standing: Standing) -> str:
 def _edit_of(record: EditRecord) -> RankOneEdit:
     return RankOneEdit(record.layer, torch.from_numpy(record.lam), torch.from_numpy(record.u),
                        record.denominator, record.update_norm)
+
+
+def model_dtype(lm: LoadedModel) -> str:
+    """"float32", "bfloat16" or "float16": the dtype the model's weights are held in."""
+    return str(next(lm.model.parameters()).dtype).removeprefix("torch.")
 
 
 def _versions() -> dict:

@@ -102,15 +102,23 @@ def m004_row_hashes(db: sqlite3.Connection) -> None:
     integrity.hash_all_rows(db)
 
 
+def m005_warning_column(db: sqlite3.Connection) -> None:
+    """Why a regression check failed on an edit that `--on-regression warn` kept (NULL: none failed),
+    written in the edit's own transaction so a warning is never lost or orphaned."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(edits)")}
+    if "warning" not in have:
+        db.execute("ALTER TABLE edits ADD COLUMN warning TEXT")
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m001_initial, m002_probe_columns, m003_key_column, m004_row_hashes]
+    m001_initial, m002_probe_columns, m003_key_column, m004_row_hashes, m005_warning_column]
 # Every column a journal of this version may have; another one means a newer romebatch wrote it.
 KNOWN_COLUMNS = {
     "edits": {"seq", "parent", "status", "fact_id", "fact_hash", "fact_json", "layer", "weight_name", "lam", "u",
               "update_norm", "denominator", "weight_hash_before", "weight_hash_after", "v_steps", "v_loss",
               "p_new_before", "p_true_before", "p_new_after", "p_true_after", "seconds_key", "seconds_value",
               "seconds_total", "created_at", "neighborhood_drop", "probe_regression", "retention", "seconds_probes",
-              "k_star", "row_hash"},
+              "k_star", "row_hash", "warning"},
     "rejections": {"id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm",
                    "denominator", "created_at", "row_hash"},
 }
@@ -211,6 +219,7 @@ class EditRecord:
     seconds_probes: float | None = None
     k_star: np.ndarray | None = None  # float32 (d_ff,); None in journals written before m003
     row_hash: str | None = None  # romebatch/integrity.py; set by commit_edit
+    warning: str | None = None  # the failed regression checks of a kept edit (m005)
 
     @property
     def fact(self) -> dict:

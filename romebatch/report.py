@@ -62,6 +62,7 @@ RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
     "probe_regression": ("Float64", "share of sampled probes that lost half their base probability"),
     "retention": ("Float64", "share of sampled earlier edits that still held after this edit"),
     "seconds": ("Float64", "wall time of the edit, probes included"),
+    "warning": ("String", "the regression checks that failed on an edit kept by --on-regression warn"),
 }
 
 
@@ -92,13 +93,16 @@ def _frame(items, schema):
     return pl.DataFrame(rows, schema=dtypes, orient="row") if rows else pl.DataFrame(schema=dtypes)
 
 
-def _write(frame, path: Path) -> Path:
+def _write(frame, path: Path, metadata: dict | None = None) -> Path:
     check_results_path(path)
     # Written beside the target and renamed into place: a full disk leaves the old file (or none).
     staging = path.with_name(f".{path.name}.partial")
     try:
         if path.suffix == ".parquet":
-            frame.write_parquet(staging)
+            # Parquet carries key-value metadata: the run that made the table (a CSV cannot).
+            import json
+
+            frame.write_parquet(staging, metadata={"romebatch": json.dumps(metadata, default=str)} if metadata else None)
         else:
             csv_safe(frame).write_csv(staging)
         os.replace(staging, path)
@@ -143,8 +147,9 @@ def results_frame(results):
     return _frame(results, RESULTS_SCHEMA)  # `success` is a property of FactResult
 
 
-def write_results(results, path: str | Path) -> Path:
-    return _write(results_frame(results), Path(path))
+def write_results(results, path: str | Path, metadata: dict | None = None) -> Path:
+    """The per-fact table; `metadata` (e.g. `ApplyResult.summary()`) goes into a Parquet file's metadata."""
+    return _write(results_frame(results), Path(path), metadata)
 
 
 def _fmt(value, spec=".3f") -> str:
@@ -246,3 +251,25 @@ def render_tune(console, result) -> None:
     if result.preset_path:
         console.print(f"saved as this model's preset in {escape(str(result.preset_path))}; `romebatch apply` on "
                       "this model now uses it unless a flag or --hparams says otherwise", highlight=False)
+
+
+def damage(row) -> float:
+    """How badly a warned edit failed its checks: its worst share (0..1) over the three probes."""
+    worst = [row.neighborhood_drop or 0.0, row.probe_regression or 0.0]
+    if row.retention is not None:
+        worst.append(1.0 - row.retention)
+    return max(worst)
+
+
+def render_warnings(console, results, top: int = 10) -> None:
+    """The warned edits of a run (kept by --on-regression warn), the most damaging first."""
+    from rich.text import Text
+
+    warned = [r for r in results if r.warning]
+    if not warned:
+        return
+    console.print(Text(f"{len(warned)} edit(s) kept with a regression warning"
+                       + (f"; the {top} most damaging:" if len(warned) > top else ":"), style="yellow"))
+    for r in sorted(warned, key=damage, reverse=True)[:top]:
+        console.print(Text("  warned ", style="yellow") + Text(f"{r.fact_id} (edit {r.seq}, damage {damage(r):.0%}): "
+                                                              f"{r.warning}"))

@@ -18,9 +18,20 @@ from .manifest import Fact, fact_from_dict
 
 @dataclass(frozen=True)
 class VerifyThresholds:
-    max_ns_drop: float = 5.0  # NS may fall at most this many points below the base model's
-    min_retention: float = 90.0  # % of edits that took when applied and must still hold at the head
-    min_efficacy: float = 0.0  # % of applied facts whose new object must win at the head
+    max_ns_drop: float = 5.0  # NS may fall at most this many points (0..100) below the base model's
+    # Shares (0..1), like apply's thresholds (probes.Thresholds): one meaning per option name.
+    min_retention: float = 0.9  # share of edits that took when applied and must still hold at the head
+    min_efficacy: float = 0.0  # share of applied facts whose new object must win at the head
+
+    def __post_init__(self):
+        from .probes import check_share
+
+        check_share("--min-retention", self.min_retention)
+        check_share("--min-efficacy", self.min_efficacy)
+        if not 0.0 <= self.max_ns_drop <= 100.0:
+            from .errors import UserError
+
+            raise UserError(f"--max-ns-drop {self.max_ns_drop:g}: give points of NS between 0 and 100")
 
 
 @dataclass
@@ -100,12 +111,12 @@ def verify(editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), ma
     if ns_base is not None and ns_head is not None and ns_base - ns_head > t.max_ns_drop:
         report.problems.append(f"neighbourhood score fell {ns_base - ns_head:.1f} points "
                                f"({ns_base:.1f} -> {ns_head:.1f}; max {t.max_ns_drop:g})")
-    if report.retention is not None and report.retention < t.min_retention:
+    if report.retention is not None and report.retention < 100.0 * t.min_retention:
         report.problems.append(f"only {report.retention:.1f}% of the edits that took still hold "
-                               f"(min {t.min_retention:g}%)")
+                               f"(min {100.0 * t.min_retention:g}%)")
     es = report.edited["ES"]
-    if es is not None and es < t.min_efficacy:
-        report.problems.append(f"efficacy {es:.1f}% is below {t.min_efficacy:g}%")
+    if es is not None and es < 100.0 * t.min_efficacy:
+        report.problems.append(f"efficacy {es:.1f}% is below {100.0 * t.min_efficacy:g}%")
     ranked = sorted((r for r in rows if (r.neighborhood_drop or 0) > 0), key=lambda r: r.neighborhood_drop,
                     reverse=True)
     report.worst = ranked[:5]

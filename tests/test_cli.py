@@ -134,7 +134,7 @@ def test_apply_without_hparams_lets_the_journal_keep_its_own(tmp_path, monkeypat
     assert kwargs["hparams"] is None
     assert kwargs["journal"] == Path("romebatch.journal")
     assert kwargs["model"] is None and kwargs["layer"] is None and kwargs["limit"] is None
-    assert kwargs["device"] == "cpu" and kwargs["dtype"] == "float32"
+    assert kwargs["device"] == "cpu" and kwargs["dtype"] is None  # None: the journal's own dtype
     # The human report goes to stderr, stdout stays clean.
     assert result.stdout.strip() == ""
     assert "1 applied" in result.stderr and "head 3" in result.stderr

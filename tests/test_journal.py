@@ -46,6 +46,8 @@ EXPECTED_SCHEMA = {
         "k_star",
         # m004_row_hashes
         "row_hash",
+        # m005_warning_column
+        "warning",
     ],
     "rejections": [
         "id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm", "denominator",
@@ -55,7 +57,7 @@ EXPECTED_SCHEMA = {
 }
 
 
-MIGRATION_NAMES = ["m001_initial", "m002_probe_columns", "m003_key_column", "m004_row_hashes"]
+MIGRATION_NAMES = ["m001_initial", "m002_probe_columns", "m003_key_column", "m004_row_hashes", "m005_warning_column"]
 
 
 def columns(db: sqlite3.Connection, table: str) -> list[str]:
@@ -145,6 +147,7 @@ def test_an_m001_journal_with_edits_upgrades_and_still_rolls_back(tmp_path):
         first = journal.edit(1)
         assert first.lam.tobytes() == synthetic(0, 1).lam.tobytes()
         assert first.neighborhood_drop is None and first.retention is None and first.k_star is None
+        assert first.warning is None
         assert [r.seq for r in journal.path()] == [1, 2]
         journal.move_head(1)
         assert statuses(journal) == {1: "applied", 2: "rolled_back"}

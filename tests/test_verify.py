@@ -199,7 +199,10 @@ def test_retention_at_the_head_counts_only_edits_that_took(tmp_path, folder):
     assert rows["undo-2"].held_when_applied is True and rows["undo-2"].holds_now is True
     assert report.retention == 50.0
     assert any("still hold" in problem for problem in report.problems)
-    assert api.verify(journal, model=str(folder), thresholds=VerifyThresholds(min_retention=50.0)).ok
+    # --min-retention is a share, as in apply: 0.5 admits 50% retention, 0.51 does not.
+    assert api.verify(journal, model=str(folder), thresholds=VerifyThresholds(min_retention=0.5)).ok
+    strict = api.verify(journal, model=str(folder), thresholds=VerifyThresholds(min_retention=0.51))
+    assert strict.problems == ["only 50.0% of the edits that took still hold (min 51%)"]
 
 
 # ----------------------------------------------------------------------------- --manifest
