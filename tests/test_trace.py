@@ -97,3 +97,35 @@ def test_cli_writes_a_png_and_a_table_and_caches_the_layer(tiny_folder, tmp_path
     recommended = load_recommendation(load_model(str(folder)))
     assert recommended is not None and 0 <= recommended < 3
     assert (tmp_path / "avg.png").stat().st_size > 1000
+
+
+def test_concurrent_layer_cache_writers_never_collide(tmp_path, monkeypatch):
+    """Regression: every writer used the same `layers.tmp`, so two runs saving at once raced
+    (one renamed the other's half-written file, or found its own gone)."""
+    import threading
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from romebatch.trace import _read_layers, save_recommendation
+
+    monkeypatch.setenv("ROMEBATCH_HOME", str(tmp_path))
+    errors = []
+
+    def writer(k):
+        lm = SimpleNamespace(full_hash=lambda: f"sha256:{k}", spec=f"model-{k}")
+        try:
+            for _ in range(200):
+                save_recommendation(lm, k, np.zeros(3), 1)
+        except Exception as error:  # noqa: BLE001 - any failure is the defect
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    data = _read_layers(tmp_path / "layers.json")
+    assert data and all(entry["layer"] == int(key.split(":")[1]) for key, entry in data.items())
+    assert not list(tmp_path.glob("*.tmp"))
