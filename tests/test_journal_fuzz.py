@@ -214,13 +214,20 @@ def test_random_damage_is_always_named_or_refused(pristine, tmp_path):
     assert outcomes["named"] > MUTATIONS // 3 and outcomes["refused"] >= 5 and outcomes["unchanged"] >= 5
 
 
-def test_a_swapped_fact_hash_no_longer_makes_a_resume_reapply(pristine, tmp_path):
-    """Regression: with edit 1's fact_hash swapped, a resumed run applied fact f0 a second time."""
-    source, check = pristine
+def damaged_copy(source: Path, tmp_path: Path, sql: str) -> Path:
+    """A copy of the pristine journal with one SQL statement run on it."""
     path = tmp_path / "j"
     shutil.copytree(source, path)
     with sqlite3.connect(path / DB_NAME) as db:
-        db.execute("UPDATE edits SET fact_hash = 'sha256:' || substr(fact_hash, 8, 63) || '0' WHERE seq = 1")
+        db.execute(sql)
+    return path
+
+
+def test_a_swapped_fact_hash_no_longer_makes_a_resume_reapply(pristine, tmp_path):
+    """Regression: with edit 1's fact_hash swapped, a resumed run applied fact f0 a second time."""
+    source, check = pristine
+    path = damaged_copy(source, tmp_path,
+                        "UPDATE edits SET fact_hash = 'sha256:' || substr(fact_hash, 8, 63) || '0' WHERE seq = 1")
     report = check(path)
     assert any(p.startswith("edit 1: field fact_hash does not match") for p in report.problems), report.problems
     with check.editor(path) as editor:
@@ -231,10 +238,7 @@ def test_a_swapped_fact_hash_no_longer_makes_a_resume_reapply(pristine, tmp_path
 
 def test_a_parent_cycle_is_named_not_looped(pristine, tmp_path):
     source, check = pristine
-    path = tmp_path / "j"
-    shutil.copytree(source, path)
-    with sqlite3.connect(path / DB_NAME) as db:
-        db.execute("UPDATE edits SET parent = 4 WHERE seq = 1")  # 4 -> 1 -> 4 -> ...
+    path = damaged_copy(source, tmp_path, "UPDATE edits SET parent = 4 WHERE seq = 1")  # 4 -> 1 -> 4 -> ...
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(SECONDS_EACH)
     try:
@@ -261,11 +265,7 @@ def test_a_parent_cycle_is_named_not_looped(pristine, tmp_path):
 ])
 def test_each_kind_of_damage_is_named(pristine, tmp_path, damage, named):
     source, check = pristine
-    path = tmp_path / "j"
-    shutil.copytree(source, path)
-    with sqlite3.connect(path / DB_NAME) as db:
-        db.execute(damage)
-    report = check(path)
+    report = check(damaged_copy(source, tmp_path, damage))
     assert not report.ok and any(named in p for p in report.problems), report.problems
 
 
@@ -277,10 +277,7 @@ def test_each_kind_of_damage_is_named(pristine, tmp_path, damage, named):
 ])
 def test_a_journal_from_a_newer_romebatch_or_without_its_tables_is_refused(pristine, tmp_path, damage, refused):
     source, check = pristine
-    path = tmp_path / "j"
-    shutil.copytree(source, path)
-    with sqlite3.connect(path / DB_NAME) as db:
-        db.execute(damage)
+    path = damaged_copy(source, tmp_path, damage)
     for opener in (lambda: check(path), lambda: api.log(path),
                    lambda: check.editor(path)):
         with pytest.raises(UserError, match=refused.replace("(", r"\(").replace(")", r"\)")):
