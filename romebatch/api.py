@@ -8,7 +8,7 @@ from pathlib import Path
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
 from .hparams import HParams
-from .journal import Journal
+from .journal import Journal, reads_journal
 from .manifest import load_manifest
 from .probes import Thresholds
 
@@ -98,6 +98,7 @@ def _journal_meta(journal: str | Path) -> dict:
         return {"model": j.get("model"), "module_template": j.get("module_template")}
 
 
+@reads_journal
 def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
              fact: str | None = None, base: bool = False, prune: bool = False, model: str | None = None,
              device: str = "cpu", log=None) -> int:
@@ -115,6 +116,7 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
         return head
 
 
+@reads_journal
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
            device: str = "cpu", force: bool = False, log=None) -> Path:
     """Write the journal's head state as a model folder that transformers loads."""
@@ -128,6 +130,7 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
         return editor.export(outdir, force=force)
 
 
+@reads_journal
 def log(journal: str | Path = "romebatch.journal") -> dict:
     """The journal's metadata and edits (no model needed)."""
     with Journal(journal) as j:
@@ -150,6 +153,7 @@ def log(journal: str | Path = "romebatch.journal") -> dict:
         }
 
 
+@reads_journal
 def pending_facts(facts, journal: str | Path):
     """Facts not yet applied (or rejected) in `journal`; all of them if it does not exist yet."""
     if not (Path(journal) / "journal.sqlite").exists():
@@ -159,6 +163,7 @@ def pending_facts(facts, journal: str | Path):
     return [f for f in facts if f.hash not in settled]
 
 
+@reads_journal
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
           lm=None):
     """Verify the journal: the file itself (no model needed), then every edit's stored hashes by replay."""
@@ -193,6 +198,7 @@ def check(journal: str | Path = "romebatch.journal", *, model: str | None = None
                        last_good=last_good if damaged & set(chain) else head)
 
 
+@reads_journal
 def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | None = None, thresholds=None,
            results: str | Path | None = None, model: str | None = None, device: str = "cpu", log=None, progress=None):
     """Score the head against the base model on every applied fact; see `romebatch.verify`."""

@@ -15,6 +15,7 @@ end of `MIGRATIONS`, never edits of old ones; opening a journal applies what is 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -214,7 +215,14 @@ class EditRecord:
 
     @property
     def fact(self) -> dict:
-        return json.loads(self.fact_json)
+        try:
+            fact = json.loads(self.fact_json)
+        except (TypeError, ValueError, RecursionError):
+            fact = None
+        if not isinstance(fact, dict) or not all(isinstance(fact.get(k), str) for k in ("subject", "prompt", "target_new")):
+            raise JournalDamagedError(f"journal edit {self.seq}: field fact_json is not a valid fact",
+                                      hint="run `romebatch check` to see all the damage")
+        return fact
 
 
 _EDIT_COLUMNS = [f for f in EditRecord.__dataclass_fields__]
@@ -586,6 +594,23 @@ def _write_error(db: sqlite3.Connection, error: sqlite3.Error) -> JournalWriteEr
     path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "the journal")
     return JournalWriteError(f"could not write to journal {path} ({error}); nothing of this change was written",
                              hint="free some space and run the same command again: it resumes")
+
+
+def reads_journal(function):
+    """Make SQLite's own errors from a damaged file one-line UserErrors (for the API's functions)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except sqlite3.DatabaseError as error:
+            if "full" in str(error) or "I/O" in str(error):
+                raise JournalWriteError(f"could not write to the journal ({error})",
+                                        hint="free some space and run the same command again") from None
+            raise JournalDamagedError(f"the journal file is damaged or unreadable ({error})",
+                                      hint="run `romebatch check` to see all the damage") from None
+
+    return wrapper
 
 
 def _check_location(directory: Path, db_path: Path, create: bool) -> None:
