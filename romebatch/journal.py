@@ -105,16 +105,22 @@ def m004_row_hashes(db: sqlite3.Connection) -> None:
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial, m002_probe_columns, m003_key_column, m004_row_hashes]
-# Every column a journal of this version may have; another one means a newer romebatch wrote it.
-KNOWN_COLUMNS = {
-    "edits": {"seq", "parent", "status", "fact_id", "fact_hash", "fact_json", "layer", "weight_name", "lam", "u",
-              "update_norm", "denominator", "weight_hash_before", "weight_hash_after", "v_steps", "v_loss",
-              "p_new_before", "p_true_before", "p_new_after", "p_true_after", "seconds_key", "seconds_value",
-              "seconds_total", "created_at", "neighborhood_drop", "probe_regression", "retention", "seconds_probes",
-              "k_star", "row_hash"},
-    "rejections": {"id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm",
-                   "denominator", "created_at", "row_hash"},
-}
+_KNOWN: dict[tuple[str, ...], dict[str, set[str]]] = {}
+
+
+def known_columns() -> dict[str, set[str]]:
+    """Every column a journal of this version may have, by table: what the migrations make
+    (run once on an in-memory database), so a new migration needs no second list. A column
+    outside this means a newer romebatch wrote the journal."""
+    key = tuple(m.__name__ for m in MIGRATIONS)
+    if key not in _KNOWN:
+        db = sqlite3.connect(":memory:", isolation_level=None)
+        db.row_factory = sqlite3.Row
+        migrate(db)
+        _KNOWN[key] = {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                       for table in ("edits", "rejections")}
+        db.close()
+    return _KNOWN[key]
 
 
 def migrate(db: sqlite3.Connection, stop_before: str | None = None) -> None:
@@ -310,7 +316,7 @@ class Journal:
                 raise JournalDamagedError(
                     f"{where}: written by a newer romebatch (unknown migration {unknown[0]})",
                     hint="open it with the romebatch version that wrote it")
-        for table, columns in KNOWN_COLUMNS.items():
+        for table, columns in known_columns().items():
             extra = sorted({row[1] for row in self.db.execute(f"PRAGMA table_info({table})")} - columns)
             if extra:
                 raise JournalDamagedError(f"{where}: written by a newer romebatch (unknown column {table}.{extra[0]})",
