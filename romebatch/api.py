@@ -8,7 +8,7 @@ from pathlib import Path
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
 from .hparams import HParams
-from .journal import Journal
+from .journal import Journal, reads_journal
 from .manifest import load_manifest
 from .probes import Thresholds
 
@@ -110,6 +110,7 @@ def _journal_meta(journal: str | Path) -> dict:
         return {"model": j.get("model"), "module_template": j.get("module_template"), "dtype": j.get("dtype")}
 
 
+@reads_journal
 def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
              fact: str | None = None, base: bool = False, prune: bool = False, model: str | None = None,
              device: str = "cpu", log=None, device_map=None, max_memory=None) -> int:
@@ -127,6 +128,7 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
         return head
 
 
+@reads_journal
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
            device: str = "cpu", force: bool = False, dtype: str | None = None, log=None, device_map=None,
            max_memory=None) -> Path:
@@ -176,6 +178,7 @@ def apply_bundle(bundle: str | Path, *, journal: str | Path = "romebatch.journal
     return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
 
 
+@reads_journal
 def log(journal: str | Path = "romebatch.journal", *, status: str | None = None, fact: str | None = None,
         since: int | None = None, limit: int | None = None) -> dict:
     """The journal's metadata, a summary, and its edits and rejections (no model needed).
@@ -212,6 +215,7 @@ def _log_all(journal: str | Path) -> dict:
         }
 
 
+@reads_journal
 def pending_facts(facts, journal: str | Path, retry_rejected: bool = False):
     """Facts not yet applied (or rejected, unless `retry_rejected`) in `journal`; all if it does not exist yet."""
     if not (Path(journal) / "journal.sqlite").exists():
@@ -221,6 +225,7 @@ def pending_facts(facts, journal: str | Path, retry_rejected: bool = False):
     return [f for f in facts if f.hash not in settled]
 
 
+@reads_journal
 def rerun_counts(facts, journal: str | Path) -> dict:
     """What a re-run does with `facts`: how many are applied already, rejected earlier, rolled back."""
     if not (Path(journal) / "journal.sqlite").exists():
@@ -235,6 +240,7 @@ def rerun_counts(facts, journal: str | Path) -> dict:
             "rolled_back": sum(h in rolled for h in hashes)}
 
 
+@reads_journal
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
           lm=None, device_map=None, max_memory=None):
     """Verify the journal: the file itself (no model needed), then every edit's stored hashes by replay."""
@@ -269,6 +275,7 @@ def check(journal: str | Path = "romebatch.journal", *, model: str | None = None
                        last_good=last_good if damaged & set(chain) else head)
 
 
+@reads_journal
 def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | None = None, thresholds=None,
            results: str | Path | None = None, model: str | None = None, device: str = "cpu", log=None, progress=None,
            device_map=None, max_memory=None):

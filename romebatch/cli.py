@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
@@ -728,8 +729,11 @@ def main() -> None:
     except KeyboardInterrupt:  # a second Ctrl-C: the edit in progress was abandoned
         code = EXIT_SIGINT
     except Exception as error:
-        # A full disk or a read-only folder met outside the paths that report it themselves.
+        # A full disk or a read-only folder met outside the paths that report it themselves,
+        # or a journal file damaged where a read met it before any check did.
         what = resource_problem(error)
+        if what is None and isinstance(error, sqlite3.DatabaseError):
+            what = f"the journal file is damaged or unreadable ({error}); run `romebatch check`"
         if what is None or os.environ.get("ROMEBATCH_DEBUG") == "1":
             raise
         print(f"error: {one_line(what)}", file=sys.stderr)

@@ -15,6 +15,7 @@ end of `MIGRATIONS`, never edits of old ones; opening a journal applies what is 
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
 import sqlite3
@@ -112,16 +113,22 @@ def m005_warning_column(db: sqlite3.Connection) -> None:
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial, m002_probe_columns, m003_key_column, m004_row_hashes, m005_warning_column]
-# Every column a journal of this version may have; another one means a newer romebatch wrote it.
-KNOWN_COLUMNS = {
-    "edits": {"seq", "parent", "status", "fact_id", "fact_hash", "fact_json", "layer", "weight_name", "lam", "u",
-              "update_norm", "denominator", "weight_hash_before", "weight_hash_after", "v_steps", "v_loss",
-              "p_new_before", "p_true_before", "p_new_after", "p_true_after", "seconds_key", "seconds_value",
-              "seconds_total", "created_at", "neighborhood_drop", "probe_regression", "retention", "seconds_probes",
-              "k_star", "row_hash", "warning"},
-    "rejections": {"id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm",
-                   "denominator", "created_at", "row_hash"},
-}
+_KNOWN: dict[tuple[str, ...], dict[str, set[str]]] = {}
+
+
+def known_columns() -> dict[str, set[str]]:
+    """Every column a journal of this version may have, by table: what the migrations make
+    (run once on an in-memory database), so a new migration needs no second list. A column
+    outside this means a newer romebatch wrote the journal."""
+    key = tuple(m.__name__ for m in MIGRATIONS)
+    if key not in _KNOWN:
+        db = sqlite3.connect(":memory:", isolation_level=None)
+        db.row_factory = sqlite3.Row
+        migrate(db)
+        _KNOWN[key] = {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                       for table in ("edits", "rejections")}
+        db.close()
+    return _KNOWN[key]
 
 
 def migrate(db: sqlite3.Connection, stop_before: str | None = None) -> None:
@@ -223,7 +230,14 @@ class EditRecord:
 
     @property
     def fact(self) -> dict:
-        return json.loads(self.fact_json)
+        try:
+            fact = json.loads(self.fact_json)
+        except (TypeError, ValueError, RecursionError):
+            fact = None
+        if not isinstance(fact, dict) or not all(isinstance(fact.get(k), str) for k in ("subject", "prompt", "target_new")):
+            raise JournalDamagedError(f"journal edit {self.seq}: field fact_json is not a valid fact",
+                                      hint="run `romebatch check` to see all the damage")
+        return fact
 
 
 _EDIT_COLUMNS = [f for f in EditRecord.__dataclass_fields__]
@@ -311,7 +325,7 @@ class Journal:
                 raise JournalDamagedError(
                     f"{where}: written by a newer romebatch (unknown migration {unknown[0]})",
                     hint="open it with the romebatch version that wrote it")
-        for table, columns in KNOWN_COLUMNS.items():
+        for table, columns in known_columns().items():
             extra = sorted({row[1] for row in self.db.execute(f"PRAGMA table_info({table})")} - columns)
             if extra:
                 raise JournalDamagedError(f"{where}: written by a newer romebatch (unknown column {table}.{extra[0]})",
@@ -648,6 +662,23 @@ def _write_error(db: sqlite3.Connection, error: sqlite3.Error) -> JournalWriteEr
     path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "the journal")
     return JournalWriteError(f"could not write to journal {path} ({error}); nothing of this change was written",
                              hint="free some space and run the same command again: it resumes")
+
+
+def reads_journal(function):
+    """Make SQLite's own errors from a damaged file one-line UserErrors (for the API's functions)."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except sqlite3.DatabaseError as error:
+            if "full" in str(error) or "I/O" in str(error):
+                raise JournalWriteError(f"could not write to the journal ({error})",
+                                        hint="free some space and run the same command again") from None
+            raise JournalDamagedError(f"the journal file is damaged or unreadable ({error})",
+                                      hint="run `romebatch check` to see all the damage") from None
+
+    return wrapper
 
 
 def _check_location(directory: Path, db_path: Path, create: bool) -> None:

@@ -206,6 +206,16 @@ def test_random_damage_is_always_named_or_refused(pristine, tmp_path):
                     outcomes["unchanged"] += 1
             finally:
                 signal.alarm(0)
+            # `log` reads every row without checking: it must also end cleanly, never a traceback.
+            signal.alarm(SECONDS_EACH)
+            try:
+                api.log(path)
+            except UserError as error:
+                assert changed and "\n" not in error.message, f"trial {trial} ({what}): {error.message}"
+            except _Timeout:
+                pytest.fail(f"trial {trial} ({what}): log took over {SECONDS_EACH} s")
+            finally:
+                signal.alarm(0)
             shutil.rmtree(path)
     finally:
         signal.signal(signal.SIGALRM, previous)
