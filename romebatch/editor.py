@@ -33,6 +33,7 @@ from typing import Callable
 import torch
 
 from . import __version__
+from .applied_cache import AppliedCache
 from .errors import (EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, BaseModelMismatchError, JournalDamagedError,
                      JournalWriteError, UserError, resource_problem)
 from .evaluate import answer_nll, text_nll
@@ -225,6 +226,7 @@ class Editor:
             self._preservers: dict[int, tuple[int, Preserver]] = {}
             self._fluency_reference: float | None = None
             self._prefixes: list[str] | None = self.journal.get("prefixes")
+            self._applied = AppliedCache(self.journal)  # what the guard and probes read, kept per head
             self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
             # (stage, fact id or None) before each stage of a run: "probes" (the base answers),
             # "editing", "repair scoring", "repairing"; the CLI's progress bar shows it.
@@ -639,12 +641,9 @@ class Editor:
         rescored = time.perf_counter()
         outcome = None
         if probes is not None:
-            earlier = [{"text": f["prompt"].replace("{}", f["subject"], 1), "target_new": f["target_new"],
-                        "target_true": f.get("target_true"), "p_new_after": r["p_new_after"]}
-                       for r in self.journal.applied_summaries() for f in [json.loads(r["fact_json"])]
-                       # retention asks whether edits that took still hold, so only those are sampled
-                       if r["p_true_after"] is None or (r["p_new_after"] or 0) > r["p_true_after"]]
-            outcome = probes.check(fact, earlier, time.perf_counter() - t0)
+            # Retention asks whether edits that took still hold, so only those are sampled;
+            # the list is kept in memory, not re-read per edit (romebatch/applied_cache.py).
+            outcome = probes.check(fact, self._applied.earlier(), time.perf_counter() - t0)
             row.neighborhood_drop, row.probe_regression, row.retention = (
                 outcome.neighborhood_drop, outcome.probe_regression, outcome.retention)
             if not outcome.ok:
@@ -674,6 +673,9 @@ class Editor:
         committing = time.perf_counter()
         try:
             row.seq = self.journal.commit_edit(record, meta)
+            self._applied.committed(record.parent, row.seq, {
+                "update_norm": record.update_norm, "fact_json": record.fact_json,
+                "p_new_after": record.p_new_after, "p_true_after": record.p_true_after})
         except BaseException as error:
             with torch.no_grad():
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
@@ -766,9 +768,8 @@ class Editor:
         weight_norm = float(weight.detach().float().norm())
         if edit.norm > hp.guard_max_relative * weight_norm:
             return f"update norm {edit.norm:.3g} exceeds {hp.guard_max_relative:g} x the weight's norm {weight_norm:.3g}"
-        norms = [r["update_norm"] for r in self.journal.applied_summaries()]
-        if len(norms) >= hp.guard_min_edits:
-            typical = statistics.median(norms)
+        if len(self._applied.norms()) >= hp.guard_min_edits:
+            typical = self._applied.median_norm()
             if edit.norm > hp.guard_factor * typical:
                 return f"update norm {edit.norm:.3g} is over {hp.guard_factor:g} x the run's median {typical:.3g}"
         return None

@@ -562,7 +562,7 @@ class Journal:
             self._mark_statuses()
 
     def _mark_statuses(self) -> None:
-        on_path = {record.seq for record in self.path()}
+        on_path = set(self.chain())  # the seqs only: loading every edit's vectors here made rollbacks O(N) in blobs
         self.db.execute("UPDATE edits SET status = 'rolled_back'")
         if on_path:
             self.db.execute(f"UPDATE edits SET status = 'applied' WHERE seq IN ({','.join('?' * len(on_path))})",
