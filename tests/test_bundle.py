@@ -114,6 +114,8 @@ def test_round_trip_gives_the_same_journal(source, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+    write_bundle(source.journal, tmp_path / "again.rbundle")
+    assert (tmp_path / "again.rbundle").read_bytes() == out.read_bytes()  # the same edits, the same bytes
     target = tmp_path / "copy"
     [done] = apply(source, [out], target)
     assert (done.edits, done.first, done.last, done.head, done.renumbered) == (4, 1, 5, 5, False)
