@@ -111,8 +111,6 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
     Needs no model: what the bundle stores is what the journal recorded, and the receiving
     side checks all of it against real weights. Returns a summary.
     """
-    from safetensors.numpy import save_file
-
     out = Path(out)
     if out.suffix != SUFFIX:
         raise UserError(f"{out}: a bundle's file name must end in {SUFFIX}")
@@ -170,10 +168,8 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
     handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(handle)
     try:
-        save_file(tensors, staging, metadata={DOC_KEY: text, DIGEST_KEY: _sha256(text.encode("ascii"))})
+        _save(tensors, {DOC_KEY: text, DIGEST_KEY: _sha256(text.encode("ascii"))}, staging)
         os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain write would
-        with open(staging, "rb+") as f:
-            os.fsync(f.fileno())
         os.replace(staging, out)  # a bundle is whole or absent, never half-written
     except BaseException as error:
         Path(staging).unlink(missing_ok=True)
@@ -182,6 +178,33 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         raise
     return {"bundle": str(out), "edits": len(seqs), "from": first, "to": last, "start": start_seq,
             "rejections": len(rejections), "bytes": out.stat().st_size}
+
+
+def _save(tensors: dict, metadata: dict, path: str) -> None:
+    """Write a safetensors file with its header in sorted order, so the same edits give the same bytes.
+
+    safetensors' own writer orders the metadata keys at random; a bundle packed twice should
+    not differ (it would show as a change in git). The layout is the format's own: an
+    8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, the
+    tensors' bytes in header order.
+    """
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))}
+    offset, blobs = 0, []
+    for name in sorted(tensors):
+        data = tensors[name].tobytes()
+        dtype = {"float32": "F32", "uint8": "U8"}[str(tensors[name].dtype)]
+        header[name] = {"dtype": dtype, "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for data in blobs:
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the bundle
 
 
 def _umask() -> int:

@@ -114,6 +114,8 @@ def test_round_trip_gives_the_same_journal(source, tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+    write_bundle(source.journal, tmp_path / "again.rbundle")
+    assert (tmp_path / "again.rbundle").read_bytes() == out.read_bytes()  # the same edits, the same bytes
     target = tmp_path / "copy"
     [done] = apply(source, [out], target)
     assert (done.edits, done.first, done.last, done.head, done.renumbered) == (4, 1, 5, 5, False)
@@ -277,8 +279,8 @@ def test_a_column_added_by_a_later_migration_is_carried(source, tmp_path, monkey
     assert not (tmp_path / "older").exists()
 
 
-def romebatch(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
+def romebatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=full, capture_output=True, text=True,
                           timeout=300)
 
@@ -303,11 +305,26 @@ def test_cli_bundle_apply_check_and_refusals(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
 
 
+# `romebatch` killed (SIGKILL) at the journal's "append" fault point: inside the transaction,
+# after every row is inserted and before it commits. Arms the seam both ways it has had:
+# the ROMEBATCH_FAULT variable and the FAULT_HOOK a test installs.
+CRASH_AT_APPEND = """
+import os, sys
+from romebatch import journal
+from romebatch.cli import main
+if hasattr(journal, "FAULT_HOOK"):
+    journal.FAULT_HOOK = lambda name: os.kill(os.getpid(), 9) if name == "append" else None
+sys.argv = ["romebatch", *sys.argv[1:]]
+main()
+"""
+
+
 def test_a_crash_inside_the_append_leaves_no_edit(source, tmp_path):
     out = tmp_path / "all.rbundle"
     write_bundle(source.journal, out)
-    proc = romebatch("apply", str(out), "--journal", "K", "--model", str(source.folder), cwd=tmp_path,
-                     env={"ROMEBATCH_FAULT": "append:1"})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ROMEBATCH_FAULT": "append:1"}
+    proc = subprocess.run([sys.executable, "-c", CRASH_AT_APPEND, "apply", str(out), "--journal", "K", "--model",
+                           str(source.folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr
     assert rows(tmp_path / "K", "edits") == []
     proc = romebatch("apply", str(out), "--journal", "K", "--model", str(source.folder), cwd=tmp_path)
