@@ -23,6 +23,10 @@ CONVENTIONS = """## Conventions
 
 - `romebatch --version` prints the version; `romebatch --install-completion` installs shell
   completion (Typer's own; `--show-completion bash` prints it).
+- `romebatch -q COMMAND` hides progress and status lines (stdlib logging, level WARNING);
+  tables, reports, errors and `--json` still print. `romebatch -v apply ...` also prints
+  every edit as it is made, above the live progress bar (without a terminal, those lines
+  are always printed).
 - Environment defaults: `ROMEBATCH_JOURNAL` for `--journal`, `ROMEBATCH_MODEL` for `--model`
   (an option given on the command line wins). `ROMEBATCH_HOME` holds the caches,
   `ROMEBATCH_DEBUG=1` shows tracebacks.

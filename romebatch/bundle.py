@@ -9,7 +9,7 @@ weights (romebatch/rome/update.py) and compares the weight hash before and after
 edit with the one the bundle recorded, so a copy ends up byte for byte in the state the
 source journal recorded, or the bundle is refused as a whole and nothing is written.
 
-**The file** is a safetensors file (no pickle): the vector columns (Λ, u, k*, and any
+**The file** is a safetensors file (nothing is unpickled): the vector columns (Λ, u, k*, and any
 other blob column) as one tensor per column, and, in the safetensors metadata, a JSON
 document holding every other column of every edit, the rejections made on the range's
 states, the journal's meta keys that say how its edits were made (model, hyper-parameters,

@@ -8,6 +8,7 @@ Heavy imports (torch, transformers) happen inside commands, so `--help` stays fa
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
 import sys
@@ -101,12 +102,32 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+# Messages for people (what the library is doing, one-line results) go through stdlib logging,
+# so that -q and -v set one level; tables and reports are printed, --json goes to stdout.
+_LOG = logging.getLogger("romebatch.cli")
+
+
+class _ConsoleHandler(logging.Handler):
+    def emit(self, record):
+        _console().print(record.getMessage(), highlight=False, markup=False)
+
+
+_LOG.addHandler(_ConsoleHandler())
+_LOG.propagate = False
+_LOG.setLevel(logging.INFO)  # -q and -v change it (_root)
+
+
 @app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="Print romebatch's version and exit.")] = False,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="No progress or status lines; tables, reports, errors and --json still print.")] = False,
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also print every edit as it is made, above the progress bar.")] = False,
 ):
     """Apply thousands of ROME fact edits to a language model: journaled, checked, reversible."""
+    _LOG.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def _console():
@@ -119,7 +140,7 @@ def _say(message: str) -> None:
     from .errors import one_line
 
     # Messages carry user strings (ids, subjects, paths): one line each, controls escaped.
-    _console().print(one_line(message), highlight=False, markup=False)
+    _LOG.info(one_line(message))
 
 
 def _check_device(device: str) -> None:
@@ -301,10 +322,12 @@ def apply(
         # A repair edits a fact the bar has counted already.
         progress.update(task, advance=row.status != "repaired", description=status_line(f"{row.fact_id}: {row.status}"),
                         refresh=True)  # drawn now: an edit takes seconds, a refresh microseconds
-        if not console.is_terminal and not json_out:
-            _say(f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
-                 + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
-                 + (f" ({row.reason})" if row.reason else ""))
+        if not json_out:
+            # One line per edit: always without a terminal (logs), with -v under the live bar.
+            line = (f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
+                    + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
+                    + (f" ({row.reason})" if row.reason else ""))
+            _LOG.log(logging.DEBUG if console.is_terminal else logging.INFO, line)
 
     with progress:
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,

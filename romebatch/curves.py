@@ -159,7 +159,8 @@ def save_png(report: dict, path: str | Path) -> Path:
     top.set_ylabel("%")
     top.set_ylim(-2, 102)
     top.grid(alpha=0.3)
-    top.legend(fontsize=8, loc="lower left")
+    if top.get_legend_handles_labels()[0]:  # a journal without scores draws no curve
+        top.legend(fontsize=8, loc="lower left")
     top.set_title(f"{report['model']}: {report['edits']} edits on the head's path, windows of {report['every']}",
                   fontsize=9)
     width = report["every"] * 0.28

@@ -35,6 +35,8 @@ class UserError(Exception):
     exit_code = 2
 
     def __init__(self, message: str, hint: str | None = None):
+        # One line whatever it quotes (an SQLite error can carry a whole CREATE TABLE).
+        message = escape_controls(message)
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -45,7 +47,10 @@ class ManifestError(UserError):
 
     def __init__(self, problems: list[str]):
         self.problems = [one_line(p) for p in problems]
-        super().__init__("\n".join(self.problems))
+        # One problem a line: the lines themselves are escaped, the breaks between them kept.
+        Exception.__init__(self, "\n".join(self.problems))
+        self.message = "\n".join(self.problems)
+        self.hint = None
 
 
 # C0 and C1 controls (C1's \x85, NEL, is a line break to str.splitlines and many terminals),
@@ -55,9 +60,14 @@ _LINE_BREAKERS = ({i: f"\\x{i:02x}" for i in [*range(32), 0x7F, *range(0x80, 0xA
 MAX_PROBLEM_CHARS = 500
 
 
+def escape_controls(text: str) -> str:
+    """Control characters and line breaks made visible (`\\x0a`), nothing else changed."""
+    return str(text).translate(_LINE_BREAKERS)
+
+
 def one_line(text: str) -> str:
     """Escape control characters (a key or value from a hostile file may hold newlines) and cap the length."""
-    text = text.translate(_LINE_BREAKERS)
+    text = escape_controls(text)
     return text if len(text) <= MAX_PROBLEM_CHARS else text[: MAX_PROBLEM_CHARS - 3] + "..."
 
 

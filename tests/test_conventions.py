@@ -286,3 +286,16 @@ def test_trace_takes_the_journals_model(tmp_path, monkeypatch):
 def test_shell_completion_is_typers_own():
     result = CliRunner().invoke(app, ["--show-completion", "bash"])
     assert result.exit_code == 0 and "complete" in result.output and "romebatch" in result.output.lower()
+
+
+def test_quiet_and_verbose_set_one_logging_level(tmp_path):
+    directory = tmp_path / "J"
+    write_journal(directory, ["sha256:a", "sha256:b"])
+    runner = CliRunner()
+    out = runner.invoke(app, ["report", "-j", str(directory), "--out", str(tmp_path / "c.png")])
+    assert out.exit_code == 0 and f"wrote {tmp_path / 'c.png'}" in out.output
+    quiet = runner.invoke(app, ["-q", "report", "-j", str(directory), "--out", str(tmp_path / "d.png")])
+    assert quiet.exit_code == 0 and "wrote" not in quiet.output and "1-2" in quiet.output  # the table stays
+    assert (tmp_path / "d.png").exists()
+    again = runner.invoke(app, ["report", "-j", str(directory), "--out", str(tmp_path / "e.png")])
+    assert "wrote" in again.output  # the level is set per invocation, not left over

@@ -17,34 +17,43 @@ from typer.testing import CliRunner
 from romebatch import api
 from romebatch.cli import app
 from romebatch.errors import UserError
-from romebatch.journal import DB_NAME, Journal
+from romebatch.journal import DB_NAME, EditRecord, Journal
 from romebatch.manifest import Fact
-from test_cli import write_journal
 
 N = 250
+REFUSED = Fact(id="refused", subject="S4", prompt="{} is", target_new="T4")  # edit 4's fact, refused a repair
+PLAIN = Fact(id="plain", subject="New", prompt="{} is", target_new="T")  # an ordinary rejection
 
 
 @pytest.fixture
 def journal(tmp_path):
+    """Written only through the journal's own API (commit_edit, record_rejection, set_many)."""
     directory = tmp_path / "J"
     hashes = [f"sha256:{i}" for i in range(1, N + 1)]
+    hashes[3] = REFUSED.hash
     hashes[100:103] = hashes[0:3]  # edits 101-103 edit the facts of 1-3 again: repairs
-    write_journal(directory, hashes)
     rng = np.random.default_rng(7)
-    with Journal(directory, write=True) as j:
+    with Journal(directory, write=True, create=True) as j:
+        j.set_many({"model": "tiny-test-model", "base_hash": "sha256:base", "head": 0})
         for seq in range(1, N + 1):
+            if seq == 102:  # the pass refused to repair edit 4's fact, on state 101
+                j.record_rejection(REFUSED, 1, "no", 1.0, 0.1)
+            if seq == 161:
+                j.record_rejection(PLAIN, 1, "no", 1.0, 0.1)
             p_new, p_true = rng.uniform(size=2)
             probed = seq > 50  # the first 50 edits were made without probes
-            j.db.execute(
-                "UPDATE edits SET p_new_after = ?, p_true_after = ?, neighborhood_drop = ?, probe_regression = ?, "
-                "retention = ? WHERE seq = ?",
-                (p_new, p_true, *(rng.uniform(size=3).tolist() if probed else (None, None, None)), seq))
-        j.db.execute("UPDATE edits SET warning = 'regression: x' WHERE seq % 37 = 0")
-        j.set_many({"repair_passes": [103]})
-        # A refused repair (a fact already on the path, on a state of the pass) and an ordinary rejection.
-        for fid, fact_hash, parent in (("refused", "sha256:4", 101), ("plain", "sha256:new", 160)):
-            j.record_rejection(Fact(id=fid, subject="S", prompt="{} is", target_new="T"), 1, "no", 1.0, 0.1)
-            j.db.execute("UPDATE rejections SET parent = ?, fact_hash = ? WHERE fact_id = ?", (parent, fact_hash, fid))
+            drop, regression, retention = rng.uniform(size=3).tolist() if probed else (None, None, None)
+            j.commit_edit(EditRecord(
+                seq=0, parent=seq - 1, status="applied", fact_id=f"id{seq}", fact_hash=hashes[seq - 1],
+                fact_json=json.dumps({"id": f"id{seq}", "subject": f"S{seq}", "prompt": "{} is",
+                                      "target_new": f"T{seq}"}),
+                layer=1, weight_name="w", lam=rng.normal(size=4), u=rng.normal(size=8), update_norm=float(seq),
+                denominator=0.5, weight_hash_before=f"sha256:{seq - 1}", weight_hash_after=f"sha256:{seq}",
+                p_new_after=float(p_new), p_true_after=float(p_true), neighborhood_drop=drop,
+                probe_regression=regression, retention=retention,
+                warning="regression: x" if seq % 37 == 0 else None))
+            if seq == 103:
+                j.set_many({"repair_passes": [103]})
     return directory
 
 

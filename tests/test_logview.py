@@ -1,7 +1,7 @@
 """`romebatch log`: a summary plus the last 20, filters, --json's whole record, literal user strings.
 
 A real journal file with synthetic edits (no model): 30 edits, the head at 25 (26..30 rolled
-back), edit 7 a repair of edit 3's fact, warnings on 4 and 9, two rejections.
+back), edit 7 a repair of edit 3's fact, warnings on 4 and 9, two rejections (on states 3, 20).
 """
 
 from __future__ import annotations
@@ -15,27 +15,36 @@ from typer.testing import CliRunner
 
 from romebatch import api
 from romebatch.cli import app
-from romebatch.journal import Journal
+from romebatch.journal import EditRecord, Journal
 from romebatch.manifest import Fact
-from test_cli import write_journal
 
 MARKUP = "[bold red]Subject 5[/bold red]"
 
 
 @pytest.fixture
 def journal(tmp_path):
+    """Written only through the journal's own API (commit_edit, record_rejection, move_head)."""
+    import numpy as np
+
     directory = tmp_path / "J"
-    hashes = [f"sha256:{i}" for i in range(1, 31)]
-    hashes[6] = hashes[2]  # edit 7 edits edit 3's fact again: a repair
-    write_journal(directory, hashes, head=25)
-    with Journal(directory, write=True) as j:
-        j.db.execute("UPDATE edits SET warning = 'regression: neighbourhood 100% flipped' WHERE seq IN (4, 9)")
-        fact = json.dumps({"id": "id5", "subject": MARKUP, "prompt": "{} is in", "target_new": "[link]x"})
-        j.db.execute("UPDATE edits SET fact_json = ? WHERE seq = 5", (fact,))
-        for i, parent in ((1, 3), (2, 20)):
-            j.record_rejection(Fact(id=f"rej{i}", subject="S", prompt="{} is", target_new=f"T{i}"), 1, f"why {i}",
-                               9.0, 0.1)
-            j.db.execute("UPDATE rejections SET parent = ? WHERE fact_id = ?", (parent, f"rej{i}"))
+    with Journal(directory, write=True, create=True) as j:
+        j.set_many({"model": "tiny-test-model", "base_hash": "sha256:base", "head": 0})
+        for i in range(1, 31):
+            if i == 4:  # rejected on state 3
+                j.record_rejection(Fact(id="rej1", subject="S", prompt="{} is", target_new="T1"), 1, "why 1", 9.0, 0.1)
+            if i == 21:  # rejected on state 20
+                j.record_rejection(Fact(id="rej2", subject="S", prompt="{} is", target_new="T2"), 1, "why 2", 9.0, 0.1)
+            rng = np.random.default_rng(i)
+            fact = {"id": f"id{i}", "subject": MARKUP if i == 5 else f"Subject {i}", "prompt": "{} is in",
+                    "target_new": "[link]x" if i == 5 else f"Target {i}"}
+            j.commit_edit(EditRecord(
+                seq=0, parent=i - 1, status="applied", fact_id=f"id{i}",
+                fact_hash="sha256:3" if i == 7 else f"sha256:{i}",  # edit 7 edits edit 3's fact again: a repair
+                fact_json=json.dumps(fact), layer=1, weight_name="w", lam=rng.normal(size=4), u=rng.normal(size=8),
+                update_norm=float(i), denominator=0.5, weight_hash_before=f"sha256:{i - 1}",
+                weight_hash_after=f"sha256:{i}",
+                warning="regression: neighbourhood 100% flipped" if i in (4, 9) else None))
+        j.move_head(25)
     return directory
 
 

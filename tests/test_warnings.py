@@ -86,13 +86,13 @@ def test_m005_adds_the_column_to_an_older_journal(tmp_path):
         assert names[-1] == "m005_warning_column"
 
 
-def _apply_cli(tmp_path, folder, console_file=None, monkeypatch=None):
+def _apply_cli(tmp_path, folder, *root):
     manifest = tmp_path / "facts.jsonl"
     manifest.write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "source"}) + "\n" for f in FACTS))
     hp = tmp_path / "hp.yaml"
     hp.write_text(yaml.safe_dump({k: [list(p) for p in v] if k == "prefixes" else v for k, v in TINY_HPARAMS.items()}))
     return CliRunner().invoke(app, [
-        "apply", str(manifest), "--journal", str(tmp_path / "j"), "--model", str(folder), "--hparams", str(hp),
+        *root, "apply", str(manifest), "--journal", str(tmp_path / "j"), "--model", str(folder), "--hparams", str(hp),
         "--on-regression", "warn", "--max-probe-regression", "1.0", "--min-retention", "0.0", "--repair-every", "0",
         "--results", str(tmp_path / "r.csv")], env={"COLUMNS": "250"})
 
@@ -165,3 +165,17 @@ def test_the_live_bar_shows_elapsed_time_seconds_per_edit_and_the_current_stage(
     assert "probes (base answers)" in out and "now harmful" in out
     assert " s/edit" in out and "good-2: applied" in out
     assert "0:00:0" in out  # the elapsed-time column
+    assert "good-1: applied Big Ben -> Tokyo" not in out  # per-edit lines on a terminal: only with -v
+
+
+def test_verbose_prints_every_edit_above_the_live_bar(tmp_path, folder, monkeypatch):
+    from rich.console import Console
+
+    import romebatch.cli as cli
+
+    screen = io.StringIO()
+    monkeypatch.setattr(cli, "_console", lambda: Console(file=screen, force_terminal=True, width=250))
+    result = _apply_cli(tmp_path, folder, "-v")
+    assert result.exit_code == 0, result.output
+    out = screen.getvalue()
+    assert "good-1: applied Big Ben -> Tokyo P(new)" in out and "harmful: applied (warned) Toko Yasuda" in out
