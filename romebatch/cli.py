@@ -109,7 +109,11 @@ _LOG = logging.getLogger("romebatch.cli")
 
 class _ConsoleHandler(logging.Handler):
     def emit(self, record):
-        _console().print(record.getMessage(), highlight=False, markup=False)
+        from .errors import one_line
+
+        # Every message carries user strings (ids, subjects, paths): one line each, controls
+        # escaped, no markup, whoever logged it.
+        _console().print(one_line(record.getMessage()), highlight=False, markup=False)
 
 
 _LOG.addHandler(_ConsoleHandler())
@@ -306,7 +310,9 @@ def apply(
             parts.append(f"{sum(timed) / len(timed):.1f} s/edit")
         if warned:
             parts.append(f"{len(warned)} warned, latest {warned[-1][0]}: {warned[-1][1]}")
-        return escape(" · ".join(parts))
+        from .errors import one_line
+
+        return escape(one_line(" · ".join(parts)))
 
     def on_stage(stage, fact_id):
         # Repairs and the probes' base answers are stages of their own on the bar's label.

@@ -47,11 +47,10 @@ class Thresholds:
         check_share("--max-neighborhood-drop", self.max_neighborhood_drop)
         check_share("--max-probe-regression", self.max_probe_regression)
         check_share("--min-retention", self.min_retention)
-        # 0 is allowed: the minimum samples only, the same checks whatever the machine's speed.
-        if not (isinstance(self.probe_budget, (int, float)) and 0 <= self.probe_budget < float("inf")):
+        if not self.probe_budget > 0:
             from .errors import UserError
 
-            raise UserError(f"--probe-budget {self.probe_budget!r}: give zero or a positive share of an edit's time")
+            raise UserError(f"--probe-budget {self.probe_budget:g}: give a positive share of an edit's time")
 
 
 @dataclass
