@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
+from .errors import UserError
 from .hparams import HParams
 from .journal import Journal
 from .manifest import load_manifest
@@ -41,6 +42,11 @@ def apply(
     from .model import load_model
     from .preflight import check_facts_for_model
 
+    from .report import check_results_path
+
+    if on_regression not in ("warn", "skip", "stop"):
+        raise UserError(f"on_regression {on_regression!r}: choose warn, skip or stop")
+    check_results_path(results)
     facts = load_manifest(manifest, limit=limit).facts
     kwargs = {"log": log} if log else {}
     # The model is loaded (and the facts checked against its tokenizer) before the journal
@@ -53,7 +59,7 @@ def apply(
     check_facts_for_model(lm, facts, longest_prefix)
     if layer == "auto":
         layer = auto_layer(lm, facts, log=log)
-    with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, **kwargs) as editor:
+    with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, create=True, **kwargs) as editor:
         editor.stats_progress = stats_progress
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
@@ -103,8 +109,13 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
              fact: str | None = None, base: bool = False, prune: bool = False, model: str | None = None,
              device: str = "cpu", log=None, device_map=None, max_memory=None) -> int:
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
+    from .editor import check_rollback_selector
+
+    check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
     kwargs = _load_kwargs(log, device_map, max_memory)
-    with Editor(journal, model=model, device=device, **kwargs) as editor:
+    with Editor(journal, model=model, device=device, create=False, **kwargs) as editor:
         head = editor.rollback(to=to, steps=steps, fact=fact, base=base)
         if prune:
             editor.prune()
@@ -114,8 +125,13 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
 def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
            device: str = "cpu", force: bool = False, log=None, device_map=None, max_memory=None) -> Path:
     """Write the journal's head state as a model folder that transformers loads."""
+    from .editor import check_export_target
+
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
+    check_export_target(Path(outdir), force)
     kwargs = _load_kwargs(log, device_map, max_memory)
-    with Editor(journal, model=model, device=device, **kwargs) as editor:
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         return editor.export(outdir, force=force)
 
 
@@ -153,7 +169,19 @@ def pending_facts(facts, journal: str | Path):
 def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
           device_map=None, max_memory=None):
     """Verify the journal: schema, base model identity, and every edit's stored hashes by replay."""
+    from .audit import audit
+    from .editor import CheckReport
+
     kwargs = _load_kwargs(log, device_map, max_memory)
+    # The file itself first, without a model: a damaged journal is named in seconds, and
+    # replay only ever runs on rows whose structure is sound.
+    with Journal(journal) as j:
+        problems = audit(j.db)
+        if problems:
+            edits = j.db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
+            head = j.db.execute("SELECT value FROM meta WHERE key = 'head'").fetchone()
+            return CheckReport(journal=str(j.directory), edits=edits, head=head[0] if head else 0, problems=problems,
+                               last_good=0, structural=True)
     with Editor(journal, model=model, device=device, write=False, verify=False, **kwargs) as editor:
         return editor.check()
 
@@ -164,7 +192,12 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
     """Score the head against the base model on every applied fact; see `romebatch.verify`."""
     from .verify import VerifyThresholds, verify as run_verify
 
+    from .report import check_results_path
+
+    check_results_path(results)
     facts = load_manifest(manifest).facts if manifest else None
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
     kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         report = run_verify(editor, thresholds or VerifyThresholds(), facts, progress=progress)

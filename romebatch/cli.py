@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,8 +29,54 @@ JournalOpt = Annotated[Path, typer.Option("--journal", "-j", help="Journal direc
 ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
                           "else the embedded Gemma-3-270M.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
+
+
+# Enumerations are typer choices, so a typo is a usage error (exit 2) before anything loads.
+class OnRegression(str, Enum):
+    warn = "warn"
+    skip = "skip"
+    stop = "stop"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class Mom2(str, Enum):
+    second_moment = "second_moment"
+    identity = "identity"
+
+
+class Sampling(str, Enum):
+    encyclopedic = "encyclopedic"
+    plain = "plain"
+
+
+class Preserve(str, Enum):
+    none = "none"
+    covariance = "covariance"
+    nullspace = "nullspace"
+
+
+class RunEnded(Exception):
+    """A command that finished its report but must exit non-zero (a signal, a stop, failed facts).
+
+    Not typer.Exit: typer returns an interrupt as code 130 too, which main() reports as an abort.
+    """
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+def _value(choice):
+    return choice.value if isinstance(choice, Enum) else choice
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights' dtype while editing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line of stdout.")]
 DeviceMapOpt = Annotated[Optional[str], typer.Option(
     "--device-map", help="Spread the model over devices, CPU and disk: auto, balanced, sequential, or a FILE.json "
@@ -46,7 +93,17 @@ def _console():
 
 
 def _say(message: str) -> None:
-    _console().print(message, highlight=False, markup=False)
+    from .errors import one_line
+
+    # Messages carry user strings (ids, subjects, paths): one line each, controls escaped.
+    _console().print(one_line(message), highlight=False, markup=False)
+
+
+def _check_device(device: str) -> None:
+    from .errors import UserError
+
+    if device != "cpu" and device != "cuda" and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N")
 
 
 def _emit_json(data) -> None:
@@ -77,15 +134,15 @@ def apply(
     v_steps: Annotated[Optional[int], typer.Option(help="Max Adam steps for v*.")] = None,
     v_lr: Annotated[Optional[float], typer.Option(help="Adam learning rate for v*.")] = None,
     kl_factor: Annotated[Optional[float], typer.Option(help="Weight of the essence KL term.")] = None,
-    mom2: Annotated[Optional[str], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
+    mom2: Annotated[Optional[Mom2], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
     stats_corpus: Annotated[Optional[Path], typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
     stats_tokens: Annotated[Optional[int], typer.Option(help="Corpus tokens for the key statistics.")] = None,
-    stats_sampling: Annotated[Optional[str], typer.Option(
+    stats_sampling: Annotated[Optional[Sampling], typer.Option(
         help="Without --stats-corpus, how the model's own text is sampled: encyclopedic (default) or plain.")] = None,
     module_template: Annotated[Optional[str], typer.Option(
         help="Down-projection path with {} for the layer, for an architecture not built in.")] = None,
-    on_regression: Annotated[str, typer.Option(
-        help="After each edit: warn, skip (reject the edit) or stop when a regression check fails.")] = "warn",
+    on_regression: Annotated[OnRegression, typer.Option(
+        help="After each edit: warn, skip (reject the edit) or stop when a regression check fails.")] = OnRegression.warn,
     max_neighborhood_drop: Annotated[float, typer.Option(
         help="Share of the fact's neighbourhood prompts an edit may flip to its new object.")] = 0.5,
     max_probe_regression: Annotated[float, typer.Option(
@@ -95,7 +152,7 @@ def apply(
     no_probes: Annotated[bool, typer.Option("--no-probes", help="Skip the regression checks.")] = False,
     repair_every: Annotated[int, typer.Option(
         help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")] = 100,
-    preserve: Annotated[Optional[str], typer.Option(
+    preserve: Annotated[Optional[Preserve], typer.Option(
         help="Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them).")] = None,
     preserve_weight: Annotated[Optional[float], typer.Option(help="λ for --preserve covariance.")] = None,
     spread_layers: Annotated[Optional[int], typer.Option(
@@ -103,7 +160,7 @@ def apply(
     exact_protocol: Annotated[bool, typer.Option(
         "--exact-protocol", help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.float32,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
@@ -114,19 +171,31 @@ def apply(
     Re-running the same manifest resumes: facts already in the journal (by content hash)
     are skipped. Ctrl-C stops cleanly after the current edit.
     """
+    from .errors import UserError, one_line
     from .manifest import load_manifest
+    from .report import check_results_path
 
-    from .errors import UserError
-
-    loaded = load_manifest(manifest, limit=limit)  # validates everything before any model is loaded
+    # Every option and input is checked before any model is loaded: a typo fails in a second.
+    _check_device(device)
+    check_results_path(results)
     if layer is not None and layer != "auto":
-        if not layer.isdigit():
-            raise UserError(f"--layer {layer!r}: give a layer number or 'auto'")
+        if not layer.isdigit() or len(layer) > 6:
+            raise UserError(f"--layer {one_line(layer)!r}: give a layer number or 'auto'")
         layer = int(layer)
-    hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=mom2,
+    if limit is not None and limit < 0:
+        raise UserError(f"--limit {limit}: give zero or more facts")
+    if repair_every < 0:
+        raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
+    for name, value in (("--max-neighborhood-drop", max_neighborhood_drop), ("--max-probe-regression",
+                        max_probe_regression), ("--min-retention", min_retention), ("--probe-budget", probe_budget)):
+        if not 0.0 <= value <= 1.0:
+            raise UserError(f"{name} {value}: give a share between 0 and 1")
+    loaded = load_manifest(manifest, limit=limit)  # validates everything before any model is loaded
+    hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=_value(mom2),
                   stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens,
-                  stats_sampling=stats_sampling, layer=layer if isinstance(layer, int) else None, exact_protocol=exact_protocol or None,
-                  preserve=preserve, preserve_weight=preserve_weight, spread_layers=spread_layers)
+                  stats_sampling=_value(stats_sampling), layer=layer if isinstance(layer, int) else None,
+                  exact_protocol=exact_protocol or None, preserve=_value(preserve), preserve_weight=preserve_weight,
+                  spread_layers=spread_layers)
     if dry_run:
         from .api import pending_facts
 
@@ -171,9 +240,10 @@ def apply(
 
     with progress:
         result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
-                           device=device, dtype=dtype, module_template=module_template, results=results,
-                           checks=checks, on_regression=on_regression, repair_every=repair_every, on_edit=on_edit,
-                           stats_progress=on_stats, log=_say, device_map=device_map, max_memory=max_memory)
+                           device=device, dtype=_value(dtype), module_template=module_template, results=results,
+                           checks=checks, on_regression=_value(on_regression), repair_every=repair_every,
+                           on_edit=on_edit, stats_progress=on_stats, log=_say, device_map=device_map,
+                           max_memory=max_memory)
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
@@ -181,6 +251,9 @@ def apply(
         render_apply(console, result)
         if results:
             _say(f"results table: {results}")
+    code = result.exit_code()
+    if code:
+        raise RunEnded(code)
 
 
 @app.command()
@@ -200,6 +273,7 @@ def rollback(
     """Move the journal's head to another state, rebuilt by replay and checked byte for byte."""
     from . import api
 
+    _check_device(device)
     head = api.rollback(journal, to=to, steps=steps, fact=fact, base=base or None, prune=prune, model=model,
                         device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
@@ -235,6 +309,7 @@ def export(
     """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance)."""
     from . import api
 
+    _check_device(device)
     path = api.export(outdir, journal=journal, model=model, device=device, force=force, log=_say,
                       device_map=device_map, max_memory=max_memory)
     if json_out:
@@ -259,9 +334,11 @@ def verify(
 ):
     """Specificity regression of the journal's head against the base model. Exit 1 on regression."""
     from . import api
-    from .report import render_verify
+    from .report import check_results_path, render_verify
     from .verify import VerifyThresholds
 
+    _check_device(device)
+    check_results_path(results)
     thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
     report = api.verify(journal, manifest=manifest, thresholds=thresholds, results=results, model=model,
                         device=device, log=_say, device_map=device_map, max_memory=max_memory)
@@ -296,8 +373,16 @@ def trace(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from . import api
+    from .errors import UserError
     from .plots import render_trace, save_average_png, save_trace_png
+    from .report import check_results_path
 
+    _check_device(device)
+    check_results_path(results)
+    if out is not None and (out.suffix.lower() != ".png" or not out.parent.is_dir()):
+        raise UserError(f"--out {out}: give a .png file name in an existing folder")
+    if samples < 1 or window < 1 or not noise > 0 or (limit is not None and limit < 1):
+        raise UserError("--samples, --window and --limit must be at least 1, and --noise positive")
     console = _console()
     if facts is None:
         result = api.trace(prompt, subject, answer, model=model, device=device, samples=samples, noise=noise,
@@ -335,8 +420,9 @@ def trace(
     if results:
         import polars as pl
 
-        frame = pl.DataFrame(rows)
-        frame.write_parquet(results) if results.suffix == ".parquet" else frame.write_csv(results)
+        from .report import write_frame
+
+        write_frame(pl.DataFrame(rows), results)
     if out and not json_out:
         _say(f"wrote {out}")
 
@@ -353,6 +439,7 @@ def check(
     """Verify the journal: base model identity and every edit's hashes, by replay. Exit 1 if damaged."""
     from . import api
 
+    _check_device(device)
     report = api.check(journal, model=model, device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
         _emit_json({"journal": report.journal, "ok": report.ok, "edits": report.edits, "head": report.head,
@@ -362,6 +449,8 @@ def check(
             _say(f"damaged: {line}")
         if report.ok:
             _say(f"journal {journal}: {report.edits} edit(s) verified by replay, head {report.head}")
+        elif report.structural:
+            _say(f"journal {journal}: {len(report.problems)} problem(s) in the file itself; restore it from a copy")
         else:
             _say(f"journal {journal}: {len(report.problems)} problem(s); the last good state on the head's path is "
                  f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`")
@@ -384,7 +473,7 @@ def tune(
         help="Results JSONL: every measurement is appended; re-running resumes from it.")] = Path("romebatch-tune.jsonl"),
     no_save: Annotated[bool, typer.Option("--no-save", help="Print the table; save no preset.")] = False,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = Dtype.float32,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -394,13 +483,14 @@ def tune(
     from .report import render_tune
     from .tune import tune as run_tune
 
+    _check_device(device)
     try:
         clamp_values = tuple(float(x) for x in clamps.split(","))
     except ValueError:
         raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
     result = run_tune(manifest, model=model, sample=sample, seed=seed, clamps=clamp_values, top_layers=top_layers,
                       seq_edits=seq_edits, seq_top=seq_top, hparams=_hparams(hparams), results=results,
-                      save=not no_save, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                      save=not no_save, device=device, dtype=_value(dtype), device_map=device_map, max_memory=max_memory,
                       log=_say)
     if json_out:
         _emit_json(result.summary())
@@ -412,7 +502,7 @@ def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
     from typer.exceptions import TyperException
 
-    from .errors import ManifestError, UserError, one_line
+    from .errors import EXIT_SIGINT, ManifestError, UserError, one_line, resource_problem
 
     try:
         code = app(standalone_mode=False)
@@ -430,11 +520,21 @@ def main() -> None:
     except TyperException as error:  # usage errors: typer's vendored click exceptions
         error.show()
         sys.exit(getattr(error, "exit_code", 2) or 2)
-    except KeyboardInterrupt:
-        code = 130
+    except RunEnded as ended:
+        sys.exit(ended.code)
+    except KeyboardInterrupt:  # a second Ctrl-C: the edit in progress was abandoned
+        code = EXIT_SIGINT
+    except Exception as error:
+        # A full disk or a read-only folder met outside the paths that report it themselves.
+        what = resource_problem(error)
+        if what is None or os.environ.get("ROMEBATCH_DEBUG") == "1":
+            raise
+        print(f"error: {one_line(what)}", file=sys.stderr)
+        print("hint: free some space (or fix the permissions) and run the same command again", file=sys.stderr)
+        sys.exit(2)
     # With standalone_mode=False, typer returns the code of `raise typer.Exit(n)` and of an
     # interrupt (130) instead of exiting.
-    if code == 130:
+    if code == EXIT_SIGINT:
         print("aborted; the journal holds every committed edit", file=sys.stderr)
     if isinstance(code, int) and code:
         sys.exit(code)

@@ -33,10 +33,11 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .errors import BaseModelMismatchError, UserError
+from .errors import (EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, BaseModelMismatchError, UserError,
+                     resource_problem)
 from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
-from .journal import EditRecord, Journal
+from .journal import FORMAT as JOURNAL_FORMAT, EditRecord, Journal
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds
@@ -92,9 +93,21 @@ class ApplyResult:
     results: list[FactResult] = field(default_factory=list)
     interrupted: bool = False
     seconds: float = 0.0
+    stopped_on_regression: bool = False  # --on-regression stop ended the run
+    stop_signal: int | None = None  # SIGINT or SIGTERM asked the run to stop
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
+
+    def exit_code(self) -> int:
+        """The CLI's exit status for this run (romebatch/errors.py, docs/cli.md)."""
+        if self.stop_signal is not None:
+            return 128 + int(self.stop_signal)
+        if self.stopped_on_regression:
+            return EXIT_STOPPED_ON_REGRESSION
+        if self.count("failed"):
+            return EXIT_FACTS_FAILED
+        return 0
 
     def summary(self) -> dict:
         done = [r for r in self.results if r.status == "applied"]
@@ -111,6 +124,8 @@ class ApplyResult:
             "median_update_norm": statistics.median(norms) if norms else None,
             "max_update_norm": max(norms) if norms else None,
             "interrupted": self.interrupted,
+            "stopped_on_regression": self.stopped_on_regression,
+            "exit_code": self.exit_code(),
         }
 
 
@@ -121,6 +136,7 @@ class CheckReport:
     head: int
     problems: list[str]
     last_good: int  # the last edit on the head's path before the first damaged one
+    structural: bool = False  # the file itself is damaged: found without replay, no state to go back to
 
     @property
     def ok(self) -> bool:
@@ -132,6 +148,7 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
+        self.signal: int | None = None  # the first signal that asked to stop
 
     def __bool__(self):
         return self.requested
@@ -150,6 +167,7 @@ def stop_on_signals(stop: StopRequest, log: Log):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         stop.requested = True
+        stop.signal = signum
         log("Stopping after the current edit (press Ctrl-C again to abort it; nothing committed is lost).")
 
     for sig in previous:
@@ -174,6 +192,7 @@ class Editor:
         module_template: str | None = None,
         hparams: HParams | None = None,
         write: bool = True,
+        create: bool | None = None,
         verify: bool = True,
         log: Log = _stderr,
         lm: LoadedModel | None = None,
@@ -181,7 +200,10 @@ class Editor:
         max_memory: str | dict | None = None,
     ):
         self.log = log
-        self.journal = Journal(journal, write=write, create=write)
+        # A writer creates a missing journal unless told not to: every command but `apply`
+        # passes create=False, so a mistyped path fails instead of quietly starting an empty
+        # journal and acting on the unedited base model.
+        self.journal = Journal(journal, write=write, create=write if create is None else create)
         try:
             stored_spec = self.journal.get("model")
             self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
@@ -214,7 +236,7 @@ class Editor:
                 raise UserError(f"journal {journal.directory} is empty")
             self.log(describe(requested, sources))
             journal.set_many({
-                "format": 1, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
+                "format": JOURNAL_FORMAT, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
                 "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
                 "hparams": requested.to_dict(), "head": 0, "created_with": _versions(),
             })
@@ -441,7 +463,7 @@ class Editor:
             if on_edit:
                 on_edit(row)
             if row.status == "rejected" and on_regression == "stop" and row.reason.startswith("regression"):
-                result.interrupted = True
+                result.interrupted = result.stopped_on_regression = True
                 break
             since_repair += row.status == "applied"
             if repair_every and since_repair >= repair_every:
@@ -450,6 +472,7 @@ class Editor:
         if repair_every and since_repair and not result.interrupted and not stop:
             result.results += self.repair(window, on_edit=on_edit, stop=stop)
         result.interrupted = result.interrupted or bool(stop and self.journal.get(REPAIR_PLAN))
+        result.stop_signal = stop.signal if stop else None
         result.head = self.head
         result.seconds = time.perf_counter() - started
         return result
@@ -716,9 +739,7 @@ class Editor:
     def rollback(self, *, to: int | None = None, steps: int | None = None, fact: str | None = None,
                  base: bool = False) -> int:
         """Move the head (exactly one of the selectors) and rebuild that state; returns the new head."""
-        chosen = [x is not None and x is not False for x in (to, steps, fact, base)]
-        if sum(chosen) != 1:
-            raise UserError("choose exactly one of --to N, --steps K, --fact ID, --base")
+        check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
         path = self.journal.path()
         if base:
             target = 0
@@ -751,32 +772,35 @@ class Editor:
     def export(self, outdir: str | Path, *, force: bool = False) -> Path:
         """Write the head state as a model folder (safetensors, config, tokenizer, provenance)."""
         outdir = Path(outdir)
-        if outdir.exists() and not outdir.is_dir():
-            raise UserError(f"{outdir} exists and is not a folder")
-        if outdir.exists() and any(outdir.iterdir()) and not force:
-            raise UserError(f"{outdir} exists and is not empty", hint="pass --force to replace it")
+        check_export_target(outdir, force)
         outdir.parent.mkdir(parents=True, exist_ok=True)
         # Written beside the target and renamed into place: never a half-written model folder.
         staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
+        trash = None
         try:
             self.lm.model.save_pretrained(staging)
             self.lm.tokenizer.save_pretrained(staging)
-            (staging / "romebatch.json").write_text(json.dumps(self.provenance(), indent=2) + "\n")
+            (staging / EXPORT_MARKER).write_text(json.dumps(self.provenance(), indent=2) + "\n")
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from its users
+            if outdir.exists():
+                # Move the old folder aside first: at every moment outdir is either the old
+                # complete export or the new one, never a partial one.
+                trash = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
+                os.replace(outdir, trash / "old")
+            os.replace(staging, outdir)
         except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(error, OSError):
-                raise UserError(f"could not write the export ({error}); {outdir} was not changed",
-                                hint="free some space and run export again") from error
+            if trash is not None and (trash / "old").exists() and not outdir.exists():
+                os.replace(trash / "old", outdir)  # put the earlier export back
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+            what = resource_problem(error)
+            if what is not None:
+                raise UserError(f"could not write the export ({what}); {outdir} was not changed",
+                                hint="free some space and run export again") from None
             raise
-        if outdir.exists():
-            # Move the old folder aside first: at every moment outdir is either the old
-            # complete export or the new one, never a partial one.
-            trash = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
-            os.replace(outdir, trash / "old")
-            os.replace(staging, outdir)
+        if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, outdir)
         return outdir
 
     def provenance(self) -> dict:
@@ -809,6 +833,40 @@ class Editor:
 # on, "facts": [...], "done": entries tried}) and the heads at which passes ended.
 REPAIR_PLAN = "repair_plan"
 REPAIR_MARKS = "repair_passes"
+
+
+EXPORT_MARKER = "romebatch.json"  # every export's provenance; --force replaces only folders that have it
+
+
+def check_export_target(outdir: Path, force: bool) -> None:
+    """Refuse an export target that is not a new folder (or, with force, an earlier export)."""
+    if outdir.is_symlink() and not outdir.exists():
+        raise UserError(f"{outdir} is a symbolic link to nothing; remove it or choose another folder")
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"{outdir} exists and is not a folder")
+    if outdir.exists() and any(outdir.iterdir()):
+        if not force:
+            raise UserError(f"{outdir} exists and is not empty", hint="pass --force to replace an earlier export")
+        if not (outdir / EXPORT_MARKER).is_file():
+            raise UserError(f"{outdir} is not an earlier romebatch export (it has no {EXPORT_MARKER}); "
+                            f"--force replaces only those", hint="choose another folder, or empty this one yourself")
+    if not outdir.parent.exists() and outdir.parent.is_symlink():
+        raise UserError(f"{outdir.parent} is a symbolic link to nothing")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_rollback_selector(*, to=None, steps=None, fact=None, base=False) -> None:
+    """Exactly one way of naming the target state (checked before any model is loaded)."""
+    chosen = [x is not None and x is not False for x in (to, steps, fact, base)]
+    if sum(chosen) != 1:
+        raise UserError("choose exactly one of --to N, --steps K, --fact ID, --base")
+    if (to is not None and to < 0) or (steps is not None and steps < 0):
+        raise UserError("--to and --steps take zero or more")
 
 
 def _why_lost(standing: Standing) -> str:

@@ -7,6 +7,17 @@ and shows a traceback only with ROMEBATCH_DEBUG=1.
 
 from __future__ import annotations
 
+import errno
+
+# Exit codes (docs/cli.md): scripts tell these apart.
+EXIT_OK = 0
+EXIT_CHECK_FAILED = 1  # verify found a regression, check found damage
+EXIT_BAD_INPUT = 2  # bad input or a refused operation; nothing was written
+EXIT_STOPPED_ON_REGRESSION = 3  # apply --on-regression stop ended the run
+EXIT_FACTS_FAILED = 4  # apply finished, but some facts' edits could not be computed
+EXIT_SIGINT = 130  # stopped by Ctrl-C, after the edit in progress (128 + SIGINT)
+EXIT_SIGTERM = 143  # stopped by SIGTERM, after the edit in progress (128 + SIGTERM)
+
 
 class UserError(Exception):
     """Bad input or a refused operation: one clear line, exit code 2."""
@@ -56,3 +67,22 @@ class JournalLockedError(UserError):
 
 class BaseModelMismatchError(UserError):
     """A journal was opened against a model other than the one it was written for."""
+
+
+class JournalDamagedError(UserError):
+    """A journal whose structure or contents are damaged, or that a newer romebatch wrote."""
+
+
+_RESOURCE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def resource_problem(error: BaseException) -> str | None:
+    """A one-line description when `error` is the machine's (disk full, read-only, no permission), else None."""
+    if isinstance(error, OSError) and error.errno in _RESOURCE_ERRNOS:
+        where = f"{error.filename}: " if error.filename else ""
+        return f"{where}{error.strerror or error}"
+    text = str(error)
+    name = type(error).__name__
+    if name == "SafetensorError" or (name == "OperationalError" and ("full" in text or "I/O" in text)):
+        return f"could not write ({text})"
+    return None

@@ -7,10 +7,11 @@ otherwise. `None` means "the architecture's default", resolved by `resolve`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, one_line
 
 # Measured defaults for models we ship or know, by (model_type, layers): see
 # benchmarks/RESULTS.md (layer sweep, clamp, 100-record table). On Gemma-3-270M the
@@ -77,42 +78,58 @@ class HParams:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "hparams") -> "HParams":
+        bad_keys = [key for key in data if not isinstance(key, str)]
+        if bad_keys:
+            raise UserError(f"{source}: hyper-parameter names must be text, got {_short(bad_keys[0])}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"{source}: unknown hyper-parameter {unknown[0]!r}; known: {', '.join(sorted(known))}")
+            raise UserError(f"{source}: unknown hyper-parameter {_short(unknown[0])}; known: {', '.join(sorted(known))}")
         values = dict(data)
         if "prefixes" in values and values["prefixes"] is not None:
-            try:
-                values["prefixes"] = tuple((int(a), int(b)) for a, b in values["prefixes"])
-            except (TypeError, ValueError):
-                raise UserError(f"{source}: 'prefixes' must be a list of [max_tokens, count] pairs") from None
+            pairs = values["prefixes"]
+            if (not isinstance(pairs, (list, tuple)) or not all(
+                    isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(x) and 0 < x <= MAX_PREFIX for x in p)
+                    for p in pairs)):
+                raise UserError(f"{source}: 'prefixes' must be a list of [max_tokens, count] pairs of whole numbers "
+                                f"from 1 to {MAX_PREFIX}") from None
+            values["prefixes"] = tuple((int(a), int(b)) for a, b in pairs)
         hp = cls(**values)
         hp.check(source)
         return hp
 
     def check(self, source: str = "hparams") -> None:
+        """Every field's type and range, from its annotation: NaN, infinity, a bool for a number,
+        a negative count or a huge integer are refused with the field's name."""
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "clamp_norm_factor" and value is None:
-                continue  # resolved per architecture
-            if f.name in ("v_lr", "kl_factor", "v_weight_decay", "clamp_norm_factor", "ridge", "preserve_weight",
-                          "guard_nll_rise") and (
-                not isinstance(value, (int, float)) or value < 0
-            ):
-                raise UserError(f"{source}: {f.name} must be a non-negative number, got {value!r}")
-        if self.v_stop_on not in ("nll", "loss"):
-            raise UserError(f"{source}: v_stop_on must be 'nll' or 'loss', got {self.v_stop_on!r}")
-        if self.preserve not in ("none", "covariance", "nullspace"):
-            raise UserError(f"{source}: preserve must be none, covariance or nullspace, got {self.preserve!r}")
-        if self.stats_sampling not in STATS_SAMPLINGS:
-            raise UserError(f"{source}: stats_sampling must be 'plain' or 'encyclopedic', got {self.stats_sampling!r}")
-        if self.mom2 not in ("second_moment", "identity"):
-            raise UserError(f"{source}: mom2 must be 'second_moment' or 'identity', got {self.mom2!r}")
-        if not isinstance(self.spread_layers, int) or self.spread_layers < 1:
-            raise UserError(f"{source}: spread_layers must be a positive integer, got {self.spread_layers!r}")
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
-            raise UserError(f"{source}: layer must be a non-negative integer, got {self.layer!r}")
+            if f.name == "prefixes":
+                continue  # checked in from_dict, where it is parsed
+            annotation = str(f.type)
+            if value is None:
+                if "None" not in annotation:
+                    raise UserError(f"{source}: {f.name} must be set")
+                continue
+            kind = annotation.replace("| None", "").strip()
+            if kind == "bool":
+                if not isinstance(value, bool):
+                    raise UserError(f"{source}: {f.name} must be true or false, got {_short(value)}")
+            elif kind == "int":
+                if not _is_int(value) or not (1 if f.name in POSITIVE else 0) <= value <= MAX_INT:
+                    low = "a positive" if f.name in POSITIVE else "a non-negative"
+                    raise UserError(f"{source}: {f.name} must be {low} whole number up to {MAX_INT}, got {_short(value)}")
+            elif kind == "float":
+                ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                      and (value > 0 if f.name in POSITIVE else value >= 0))
+                if not ok:
+                    low = "a positive" if f.name in POSITIVE else "a non-negative"
+                    raise UserError(f"{source}: {f.name} must be {low} finite number, got {_short(value)}")
+            elif kind == "str" and not isinstance(value, str):
+                raise UserError(f"{source}: {f.name} must be text, got {_short(value)}")
+        for name, choices in CHOICES.items():
+            value = getattr(self, name, None)
+            if value is not None and value not in choices:
+                raise UserError(f"{source}: {name} must be one of {', '.join(choices)}, got {_short(value)}")
 
     def defining(self) -> dict:
         data = {k: v for k, v in self.to_dict().items() if k not in self.NON_DEFINING}
@@ -127,13 +144,16 @@ class HParams:
 
 
 def load_hparams(path: str | Path) -> HParams:
-    """Read hyper-parameters from YAML (safe_load only: a file must not run code)."""
+    """Read hyper-parameters from YAML (safe construction only: a file must not run code)."""
     import yaml
 
+    from .manifest import manifest_yaml
+
     try:
-        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        data = manifest_yaml(str(path)) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise UserError(f"{path}: cannot read hyper-parameters ({str(error).splitlines()[0]})") from None
+        what = getattr(error, "problem", None) or (str(error).splitlines() or ["unreadable"])[0]
+        raise UserError(f"{path}: cannot read hyper-parameters ({what})") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: hyper-parameters must be a mapping of name: value")
     from .hparams_easyedit import from_easyedit, is_easyedit
@@ -141,6 +161,25 @@ def load_hparams(path: str | Path) -> HParams:
     if is_easyedit(data):  # an EasyEdit ROME file (hparams/ROME/*.yaml), mapped field by field
         return from_easyedit(data, source=str(path))
     return HParams.from_dict(data, source=str(path))
+
+
+# Range rules on top of each field's type (HParams.check): these must be above zero; every
+# other number must be zero or more.
+POSITIVE = frozenset({"v_lr", "v_steps", "clamp_norm_factor", "prefix_top_k", "stats_tokens", "stats_seq_len",
+                      "guard_factor", "guard_max_relative", "spread_layers"})
+CHOICES = {"v_stop_on": ("nll", "loss"), "mom2": ("second_moment", "identity"), "stats_sampling": STATS_SAMPLINGS,
+           "preserve": ("none", "covariance", "nullspace")}
+MAX_INT = 2**31 - 1  # larger counts are typos, and would overflow torch's indices
+MAX_PREFIX = 1000
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value) -> str:
+    text = one_line(repr(value))
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def resolve(hp: HParams, model_type: str, n_layers: int, adapter_v_steps: int) -> HParams:

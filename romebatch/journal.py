@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import sqlite3
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -25,10 +26,13 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import JournalLockedError, UserError
+from . import integrity
+from .errors import JournalDamagedError, JournalLockedError, UserError
 
 DB_NAME = "journal.sqlite"
 LOCK_NAME = "lock"
+# The journal layout this romebatch writes; a journal from a newer one is refused, not guessed at.
+FORMAT = 2
 
 
 # ----------------------------------------------------------------------------- migrations
@@ -88,7 +92,28 @@ def m003_key_column(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE edits ADD COLUMN k_star BLOB")
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_initial, m002_probe_columns, m003_key_column]
+def m004_row_hashes(db: sqlite3.Connection) -> None:
+    """Tamper evidence (romebatch/integrity.py): a chained hash of every field of every row."""
+    for table in ("edits", "rejections"):
+        have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        if "row_hash" not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN row_hash TEXT")
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (json.dumps(FORMAT),))
+    integrity.hash_all_rows(db)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    m001_initial, m002_probe_columns, m003_key_column, m004_row_hashes]
+# Every column a journal of this version may have; another one means a newer romebatch wrote it.
+KNOWN_COLUMNS = {
+    "edits": {"seq", "parent", "status", "fact_id", "fact_hash", "fact_json", "layer", "weight_name", "lam", "u",
+              "update_norm", "denominator", "weight_hash_before", "weight_hash_after", "v_steps", "v_loss",
+              "p_new_before", "p_true_before", "p_new_after", "p_true_after", "seconds_key", "seconds_value",
+              "seconds_total", "created_at", "neighborhood_drop", "probe_regression", "retention", "seconds_probes",
+              "k_star", "row_hash"},
+    "rejections": {"id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm",
+                   "denominator", "created_at", "row_hash"},
+}
 
 
 def migrate(db: sqlite3.Connection, stop_before: str | None = None) -> None:
@@ -120,24 +145,14 @@ class transaction:
         return False
 
 
-_FAULT_COUNTS: dict[str, int] = {}
+# Crash-test seam: tests install a callable here (tests/fault_cli.py) that may kill the process
+# at a named point. Nothing in romebatch sets it, and no environment variable arms it.
+FAULT_HOOK: Callable[[str], None] | None = None
 
 
 def _fault_point(name: str) -> None:
-    """Crash-test seam: ROMEBATCH_FAULT=commit:3 kills the process (SIGKILL) inside its 3rd commit.
-
-    The kill lands after the edit row is written but before the transaction commits, the
-    moment a crash is most likely to leave a half-written edit if atomicity were broken.
-    """
-    spec = os.environ.get("ROMEBATCH_FAULT")
-    if not spec:
-        return
-    point, _, count = spec.partition(":")
-    if point != name:
-        return
-    _FAULT_COUNTS[name] = _FAULT_COUNTS.get(name, 0) + 1
-    if _FAULT_COUNTS[name] == int(count or 1):
-        os.kill(os.getpid(), 9)
+    if FAULT_HOOK is not None:
+        FAULT_HOOK(name)
 
 
 def _now() -> str:
@@ -149,6 +164,8 @@ def vector_blob(values) -> bytes:
 
 
 def blob_vector(blob: bytes) -> np.ndarray:
+    if not isinstance(blob, (bytes, bytearray, memoryview)) or len(blob) % 4:
+        raise ValueError("not a float32 vector")
     return np.frombuffer(blob, dtype="<f4").copy()
 
 
@@ -184,6 +201,7 @@ class EditRecord:
     retention: float | None = None
     seconds_probes: float | None = None
     k_star: np.ndarray | None = None  # float32 (d_ff,); None in journals written before m003
+    row_hash: str | None = None  # romebatch/integrity.py; set by commit_edit
 
     @property
     def fact(self) -> dict:
@@ -193,12 +211,16 @@ class EditRecord:
 _EDIT_COLUMNS = [f for f in EditRecord.__dataclass_fields__]
 
 
-def _record(row: sqlite3.Row) -> EditRecord:
+def _record(row: sqlite3.Row, where: object = "journal") -> EditRecord:
     values = dict(row)
-    values["lam"] = blob_vector(values["lam"])
-    values["u"] = blob_vector(values["u"])
-    if values.get("k_star") is not None:
-        values["k_star"] = blob_vector(values["k_star"])
+    for column in ("lam", "u", "k_star"):
+        if values.get(column) is None and column == "k_star":
+            continue
+        try:
+            values[column] = blob_vector(values[column])
+        except ValueError:
+            raise JournalDamagedError(f"{where}: edit {values.get('seq')}: column {column} is not a float32 vector",
+                                      hint="run `romebatch check` to see all the damage") from None
     return EditRecord(**values)
 
 
@@ -215,15 +237,20 @@ class Journal:
         self.directory = Path(directory)
         self.write = write
         self._lock_file = None
+        self.db = None
         db_path = self.directory / DB_NAME
+        _check_location(self.directory, db_path, create)
         if not db_path.exists():
-            if not create:
-                raise UserError(f"no journal at {self.directory}", hint="run `romebatch apply MANIFEST --journal DIR` first")
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not write:
+                raise UserError(f"no journal at {self.directory}")
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise UserError(f"cannot create journal folder {self.directory} ({error.strerror or error})") from None
         if write:
             self._lock()
         try:
-            self.db = sqlite3.connect(str(db_path), isolation_level=None, timeout=30)
+            self.db = _connect(db_path, write)
         except sqlite3.Error as error:
             self._unlock()
             raise UserError(f"{db_path}: cannot open the journal ({error})") from None
@@ -232,22 +259,62 @@ class Journal:
             if write:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=FULL")  # a committed edit survives a power cut
+                self._check_schema(complete=False)  # before migrating: never rewrite a newer romebatch's journal
                 migrate(self.db)
-            else:
-                self._check_schema()
+            self._check_schema()
+        except sqlite3.OperationalError as error:
+            self.close()
+            if "full" in str(error) or "I/O" in str(error):
+                raise UserError(f"{db_path}: cannot update the journal ({error}); nothing was changed",
+                                hint="free some space and run the same command again") from None
+            raise UserError(f"{db_path}: not a romebatch journal or damaged ({error})") from None
         except sqlite3.DatabaseError as error:
             self.close()
-            raise UserError(f"{db_path}: not a romebatch journal or corrupt ({error})") from None
+            raise UserError(f"{db_path}: not a romebatch journal or damaged ({error})") from None
+        except BaseException:
+            self.close()
+            raise
 
-    def _check_schema(self) -> None:
-        names = {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if "edits" not in names:
-            raise UserError(f"{self.directory / DB_NAME}: not a romebatch journal (no edits table)")
+    def _tables(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+
+    def _check_schema(self, complete: bool = True) -> None:
+        """Refuse a damaged journal, or one a newer romebatch wrote; `complete=False`: before migrating."""
+        where = self.directory / DB_NAME
+        names = self._tables()
+        migrated = {row[0] for row in self.db.execute("SELECT name FROM _migrations")} if "_migrations" in names else set()
+        for table in ("meta", "edits", "rejections"):
+            if table not in names and (complete or "m001_initial" in migrated):
+                raise JournalDamagedError(f"{where}: not a romebatch journal or damaged (no {table} table)")
+        known = {m.__name__ for m in MIGRATIONS}
+        if migrated:
+            unknown = sorted(migrated - known)
+            if unknown:
+                raise JournalDamagedError(
+                    f"{where}: written by a newer romebatch (unknown migration {unknown[0]})",
+                    hint="open it with the romebatch version that wrote it")
+        for table, columns in KNOWN_COLUMNS.items():
+            extra = sorted({row[1] for row in self.db.execute(f"PRAGMA table_info({table})")} - columns)
+            if extra:
+                raise JournalDamagedError(f"{where}: written by a newer romebatch (unknown column {table}.{extra[0]})",
+                                          hint="open it with the romebatch version that wrote it")
+        if "meta" not in names:
+            return
+        fmt = self.get("format", 1)
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise JournalDamagedError(f"{where}: meta key 'format' is {fmt!r}, not a journal format number")
+        if fmt > FORMAT:
+            raise JournalDamagedError(f"{where}: journal format {fmt} is newer than this romebatch's ({FORMAT})",
+                                      hint="open it with the romebatch version that wrote it")
 
     # -- locking -----------------------------------------------------------------------
     def _lock(self) -> None:
         path = self.directory / LOCK_NAME
-        handle = open(path, "a+")
+        try:
+            handle = open(path, "a+")
+        except OSError as error:
+            raise UserError(f"cannot take the write lock {path} ({error.strerror or error})",
+                            hint="the journal must be writable for this command") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -286,14 +353,24 @@ class Journal:
     # -- meta --------------------------------------------------------------------------
     def get(self, key: str, default=None):
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return json.loads(row[0]) if row else default
+        if row is None:
+            return default
+        try:
+            return json.loads(row[0])
+        except (TypeError, ValueError, RecursionError):
+            raise JournalDamagedError(f"{self.directory / DB_NAME}: meta key {key!r} is not valid JSON",
+                                      hint="run `romebatch check` to see all the damage") from None
 
     def set(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
 
     def set_many(self, values: dict) -> None:
-        with transaction(self.db):
+        with self._transaction():
             self._set_all(values)
+
+    def _transaction(self) -> "_Sealed":
+        """A write transaction that re-seals the meta digest before it commits."""
+        return _Sealed(self.db)
 
     def _set_all(self, values: dict | None) -> None:
         """Set each key, inside the caller's transaction."""
@@ -306,17 +383,21 @@ class Journal:
 
     @property
     def head(self) -> int:
-        return int(self.get("head", 0))
+        head = self.get("head", 0)
+        if not isinstance(head, int) or isinstance(head, bool) or head < 0:
+            raise JournalDamagedError(f"{self.directory / DB_NAME}: meta key 'head' is {head!r}, not an edit number",
+                                      hint="run `romebatch check` to see all the damage")
+        return head
 
     # -- edits -------------------------------------------------------------------------
     def edit(self, seq: int) -> EditRecord:
         row = self.db.execute("SELECT * FROM edits WHERE seq = ?", (seq,)).fetchone()
         if row is None:
             raise UserError(f"journal {self.directory} has no edit {seq}")
-        return _record(row)
+        return _record(row, self.directory)
 
     def edits(self) -> list[EditRecord]:
-        return [_record(row) for row in self.db.execute("SELECT * FROM edits ORDER BY seq")]
+        return [_record(row, self.directory) for row in self.db.execute("SELECT * FROM edits ORDER BY seq")]
 
     def chain(self, head: int | None = None) -> list[int]:
         """The seqs of the edits that make state `head`, oldest first, without their vectors."""
@@ -326,9 +407,17 @@ class Journal:
         seq = head
         while seq:
             if seq not in parents:
-                raise UserError(f"journal {self.directory}: edit {seq} is missing (the journal is damaged)")
+                raise JournalDamagedError(f"journal {self.directory}: edit {seq} is missing (the journal is damaged)",
+                                          hint="run `romebatch check` to see all the damage")
+            parent = parents[seq]
+            # An edit is always computed on an earlier state, so parents only go down: this
+            # also ends a damaged journal's parent cycle instead of looping on it.
+            if not isinstance(parent, int) or not 0 <= parent < seq:
+                raise JournalDamagedError(f"journal {self.directory}: edit {seq} has parent {parent!r}, not an "
+                                          f"earlier edit (the journal is damaged)",
+                                          hint="run `romebatch check` to see all the damage")
             chain.append(seq)
-            seq = parents[seq]
+            seq = parent
         chain.reverse()
         return chain
 
@@ -340,7 +429,7 @@ class Journal:
         rows = {}
         for start in range(0, len(chain), 500):  # SQLite caps the parameters of one statement
             part = chain[start:start + 500]
-            rows.update({row["seq"]: _record(row) for row in self.db.execute(
+            rows.update({row["seq"]: _record(row, self.directory) for row in self.db.execute(
                 f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(part))})", part)})
         return [rows[seq] for seq in chain]
 
@@ -354,7 +443,7 @@ class Journal:
         """An existing edit of this fact computed on `parent` (e.g. rolled back earlier), if any."""
         row = self.db.execute("SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1",
                               (parent, fact_hash)).fetchone()
-        return _record(row) if row else None
+        return _record(row, self.directory) if row else None
 
     def applied_summaries(self) -> list[dict]:
         """Applied edits without their vectors, oldest first: cheap enough to read after every edit."""
@@ -383,7 +472,7 @@ class Journal:
         values["k_star"] = vector_blob(record.k_star) if record.k_star is not None else None
         values["status"] = "applied"
         values["created_at"] = values["created_at"] or _now()
-        with transaction(self.db):
+        with self._transaction():
             if self.head != record.parent:
                 raise RuntimeError("the journal's head moved under this writer")
             # Sequence numbers are never reused, even after --prune deleted the highest ones:
@@ -391,22 +480,36 @@ class Journal:
             (highest,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()
             seq = max(int(highest), int(self.get("max_seq", 0))) + 1
             values = {"seq": seq, **values}
+            values["row_hash"] = integrity.row_hash(values, self._row_hash(record.parent))
             self.db.execute(f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
                             list(values.values()))
             _fault_point("commit")
             self.set("head", seq)
             self.set("max_seq", seq)
+            self.set(integrity.EDITS_DIGEST, integrity.extend_digest(
+                self.get(integrity.EDITS_DIGEST, ""), seq, values["row_hash"]))
             self._set_all(meta)
         return seq
 
+    def _row_hash(self, seq: int) -> str:
+        if not seq:
+            return ""
+        row = self.db.execute("SELECT row_hash FROM edits WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row and row[0] else ""
+
     def record_rejection(self, fact, layer: int | None, reason: str, norm: float | None, denominator: float | None,
                          meta: dict | None = None):
-        with transaction(self.db):
+        with self._transaction():
             self._set_all(meta)
-            self.db.execute(
-                "INSERT INTO rejections (parent, fact_id, fact_hash, fact_json, layer, reason, update_norm, "
-                "denominator, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (self.head, fact.id, fact.hash, json.dumps(fact.to_dict()), layer, reason, norm, denominator, _now()))
+            (highest,) = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM rejections").fetchone()
+            values = {"id": int(highest) + 1, "parent": self.head, "fact_id": fact.id, "fact_hash": fact.hash,
+                      "fact_json": json.dumps(fact.to_dict()), "layer": layer, "reason": reason, "update_norm": norm,
+                      "denominator": denominator, "created_at": _now()}
+            values["row_hash"] = integrity.row_hash(values)
+            self.db.execute(f"INSERT INTO rejections ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                            list(values.values()))
+            self.set(integrity.REJECTIONS_DIGEST, integrity.extend_digest(
+                self.get(integrity.REJECTIONS_DIGEST, ""), values["id"], values["row_hash"]))
 
     def rejections(self) -> list[dict]:
         return [dict(row) for row in self.db.execute("SELECT * FROM rejections ORDER BY id")]
@@ -415,7 +518,7 @@ class Journal:
         """Make `seq` the head (0 = base); edits off its path are marked rolled back, not deleted."""
         if seq:
             self.edit(seq)  # exists?
-        with transaction(self.db):
+        with self._transaction():
             self.set("head", seq)
             self._set_all(meta)
             self._mark_statuses()
@@ -429,6 +532,56 @@ class Journal:
 
     def prune(self) -> int:
         """Delete edits that are not on the path to the head; returns how many."""
-        with transaction(self.db):
+        with self._transaction():
             cursor = self.db.execute("DELETE FROM edits WHERE status = 'rolled_back'")
+            self.set(integrity.EDITS_DIGEST, integrity.table_digest(self.db, "edits", "seq"))
         return cursor.rowcount
+
+
+class _Sealed(transaction):
+    """A transaction that re-computes the meta digest last, so out-of-band meta edits show."""
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                                (integrity.META_DIGEST, json.dumps(integrity.meta_digest(self.db))))
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+        return super().__exit__(exc_type, exc, tb)
+
+
+def _check_location(directory: Path, db_path: Path, create: bool) -> None:
+    """Refuse, in one line, journal paths that are files, dangling links or missing (when not creating)."""
+    if directory.is_symlink() and not directory.exists():
+        raise UserError(f"journal {directory} is a symbolic link to nothing ({os.readlink(directory)})")
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"journal {directory} is a file, not a journal folder")
+    if db_path.is_symlink() and not db_path.exists():
+        raise UserError(f"journal {directory}: {DB_NAME} is a symbolic link to nothing")
+    if db_path.exists() and not db_path.is_file():
+        raise UserError(f"journal {directory}: {DB_NAME} is not a regular file")
+    if not db_path.exists() and not create:
+        raise UserError(f"no journal at {directory}", hint="run `romebatch apply MANIFEST --journal DIR` first")
+
+
+def _connect(db_path: Path, write: bool) -> sqlite3.Connection:
+    """Writers open read-write; readers open read-only, so a journal on read-only media still reads."""
+    if write:
+        return sqlite3.connect(str(db_path), isolation_level=None, timeout=30)
+    uri = "file:" + urllib.parse.quote(str(db_path.resolve()))
+    writable = os.access(db_path.parent, os.W_OK) and os.access(db_path, os.W_OK) and not _read_only_mount(db_path)
+    wal = db_path.with_name(db_path.name + "-wal")
+    if not writable and not (wal.exists() and wal.stat().st_size):
+        # Nothing can change a file on read-only media, and no shared-memory file can be made
+        # beside it: immutable mode reads it without one.
+        return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None, timeout=30)
+    return sqlite3.connect(uri + "?mode=ro", uri=True, isolation_level=None, timeout=30)
+
+
+def _read_only_mount(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False

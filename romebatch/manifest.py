@@ -35,7 +35,8 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from romebatch.errors import ManifestError, UserError, located
+from romebatch.errors import ManifestError, UserError, located, one_line
+from romebatch.files import MAX_FILE_BYTES, open_regular_file  # noqa: F401 (MAX_FILE_BYTES: documented here too)
 
 # Longer strings are certainly a mistake (a whole document pasted into a cell); refusing
 # them keeps tokenisation and error messages bounded.
@@ -305,6 +306,10 @@ class _Checker:
         if len(value) > MAX_FIELD_CHARS:
             self.problem(field_name, f"is {len(value):,} characters long; the limit is {MAX_FIELD_CHARS:,}", where)
             return None
+        if not is_valid_unicode(value):
+            # JSON's "\ud800" escapes decode to half a character, which no file or database can hold.
+            self.problem(field_name, "contains a lone surrogate (\\ud800-\\udfff), which is not valid Unicode", where)
+            return None
         return value
 
     def string_list(self, value: Any, field_name: str) -> list[str] | None:
@@ -334,6 +339,14 @@ class _Checker:
             self.problem(field_name, "empty id")
             return None
         return text.strip()
+
+
+def is_valid_unicode(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _describe(value: Any) -> str:
@@ -397,6 +410,11 @@ def _make_fact(
         subject = subject.strip()
         if not subject:
             chk.problem(labels.subject, "empty subject")
+            subject = None
+        elif PLACEHOLDER in subject:
+            # "{}" marks where the subject goes in a prompt: inside a subject it cannot be told
+            # apart from the placeholder, so the prompt would be filled in wrongly. Refused.
+            chk.problem(labels.subject, "contains '{}', which marks the subject's place in prompts; remove it")
             subject = None
     template = _template(chk, prompt, subject, labels) if prompt is not None else None
     if target_new is not None:
@@ -556,11 +574,18 @@ class _Unparsed(NamedTuple):
     what: str
 
 
+def _open(path: str, newline: str | None = None):
+    try:
+        return open_regular_file(path, newline=newline)
+    except UserError as e:
+        raise _FileProblem(e.message) from None
+
+
 def _read_text(path: str) -> str:
     try:
         # utf-8-sig: editors on Windows prepend a BOM that would otherwise become part of
         # the first key or column name.
-        with open(path, encoding="utf-8-sig") as f:
+        with _open(path) as f:
             return f.read()
     except UnicodeDecodeError:
         raise _FileProblem(_bad_utf8(path)) from None
@@ -571,14 +596,14 @@ def _read_text(path: str) -> str:
 def _bad_utf8(path: str) -> str:
     """Find the first line that is not UTF-8, so the user knows where to look."""
     try:
-        with open(path, "rb") as f:
+        with open_regular_file(path, encoding=None) as f:
             for line_no, line in enumerate(f, 1):
                 try:
                     line.decode("utf-8")
                 except UnicodeDecodeError as e:
                     byte = f"byte 0x{line[e.start]:02x} at column {e.start + 1}"
                     return located(path, line_no, None, f"not valid UTF-8 ({byte}); save the file as UTF-8")
-    except OSError:
+    except (OSError, UserError):
         pass
     return located(path, None, None, "not valid UTF-8; save the file as UTF-8")
 
@@ -617,11 +642,86 @@ def _safe_yaml(text: str) -> Any:
     arbitrary Python objects (!!python/object) while parsing. CSafeLoader uses the same
     SafeConstructor as safe_load; it is just about 6x faster (5,000 records: 0.5 s, not 3 s).
     """
-    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)(text)
+    loader = _StrictLoader(text)
     try:
         return loader.get_single_data()
     finally:
         loader.dispose()
+
+
+class _DuplicateKey(ValueError):
+    def __init__(self, key: Any, line: int | None = None):
+        super().__init__(key)
+        self.key = key
+        self.line = line
+
+
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """The safe loader, refusing a key given twice in one mapping (YAML would keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        if not isinstance(node, yaml.MappingNode):
+            return super().construct_mapping(node, deep)  # raises the loader's own error
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor below reports it
+                continue
+            if duplicate:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+        return super().construct_mapping(node, deep)
+
+
+def strict_json(text: str) -> Any:
+    """json.loads, refusing an object that gives one key twice (JSON would keep the last)."""
+    return json.loads(text, object_pairs_hook=_unique_pairs)
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKey(key)
+        result[key] = value
+    return result
+
+
+def _value_problem(error: ValueError) -> str:
+    text = str(error)
+    if "digits" in text:  # Python's int-size limit (sys.get_int_max_str_digits)
+        return "a number with thousands of digits"
+    return text.splitlines()[0] if text else "a value that cannot be read"
+
+
+def manifest_yaml(path: str) -> Any:
+    """A YAML file read the way manifests are (regular file, size cap, duplicate keys refused).
+
+    Raises UserError naming the file (and line) for every problem.
+    """
+    text = _read_text_or_error(path)
+    try:
+        return _safe_yaml(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(located(path, line, None, f"invalid YAML: {what}")) from None
+    except RecursionError:
+        raise UserError(located(path, None, None, "invalid YAML: nested too deeply")) from None
+    except _DuplicateKey as e:
+        raise UserError(located(path, e.line, one_line(str(e.key)), "appears twice in one mapping")) from None
+    except ValueError as e:
+        raise UserError(located(path, None, None, f"invalid YAML: {_value_problem(e)}")) from None
+
+
+def _read_text_or_error(path: str) -> str:
+    try:
+        return _read_text(path)
+    except _FileProblem as e:
+        raise UserError(e.line) from None
 
 
 def _yaml_records(path: str) -> list:
@@ -635,25 +735,30 @@ def _yaml_records(path: str) -> list:
         raise _FileProblem(located(path, line, None, f"invalid YAML: {what}")) from None
     except RecursionError:
         raise _FileProblem(located(path, None, None, "invalid YAML: nested too deeply")) from None
+    except _DuplicateKey as e:
+        raise _FileProblem(located(path, e.line, str(e.key), "appears twice in one mapping")) from None
+    except ValueError as e:  # an integer of thousands of digits, say
+        raise _FileProblem(located(path, None, None, f"invalid YAML: {_value_problem(e)}")) from None
     return _fact_list(path, doc, "YAML manifest")
 
 
 def _jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
-    try:
-        f = open(path, encoding="utf-8-sig")
-    except OSError as e:
-        raise _FileProblem(located(path, None, None, f"cannot read file: {e.strerror or e}")) from None
+    f = _open(path)
     with f:
         try:
             for line_no, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 try:
-                    yield line_no, json.loads(line)
+                    yield line_no, strict_json(line)
                 except json.JSONDecodeError as e:
                     yield line_no, _Unparsed(f"invalid JSON: {e.msg} (column {e.colno})")
                 except RecursionError:  # a nesting bomb: refuse it like any other bad line
                     yield line_no, _Unparsed("invalid JSON: nested too deeply")
+                except _DuplicateKey as e:
+                    yield line_no, _Unparsed(f"invalid JSON: key {_describe(e.key)} appears twice in one object")
+                except ValueError as e:
+                    yield line_no, _Unparsed(f"invalid JSON: {_value_problem(e)}")
         except UnicodeDecodeError:
             raise _FileProblem(_bad_utf8(path)) from None
 
@@ -661,11 +766,15 @@ def _jsonl_records(path: str) -> Iterator[tuple[int, Any]]:
 def _json_source(path: str) -> _Source:
     text = _read_text(path)
     try:
-        doc = json.loads(text)
+        doc = strict_json(text)
     except json.JSONDecodeError as e:
         raise _FileProblem(located(path, e.lineno, None, f"invalid JSON: {e.msg} (column {e.colno})")) from None
     except RecursionError:
         raise _FileProblem(located(path, None, None, "invalid JSON: nested too deeply")) from None
+    except _DuplicateKey as e:
+        raise _FileProblem(located(path, None, None, f"invalid JSON: key {_describe(e.key)} appears twice in one object")) from None
+    except ValueError as e:
+        raise _FileProblem(located(path, None, None, f"invalid JSON: {_value_problem(e)}")) from None
     records = _fact_list(path, doc, "JSON manifest")
     fmt, adapt = _sniff_json(records[0] if records else None)
     return _Source(fmt, "record", _numbered(records), adapt)
@@ -688,10 +797,7 @@ def _sniff_json(first: Any) -> tuple[str, Callable[[Any, _Checker], Fact | None]
 
 
 def _csv_source(path: str) -> _Source:
-    try:
-        f = open(path, encoding="utf-8-sig", newline="")
-    except OSError as e:
-        raise _FileProblem(located(path, None, None, f"cannot read file: {e.strerror or e}")) from None
+    f = _open(path, newline="")
     # Read the header eagerly so header problems surface before any row is looked at.
     reader = csv.reader(f, strict=True)
     try:
@@ -787,12 +893,16 @@ def _csv_list(chk: _Checker, cell: str | None, column: str) -> list[str] | None:
         return []
     if cell.lstrip().startswith("["):
         try:
-            value = json.loads(cell)
+            value = strict_json(cell)
         except json.JSONDecodeError as e:
             chk.problem(column, f"starts with '[' but is not a JSON list of strings: {e.msg} (column {e.colno})")
             return None
         except RecursionError:
             chk.problem(column, "starts with '[' but is nested too deeply to be a list of strings")
+            return None
+        except (_DuplicateKey, ValueError) as e:
+            what = f"key {_describe(e.key)} appears twice" if isinstance(e, _DuplicateKey) else _value_problem(e)
+            chk.problem(column, f"starts with '[' but is not a JSON list of strings: {what}")
             return None
         return chk.string_list(value, column)
     # Spaces around "|" are for readability ("a | b"), not part of the items.

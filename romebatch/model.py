@@ -12,6 +12,8 @@ Two jobs, both about the model as an object:
 
 from __future__ import annotations
 
+import json
+
 import fcntl
 import hashlib
 import os
@@ -285,12 +287,15 @@ def load_model(
         raise UserError(f"--model {spec}: not a model folder or a .gguf file")
     else:
         folder, revision = _cached_hub_snapshot(spec)
+    refuse_remote_code(folder, spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        # safetensors only: a pickled checkpoint (.bin) from elsewhere must not run code.
+        # A model folder's own code never runs (trust_remote_code=False, and folders that ask
+        # for it are refused above), and safetensors only: a pickled checkpoint (.bin) from
+        # elsewhere must not run code either.
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         dispatch = _dispatch_kwargs(device_map, max_memory)
         model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], use_safetensors=True,
-                                                     **dispatch)
+                                                     trust_remote_code=False, **dispatch)
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
     if not dispatch:  # a dispatched model stays where accelerate placed it
@@ -326,6 +331,25 @@ def _dispatch_kwargs(device_map, max_memory) -> dict:
 def _ensure(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def refuse_remote_code(folder: Path, spec: str) -> None:
+    """Refuse a model folder whose config or tokenizer asks to run its own Python code.
+
+    transformers would otherwise ask on stdin whether to run it: a `y` typed by habit, or a
+    script's piped input, would execute whatever the folder ships.
+    """
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+            raise UserError(f"--model {spec}: {name} is not valid JSON") from None
+        if isinstance(data, dict) and ("auto_map" in data or "custom_pipelines" in data):
+            raise UserError(f"--model {spec}: {name} asks to run the folder's own code (auto_map); romebatch never "
+                            f"runs a model folder's code", hint="use a model whose architecture transformers ships")
 
 
 def _cached_hub_snapshot(repo_id: str) -> tuple[Path, str | None]:

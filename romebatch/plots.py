@@ -12,7 +12,9 @@ _SHADES = " ░▒▓█"
 
 def render_trace(console, result) -> None:
     """One block-character heatmap per kind: tokens down, layers across, subject tokens starred."""
-    console.print(f"[bold]{result.prompt!r}[/] → {result.answer!r}: P clean {result.p_clean:.3f}, "
+    from .report import safe
+
+    console.print(f"[bold]{safe(repr(result.prompt))}[/] → {safe(repr(result.answer))}: P clean {result.p_clean:.3f}, "
                   f"corrupted {result.p_corrupt:.3f}")
     for kind, grid in result.scores.items():
         effect = grid - result.p_corrupt

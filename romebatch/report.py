@@ -6,9 +6,38 @@ reference is checked against it by a test.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, one_line
+
+RESULT_SUFFIXES = (".parquet", ".csv")
+# A cell a spreadsheet would run as a formula (CSV injection): such cells get a leading
+# apostrophe, which spreadsheets show as text and strip from the value.
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe(value) -> str:
+    """A user string as rich prints it literally: control characters escaped, markup escaped."""
+    from rich.markup import escape
+
+    return escape(one_line(str(value)))
+
+
+def check_results_path(path: str | Path | None, option: str = "--results") -> None:
+    """Refuse a results file name before any work is done, not after the whole run."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.suffix not in RESULT_SUFFIXES:
+        raise UserError(f"{option} {one_line(str(path))}: use a .parquet or .csv file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {one_line(str(path))}: folder {one_line(str(parent))} does not exist")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{option} {one_line(str(path))}: exists and is not a file")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{option} {one_line(str(path))}: folder {one_line(str(parent))} is not writable")
 
 # name -> (polars dtype name, description for the README)
 RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
@@ -64,13 +93,46 @@ def _frame(items, schema):
 
 
 def _write(frame, path: Path) -> Path:
-    if path.suffix == ".parquet":
-        frame.write_parquet(path)
-    elif path.suffix == ".csv":
-        frame.write_csv(path)
-    else:
-        raise UserError(f"--results {path}: use a .parquet or .csv file name")
+    check_results_path(path)
+    # Written beside the target and renamed into place: a full disk leaves the old file (or none).
+    staging = path.with_name(f".{path.name}.partial")
+    try:
+        if path.suffix == ".parquet":
+            frame.write_parquet(staging)
+        else:
+            csv_safe(frame).write_csv(staging)
+        os.replace(staging, path)
+    except OSError as error:
+        staging.unlink(missing_ok=True)
+        raise UserError(f"could not write {one_line(str(path))} ({error.strerror or error})",
+                        hint="free some space; the journal holds every result, so nothing is lost") from None
     return path
+
+
+def csv_safe(frame):
+    """String cells that a spreadsheet would evaluate, made inert (see _FORMULA_STARTS)."""
+    import polars as pl
+
+    columns = [name for name, dtype in frame.schema.items() if dtype == pl.String]
+    if not columns:
+        return frame
+    return frame.with_columns(
+        pl.when(_starts_with_any(c))
+        .then(pl.lit("'") + pl.col(c)).otherwise(pl.col(c)).alias(c) for c in columns)
+
+
+def _starts_with_any(column: str):
+    import polars as pl
+
+    expression = pl.lit(False)
+    for start in _FORMULA_STARTS:
+        expression = expression | pl.col(column).str.starts_with(start)
+    return expression
+
+
+def write_frame(frame, path: str | Path) -> Path:
+    """Any table (trace effects, say) written the way the results tables are."""
+    return _write(frame, Path(path))
 
 
 def write_verify_results(rows, path: str | Path) -> Path:
@@ -98,7 +160,7 @@ def render_apply(console, result) -> None:
         f"[bold]{s['applied']} applied[/], " + (f"{s['repaired']} repaired, " if s["repaired"] else "")
         + f"{s['already_applied']} already in the journal, "
         f"{s['rejected']} rejected, {s['failed']} failed in {s['seconds']:.1f}s "
-        f"(journal {s['journal']}, head {s['head']})" + ("  [yellow]interrupted[/]" if s["interrupted"] else ""))
+        f"(journal {safe(s['journal'])}, head {s['head']})" + ("  [yellow]interrupted[/]" if s["interrupted"] else ""))
     if s["applied"]:
         console.print(
             f"efficacy {_fmt(s['efficacy'], '.1f')}%  ·  median {_fmt(s['median_seconds_per_edit'], '.1f')}s per edit  ·  "
@@ -112,7 +174,8 @@ def render_apply(console, result) -> None:
     for r in shown[:50]:
         style = {"applied": "green" if r.success else "yellow", "repaired": "cyan", "rejected": "red",
                  "failed": "red"}.get(r.status, "")
-        table.add_row(r.fact_id, r.subject, r.target_new, f"[{style}]{r.status}[/]" if style else r.status,
+        table.add_row(safe(r.fact_id), safe(r.subject), safe(r.target_new),
+                      f"[{style}]{r.status}[/]" if style else r.status,
                       f"{_fmt(r.p_new_before)} → {_fmt(r.p_new_after)}", _fmt(r.p_true_after),
                       _fmt(r.update_norm, ".3g"), _fmt(r.seconds, ".1f"))
     if len(shown) > 50:
@@ -120,31 +183,32 @@ def render_apply(console, result) -> None:
     console.print(table)
     for r in shown:
         if r.reason and r.status in ("rejected", "failed"):
-            console.print(f"[red]{r.status}[/] {r.fact_id}: {r.reason}")
+            console.print(f"[red]{r.status}[/] {safe(r.fact_id)}: {safe(r.reason)}")
 
 
 def render_log(console, data: dict) -> None:
     from rich.table import Table
 
-    console.print(f"journal {data['journal']} · model {data['model']} · head {data['head']}")
+    console.print(f"journal {safe(data['journal'])} · model {safe(data['model'])} · head {data['head']}")
     table = Table()
     for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after"):
         table.add_column(column)
     for e in data["edits"]:
         status = e["status"] + (" (repair)" if e.get("repair") else "") + (" (head)" if e["seq"] == data["head"] else "")
-        table.add_row(str(e["seq"]), str(e["parent"]), status, e["fact_id"], e["subject"], e["target_new"],
+        table.add_row(str(e["seq"]), str(e["parent"]), status, safe(e["fact_id"]), safe(e["subject"]),
+                      safe(e["target_new"]),
                       str(e["layer"]), _fmt(e["update_norm"], ".3g"), _fmt(e["p_new_after"]))
     console.print(table)
     if data["rejections"]:
         console.print(f"{len(data['rejections'])} rejected fact(s):")
         for row in data["rejections"]:
-            console.print(f"  {row['fact_id']}: {row['reason']}")
+            console.print(f"  {safe(row['fact_id'])}: {safe(row['reason'])}")
 
 
 def render_verify(console, report) -> None:
     from rich.table import Table
 
-    table = Table(title=f"verify: journal {report.journal}, head {report.head}, {len(report.rows)} applied fact(s)")
+    table = Table(title=f"verify: journal {safe(report.journal)}, head {report.head}, {len(report.rows)} applied fact(s)")
     for column in ("", "ES", "PS", "NS", "S"):
         table.add_column(column, justify="right")
     for name, scores in (("base", report.base), ("head", report.edited)):
@@ -152,10 +216,10 @@ def render_verify(console, report) -> None:
     console.print(table)
     console.print(f"retention of edits that took: {_fmt(report.retention, '.1f')}%")
     for row in report.worst:
-        console.print(f"  worst: {row.fact_id} ({row.subject} -> {row.target_new}) broke "
+        console.print(f"  worst: {safe(row.fact_id)} ({safe(row.subject)} -> {safe(row.target_new)}) broke "
                       f"{row.neighborhood_drop:.0%} of its neighbourhood")
     for problem in report.problems:
-        console.print(f"[red]regression[/]: {problem}")
+        console.print(f"[red]regression[/]: {safe(problem)}")
     if report.ok:
         console.print("[green]within thresholds[/]")
 

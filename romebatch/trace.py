@@ -15,13 +15,17 @@ rows whose window covers that layer. A fact costs a few batched passes, not one 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from .hooks import Hook, attach
 from .lm import answer_ids, as_btd, encode, head_inputs, last_token_in_span, logits, make_batch, model_inputs
+from .errors import one_line
 from .model import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")
@@ -257,13 +261,20 @@ def save_recommendation(lm: LoadedModel, layer: int, effect: np.ndarray, facts: 
     from .model import romebatch_home
 
     path = romebatch_home() / "layers.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = _read_layers(path)
     data[lm.full_hash()] = {"layer": layer, "facts": facts, "mlp_effect": [float(x) for x in effect],
                             "model": lm.spec}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.replace(path)
+    # A temp file of this process's own (not a fixed name), so concurrent runs cannot
+    # interleave their writes; the rename is atomic, so the last writer wins whole.
+    fd, tmp = tempfile.mkstemp(prefix=".layers.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def load_recommendation(lm: LoadedModel) -> int | None:
@@ -272,8 +283,18 @@ def load_recommendation(lm: LoadedModel) -> int | None:
     path = romebatch_home() / "layers.json"
     if not path.exists():
         return None
-    entry = json.loads(path.read_text()).get(lm.full_hash())
-    return None if entry is None else int(entry["layer"])
+    entry = _read_layers(path).get(lm.full_hash())
+    layer = entry.get("layer") if isinstance(entry, dict) else None
+    return layer if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 else None
+
+
+def _read_layers(path) -> dict:
+    """The layer cache, or {} when it is missing or damaged (it is recomputed, never trusted blindly)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str | None]]:
@@ -285,10 +306,14 @@ def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str
 
     path = Path(path)
     if path.suffix == ".json":
+        from .files import open_regular_file
+        from .manifest import strict_json
+
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-            raise UserError(f"{path}: cannot read it ({error})") from None
+            with open_regular_file(str(path)) as handle:
+                records = strict_json(handle.read())
+        except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and duplicate keys too
+            raise UserError(f"{path}: cannot read it ({one_line(str(error)) or type(error).__name__})") from None
         if isinstance(records, list) and records and isinstance(records[0], dict) and "attribute" in records[0]:
             facts = []
             for number, record in enumerate(records[:limit] if limit else records, 1):

@@ -4,7 +4,9 @@ Every run is a real `python -m romebatch apply` subprocess on a tiny GPT-2 saved
 folder. The reference run goes uninterrupted; each trial is killed (SIGKILL at a seeded random
 moment, or just after the second edit is reported), its partial journal is checked to be a
 prefix of the reference, and a re-run must reach the reference's head hash and fact path.
-One Ctrl-C stops after the current edit and leaves a consistent journal that a re-run completes.
+Every kill must land while the run is working (it dies by the signal, with a strict prefix of
+the reference committed), or the trial would test nothing. One Ctrl-C (SIGTERM) stops after
+the current edit, exits 130 (143), and leaves a consistent journal that a re-run completes.
 """
 
 from __future__ import annotations
@@ -44,7 +46,9 @@ class Run:
     """One `romebatch apply` subprocess, with its stderr read line by line as it comes."""
 
     def __init__(self, setup: "Setup", journal: Path, home: Path, json_out: bool = False, extra_env=None):
-        cmd = [sys.executable, "-m", "romebatch", "apply", "facts.csv", "--model", str(setup.model),
+        # Fault injection is armed only through the test's own entry point (tests/fault_cli.py).
+        entry = [str(REPO / "tests" / "fault_cli.py")] if extra_env and "ROMEBATCH_FAULT" in extra_env else ["-m", "romebatch"]
+        cmd = [sys.executable, *entry, "apply", "facts.csv", "--model", str(setup.model),
                "--journal", str(journal), "--hparams", "hp.yaml"] + (["--json"] if json_out else [])
         env = {**os.environ, "PYTHONPATH": str(REPO), "ROMEBATCH_HOME": str(home), "OMP_NUM_THREADS": "1",
                "COLUMNS": "200"}
@@ -198,10 +202,13 @@ def kill_and_resume(setup: Setup, expected, journal: Path, home: Path, kill_poin
     run = Run(setup, journal, home)
     kill_point(run)
     run.kill()
-    run.finish()
+    rc, _, stderr = run.finish()
+    # The kill landed while the run was working: it died by the signal, not of its own accord.
+    assert rc == -signal.SIGKILL, f"the run had ended (exit {rc}) before the kill: the trial tested nothing"
     partial = journal_path(journal) or []
-    # Whatever survived is exactly the start of the uninterrupted run.
+    # Whatever survived is exactly the start of the uninterrupted run, and not all of it.
     assert partial == expected[:len(partial)]
+    assert len(partial) < len(expected), stderr
     summary = setup.complete(journal, home)
     assert summary["already_applied"] == facts_in(partial)
     assert summary["applied"] == N_FACTS - facts_in(partial)
@@ -255,7 +262,7 @@ def test_one_ctrl_c_stops_after_the_current_edit(reference):
     assert run.wait_for_edits(1), "the run finished before it could be interrupted"
     run.proc.send_signal(signal.SIGINT)
     rc, _, stderr = run.finish()
-    assert rc == 0, stderr
+    assert rc == 130, stderr  # a script can tell a stopped run from a finished one
     assert "Traceback" not in stderr
     assert "Stopping after the current edit" in stderr
     assert "interrupted" in stderr  # the final report says so
@@ -288,21 +295,36 @@ def test_kill_9_inside_a_journal_commit(reference, commit):
     assert journal_path(journal) == expected
 
 
-RANDOM_TRIALS = 10  # with the 4 + 6 above: 20 kill -9 trials a run
+RANDOM_TRIALS = 10  # with the 4 + 7 above: 21 kill -9 trials a run
 
 
 @pytest.mark.parametrize("trial", range(RANDOM_TRIALS))
 def test_kill_9_at_random_moments(reference, trial):
-    """More seeded random kill points across the whole edit phase."""
+    """More seeded random kill points across the whole edit phase (warm cache: timed from the first edit)."""
     setup, expected = reference.setup, reference.path
     rng = random.Random(f"romebatch-random-kill-{trial}")
-    delay = rng.uniform(0.0, reference.edit_span + 0.5)
+    # Within the span the reference took from its first edit to its last, so the kill lands
+    # before the run ends (kill_and_resume asserts it did).
+    delay = rng.uniform(0.0, 0.9 * reference.edit_span)
 
     def kill_point(run):
-        assert run.wait_for_journal_work() or True
-        time.sleep(reference.before_edits + delay)
+        assert run.wait_for_edits(1), "the run ended before its first edit"
+        time.sleep(delay)
 
     kill_and_resume(setup, expected, setup.root / f"J-random-{trial}", setup.home, kill_point)
+
+
+def test_the_fault_variable_does_nothing_outside_the_tests(reference):
+    """ROMEBATCH_FAULT arms nothing in an ordinary run: only tests/fault_cli.py reads it."""
+    setup, expected = reference.setup, reference.path
+    journal = setup.root / "J-fault-ignored"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ROMEBATCH_HOME": str(setup.home), "OMP_NUM_THREADS": "1",
+           "ROMEBATCH_FAULT": "commit:1"}
+    proc = subprocess.run([sys.executable, "-m", "romebatch", "apply", "facts.csv", "--model", str(setup.model),
+                           "--journal", str(journal), "--hparams", "hp.yaml"], cwd=setup.work, capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert journal_path(journal) == expected
 
 
 def test_sigterm_stops_after_the_current_edit(reference):
@@ -312,7 +334,7 @@ def test_sigterm_stops_after_the_current_edit(reference):
     assert run.wait_for_edits(1), "the run finished before it could be stopped"
     run.proc.send_signal(signal.SIGTERM)
     rc, _, stderr = run.finish()
-    assert rc == 0 and "Traceback" not in stderr, stderr
+    assert rc == 143 and "Traceback" not in stderr, stderr
     partial = journal_path(journal)
     assert partial is not None and 1 <= len(partial) < N_FACTS and partial == expected[:len(partial)]
     setup.complete(journal)

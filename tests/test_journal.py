@@ -44,16 +44,18 @@ EXPECTED_SCHEMA = {
         "neighborhood_drop", "probe_regression", "retention", "seconds_probes",
         # m003_key_column
         "k_star",
+        # m004_row_hashes
+        "row_hash",
     ],
     "rejections": [
         "id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm", "denominator",
-        "created_at",
+        "created_at", "row_hash",
     ],
     "_migrations": ["name", "applied_at"],
 }
 
 
-MIGRATION_NAMES = ["m001_initial", "m002_probe_columns", "m003_key_column"]
+MIGRATION_NAMES = ["m001_initial", "m002_probe_columns", "m003_key_column", "m004_row_hashes"]
 
 
 def columns(db: sqlite3.Connection, table: str) -> list[str]:
@@ -109,7 +111,7 @@ def test_migrate_stop_before_and_pending_migrations(tmp_path):
     assert db.execute("SELECT count(*) FROM _migrations").fetchone()[0] == 0
     db.close()
     # A reader refuses a database that is not (yet) a journal, without changing it.
-    with pytest.raises(UserError, match="no edits table"):
+    with pytest.raises(UserError, match="no meta table"):
         Journal(directory)
     db = sqlite3.connect(str(directory / DB_NAME))
     assert "edits" not in tables(db)
@@ -161,7 +163,7 @@ def test_missing_and_corrupt_journals_are_user_errors(tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / DB_NAME).write_bytes(b"this is not an sqlite database, just some text " * 50)
-    with pytest.raises(UserError, match="not a romebatch journal or corrupt"):
+    with pytest.raises(UserError, match="not a romebatch journal or damaged"):
         Journal(corrupt, write=True)
     with pytest.raises(UserError):
         Journal(corrupt)
@@ -656,11 +658,22 @@ def test_export_materialises_the_head(first_run, tmp_path):
             editor.export(occupied)
         assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
         assert (occupied / "keep.txt").read_text() == "mine"
-        # With force, it is replaced by the head state (2 now).
+        # --force replaces only an earlier export (it has romebatch.json), never someone's folder.
+        with pytest.raises(UserError, match="not an earlier romebatch export"):
+            editor.export(occupied, force=True)
+        assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+        (occupied / "keep.txt").unlink()
+        editor.export(occupied)
+        (occupied / "stale.txt").write_text("from the earlier export")
+        # With force, an earlier export is replaced by the head state (2 now).
         editor.export(occupied, force=True)
-        assert not (occupied / "keep.txt").exists()
+        assert not (occupied / "stale.txt").exists()
     # No staging folders are left beside the targets.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "journal", "occupied"]
+    # The folder gets the umask's mode, not mkdtemp's private 0700.
+    mask = os.umask(0)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~mask
 
     model = AutoModelForCausalLM.from_pretrained(str(out))
     tokenizer = AutoTokenizer.from_pretrained(str(out))

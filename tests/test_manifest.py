@@ -454,7 +454,7 @@ def test_missing_file(tmp_path):
 def test_directory_is_not_a_manifest(tmp_path):
     path = tmp_path / "dir.yaml"
     path.mkdir()
-    assert_located(only_problem(path), path, None, None, "cannot read file")
+    assert_located(only_problem(path), path, None, None, "is a folder, not a regular file")
 
 
 @pytest.mark.parametrize("name", ["m.csv", "m.yaml", "m.jsonl", "m.json"])

@@ -55,9 +55,14 @@ class KeyStats:
 
 def read_corpus(path: str | Path) -> list[str]:
     """Texts from a plain-text file (one text per blank-line-separated paragraph) or JSONL ("text")."""
+    from ..files import open_regular_file
+
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        with open_regular_file(str(path), encoding="utf-8") as handle:
+            raw = handle.read()
+    except UserError as error:
+        raise UserError(f"--stats-corpus {error.message}") from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"--stats-corpus {path}: cannot read it ({error})") from None
     if path.suffix == ".jsonl":
@@ -67,8 +72,8 @@ def read_corpus(path: str | Path) -> list[str]:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"--stats-corpus {path}:{number}: invalid JSON ({error.msg})") from None
+            except (ValueError, RecursionError) as error:
+                raise UserError(f"--stats-corpus {path}:{number}: invalid JSON ({getattr(error, 'msg', error)})") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UserError(f"--stats-corpus {path}:{number}: field 'text': expected a string")
             texts.append(record["text"])

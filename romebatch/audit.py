@@ -1,0 +1,180 @@
+"""The model-free half of `romebatch check`: is the journal file itself sound?
+
+Every problem is one line naming the table, row and field. The audit reads each row once,
+never follows a parent link more than once, and never trusts a field's type, so damage of
+any kind (a flipped byte, an edited field, a deleted, duplicated or moved row, a changed
+meta key) ends in a named problem, not a traceback or a loop. The replay half, which needs
+the model, runs only on a journal this audit passes (romebatch/editor.py `Editor.check`).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from . import integrity
+from .errors import ManifestError
+
+_STATUSES = ("applied", "rolled_back")
+# Past this many problems the rest is noise: the journal is damaged either way.
+MAX_PROBLEMS = 50
+
+
+def audit(db: sqlite3.Connection) -> list[str]:
+    """Structural problems of an open journal database, [] if it is sound."""
+    problems: list[str] = []
+    try:
+        verdict = [row[0] for row in db.execute("PRAGMA quick_check")]
+    except sqlite3.DatabaseError as error:
+        return [f"the SQLite file is damaged ({error})"]
+    if verdict != ["ok"]:
+        return [f"the SQLite file is damaged ({'; '.join(str(v) for v in verdict[:3])})"]
+    try:
+        meta = _meta(db, problems)
+        edits = _rows(db, "edits", "seq")
+        rejections = _rows(db, "rejections", "id")
+    except sqlite3.DatabaseError as error:
+        return problems + [f"cannot read the journal's tables ({error})"]
+    hashed = bool(edits or rejections) and any(r.get("row_hash") for r in [*edits, *rejections])
+    hashed = hashed or isinstance(meta.get("format"), int) and meta.get("format", 1) >= 2
+    _check_edits(edits, meta, hashed, problems)
+    _check_rejections(rejections, hashed, problems)
+    if hashed:
+        _check_digests(db, meta, problems)
+    return problems[:MAX_PROBLEMS]
+
+
+def _meta(db: sqlite3.Connection, problems: list[str]) -> dict:
+    meta: dict[str, Any] = {}
+    for key, value in db.execute("SELECT key, value FROM meta"):
+        try:
+            meta[str(key)] = json.loads(value)
+        except (TypeError, ValueError, RecursionError):
+            problems.append(f"meta key {key!r}: not valid JSON")
+    head = meta.get("head", 0)
+    if not _is_int(head) or head < 0:
+        problems.append(f"meta key 'head': {_short(head)} is not an edit number")
+    if "base_hash" in meta and not isinstance(meta["base_hash"], str):
+        problems.append(f"meta key 'base_hash': {_short(meta['base_hash'])} is not a hash")
+    return meta
+
+
+def _rows(db: sqlite3.Connection, table: str, key: str) -> list[dict]:
+    cursor = db.execute(f"SELECT * FROM {table} ORDER BY {key}")
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row)) for row in cursor]
+
+
+def _check_edits(edits: list[dict], meta: dict, hashed: bool, problems: list[str]) -> None:
+    by_seq: dict[int, dict] = {}
+    sizes: dict[str, int] = {}
+    for row in edits:
+        seq = row.get("seq")
+        if not _is_int(seq) or seq < 1:
+            problems.append(f"edits: a row has seq {_short(seq)}, not a positive edit number")
+            continue
+        by_seq[seq] = row
+        where = f"edit {seq}"
+        parent = row.get("parent")
+        if not _is_int(parent) or not 0 <= parent < seq:
+            problems.append(f"{where}: field parent is {_short(parent)}, not an earlier edit")
+        for column in ("lam", "u", "k_star"):
+            _vector(row, column, where, sizes, problems)
+        if not _is_int(row.get("layer")) or row["layer"] < 0:
+            problems.append(f"{where}: field layer is {_short(row.get('layer'))}, not a layer number")
+        if row.get("status") not in _STATUSES:
+            problems.append(f"{where}: field status is {_short(row.get('status'))}, not applied or rolled_back")
+        _check_fact(row, where, problems)
+    for seq, row in by_seq.items():
+        parent = row.get("parent")
+        if _is_int(parent) and 0 < parent < seq and parent not in by_seq:
+            problems.append(f"edit {seq}: its parent edit {parent} is missing")
+    head = meta.get("head", 0)
+    on_path = _path(head, by_seq) if _is_int(head) and head >= 0 else None
+    if _is_int(head) and head > 0 and head not in by_seq:
+        problems.append(f"meta key 'head': edit {head} does not exist")
+    elif on_path is not None:
+        for seq, row in by_seq.items():
+            expected = "applied" if seq in on_path else "rolled_back"
+            if row.get("status") in _STATUSES and row["status"] != expected:
+                problems.append(f"edit {seq}: field status is {row['status']!r}, but it is "
+                                f"{'on' if seq in on_path else 'off'} the head's path")
+    if hashed:
+        for seq, row in by_seq.items():
+            parent = row.get("parent")
+            parent_hash = by_seq[parent].get("row_hash") or "" if _is_int(parent) and parent in by_seq else ""
+            if row.get("row_hash") != integrity.row_hash(row, parent_hash):
+                problems.append(f"edit {seq}: its fields do not match its row hash (the row was changed)")
+
+
+def _path(head: int, by_seq: dict[int, dict]) -> set[int] | None:
+    path: set[int] = set()
+    seq = head
+    while seq:
+        row = by_seq.get(seq)
+        if row is None or seq in path:
+            return None
+        path.add(seq)
+        parent = row.get("parent")
+        if not _is_int(parent) or not 0 <= parent < seq:
+            return None
+        seq = parent
+    return path
+
+
+def _vector(row: dict, column: str, where: str, sizes: dict[str, int], problems: list[str]) -> None:
+    value = row.get(column)
+    if value is None and column == "k_star":
+        return
+    if not isinstance(value, bytes) or not value or len(value) % 4:
+        problems.append(f"{where}: field {column} is not a float32 vector")
+        return
+    size_key = "u" if column == "k_star" else column  # k* lives in the same space as u
+    expected = sizes.setdefault(size_key, len(value))
+    if len(value) != expected:
+        problems.append(f"{where}: field {column} has {len(value) // 4} values, other edits {expected // 4}")
+
+
+def _check_fact(row: dict, where: str, problems: list[str]) -> None:
+    from .manifest import fact_from_dict
+
+    try:
+        fact = fact_from_dict(json.loads(row.get("fact_json")))
+    except (TypeError, ValueError, RecursionError, ManifestError):
+        problems.append(f"{where}: field fact_json is not a valid fact")
+        return
+    if row.get("fact_hash") != fact.hash:
+        problems.append(f"{where}: field fact_hash does not match the fact it stores")
+    if row.get("fact_id") != fact.id:
+        problems.append(f"{where}: field fact_id {_short(row.get('fact_id'))} is not the stored fact's id")
+
+
+def _check_rejections(rows: list[dict], hashed: bool, problems: list[str]) -> None:
+    for row in rows:
+        where = f"rejection {_short(row.get('id'))}"
+        parent = row.get("parent")
+        # Its parent may since have been pruned, so only the type is checked here.
+        if not _is_int(parent) or parent < 0:
+            problems.append(f"{where}: field parent is {_short(parent)}, not an edit number")
+        if hashed and row.get("row_hash") != integrity.row_hash(row):
+            problems.append(f"{where}: its fields do not match its row hash (the row was changed)")
+
+
+def _check_digests(db: sqlite3.Connection, meta: dict, problems: list[str]) -> None:
+    for key, table, column, what in ((integrity.EDITS_DIGEST, "edits", "seq", "edits"),
+                                     (integrity.REJECTIONS_DIGEST, "rejections", "id", "rejections")):
+        if meta.get(key, "") != integrity.table_digest(db, table, column):
+            problems.append(f"the {what} table does not match its digest (a row was added, deleted or moved)")
+    stored = meta.get(integrity.META_DIGEST)
+    if stored != integrity.meta_digest(db):
+        problems.append("the meta table does not match its digest (a meta key was changed, added or deleted)")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
