@@ -268,6 +268,14 @@ def tune(
         hp0 = resolve(base, lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
         prefixes = sample_prefixes(lm, hp0.prefixes, hp0.prefix_top_k, hp0.seed)
         stats = {}
+        pending = sorted({s.layer for s in settings for f in grid_facts if (s.layer, s.clamp, f.id) not in have})
+        if hp0.mom2 != "identity" and pending:
+            # All missing layers in one pass: sampling the corpus is the expensive part.
+            stats = load_or_compute_stats(lm, pending, lm.base_hash(), n_tokens=hp0.stats_tokens,
+                                          seq_len=hp0.stats_seq_len, seed=hp0.seed, corpus=hp0.stats_corpus,
+                                          sampling=hp0.stats_sampling, log=log)
+            for layer_stats in stats.values():
+                layer_stats.factor(hp0.ridge)
         t_grid = time.perf_counter()
         computed = 0
         for setting in settings:
@@ -276,11 +284,6 @@ def tune(
             for fact in grid_facts:
                 row = have.get((setting.layer, setting.clamp, fact.id))
                 if row is None:
-                    if hp.mom2 != "identity" and setting.layer not in stats:
-                        stats.update(load_or_compute_stats(
-                            lm, [setting.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                            seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=log))
-                        stats[setting.layer].factor(hp.ridge)
                     weight = lm.weight(setting.layer)
                     saved = weight.detach().clone()
                     t = time.perf_counter()
