@@ -56,6 +56,15 @@ def zsre_rows(lm, facts) -> list:
     return out
 
 
+def model_slug(model: str | None) -> str:
+    """'' for the embedded default (the recorded file names), else '-<name>': another model's
+    unedited rows must never be read as the default model's."""
+    if model is None:
+        return ""
+    name = model.rstrip("/").rsplit("/", 1)[-1].replace("package:", "")
+    return "-" + "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+
+
 def parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -121,7 +130,7 @@ def main() -> None:
     out_dir = ROOT / "benchmarks" / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    base_path = out_dir / f"unedited{'-zsre' if zsre else ''}-{args.start}-{args.n}.jsonl"
+    base_path = out_dir / f"unedited{model_slug(args.model)}{'-zsre' if zsre else ''}-{args.start}-{args.n}.jsonl"
     base_done = load_done(base_path)
     if len(base_done) < len(facts):
         with base_path.open("w") as f:
@@ -185,7 +194,7 @@ def sequential(args) -> None:
     lm = load_model(args.model)
     fluency_prompts = [f.text for f in facts[:20]]
     rows = {}
-    base_path = out_dir / f"unedited-seq-{args.start}-{args.n}.json"
+    base_path = out_dir / f"unedited{model_slug(args.model)}-seq-{args.start}-{args.n}.json"
     if base_path.exists():
         rows["unedited"] = json.loads(base_path.read_text())
     else:

@@ -658,6 +658,7 @@ def tune(
     from .report import render_tune
     from .tune import tune as run_tune
 
+    _check_device(device)
     try:
         clamp_values = tuple(float(x) for x in clamps.split(","))
     except ValueError:

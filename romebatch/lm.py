@@ -135,7 +135,8 @@ def head_inputs(
     captured: list[torch.Tensor] = []
 
     def keep(hidden: torch.Tensor):
-        captured.append(hidden[rows, cols])  # (P, d_model)
+        # Under a device map the head's input sits on the last block's device (device_map.py).
+        captured.append(hidden[rows.to(hidden.device), cols.to(hidden.device)])  # (P, d_model)
 
     with attach(lm.model, [*hooks, Hook(lm.lm_head_name, keep, on="input", stop=True)]):
         lm.model(**model_inputs(lm, batch), use_cache=False)

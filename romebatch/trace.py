@@ -177,7 +177,8 @@ def _restore_hooks(setup: _Setup, kind: str, clean: list[torch.Tensor], cells: l
         def patch(x, rows_t=rows_t, cols_t=cols_t, state=state):
             shaped = as_btd(x, (len(cells) * setup.samples, setup.n_tokens))
             patched = shaped.clone()
-            patched[rows_t, cols_t] = state[cols_t].to(patched.dtype)
+            where = (rows_t.to(patched.device), cols_t.to(patched.device))  # a device map may split layers
+            patched[where] = state[cols_t.to(state.device)].to(patched.device, patched.dtype)
             return patched.view(x.shape)
 
         hooks.append(Hook(lm.name(MODULE_OF_KIND[kind], module_layer), patch))

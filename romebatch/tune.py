@@ -7,7 +7,8 @@ under sequential editing. Tuning answers "which layer, which clamp?" by measurem
 1. A seeded sample of the manifest's facts (`sample`); the facts after it in the same
    shuffled order are kept apart for the sequential check (and for causal tracing).
 2. Candidate layers: the causal trace's MLP effect at the subject's last token (the top
-   `top_layers`) plus depth/4 (the published rule). Clamp factors: `clamps`.
+   `top_layers`), depth/4 (the published rule) and the measured default where the model
+   has one (hparams.MEASURED), so tuning can only confirm or beat it. Clamp factors: `clamps`.
 3. Grid: each fact is edited alone on the base weights, scored (ES, PS, NS) and rolled back
    byte for byte. A fact without neighbourhood prompts gets other facts' prompts of the same
    relation (the same template) with their true objects, as CounterFact builds them.
@@ -41,7 +42,7 @@ from typing import Callable
 import torch
 
 from .errors import UserError
-from .hparams import HParams, resolve
+from .hparams import MEASURED, HParams, resolve
 from .manifest import Fact, Neighbor
 
 DEFAULT_CLAMPS = (0.5, 1.0, 2.0, 4.0)
@@ -146,9 +147,10 @@ def with_relation_neighbours(facts: list[Fact], per_fact: int = NEIGHBOURS_PER_F
     return out
 
 
-def candidate_layers(effect, n_layers: int, top: int) -> list[int]:
+def candidate_layers(effect, n_layers: int, top: int, also: tuple[int, ...] = ()) -> list[int]:
+    """The `top` layers by traced MLP effect, depth/4 (the published rule) and `also` (a measured default)."""
     ranked = sorted(range(len(effect)), key=lambda i: -effect[i])[:top]
-    return sorted(set(ranked) | {max(0, min(n_layers - 1, round(n_layers / 4)))})
+    return sorted(set(ranked) | {max(0, min(n_layers - 1, round(n_layers / 4)))} | set(also))
 
 
 def _read_results(path: Path) -> list[dict]:
@@ -243,8 +245,10 @@ def tune(
             save_recommendation(lm, best, effect, len(pool))
             traced = {"kind": "trace", "effect": [float(x) for x in effect], "facts": len(pool)}
             record(traced)
-        layers = candidate_layers(traced["effect"], lm.n_layers, top_layers)
-        log(f"tune: layers {layers} (MLP effect top {top_layers}, plus depth/4) x clamps {list(clamps)} "
+        measured = MEASURED.get((lm.config.model_type, lm.n_layers), {}).get("layer")
+        layers = candidate_layers(traced["effect"], lm.n_layers, top_layers, () if measured is None else (measured,))
+        log(f"tune: layers {layers} (MLP effect top {top_layers}, depth/4, and any measured default) x clamps "
+            f"{list(clamps)} "
             f"on {len(grid_facts)} facts")
 
         unedited = next((r for r in done if r.get("kind") == "unedited"), None)
@@ -264,6 +268,14 @@ def tune(
         hp0 = resolve(base, lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
         prefixes = sample_prefixes(lm, hp0.prefixes, hp0.prefix_top_k, hp0.seed)
         stats = {}
+        pending = sorted({s.layer for s in settings for f in grid_facts if (s.layer, s.clamp, f.id) not in have})
+        if hp0.mom2 != "identity" and pending:
+            # All missing layers in one pass: sampling the corpus is the expensive part.
+            stats = load_or_compute_stats(lm, pending, lm.base_hash(), n_tokens=hp0.stats_tokens,
+                                          seq_len=hp0.stats_seq_len, seed=hp0.seed, corpus=hp0.stats_corpus,
+                                          sampling=hp0.stats_sampling, log=log)
+            for layer_stats in stats.values():
+                layer_stats.factor(hp0.ridge)
         t_grid = time.perf_counter()
         computed = 0
         for setting in settings:
@@ -272,11 +284,6 @@ def tune(
             for fact in grid_facts:
                 row = have.get((setting.layer, setting.clamp, fact.id))
                 if row is None:
-                    if hp.mom2 != "identity" and setting.layer not in stats:
-                        stats.update(load_or_compute_stats(
-                            lm, [setting.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                            seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=log))
-                        stats[setting.layer].factor(hp.ridge)
                     weight = lm.weight(setting.layer)
                     saved = weight.detach().clone()
                     t = time.perf_counter()

@@ -71,6 +71,7 @@ def test_relation_neighbours_are_other_subjects_true_objects():
 def test_candidate_layers_top_effect_plus_quarter_depth():
     assert T.candidate_layers([0.1, 0.5, 0.2, 0.4, 0.0, 0.0, 0.0, 0.0], 8, top=2) == [1, 2, 3]
     assert T.candidate_layers([0.1, 0.5, 0.2], 3, top=1) == [1]
+    assert T.candidate_layers([0.1, 0.5, 0.2, 0.4, 0.0, 0.0, 0.0, 0.0], 8, top=1, also=(6,)) == [1, 2, 6]
 
 
 @pytest.fixture

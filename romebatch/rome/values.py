@@ -102,8 +102,10 @@ def exact_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
 
     def forward(delta):
         def add_delta(output):
-            shift = delta.to(output.dtype).expand(len(lookup_rows), -1)
-            patched = torch.index_put(as_btd(output, batch), (lookup_rows, lookup_cols), shift, accumulate=True)
+            # .to(output.device): under a device map the edited layer may sit on another device.
+            shift = delta.to(output.device, output.dtype).expand(len(lookup_rows), -1)
+            patched = torch.index_put(as_btd(output, batch), (lookup_rows.to(output.device),
+                                                              lookup_cols.to(output.device)), shift, accumulate=True)
             return patched.view(output.shape)
 
         hooks = [Hook(lm.name("down_proj", layer), add_delta)] if delta is not None else []
@@ -176,12 +178,12 @@ def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
 
         def add_delta(output):
             x = as_btd(output, (n, width_after))
-            patched = torch.cat([x[:, :1] + delta.to(x.dtype), x[:, 1:]], dim=1)
+            patched = torch.cat([x[:, :1] + delta.to(x.device, x.dtype), x[:, 1:]], dim=1)
             return patched.view(output.shape)
 
         hooks = [Hook(lm.name("down_proj", layer), add_delta)] if delta is not None else []
         captured: list[torch.Tensor] = []
-        hooks.append(Hook(lm.lm_head_name, lambda h: captured.append(h[read_rows, read_cols]), on="input", stop=True))
+        hooks.append(Hook(lm.lm_head_name, lambda h: captured.append(h[read_rows.to(h.device), read_cols.to(h.device)]), on="input", stop=True))
         inputs = {"input_ids": after_ids, "attention_mask": mask, cache_arg: cache, "use_cache": cache is not None}
         if takes_positions:
             inputs["position_ids"] = after_pos
