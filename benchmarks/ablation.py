@@ -40,13 +40,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from sequential import DATA, FLUENCY_PROMPTS, read_jsonl  # noqa: E402
+
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
-from sequential import DATA, FLUENCY_PROMPTS, read_jsonl  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "ablation.jsonl"
 TOP_K = 64  # of Gemma-3-270M's 2,048 key dimensions: a soft null space
@@ -69,8 +70,9 @@ def resolve_variant(name: str, n: int, growth: float | None) -> dict:
     params = dict(VARIANTS[name])
     if params.get("norm_growth_max") == "auto":
         if growth is None:
-            reached = [r for r in read_jsonl(OUT) if r.get("kind") == "scored" and r["variant"] == "default"
-                       and r["n"] == n]
+            reached = [
+                r for r in read_jsonl(OUT) if r.get("kind") == "scored" and r["variant"] == "default" and r["n"] == n
+            ]
             if not reached:
                 raise SystemExit(f"[{name}] needs --norm-growth, or the default variant scored at n={n} first")
             growth = 0.5 * reached[-1]["norm_growth"]
@@ -83,20 +85,38 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
     if any(r.get("kind") == "scored" and r["variant"] == name and r["n"] == args.n for r in rows):
         return
     params = resolve_variant(name, args.n, args.norm_growth)
-    with Editor(args.work / f"ablation-{name}-n{args.n}-journal", lm=lm, hparams=HParams(**params),
-                log=print) as editor:
+    with Editor(
+        args.work / f"ablation-{name}-n{args.n}-journal", lm=lm, hparams=HParams(**params), log=print
+    ) as editor:
         try:
+
             def on_edit(row) -> None:
                 with OUT.open("a") as f:
-                    f.write(json.dumps({"kind": "edit", "variant": name, "n": args.n, "fact": row.fact_id,
-                                        "status": row.status, "steps": row.v_steps, "seconds": row.seconds,
-                                        "norm": row.update_norm, "reason": row.reason[:200]}) + "\n")
+                    f.write(
+                        json.dumps(
+                            {
+                                "kind": "edit",
+                                "variant": name,
+                                "n": args.n,
+                                "fact": row.fact_id,
+                                "status": row.status,
+                                "steps": row.v_steps,
+                                "seconds": row.seconds,
+                                "norm": row.update_norm,
+                                "reason": row.reason[:200],
+                            }
+                        )
+                        + "\n"
+                    )
 
             started = time.perf_counter()
             result = editor.apply(facts, checks=None, stop=stop, repair_every=REPAIR_EVERY, on_edit=on_edit)
-            print(f"[{name}] {result.count('applied')} applied, {result.count('repaired')} repaired, "
-                  f"{result.count('rejected')} rejected, {result.count('failed')} failed in "
-                  f"{time.perf_counter() - started:.0f}s", flush=True)
+            print(
+                f"[{name}] {result.count('applied')} applied, {result.count('repaired')} repaired, "
+                f"{result.count('rejected')} rejected, {result.count('failed')} failed in "
+                f"{time.perf_counter() - started:.0f}s",
+                flush=True,
+            )
             if stop or editor.pending(facts):
                 raise SystemExit(f"[{name}] stopped; the same command resumes")
             path = editor.journal.path()
@@ -106,15 +126,24 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
             by_hash = {f.hash: f for f in facts}
             applied = [by_hash[h] for h in first if h in by_hash]
             scores = score_facts(lm, applied)
-            retained = [by_hash[h] for h in list(first)[:args.retention] if h in by_hash]
-            row = {"kind": "scored", "variant": name, "n": args.n, "hparams": params, **summarize(scores),
-                   "retention": summarize(score_facts(lm, retained))["ES"], "GE": fluency(lm, FLUENCY_PROMPTS),
-                   "applied": len(applied), "repairs": len(path) - len(first),
-                   "rejected": len(editor.journal.rejections()),
-                   "median_steps": statistics.median(r.v_steps for r in first.values()),
-                   "mean_steps": statistics.fmean(r.v_steps for r in first.values()),
-                   "median_seconds": statistics.median(r.seconds_total for r in first.values()),
-                   "max_update_norm": max(r.update_norm for r in path), "norm_growth": norm_growth(lm, editor)}
+            retained = [by_hash[h] for h in list(first)[: args.retention] if h in by_hash]
+            row = {
+                "kind": "scored",
+                "variant": name,
+                "n": args.n,
+                "hparams": params,
+                **summarize(scores),
+                "retention": summarize(score_facts(lm, retained))["ES"],
+                "GE": fluency(lm, FLUENCY_PROMPTS),
+                "applied": len(applied),
+                "repairs": len(path) - len(first),
+                "rejected": len(editor.journal.rejections()),
+                "median_steps": statistics.median(r.v_steps for r in first.values()),
+                "mean_steps": statistics.fmean(r.v_steps for r in first.values()),
+                "median_seconds": statistics.median(r.seconds_total for r in first.values()),
+                "max_update_norm": max(r.update_norm for r in path),
+                "norm_growth": norm_growth(lm, editor),
+            }
             with OUT.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
@@ -125,8 +154,13 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
 def unedited(lm, facts, n: int) -> None:
     if any(r.get("kind") == "scored" and r["variant"] == "unedited" and r["n"] == n for r in read_jsonl(OUT)):
         return
-    row = {"kind": "scored", "variant": "unedited", "n": n, **summarize(score_facts(lm, facts)),
-           "GE": fluency(lm, FLUENCY_PROMPTS)}
+    row = {
+        "kind": "scored",
+        "variant": "unedited",
+        "n": n,
+        **summarize(score_facts(lm, facts)),
+        "GE": fluency(lm, FLUENCY_PROMPTS),
+    }
     with OUT.open("a") as f:
         f.write(json.dumps(row) + "\n")
 
@@ -134,19 +168,25 @@ def unedited(lm, facts, n: int) -> None:
 def report(n: int | None) -> None:
     rows = [r for r in read_jsonl(OUT) if r.get("kind") == "scored" and (n is None or r["n"] == n)]
     base = {r["n"]: r for r in rows if r["variant"] == "unedited"}
-    print("| variant | n | ES | PS | NS | NS − unedited | retention | GE | median steps | mean steps "
-          "| median s/edit | repairs | rejected | max ‖ΔW‖ | ‖W‖ growth |")
+    print(
+        "| variant | n | ES | PS | NS | NS − unedited | retention | GE | median steps | mean steps "
+        "| median s/edit | repairs | rejected | max ‖ΔW‖ | ‖W‖ growth |"
+    )
     print("| --- |" + " ---: |" * 14)
     for r in rows:
         if r["variant"] == "unedited":
-            print(f"| unedited | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | - | - | {r['GE']:.1f} "
-                  "| - | - | - | - | - | - | - |")
+            print(
+                f"| unedited | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | - | - | {r['GE']:.1f} "
+                "| - | - | - | - | - | - | - |"
+            )
             continue
         ns = f"{r['NS'] - base[r['n']]['NS']:+.1f}" if r["n"] in base else "-"
-        print(f"| {r['variant']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {ns} "
-              f"| {r['retention']:.1f} | {r['GE']:.1f} | {r['median_steps']:g} | {r['mean_steps']:.1f} "
-              f"| {r['median_seconds']:.1f} | {r['repairs']} | {r['rejected']} | {r['max_update_norm']:.3f} "
-              f"| {100 * r['norm_growth']:.2f}% |")
+        print(
+            f"| {r['variant']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {ns} "
+            f"| {r['retention']:.1f} | {r['GE']:.1f} | {r['median_steps']:g} | {r['mean_steps']:.1f} "
+            f"| {r['median_seconds']:.1f} | {r['repairs']} | {r['rejected']} | {r['max_update_norm']:.3f} "
+            f"| {100 * r['norm_growth']:.2f}% |"
+        )
 
 
 def main() -> None:
@@ -172,7 +212,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     lm = load_model()
-    facts = load_manifest(DATA, skip_invalid=True).facts[:args.n]
+    facts = load_manifest(DATA, skip_invalid=True).facts[: args.n]
     unedited(lm, facts, args.n)
     stop = StopRequest()
     with stop_on_signals(stop, print):

@@ -52,18 +52,22 @@ def pack(journal: Path, chunk: int = CHUNK, log=print) -> list[Path]:
         chain = j.chain()
     done = read_bundle(existing[-1]).end["seq"] if existing else 0
     if done and done not in chain:
-        raise SystemExit(f"{journal}: its head's path no longer holds edit {done}, where its bundles end; "
-                         f"restore the journal from them or move the bundles away")
-    todo = chain[chain.index(done) + 1:] if done else chain
+        raise SystemExit(
+            f"{journal}: its head's path no longer holds edit {done}, where its bundles end; "
+            f"restore the journal from them or move the bundles away"
+        )
+    todo = chain[chain.index(done) + 1 :] if done else chain
     folder = bundles_dir(journal)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for begin in range(0, len(todo), chunk):
-        part = todo[begin:begin + chunk]
+        part = todo[begin : begin + chunk]
         out = folder / f"{part[0]:05d}-{part[-1]:05d}{SUFFIX}"
         info = write_bundle(journal, out, first=part[0], last=part[-1])
-        log(f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}: {info['edits']} edits, "
-            f"{info['bytes'] / 1e6:.2f} MB")
+        log(
+            f"{out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}: {info['edits']} edits, "
+            f"{info['bytes'] / 1e6:.2f} MB"
+        )
         written.append(out)
     return written
 

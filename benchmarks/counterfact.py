@@ -30,12 +30,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.evaluate import score_facts, summarize  # noqa: E402
+from romebatch.evaluate import (  # noqa: E402
+    FactScores,  # noqa: E402
+    score_facts,
+    summarize,
+)
 from romebatch.hparams import HParams, resolve  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
-from romebatch.rome import compute_edit, apply_edit, load_or_compute_stats, sample_prefixes  # noqa: E402
-from romebatch.evaluate import FactScores  # noqa: E402
+from romebatch.rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
 ZSRE = ROOT.parent / "shared" / "data" / "zsre-1k.json"
@@ -85,8 +88,15 @@ def load_done(path: Path) -> dict[str, dict]:
 
 
 def row_from_scores(fact_id: str, s: FactScores, extra: dict) -> dict:
-    return {"id": fact_id, "ES": s.efficacy, "PS": s.paraphrase_success, "NS": s.neighborhood_success,
-            "p_new": s.p_new, "p_true": s.p_true, **extra}
+    return {
+        "id": fact_id,
+        "ES": s.efficacy,
+        "PS": s.paraphrase_success,
+        "NS": s.neighborhood_success,
+        "p_new": s.p_new,
+        "p_true": s.p_true,
+        **extra,
+    }
 
 
 def table(rows: list[dict]) -> dict:
@@ -97,9 +107,15 @@ def table(rows: list[dict]) -> dict:
     es, ps, ns = pct("ES"), pct("PS"), pct("NS")
     s = 3 / (1 / es + 1 / ps + 1 / ns) if min(es, ps, ns) > 0 else 0.0
     secs = [r["seconds"] for r in rows if "seconds" in r]
-    return {"n": len(rows), "ES": es, "PS": ps, "NS": ns, "S": s,
-            "sec_per_edit": median(secs) if secs else None,
-            "steps": median([r["steps"] for r in rows if "steps" in r]) if secs else None}
+    return {
+        "n": len(rows),
+        "ES": es,
+        "PS": ps,
+        "NS": ns,
+        "S": s,
+        "sec_per_edit": median(secs) if secs else None,
+        "steps": median([r["steps"] for r in rows if "steps" in r]) if secs else None,
+    }
 
 
 def main() -> None:
@@ -121,7 +137,7 @@ def main() -> None:
     torch.manual_seed(0)
     lm = load_model(args.model)
     manifest = load_manifest(data, skip_invalid=True)
-    facts = manifest.facts[args.start:args.start + args.n]
+    facts = manifest.facts[args.start : args.start + args.n]
     zsre = args.dataset == "zsre"
     base_hash = lm.base_hash()
     overrides = parse_set(args.set)
@@ -144,12 +160,25 @@ def main() -> None:
     results = {"unedited": table(list(base_done.values()))}
 
     prefixes = sample_prefixes(lm, hp0.prefixes, hp0.prefix_top_k, hp0.seed)
-    stats = load_or_compute_stats(lm, layers, base_hash, n_tokens=hp0.stats_tokens, seq_len=hp0.stats_seq_len,
-                                  seed=hp0.seed, corpus=hp0.stats_corpus, sampling=hp0.stats_sampling,
-                                  log=print) if hp0.mom2 != "identity" else {}
+    stats = (
+        load_or_compute_stats(
+            lm,
+            layers,
+            base_hash,
+            n_tokens=hp0.stats_tokens,
+            seq_len=hp0.stats_seq_len,
+            seed=hp0.seed,
+            corpus=hp0.stats_corpus,
+            sampling=hp0.stats_sampling,
+            log=print,
+        )
+        if hp0.mom2 != "identity"
+        else {}
+    )
     for layer in layers:
-        hp = resolve(HParams.from_dict({**overrides, "layer": layer}), lm.config.model_type, lm.n_layers,
-                     lm.adapter.v_steps)
+        hp = resolve(
+            HParams.from_dict({**overrides, "layer": layer}), lm.config.model_type, lm.n_layers, lm.adapter.v_steps
+        )
         st = stats[layer].factor(hp.ridge) if layer in stats else None
         path = out_dir / f"{args.tag}-L{layer}-{args.start}-{args.n}.jsonl"
         done = load_done(path)
@@ -172,8 +201,11 @@ def main() -> None:
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 done[fact.id] = row
-                print(f"L{layer} {fact.id}: ES {row['ES']} PS {row['PS']} NS {row['NS']} "
-                      f"{seconds:.1f}s {value.steps} steps", flush=True)
+                print(
+                    f"L{layer} {fact.id}: ES {row['ES']} PS {row['PS']} NS {row['NS']} "
+                    f"{seconds:.1f}s {value.steps} steps",
+                    flush=True,
+                )
         results[f"{args.tag} L{layer}"] = table([done[f.id] for f in facts])
 
     print(f"\n{'row':<22} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'s/edit':>7} {'steps':>6}")
@@ -189,7 +221,7 @@ def sequential(args) -> None:
 
     out_dir = ROOT / "benchmarks" / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
+    facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
     overrides = parse_set(args.set)
     lm = load_model(args.model)
     fluency_prompts = [f.text for f in facts[:20]]
@@ -205,18 +237,28 @@ def sequential(args) -> None:
     hp = HParams.from_dict(overrides) if overrides else None
     started = time.perf_counter()
     with Editor(journal, lm=lm, hparams=hp, log=print) as editor:
+
         def progress(row):
-            print(f"{row.seq}: {row.fact_id} {row.status} P(new) {row.p_new_before:.3f} -> "
-                  f"{(row.p_new_after or 0):.3f} {row.seconds:.1f}s", flush=True)
+            print(
+                f"{row.seq}: {row.fact_id} {row.status} P(new) {row.p_new_before:.3f} -> "
+                f"{(row.p_new_after or 0):.3f} {row.seconds:.1f}s",
+                flush=True,
+            )
 
         result = editor.apply(facts, on_edit=progress, checks=None)
         print(f"applied {result.count('applied')} in {time.perf_counter() - started:.0f}s")
         scores = score_facts(editor.lm, facts)
-        rows[f"{args.tag} ({editor.head} edits)"] = {**summarize(scores), **magnitudes(scores),
-                                                      "GE": fluency(editor.lm, fluency_prompts)}
+        rows[f"{args.tag} ({editor.head} edits)"] = {
+            **summarize(scores),
+            **magnitudes(scores),
+            "GE": fluency(editor.lm, fluency_prompts),
+        }
     print(f"\n{'row':<26} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'EM':>6} {'PM':>6} {'NM':>6} {'GE':>6}")
     for name, r in rows.items():
-        print(f"{name:<26} {r['n']:>4} " + " ".join(f"{r[k]:>6.1f}" for k in ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE")))
+        print(
+            f"{name:<26} {r['n']:>4} "
+            + " ".join(f"{r[k]:>6.1f}" for k in ("ES", "PS", "NS", "S", "EM", "PM", "NM", "GE"))
+        )
 
 
 if __name__ == "__main__":

@@ -32,27 +32,54 @@ from romebatch.applied_cache import AppliedCache  # noqa: E402
 from romebatch.journal import EditRecord, Journal  # noqa: E402
 
 D_MODEL, D_FF = 640, 2048
-FACT = {"id": "x", "subject": "Danielle Darrieux", "prompt": "The mother tongue of {} is", "target_new": "English",
-        "target_true": "French", "paraphrases": ["Danielle Darrieux spoke the language"] * 2,
-        "neighborhood": [{"prompt": "Michel Rocard is a native speaker of", "answer": "French"}] * 10}
+FACT = {
+    "id": "x",
+    "subject": "Danielle Darrieux",
+    "prompt": "The mother tongue of {} is",
+    "target_new": "English",
+    "target_true": "French",
+    "paraphrases": ["Danielle Darrieux spoke the language"] * 2,
+    "neighborhood": [{"prompt": "Michel Rocard is a native speaker of", "answer": "French"}] * 10,
+}
 
 
 def record(i: int, parent: int, rng) -> EditRecord:
     fact = {**FACT, "id": f"f{i}"}
-    return EditRecord(seq=0, parent=parent, status="applied", fact_id=f"f{i}", fact_hash=f"h{i}",
-                      fact_json=json.dumps(fact), layer=1, weight_name="w", lam=rng.standard_normal(D_MODEL, "f4"),
-                      u=rng.standard_normal(D_FF, "f4"), update_norm=float(rng.random()), denominator=1.0,
-                      weight_hash_before="b", weight_hash_after="a", p_new_after=float(rng.random()),
-                      p_true_after=float(rng.random()), k_star=rng.standard_normal(D_FF, "f4"))
+    return EditRecord(
+        seq=0,
+        parent=parent,
+        status="applied",
+        fact_id=f"f{i}",
+        fact_hash=f"h{i}",
+        fact_json=json.dumps(fact),
+        layer=1,
+        weight_name="w",
+        lam=rng.standard_normal(D_MODEL, "f4"),
+        u=rng.standard_normal(D_FF, "f4"),
+        update_norm=float(rng.random()),
+        denominator=1.0,
+        weight_hash_before="b",
+        weight_hash_after="a",
+        p_new_after=float(rng.random()),
+        p_true_after=float(rng.random()),
+        k_star=rng.standard_normal(D_FF, "f4"),
+    )
 
 
 def old_reads(journal: Journal) -> None:
     norms = [r["update_norm"] for r in journal.applied_summaries()]
     statistics.median(norms)
-    [{"text": f["prompt"].replace("{}", f["subject"], 1), "target_new": f["target_new"],
-      "target_true": f.get("target_true"), "p_new_after": r["p_new_after"]}
-     for r in journal.applied_summaries() for f in [json.loads(r["fact_json"])]
-     if r["p_true_after"] is None or (r["p_new_after"] or 0) > r["p_true_after"]]
+    [
+        {
+            "text": f["prompt"].replace("{}", f["subject"], 1),
+            "target_new": f["target_new"],
+            "target_true": f.get("target_true"),
+            "p_new_after": r["p_new_after"],
+        }
+        for r in journal.applied_summaries()
+        for f in [json.loads(r["fact_json"])]
+        if r["p_true_after"] is None or (r["p_new_after"] or 0) > r["p_true_after"]
+    ]
 
 
 def timed(fn, repeats: int) -> float:
@@ -85,17 +112,26 @@ def main() -> None:
             def one_edit():
                 cache.median_norm()
                 cache.earlier()
-                row = record(depth, journal.head, rng)
-                cache.committed(journal.head, journal.head + 1, {
-                    "update_norm": row.update_norm, "fact_json": row.fact_json,
-                    "p_new_after": row.p_new_after, "p_true_after": row.p_true_after})
+                row = record(depth, journal.head, rng)  # noqa: B023 (the hook runs within this iteration)
+                cache.committed(
+                    journal.head,
+                    journal.head + 1,
+                    {
+                        "update_norm": row.update_norm,
+                        "fact_json": row.fact_json,
+                        "p_new_after": row.p_new_after,
+                        "p_true_after": row.p_true_after,
+                    },
+                )
                 cache.head = journal.head  # keep the cache on the journal's head for the next repeat
 
             cached = timed(one_edit, args.repeats)
             chain = timed(journal.chain, args.repeats)
             path = timed(journal.path, max(1, args.repeats // 2))
-            print(f"| {depth} | {1000 * old:.2f} | {1000 * cached:.3f} | {1000 * chain:.2f} | {1000 * path:.1f} |",
-                  flush=True)
+            print(
+                f"| {depth} | {1000 * old:.2f} | {1000 * cached:.3f} | {1000 * chain:.2f} | {1000 * path:.1f} |",
+                flush=True,
+            )
         journal.close()
 
 

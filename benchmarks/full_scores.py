@@ -22,11 +22,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ge import state_after  # noqa: E402
+from sequential import read_jsonl  # noqa: E402
+
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
-from sequential import read_jsonl  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "full-scores.jsonl"
 
@@ -62,7 +63,7 @@ def main() -> None:
         base = [d for d in states if (args.journal.name, d, "unedited") not in done]
         if base:
             editor.replay(0, verify=False)
-            scores = score_facts(lm, facts[:max(base)])
+            scores = score_facts(lm, facts[: max(base)])
             for depth in base:
                 write(depth, "unedited", scores[:depth])
         for depth, state in states.items():

@@ -56,11 +56,12 @@ def two_device_map(lm) -> dict:
     for name, _ in tensors:
         owner = name.rsplit(".", 1)[0]
         if owner.startswith(prefix):
-            index = int(owner[len(prefix):].split(".")[0])
+            index = int(owner[len(prefix) :].split(".")[0])
             device_map[block.format(index)] = 0 if index < n // 2 else 1
         else:
-            device_map[owner] = 0 if (owner == head or "embed" in owner or "rotary" in owner or "wte" in owner
-                                      or "wpe" in owner) else 1
+            device_map[owner] = (
+                0 if (owner == head or "embed" in owner or "rotary" in owner or "wte" in owner or "wpe" in owner) else 1
+            )
     return device_map
 
 
@@ -83,16 +84,26 @@ def run(model, device, dtype, facts, device_map=None) -> dict:
         replay_ok = weight_hash(lm.weight(layer)) == head_hash
         check_ok = editor.check().ok
     out = {
-        "device": device, "dtype": dtype, "device_map": device_map is not None, "layer": layer,
-        "load_s": round(load_s, 2), "edits": len(facts), "applied": len(applied),
+        "device": device,
+        "dtype": dtype,
+        "device_map": device_map is not None,
+        "layer": layer,
+        "load_s": round(load_s, 2),
+        "edits": len(facts),
+        "applied": len(applied),
         "first_edit_s": round(seconds[0], 3) if seconds else None,
         "s_per_edit": round(statistics.median(seconds[1:] or seconds), 3) if seconds else None,
         "efficacy": round(100.0 * sum(bool(r.success) for r in applied) / max(1, len(applied)), 1),
-        "rollback_ok": rollback_ok, "replay_ok": replay_ok, "check_ok": check_ok,
+        "rollback_ok": rollback_ok,
+        "replay_ok": replay_ok,
+        "check_ok": check_ok,
     }
     if device.startswith("cuda") or device_map is not None:
-        out["peak_gpu_gib"] = round(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count()))
-                                    / 2**30, 3) if torch.cuda.is_available() else None
+        out["peak_gpu_gib"] = (
+            round(sum(torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())) / 2**30, 3)
+            if torch.cuda.is_available()
+            else None
+        )
     return out
 
 
@@ -107,8 +118,12 @@ def main() -> int:
     if args.device == "cpu":
         torch.set_num_threads(max(1, torch.get_num_threads()))
     facts = load_manifest(ROOT / "examples" / "facts.csv", limit=args.n).facts
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "gpus": torch.cuda.device_count(),
-           "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]}
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count(),
+        "names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+    }
     print(json.dumps({"env": env}), flush=True)
     runs = [run(args.model, args.device, dtype, facts)]
     print(json.dumps(runs[-1]), flush=True)

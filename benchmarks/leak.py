@@ -36,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.hooks import Hook, attach  # noqa: E402
 from romebatch.evaluate import answer_nll, score_facts, summarize  # noqa: E402
+from romebatch.hooks import Hook, attach  # noqa: E402
 from romebatch.journal import Journal  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
@@ -54,7 +54,7 @@ def held_out_keys(lm, layer: int, records: list[dict]) -> torch.Tensor:
         for text in (record["locality_prompt"], record["rephrase_prompt"]):
             ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
             captured = []
-            hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0].double()), on="input", stop=True)
+            hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0].double()), on="input", stop=True)  # noqa: B023 (the hook runs within this iteration)
             with attach(lm.model, [hook]):
                 lm.model(input_ids=ids, use_cache=False)
             out.append(captured[0][1:].cpu())
@@ -76,20 +76,29 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=25, help="drift reported every this many edits")
     ap.add_argument("--upto", type=int, help="only the first N edits of the path")
     ap.add_argument("--held-out", default="5000:5300", help="CounterFact record range for held-out keys")
-    ap.add_argument("--score", action="store_true",
-                    help="at each report, also score the facts so far with the summed edits on the base weights: "
-                         "ES/PS/NS and the spread of the neighbourhood prompts' log-odds against the base")
-    ap.add_argument("--recompute-u", metavar="CORPUS",
-                    help="what if: each u from C of this corpus (plain text or JSONL, or self:plain / "
-                         "self:encyclopedic for text sampled from the model) instead, every write kept")
+    ap.add_argument(
+        "--score",
+        action="store_true",
+        help="at each report, also score the facts so far with the summed edits on the base weights: "
+        "ES/PS/NS and the spread of the neighbourhood prompts' log-odds against the base",
+    )
+    ap.add_argument(
+        "--recompute-u",
+        metavar="CORPUS",
+        help="what if: each u from C of this corpus (plain text or JSONL, or self:plain / "
+        "self:encyclopedic for text sampled from the model) instead, every write kept",
+    )
     ap.add_argument("--corpus-tokens", type=int, default=60_000)
-    ap.add_argument("--by-position", action="store_true",
-                    help="at the end, the log-odds spread when the summed edit acts only at some positions of each "
-                         "neighbourhood prompt: its last token, the tokens before it, capitalised words (names)")
+    ap.add_argument(
+        "--by-position",
+        action="store_true",
+        help="at the end, the log-odds spread when the summed edit acts only at some positions of each "
+        "neighbourhood prompt: its last token, the tokens before it, capitalised words (names)",
+    )
     args = ap.parse_args()
 
     journal = Journal(args.journal)
-    path = journal.path()[:args.upto]
+    path = journal.path()[: args.upto]
     if not path:
         sys.exit(f"{args.journal}: no edits on the path")
     hp = journal.get("hparams")
@@ -101,29 +110,50 @@ def main() -> None:
         weights[layer] = lm.weight(layer).detach().double().cpu()
         if lm.adapter.conv1d:
             weights[layer] = weights[layer].T  # (d_model, d_ff)
-        stats[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=hp["stats_tokens"],
-                                             seq_len=hp["stats_seq_len"], seed=hp["seed"], corpus=hp["stats_corpus"],
-                                             sampling=hp.get("stats_sampling", "plain"))[layer].mom2.double()
+        stats[layer] = load_or_compute_stats(
+            lm,
+            [layer],
+            lm.base_hash(),
+            n_tokens=hp["stats_tokens"],
+            seq_len=hp["stats_seq_len"],
+            seed=hp["seed"],
+            corpus=hp["stats_corpus"],
+            sampling=hp.get("stats_sampling", "plain"),
+        )[layer].mom2.double()
         if args.recompute_u:
             sampled = args.recompute_u.startswith("self:")  # self:plain, self:encyclopedic
-            other[layer] = load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=args.corpus_tokens,
-                                                 seq_len=hp["stats_seq_len"], seed=hp["seed"],
-                                                 corpus=None if sampled else args.recompute_u,
-                                                 sampling=args.recompute_u[5:] if sampled else "plain",
-                                                 log=print)[layer].factor(hp["ridge"]).cholesky
+            other[layer] = (
+                load_or_compute_stats(
+                    lm,
+                    [layer],
+                    lm.base_hash(),
+                    n_tokens=args.corpus_tokens,
+                    seq_len=hp["stats_seq_len"],
+                    seed=hp["seed"],
+                    corpus=None if sampled else args.recompute_u,
+                    sampling=args.recompute_u[5:] if sampled else "plain",
+                    log=print,
+                )[layer]
+                .factor(hp["ridge"])
+                .cholesky
+            )
     facts = [fact_from_dict(r.fact) for r in path]
     base_log_odds = None
     if args.score:
         base_scores = score_facts(lm, facts)
         base_log_odds = neighbour_log_odds(base_scores)
         pairs = [pair for score in base_scores for pair in score.neighborhood]
-        print(f"base model on the neighbourhood prompts: median P(expected) {np.median([e for e, _ in pairs]):.4f}, "
-              f"both P(expected) and P(new) below 0.01 on {100 * np.mean([max(e, n) < 0.01 for e, n in pairs]):.0f}% of them")
+        print(
+            f"base model on the neighbourhood prompts: median P(expected) {np.median([e for e, _ in pairs]):.4f}, "
+            f"both P(expected) and P(new) below 0.01 on {100 * np.mean([max(e, n) < 0.01 for e, n in pairs]):.0f}% of them"
+        )
 
     rel_write, leak_pred, leak_held = [], [], []
     total = {layer: torch.zeros_like(w) for layer, w in weights.items()}
-    print(f"{args.journal}: {len(path)} edits; held-out keys: {', '.join(f'layer {k}: {len(v)}' for k, v in held.items())}"
-          + (f"; u recomputed from C of {args.recompute_u}" if args.recompute_u else ""))
+    print(
+        f"{args.journal}: {len(path)} edits; held-out keys: {', '.join(f'layer {k}: {len(v)}' for k, v in held.items())}"
+        + (f"; u recomputed from C of {args.recompute_u}" if args.recompute_u else "")
+    )
     print(f"{'edits':>6} {'drift':>7}" + ("    ES    PS    NS  Δlog-odds std" if args.score else ""))
     for i, record in enumerate(path, 1):
         lam = torch.from_numpy(record.lam.copy()).double()
@@ -144,11 +174,15 @@ def main() -> None:
             sys.exit(f"{args.journal}: edit {record.seq} has no stored key; --recompute-u needs it")
         total[layer] += torch.outer(lam, u)
         if i % args.every == 0 or i == len(path):
-            drifts = [float((H @ total[m].T).pow(2).sum(1).mean().sqrt() / (H @ weights[m].T).pow(2).sum(1).mean().sqrt())
-                      for m, H in held.items()]
+            drifts = [
+                float((H @ total[m].T).pow(2).sum(1).mean().sqrt() / (H @ weights[m].T).pow(2).sum(1).mean().sqrt())
+                for m, H in held.items()
+            ]
             line = f"{i:>6} {' '.join(f'{d:.3f}' for d in drifts):>7}"
             if args.score:
-                line += score_with(lm, weights, total, facts[:i], base_log_odds[:sum(len(f.neighborhood) for f in facts[:i])])
+                line += score_with(
+                    lm, weights, total, facts[:i], base_log_odds[: sum(len(f.neighborhood) for f in facts[:i])]
+                )
             print(line, flush=True)
     if args.by_position:
         by_position(lm, total, facts)
@@ -171,10 +205,14 @@ def by_position(lm, total: dict[int, torch.Tensor], facts) -> None:
                 if mask is None or x.shape[1] < len(mask):  # the batch of prompt + answer tokens only
                     return output
                 m = torch.zeros(x.shape[1], 1, device=x.device)
-                m[:len(mask), 0] = torch.tensor(mask, dtype=torch.float, device=x.device)
+                m[: len(mask), 0] = torch.tensor(mask, dtype=torch.float, device=x.device)
                 return output + (x @ delta.T) * m
+
             return hook
-        handles = [lm.module("down_proj", layer).register_forward_hook(hook_for(delta)) for layer, delta in deltas.items()]
+
+        handles = [
+            lm.module("down_proj", layer).register_forward_hook(hook_for(delta)) for layer, delta in deltas.items()
+        ]
         try:
             expected, other = answer_nll(lm, [(prompt, answer), (prompt, new)], batch_size=1)
         finally:
@@ -182,10 +220,13 @@ def by_position(lm, total: dict[int, torch.Tensor], facts) -> None:
                 handle.remove()
         return other - expected
 
-    masks = {"every prompt token": lambda n, names: [1] * n, "last token": lambda n, names: [0] * (n - 1) + [1],
-             "tokens before the last": lambda n, names: [1] * (n - 1) + [0],
-             "capitalised words before the last": lambda n, names: names[:n - 1] + [0],
-             "other tokens before the last": lambda n, names: [1 - c for c in names[:n - 1]] + [0]}
+    masks = {
+        "every prompt token": lambda n, names: [1] * n,
+        "last token": lambda n, names: [0] * (n - 1) + [1],
+        "tokens before the last": lambda n, names: [1] * (n - 1) + [0],
+        "capitalised words before the last": lambda n, names: names[: n - 1] + [0],
+        "other tokens before the last": lambda n, names: [1 - c for c in names[: n - 1]] + [0],
+    }
     rows = {name: [] for name in masks}
     base = []
     for fact in facts:
@@ -204,8 +245,10 @@ def by_position(lm, total: dict[int, torch.Tensor], facts) -> None:
     base = np.array(base)
     for name, values in rows.items():
         values = np.array(values)
-        print(f"summed edit only at {name:<34} NS {100 * np.mean(values > 0):5.1f} (base {100 * np.mean(base > 0):.1f}), "
-              f"log-odds spread {np.std(values - base):.2f}")
+        print(
+            f"summed edit only at {name:<34} NS {100 * np.mean(values > 0):5.1f} (base {100 * np.mean(base > 0):.1f}), "
+            f"log-odds spread {np.std(values - base):.2f}"
+        )
 
 
 def score_with(lm, weights, total, facts, base_log_odds) -> str:

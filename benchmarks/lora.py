@@ -31,12 +31,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from ge import state_after  # noqa: E402
+from sequential import sample_indices  # noqa: E402
+
 from romebatch import api  # noqa: E402
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import LoadedModel, adapter_for  # noqa: E402
-from sequential import sample_indices  # noqa: E402
 
 
 def quiet(message: str) -> None:
@@ -71,12 +72,23 @@ def main() -> None:
 
             def last_logits(model) -> torch.Tensor:
                 with torch.no_grad():
-                    return torch.stack([model(**lm.tokenizer(t, return_tensors="pt")).logits[0, -1].float()
-                                        for t in texts])
+                    return torch.stack(
+                        [model(**lm.tokenizer(t, return_tensors="pt")).logits[0, -1].float() for t in texts]
+                    )
 
             reference = last_logits(lm.model)
-            print(json.dumps({"row": "journal state (= export)", "head": editor.head, "edits": len(path),
-                              "facts": len(applied), **summarize(score_facts(lm, facts))}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "row": "journal state (= export)",
+                        "head": editor.head,
+                        "edits": len(path),
+                        "facts": len(applied),
+                        **summarize(score_facts(lm, facts)),
+                    }
+                ),
+                flush=True,
+            )
         for rank in [None] + [int(r) for r in args.ranks.split(",") if r]:
             out = work / f"adapter-{rank or 'exact'}"
             started = time.perf_counter()
@@ -91,15 +103,29 @@ def main() -> None:
             started = time.perf_counter()
             merged = wrapped.merge_and_unload()
             merge = time.perf_counter() - started
-            scores = summarize(score_facts(LoadedModel(model=merged, tokenizer=lm.tokenizer,
-                                                       adapter=adapter_for(merged), spec="merged"), facts))
-            print(json.dumps({
-                "row": f"adapter, rank {report.rank}" + (" (exact)" if report.exact else f" (--rank {rank})"),
-                "MB": report.bytes / 1e6, "weights_MB": (out / "adapter_model.safetensors").stat().st_size / 1e6,
-                "relative_error": report.relative_error, "export_s": exported, "load_base_s": loaded_base,
-                "peft_load_s": loaded, "merge_s": merge,
-                "max_abs_logit_diff": float((last_logits(merged) - reference).abs().max()),
-                "max_abs_logit": float(reference.abs().max()), **scores}), flush=True)
+            scores = summarize(
+                score_facts(
+                    LoadedModel(model=merged, tokenizer=lm.tokenizer, adapter=adapter_for(merged), spec="merged"), facts
+                )
+            )
+            print(
+                json.dumps(
+                    {
+                        "row": f"adapter, rank {report.rank}" + (" (exact)" if report.exact else f" (--rank {rank})"),
+                        "MB": report.bytes / 1e6,
+                        "weights_MB": (out / "adapter_model.safetensors").stat().st_size / 1e6,
+                        "relative_error": report.relative_error,
+                        "export_s": exported,
+                        "load_base_s": loaded_base,
+                        "peft_load_s": loaded,
+                        "merge_s": merge,
+                        "max_abs_logit_diff": float((last_logits(merged) - reference).abs().max()),
+                        "max_abs_logit": float(reference.abs().max()),
+                        **scores,
+                    }
+                ),
+                flush=True,
+            )
             del merged, wrapped, base
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -33,18 +33,30 @@ def write_csv(path: Path, rows: int) -> None:
     with path.open("w") as f:
         f.write("id,subject,prompt,target_new,target_true,paraphrases,neighborhood_prompts,neighborhood_answers\n")
         for i in range(rows):
-            f.write(f"f{i},Subject number {i},{{}} is located in the city of,City{i % 977},Town{i % 991},"
-                    f"Where is Subject number {i}?|Subject number {i} stands in,"
-                    f"Landmark {i} is located in the city of,Town{(i + 1) % 991}\n")
+            f.write(
+                f"f{i},Subject number {i},{{}} is located in the city of,City{i % 977},Town{i % 991},"
+                f"Where is Subject number {i}?|Subject number {i} stands in,"
+                f"Landmark {i} is located in the city of,Town{(i + 1) % 991}\n"
+            )
 
 
 def write_jsonl(path: Path, rows: int) -> None:
     with path.open("w") as f:
         for i in range(rows):
-            f.write(json.dumps({"id": f"f{i}", "subject": f"Subject number {i}", "prompt": "{} is located in",
-                                "target_new": f"City{i % 977}", "target_true": f"Town{i % 991}",
-                                "paraphrases": [f"Where is Subject number {i}?"],
-                                "neighborhood": [{"prompt": f"Landmark {i} is in", "answer": "X"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"f{i}",
+                        "subject": f"Subject number {i}",
+                        "prompt": "{} is located in",
+                        "target_new": f"City{i % 977}",
+                        "target_true": f"Town{i % 991}",
+                        "paraphrases": [f"Where is Subject number {i}?"],
+                        "neighborhood": [{"prompt": f"Landmark {i} is in", "answer": "X"}],
+                    }
+                )
+                + "\n"
+            )
 
 
 def main() -> None:
@@ -54,8 +66,9 @@ def main() -> None:
             for rows in (1_000, 10_000, 100_000):
                 path = Path(tmp) / f"m{rows}.{fmt}"
                 writer(path, rows)
-                out = subprocess.run([sys.executable, "-c", CHILD, str(ROOT), str(path)], capture_output=True,
-                                     text=True, check=True).stdout.split()
+                out = subprocess.run(
+                    [sys.executable, "-c", CHILD, str(ROOT), str(path)], capture_output=True, text=True, check=True
+                ).stdout.split()
                 n, seconds, mib = int(out[0]), float(out[1]), float(out[2])
                 assert n == rows
                 print(f"{fmt:<7} {rows:>8} {seconds:>8.2f} {mib:>13.1f} {mib / rows * 1000:>12.2f}")

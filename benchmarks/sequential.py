@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bundles  # noqa: E402
+
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
@@ -94,9 +95,18 @@ METHODS = {
 # default runs them; its journal ran without them up to edit 602, so its first pass, at 602,
 # repaired what those edits had lost.
 REPAIRS = {"default": REPAIR_EVERY}
-FLUENCY_PROMPTS = ["The city of", "My favourite food is", "In 1990, the", "The best way to learn",
-                   "She walked into the room and", "Scientists have discovered", "The river flows",
-                   "Yesterday I", "The history of music", "A good friend"]
+FLUENCY_PROMPTS = [
+    "The city of",
+    "My favourite food is",
+    "In 1990, the",
+    "The best way to learn",
+    "She walked into the room and",
+    "Scientists have discovered",
+    "The river flows",
+    "Yesterday I",
+    "The history of music",
+    "A good friend",
+]
 
 
 def domain_corpus(first: int = 8000, evaluated: int = 3000) -> Path:
@@ -115,8 +125,11 @@ def domain_corpus(first: int = 8000, evaluated: int = 3000) -> Path:
     for r in records[first:]:
         if any(r["subject"] in p for p in scored):
             continue
-        texts = [r["prompt"] + " " + r["ground_truth"], r["rephrase_prompt"],
-                 r["locality_prompt"] + " " + r["locality_ground_truth"]]
+        texts = [
+            r["prompt"] + " " + r["ground_truth"],
+            r["rephrase_prompt"],
+            r["locality_prompt"] + " " + r["locality_ground_truth"],
+        ]
         lines += [json.dumps({"text": t}) for t in texts if not any(p in t for p in scored)]
     DOMAIN.parent.mkdir(parents=True, exist_ok=True)
     tmp = DOMAIN.with_suffix(".tmp")
@@ -163,9 +176,12 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
                 started = time.perf_counter()
                 result = editor.apply(facts[:target], checks=None, stop=stop, repair_every=REPAIRS.get(name))
                 reached = upto - len(editor.pending(facts[:upto]))
-                print(f"[{name}] {reached - processed} edits in {time.perf_counter() - started:.0f}s "
-                      f"({result.count('rejected')} rejected, {result.count('repaired')} repaired); "
-                      f"head {editor.head}", flush=True)
+                print(
+                    f"[{name}] {reached - processed} edits in {time.perf_counter() - started:.0f}s "
+                    f"({result.count('rejected')} rejected, {result.count('repaired')} repaired); "
+                    f"head {editor.head}",
+                    flush=True,
+                )
                 if reached < target:  # stopped by Ctrl-C / SIGTERM: no checkpoint at a depth not reached
                     raise SystemExit(f"[{name}] stopped at {reached} edits; the same command resumes")
                 processed = target
@@ -184,17 +200,27 @@ def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
     rejections = editor.journal.rejections()
     seconds = sorted(r.seconds_total for r in path if r.seconds_total)
     t = time.perf_counter()
-    row = {"method": name, "edits": k, "applied": len(applied), "repairs": len(path) - len(applied),
-           "rejected": len(rejections),
-           "collapse_rejections": sum(r["reason"].startswith("collapse") for r in rejections),
-           "max_update_norm": max((r.update_norm for r in path), default=0.0),
-           "median_seconds": seconds[len(seconds) // 2] if seconds else None,
-           **score(lm, facts, applied, sample)}
+    row = {
+        "method": name,
+        "edits": k,
+        "applied": len(applied),
+        "repairs": len(path) - len(applied),
+        "rejected": len(rejections),
+        "collapse_rejections": sum(r["reason"].startswith("collapse") for r in rejections),
+        "max_update_norm": max((r.update_norm for r in path), default=0.0),
+        "median_seconds": seconds[len(seconds) // 2] if seconds else None,
+        **score(lm, facts, applied, sample),
+    }
     row["score_seconds"] = time.perf_counter() - t
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")
-    print(f"[{name}] checkpoint {k}: " + " ".join(f"{key} {row[key]:.1f}" for key in ("ES", "PS", "NS", "S", "retention", "GE")
-                                               if row.get(key) is not None), flush=True)
+    print(
+        f"[{name}] checkpoint {k}: "
+        + " ".join(
+            f"{key} {row[key]:.1f}" for key in ("ES", "PS", "NS", "S", "retention", "GE") if row.get(key) is not None
+        ),
+        flush=True,
+    )
 
 
 def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
@@ -211,16 +237,27 @@ def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
 def report(methods: list[str]) -> None:
     # One row per (method, edits): two processes running different methods may both have
     # scored the unedited model at the same checkpoint.
-    rows = {m: sorted({r["edits"]: r for r in read_jsonl(RUNS / f"seq-{m}.jsonl")}.values(), key=lambda r: r["edits"])
-            for m in ["unedited", *methods]}
+    rows = {
+        m: sorted({r["edits"]: r for r in read_jsonl(RUNS / f"seq-{m}.jsonl")}.values(), key=lambda r: r["edits"])
+        for m in ["unedited", *methods]
+    }
     keys = ("ES", "PS", "NS", "S", "retention", "GE")
-    print(f"{'method':<12} {'edits':>6} " + " ".join(f"{k:>9}" for k in keys)
-          + f" {'rejected':>8} {'repairs':>7} {'max ‖ΔW‖':>9} {'s/edit':>7}")
+    print(
+        f"{'method':<12} {'edits':>6} "
+        + " ".join(f"{k:>9}" for k in keys)
+        + f" {'rejected':>8} {'repairs':>7} {'max ‖ΔW‖':>9} {'s/edit':>7}"
+    )
     for m, recs in rows.items():
         for r in recs:
-            print(f"{m:<12} {r['edits']:>6} " + " ".join(f"{r[k]:>9.1f}" if r.get(k) is not None else f"{'-':>9}" for k in keys)
-                  + (f" {r['rejected']:>8} {r.get('repairs', 0):>7} {r['max_update_norm']:>9.3f} {r['median_seconds']:>7.1f}"
-                     if "rejected" in r else ""))
+            print(
+                f"{m:<12} {r['edits']:>6} "
+                + " ".join(f"{r[k]:>9.1f}" if r.get(k) is not None else f"{'-':>9}" for k in keys)
+                + (
+                    f" {r['rejected']:>8} {r.get('repairs', 0):>7} {r['max_update_norm']:>9.3f} {r['median_seconds']:>7.1f}"
+                    if "rejected" in r
+                    else ""
+                )
+            )
     try:
         import matplotlib
 
@@ -234,8 +271,14 @@ def report(methods: list[str]) -> None:
     for ax, key in zip(axes, ("ES", "PS", "NS", "retention", "GE")):
         for m, recs in rows.items():
             if recs:
-                ax.plot([r["edits"] for r in recs], [r[key] for r in recs], marker="o", label=m,
-                        color=colour[m], linestyle="--" if m == "unedited" else "-")
+                ax.plot(
+                    [r["edits"] for r in recs],
+                    [r[key] for r in recs],
+                    marker="o",
+                    label=m,
+                    color=colour[m],
+                    linestyle="--" if m == "unedited" else "-",
+                )
         ax.set_title(key)
         ax.set_xlabel("sequential edits")
     # Each checkpoint scores a different sample of facts, so the unedited NS moves (73-83):
@@ -244,8 +287,13 @@ def report(methods: list[str]) -> None:
     for m in methods:
         recs = [r for r in rows[m] if r["edits"] in base]
         if recs:
-            axes[5].plot([r["edits"] for r in recs], [r["NS"] - base[r["edits"]] for r in recs], marker="o",
-                         color=colour[m], label=m)
+            axes[5].plot(
+                [r["edits"] for r in recs],
+                [r["NS"] - base[r["edits"]] for r in recs],
+                marker="o",
+                color=colour[m],
+                label=m,
+            )
     axes[5].axhline(-8, color="grey", linestyle=":")
     axes[5].set_title("NS − unedited NS (target ≥ −8)")
     axes[5].set_xlabel("sequential edits")
@@ -279,7 +327,7 @@ def main() -> None:
     if any(METHODS[m].get("stats_corpus") == str(DOMAIN) for m in methods):
         domain_corpus()
     lm = load_model()
-    facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
+    facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the edit in flight, then exit
     with stop_on_signals(stop, print):
         advance(lm, methods, facts, args, stop)

@@ -74,10 +74,12 @@ def apply_peak_rss_mib(model: str | None, n: int = 5) -> float:
         argv += ["--model", model] if model else []
         # The child reports its own peak (VmHWM, which exec resets): ru_maxrss, of the child or
         # of RUSAGE_CHILDREN, survives exec and so counts this process's pages the fork shared.
-        code = ("import re, sys\nfrom romebatch.cli import main\nsys.argv = " + repr(argv) + "\n"
-                "try:\n    main()\nfinally:\n"
-                "    status = open('/proc/self/status').read()\n"
-                "    print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr)\n")
+        code = (
+            "import re, sys\nfrom romebatch.cli import main\nsys.argv = " + repr(argv) + "\n"
+            "try:\n    main()\nfinally:\n"
+            "    status = open('/proc/self/status').read()\n"
+            "    print('PEAK', re.search(r'VmHWM:\\s+(\\d+)', status).group(1), file=sys.stderr)\n"
+        )
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
         peaks = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("PEAK ")]
         if done.returncode or not peaks:
@@ -103,7 +105,10 @@ def measure_u(lm, layer: int, facts, prefixes, repeats: int = 1) -> list[float]:
 
 
 def apply_run(lm, facts, hp: HParams, checks) -> list:
-    with tempfile.TemporaryDirectory() as tmp, Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as ed:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as ed,
+    ):
         ed.prefixes()
         ed.stats(hp.layer)
         result = ed.apply(facts, checks=checks)
@@ -118,7 +123,9 @@ def phase_table(rows, u: float) -> dict:
         values = [r.timings.get(phase, 0.0) for r in rows]
         out[phase] = statistics.median(values) if values else float("nan")
     out["steps"] = statistics.median([r.v_steps for r in rows]) if rows else float("nan")
-    out["per_step"] = statistics.median([r.timings["value"] / max(r.v_steps, 1) for r in rows]) if rows else float("nan")
+    out["per_step"] = (
+        statistics.median([r.timings["value"] / max(r.v_steps, 1) for r in rows]) if rows else float("nan")
+    )
     out["total_U"] = out["total"] / u
     out["edits_per_minute"] = 60 / out["total"]
     out["n"] = len(rows)
@@ -142,10 +149,21 @@ def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
                 before = weight_hash(weight)
                 apply_edit(lm, edit)
                 record = EditRecord(
-                    seq=0, parent=ed.head, status="applied", fact_id=f"synthetic-{i}", fact_hash=f"h{i}",
+                    seq=0,
+                    parent=ed.head,
+                    status="applied",
+                    fact_id=f"synthetic-{i}",
+                    fact_hash=f"h{i}",
                     fact_json=json.dumps({"id": f"synthetic-{i}", "subject": "s", "prompt": "{} p", "target_new": "t"}),
-                    layer=layer, weight_name=lm.name("down_proj", layer), lam=edit.lam.numpy(), u=edit.u.numpy(),
-                    update_norm=norm, denominator=1.0, weight_hash_before=before, weight_hash_after=weight_hash(weight))
+                    layer=layer,
+                    weight_name=lm.name("down_proj", layer),
+                    lam=edit.lam.numpy(),
+                    u=edit.u.numpy(),
+                    update_norm=norm,
+                    denominator=1.0,
+                    weight_hash_before=before,
+                    weight_hash_after=weight_hash(weight),
+                )
                 t = time.perf_counter()
                 ed.journal.commit_edit(record)
                 commit_times.append(time.perf_counter() - t)
@@ -177,15 +195,17 @@ def main() -> None:
     args = ap.parse_args()
 
     torch.manual_seed(0)
-    out: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                            f"torch {torch.__version__}, {torch.get_num_threads()} threads"}
+    out: dict = {
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    }
     t = time.perf_counter()
     lm = load_model(args.model)
     out["load_seconds"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in lm.model.parameters())
     out["model_fp32_mib"] = n_params * 4 / 2**20
     hp = resolve(HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
-    facts = load_manifest(DATA, skip_invalid=True).facts[args.start:args.start + args.n]
+    facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
 
     from romebatch.rome import load_or_compute_stats, sample_prefixes
 
@@ -193,23 +213,44 @@ def main() -> None:
     prefixes = sample_prefixes(lm, hp.prefixes, hp.prefix_top_k, hp.seed)
     out["prefix_seconds"] = time.perf_counter() - t
     t = time.perf_counter()
-    load_or_compute_stats(lm, [hp.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                          seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=lambda m: None)
+    load_or_compute_stats(
+        lm,
+        [hp.layer],
+        lm.base_hash(),
+        n_tokens=hp.stats_tokens,
+        seq_len=hp.stats_seq_len,
+        seed=hp.seed,
+        corpus=hp.stats_corpus,
+        sampling=hp.stats_sampling,
+        log=lambda m: None,
+    )
     out["stats_cached_seconds"] = time.perf_counter() - t
     if args.cold_stats:
         home = os.environ.get("ROMEBATCH_HOME")
         with tempfile.TemporaryDirectory() as tmp:
             os.environ["ROMEBATCH_HOME"] = tmp
             t = time.perf_counter()
-            load_or_compute_stats(lm, [hp.layer], lm.base_hash(), n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                                  seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=lambda m: None)
+            load_or_compute_stats(
+                lm,
+                [hp.layer],
+                lm.base_hash(),
+                n_tokens=hp.stats_tokens,
+                seq_len=hp.stats_seq_len,
+                seed=hp.seed,
+                corpus=hp.stats_corpus,
+                sampling=hp.stats_sampling,
+                log=lambda m: None,
+            )
             out["stats_cold_seconds"] = time.perf_counter() - t
         if home is None:
             del os.environ["ROMEBATCH_HOME"]
         else:
             os.environ["ROMEBATCH_HOME"] = home
-    print(f"one-off: load {out['load_seconds']:.1f}s, prefixes {out['prefix_seconds']:.1f}s, "
-          f"stats from cache {out['stats_cached_seconds']:.2f}s", flush=True)
+    print(
+        f"one-off: load {out['load_seconds']:.1f}s, prefixes {out['prefix_seconds']:.1f}s, "
+        f"stats from cache {out['stats_cached_seconds']:.2f}s",
+        flush=True,
+    )
 
     u_times = measure_u(lm, hp.layer, facts, prefixes)
     u = statistics.median(u_times)
@@ -222,19 +263,24 @@ def main() -> None:
     out["runs"] = {}
     norms = []
     for name, config, checks in configs:
-        run_facts = facts[:args.exact] if config.exact_protocol else facts
+        run_facts = facts[: args.exact] if config.exact_protocol else facts
         rows = apply_run(lm, run_facts, config, checks)
         norms += [r.update_norm for r in rows]
         out["runs"][name] = table = phase_table(rows, u)
         save(args.json, out)
-        print(f"{name}: {table['total']:.2f}s per edit = {table['total_U']:.2f} U "
-              f"({table['steps']:.0f} steps, {table['per_step']:.2f}s per step)", flush=True)
+        print(
+            f"{name}: {table['total']:.2f}s per edit = {table['total_U']:.2f} U "
+            f"({table['steps']:.0f} steps, {table['per_step']:.2f}s per step)",
+            flush=True,
+        )
 
     out["replay"] = replay_benchmark(lm, hp.layer, args.replay, norm=statistics.median(norms))
     print(f"replay of {args.replay} edits: {out['replay']['replay_seconds']:.2f}s", flush=True)
 
-    with tempfile.TemporaryDirectory() as tmp, Editor(Path(tmp) / "journal", lm=lm, hparams=hp,
-                                                      log=lambda m: None) as ed:
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as ed,
+    ):
         ed.apply(facts[:5], checks=None)
         # Each prompt is scored for the new and the true object, on the head and on the base.
         n_prompts = sum(2 * (1 + len(f.paraphrases) + len(f.neighborhood)) for f in facts[:5]) * 2
@@ -252,21 +298,34 @@ def report(out: dict) -> None:
     u = out["U"]
     print(f"\nmachine: {out['machine']}")
     print(f"U (plain forward + backward on one edit's batch): {u:.2f} s")
-    header = f"{'configuration':<28} {'n':>3} " + " ".join(f"{p:>8}" for p in PHASES) + f" {'in U':>6} {'steps':>6} {'s/step':>7} {'edits/min':>9}"
+    header = (
+        f"{'configuration':<28} {'n':>3} "
+        + " ".join(f"{p:>8}" for p in PHASES)
+        + f" {'in U':>6} {'steps':>6} {'s/step':>7} {'edits/min':>9}"
+    )
     print(header)
     for name, t in out["runs"].items():
-        print(f"{name:<28} {t['n']:>3} " + " ".join(f"{t[p]:>8.2f}" for p in PHASES)
-              + f" {t['total_U']:>6.2f} {t['steps']:>6.0f} {t['per_step']:>7.2f} {t['edits_per_minute']:>9.1f}")
+        print(
+            f"{name:<28} {t['n']:>3} "
+            + " ".join(f"{t[p]:>8.2f}" for p in PHASES)
+            + f" {t['total_U']:>6.2f} {t['steps']:>6.0f} {t['per_step']:>7.2f} {t['edits_per_minute']:>9.1f}"
+        )
     first = next(iter(out["runs"].values()))
     print(f"journal commit: {first['commit']:.4f} s = {100 * first['commit'] / first['total']:.2f}% of an edit")
     r = out["replay"]
-    print(f"replay of {r['edits']} edits: {r['replay_seconds']:.2f} s (commit of a synthetic edit {r['commit_median'] * 1000:.1f} ms)")
+    print(
+        f"replay of {r['edits']} edits: {r['replay_seconds']:.2f} s (commit of a synthetic edit {r['commit_median'] * 1000:.1f} ms)"
+    )
     print(f"verify: {out['verify_prompts_per_second']:.0f} (prompt, answer) pairs scored per second")
-    print(f"one-off: model load {out['load_seconds']:.1f} s, prefixes {out['prefix_seconds']:.1f} s, "
-          f"key statistics from cache {out['stats_cached_seconds']:.2f} s"
-          + (f", computed {out['stats_cold_seconds']:.0f} s" if "stats_cold_seconds" in out else ""))
-    print(f"peak RSS of `romebatch apply` {out['peak_rss_mib']:.0f} MiB = {out['peak_rss_ratio']:.2f} x the model's float32 size "
-          f"({out['model_fp32_mib']:.0f} MiB)")
+    print(
+        f"one-off: model load {out['load_seconds']:.1f} s, prefixes {out['prefix_seconds']:.1f} s, "
+        f"key statistics from cache {out['stats_cached_seconds']:.2f} s"
+        + (f", computed {out['stats_cold_seconds']:.0f} s" if "stats_cold_seconds" in out else "")
+    )
+    print(
+        f"peak RSS of `romebatch apply` {out['peak_rss_mib']:.0f} MiB = {out['peak_rss_ratio']:.2f} x the model's float32 size "
+        f"({out['model_fp32_mib']:.0f} MiB)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,19 +52,33 @@ def main() -> None:
                 continue
             # The paper traces the model's own prediction (answer=None), not the dataset's attribute.
             _, _, (result,) = average_trace(lm, [(prompt, subject, None)], samples=args.samples)
-            row = {"prompt": prompt, "subject": subject, "answer": result.answer, "p_clean": result.p_clean,
-                   "p_corrupt": result.p_corrupt, "mlp_effect": result.effect("mlp")[result.subject_last].tolist()}
+            row = {
+                "prompt": prompt,
+                "subject": subject,
+                "answer": result.answer,
+                "p_clean": result.p_clean,
+                "p_corrupt": result.p_corrupt,
+                "mlp_effect": result.effect("mlp")[result.subject_last].tolist(),
+            }
             out.write(json.dumps(row) + "\n")
             out.flush()
             done[prompt] = row
-            print(f"{len(done)}/{len(facts)} {subject!r} -> {result.answer!r} "
-                  f"P {result.p_clean:.3f}/{result.p_corrupt:.3f}", flush=True)
+            print(
+                f"{len(done)}/{len(facts)} {subject!r} -> {result.answer!r} "
+                f"P {result.p_clean:.3f}/{result.p_corrupt:.3f}",
+                flush=True,
+            )
     rows = [done[p] for p, _, _ in facts]
     effect = np.mean([r["mlp_effect"] for r in rows], axis=0)
     layer = int(np.argmax(effect))
     save_recommendation(lm, layer, effect, len(rows))
-    save_average_png(effect, layer, len(rows), ROOT / "docs" / "trace-average.png",
-                     title=f"Gemma-3-270M: MLP indirect effect at the subject's last token, {len(rows)} known facts")
+    save_average_png(
+        effect,
+        layer,
+        len(rows),
+        ROOT / "docs" / "trace-average.png",
+        title=f"Gemma-3-270M: MLP indirect effect at the subject's last token, {len(rows)} known facts",
+    )
     print(f"\ntraced {len(rows)} facts ({time.perf_counter() - started:.0f}s this run)")
     print("layer  mean indirect effect")
     for index, value in enumerate(effect):

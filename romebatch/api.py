@@ -44,7 +44,6 @@ def apply(
     """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
     from .model import load_model
     from .preflight import check_facts_for_model
-
     from .report import check_results_path
 
     if on_regression not in ("warn", "skip", "stop"):
@@ -55,9 +54,15 @@ def apply(
     # The model is loaded (and the facts checked against its tokenizer) before the journal
     # is created or locked: bad input writes nothing.
     stored = _journal_meta(journal)
-    lm = load_model(model or stored.get("model"), device=device, dtype=dtype or stored.get("dtype") or "float32",
-                    module_template=module_template or stored.get("module_template"), device_map=device_map,
-                    max_memory=max_memory, **kwargs)
+    lm = load_model(
+        model or stored.get("model"),
+        device=device,
+        dtype=dtype or stored.get("dtype") or "float32",
+        module_template=module_template or stored.get("module_template"),
+        device_map=device_map,
+        max_memory=max_memory,
+        **kwargs,
+    )
     longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
     check_facts_for_model(lm, facts, longest_prefix)
     if layer == "auto":
@@ -67,9 +72,16 @@ def apply(
         editor.on_stage = on_stage
         stop = StopRequest()
         with stop_on_signals(stop, editor.log):
-            result = editor.apply(facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks,
-                                  on_regression=on_regression, repair_every=repair_every,
-                                  retry_rejected=retry_rejected)
+            result = editor.apply(
+                facts,
+                layer=layer,
+                on_edit=on_edit,
+                stop=stop,
+                checks=checks,
+                on_regression=on_regression,
+                repair_every=repair_every,
+                retry_rejected=retry_rejected,
+            )
     if results:
         from .report import write_results
 
@@ -111,9 +123,20 @@ def _journal_meta(journal: str | Path) -> dict:
 
 
 @reads_journal
-def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None, steps: int | None = None,
-             fact: str | None = None, base: bool = False, prune: bool = False, model: str | None = None,
-             device: str = "cpu", log=None, device_map=None, max_memory=None) -> int:
+def rollback(
+    journal: str | Path = "romebatch.journal",
+    *,
+    to: int | None = None,
+    steps: int | None = None,
+    fact: str | None = None,
+    base: bool = False,
+    prune: bool = False,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+    device_map=None,
+    max_memory=None,
+) -> int:
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
     from .editor import check_rollback_selector
 
@@ -129,9 +152,18 @@ def rollback(journal: str | Path = "romebatch.journal", *, to: int | None = None
 
 
 @reads_journal
-def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
-           device: str = "cpu", force: bool = False, dtype: str | None = None, log=None, device_map=None,
-           max_memory=None) -> Path:
+def export(
+    outdir: str | Path,
+    *,
+    journal: str | Path = "romebatch.journal",
+    model: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    dtype: str | None = None,
+    log=None,
+    device_map=None,
+    max_memory=None,
+) -> Path:
     """Write the journal's head state as a model folder that transformers loads (`dtype`: cast on writing)."""
     from .editor import check_export_target
     from .export_card import EXPORT_DTYPES
@@ -146,8 +178,16 @@ def export(outdir: str | Path, *, journal: str | Path = "romebatch.journal", mod
         return editor.export(outdir, force=force, dtype=dtype)
 
 
-def export_adapter(outdir: str | Path, *, journal: str | Path = "romebatch.journal", rank: int | None = None,
-                   model: str | None = None, device: str = "cpu", force: bool = False, log=None):
+def export_adapter(
+    outdir: str | Path,
+    *,
+    journal: str | Path = "romebatch.journal",
+    rank: int | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    log=None,
+):
     """Write the journal's head as a PEFT LoRA adapter folder (romebatch/lora.py); returns its AdapterReport.
 
     The journal is replayed on its base model first, every stored hash checked, so an
@@ -158,9 +198,18 @@ def export_adapter(outdir: str | Path, *, journal: str | Path = "romebatch.journ
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         provenance = editor.provenance()
-        return write_adapter(outdir, editor.journal.path(), conv1d=editor.lm.adapter.conv1d,
-                             base_model=editor.journal.get("model"), base_hash=editor.base_hash, head=editor.head,
-                             journal=str(journal), rank=rank, force=force, provenance=provenance)
+        return write_adapter(
+            outdir,
+            editor.journal.path(),
+            conv1d=editor.lm.adapter.conv1d,
+            base_model=editor.journal.get("model"),
+            base_hash=editor.base_hash,
+            head=editor.head,
+            journal=str(journal),
+            rank=rank,
+            force=force,
+            provenance=provenance,
+        )
 
 
 def bundle(journal: str | Path, out: str | Path, *, first: int | None = None, last: int | None = None) -> dict:
@@ -170,8 +219,15 @@ def bundle(journal: str | Path, out: str | Path, *, first: int | None = None, la
     return write_bundle(journal, out, first=first, last=last)
 
 
-def apply_bundle(bundle: str | Path, *, journal: str | Path = "romebatch.journal", model: str | None = None,
-                 device: str = "cpu", dry_run: bool = False, log=None):
+def apply_bundle(
+    bundle: str | Path,
+    *,
+    journal: str | Path = "romebatch.journal",
+    model: str | None = None,
+    device: str = "cpu",
+    dry_run: bool = False,
+    log=None,
+):
     """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
     from .bundle import apply_bundles
 
@@ -179,8 +235,14 @@ def apply_bundle(bundle: str | Path, *, journal: str | Path = "romebatch.journal
 
 
 @reads_journal
-def log(journal: str | Path = "romebatch.journal", *, status: str | None = None, fact: str | None = None,
-        since: int | None = None, limit: int | None = None) -> dict:
+def log(
+    journal: str | Path = "romebatch.journal",
+    *,
+    status: str | None = None,
+    fact: str | None = None,
+    since: int | None = None,
+    limit: int | None = None,
+) -> dict:
     """The journal's metadata, a summary, and its edits and rejections (no model needed).
 
     Filters (romebatch/logview.py): status applied | rolled_back | repaired | warned |
@@ -200,17 +262,37 @@ def _log_all(journal: str | Path) -> dict:
                 repairs.add(seq)
             seen.add(fact_hash)
         return {
-            "journal": str(j.directory), "head": j.head, "model": j.get("model"), "base_hash": j.get("base_hash"),
-            "edits": [{
-                "seq": r.seq, "parent": r.parent, "status": r.status, "repair": r.seq in repairs,
-                "fact_id": r.fact_id, "subject": r.fact["subject"],
-                "target_new": r.fact["target_new"], "layer": r.layer, "update_norm": r.update_norm,
-                "denominator": r.denominator, "p_new_before": r.p_new_before, "p_new_after": r.p_new_after,
-                "p_true_after": r.p_true_after, "seconds": r.seconds_total, "created_at": r.created_at,
-                "warning": r.warning, "p_true_before": r.p_true_before, "neighborhood_drop": r.neighborhood_drop,
-                "probe_regression": r.probe_regression, "retention": r.retention, "v_steps": r.v_steps,
-                "fact": r.fact,
-            } for r in j.edits()],
+            "journal": str(j.directory),
+            "head": j.head,
+            "model": j.get("model"),
+            "base_hash": j.get("base_hash"),
+            "edits": [
+                {
+                    "seq": r.seq,
+                    "parent": r.parent,
+                    "status": r.status,
+                    "repair": r.seq in repairs,
+                    "fact_id": r.fact_id,
+                    "subject": r.fact["subject"],
+                    "target_new": r.fact["target_new"],
+                    "layer": r.layer,
+                    "update_norm": r.update_norm,
+                    "denominator": r.denominator,
+                    "p_new_before": r.p_new_before,
+                    "p_new_after": r.p_new_after,
+                    "p_true_after": r.p_true_after,
+                    "seconds": r.seconds_total,
+                    "created_at": r.created_at,
+                    "warning": r.warning,
+                    "p_true_before": r.p_true_before,
+                    "neighborhood_drop": r.neighborhood_drop,
+                    "probe_regression": r.probe_regression,
+                    "retention": r.retention,
+                    "v_steps": r.v_steps,
+                    "fact": r.fact,
+                }
+                for r in j.edits()
+            ],
             "rejections": [{k: v for k, v in row.items() if k != "fact_json"} for row in j.rejections()],
         }
 
@@ -235,14 +317,24 @@ def rerun_counts(facts, journal: str | Path) -> dict:
         rolled = {h for (h,) in j.db.execute("SELECT fact_hash FROM edits WHERE status = 'rolled_back'")}
         rolled -= applied | rejected  # a rejection on the path still keeps a rolled-back fact out
     hashes = [f.hash for f in facts]
-    return {"applied": sum(h in applied for h in hashes), "rejected": sum(h in rejected and h not in applied
-                                                                          for h in hashes),
-            "rolled_back": sum(h in rolled for h in hashes)}
+    return {
+        "applied": sum(h in applied for h in hashes),
+        "rejected": sum(h in rejected and h not in applied for h in hashes),
+        "rolled_back": sum(h in rolled for h in hashes),
+    }
 
 
 @reads_journal
-def check(journal: str | Path = "romebatch.journal", *, model: str | None = None, device: str = "cpu", log=None,
-          lm=None, device_map=None, max_memory=None):
+def check(
+    journal: str | Path = "romebatch.journal",
+    *,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+    lm=None,
+    device_map=None,
+    max_memory=None,
+):
     """Verify the journal: the file itself (no model needed), then every edit's stored hashes by replay."""
     from .audit import audit, damaged_edits
     from .editor import CheckReport
@@ -264,25 +356,41 @@ def check(journal: str | Path = "romebatch.journal", *, model: str | None = None
             return editor.check()
     damaged = damaged_edits(problems)
     if chain is None or damaged is None:  # the tables or meta themselves: no state to go back to
-        return CheckReport(journal=str(journal), edits=edits, head=head, problems=problems, last_good=0,
-                           structural=True)
+        return CheckReport(
+            journal=str(journal), edits=edits, head=head, problems=problems, last_good=0, structural=True
+        )
     last_good = 0
     for seq in chain:
         if seq in damaged:
             break
         last_good = seq
-    return CheckReport(journal=str(journal), edits=edits, head=head, problems=problems,
-                       last_good=last_good if damaged & set(chain) else head)
+    return CheckReport(
+        journal=str(journal),
+        edits=edits,
+        head=head,
+        problems=problems,
+        last_good=last_good if damaged & set(chain) else head,
+    )
 
 
 @reads_journal
-def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | None = None, thresholds=None,
-           results: str | Path | None = None, model: str | None = None, device: str = "cpu", log=None, progress=None,
-           device_map=None, max_memory=None):
+def verify(
+    journal: str | Path = "romebatch.journal",
+    *,
+    manifest: str | Path | None = None,
+    thresholds=None,
+    results: str | Path | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+    progress=None,
+    device_map=None,
+    max_memory=None,
+):
     """Score the head against the base model on every applied fact; see `romebatch.verify`."""
-    from .verify import VerifyThresholds, verify as run_verify
-
     from .report import check_results_path
+    from .verify import VerifyThresholds
+    from .verify import verify as run_verify
 
     check_results_path(results)
     facts = load_manifest(manifest).facts if manifest else None
@@ -298,11 +406,26 @@ def verify(journal: str | Path = "romebatch.journal", *, manifest: str | Path | 
     return report
 
 
-def trace(prompt: str | None = None, subject: str | None = None, answer: str | None = None, *,
-          facts_file: str | Path | None = None, limit: int | None = None, model: str | None = None,
-          device: str = "cpu", samples: int = 10, noise: float = 3.0, window: int = 10, kinds=("hidden", "mlp", "attn"),
-          seed: int = 0, log=None, progress=None, journal: str | Path | None = None, device_map=None,
-          max_memory=None):
+def trace(
+    prompt: str | None = None,
+    subject: str | None = None,
+    answer: str | None = None,
+    *,
+    facts_file: str | Path | None = None,
+    limit: int | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    samples: int = 10,
+    noise: float = 3.0,
+    window: int = 10,
+    kinds=("hidden", "mlp", "attn"),
+    seed: int = 0,
+    log=None,
+    progress=None,
+    journal: str | Path | None = None,
+    device_map=None,
+    max_memory=None,
+):
     """Causal tracing: one fact (every cell, each kind), or the MLP effect averaged over a file of facts.
 
     The model: `model`, else `journal`'s model (if that journal exists), else the embedded one.
@@ -318,31 +441,51 @@ def trace(prompt: str | None = None, subject: str | None = None, answer: str | N
     if facts_file is None and (prompt is None or subject is None):
         raise UserError("give --prompt and --subject, or --facts FILE")
     stored = _journal_meta(journal) if journal is not None and model is None else {}
-    lm = load_model(model or stored.get("model"), device=device, dtype=stored.get("dtype") or "float32",
-                    module_template=stored.get("module_template"), device_map=device_map, max_memory=max_memory,
-                    **kwargs)
+    lm = load_model(
+        model or stored.get("model"),
+        device=device,
+        dtype=stored.get("dtype") or "float32",
+        module_template=stored.get("module_template"),
+        device_map=device_map,
+        max_memory=max_memory,
+        **kwargs,
+    )
     if facts_file is None:
         if subject not in prompt:
             raise UserError(f"--subject {subject!r} does not occur in --prompt")
-        return trace_fact(lm, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window,
-                          seed=seed)
+        return trace_fact(
+            lm, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window, seed=seed
+        )
     facts = read_trace_facts(facts_file, limit)
-    effect, layer, results = average_trace(lm, facts, samples=samples, noise=noise, window=window, seed=seed,
-                                           progress=progress)
+    effect, layer, results = average_trace(
+        lm, facts, samples=samples, noise=noise, window=window, seed=seed, progress=progress
+    )
     save_recommendation(lm, layer, effect, len(facts))
     return effect, layer, results
 
 
-def compare(journal: str | Path = "romebatch.journal", *, facts_file: str | Path | None = None,
-            fact_ids=(), prompts=(), at: int | None = None, max_new_tokens: int | None = None,
-            sample: int | None = None, seed: int = 0, results: str | Path | None = None,
-            model: str | None = None, device: str = "cpu", log=None):
+def compare(
+    journal: str | Path = "romebatch.journal",
+    *,
+    facts_file: str | Path | None = None,
+    fact_ids=(),
+    prompts=(),
+    at: int | None = None,
+    max_new_tokens: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    results: str | Path | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+):
     """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.compare`.
 
     Selectors: a manifest (`facts_file`), journal fact ids, free `prompts`; none of them: a
     seeded sample of `sample` facts edited on the state's path.
     """
-    from .compare import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, compare as run_compare, select_facts
+    from .compare import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, select_facts
+    from .compare import compare as run_compare
     from .errors import UserError
 
     if facts_file is not None and fact_ids:
@@ -358,12 +501,24 @@ def compare(journal: str | Path = "romebatch.journal", *, facts_file: str | Path
             if at < 0:
                 raise UserError(f"--at {at}: give an edit number (0 = the base model)")
             j.edit(at)
-        facts = select_facts(j, manifest_facts=manifest_facts, fact_ids=list(fact_ids), prompts=list(prompts),
-                             at=at, sample=DEFAULT_SAMPLE if sample is None else sample, seed=seed)
+        facts = select_facts(
+            j,
+            manifest_facts=manifest_facts,
+            fact_ids=list(fact_ids),
+            prompts=list(prompts),
+            at=at,
+            sample=DEFAULT_SAMPLE if sample is None else sample,
+            seed=seed,
+        )
     kwargs = {"log": log} if log else {}
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
-        report = run_compare(editor, facts, list(prompts), at=at,
-                             max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens)
+        report = run_compare(
+            editor,
+            facts,
+            list(prompts),
+            at=at,
+            max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+        )
     if results:
         from .compare import write_compare_results
 
@@ -376,7 +531,8 @@ def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: 
 
     `out` also draws them as a PNG. See romebatch/curves.py for what each number is.
     """
-    from .curves import curves as read_curves, save_png
+    from .curves import curves as read_curves
+    from .curves import save_png
     from .errors import UserError
 
     if out is not None and Path(out).suffix.lower() != ".png":
@@ -387,9 +543,21 @@ def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: 
     return report
 
 
-def edit(subject: str, prompt: str, target_new: str, *, target_true: str | None = None, id: str | None = None,
-         journal: str | Path = "romebatch.journal", model: str | None = None, device: str = "cpu",
-         dtype: str | None = None, hparams: HParams | None = None, checks=DEFAULT_CHECKS, log=None):
+def edit(
+    subject: str,
+    prompt: str,
+    target_new: str,
+    *,
+    target_true: str | None = None,
+    id: str | None = None,
+    journal: str | Path = "romebatch.journal",
+    model: str | None = None,
+    device: str = "cpu",
+    dtype: str | None = None,
+    hparams: HParams | None = None,
+    checks=DEFAULT_CHECKS,
+    log=None,
+):
     """One fact, one call (for notebooks): validate it, edit it into `journal`, return its FactResult.
 
         romebatch.edit(subject="The Space Needle", prompt="{} is located in the city of",
@@ -413,8 +581,13 @@ def edit(subject: str, prompt: str, target_new: str, *, target_true: str | None 
         fact = dataclasses.replace(fact, id="edit-" + fact.hash.split(":")[-1][:8])
     kwargs = {"log": log} if log else {}
     stored = _journal_meta(journal)
-    lm = load_model(model or stored.get("model"), device=device, dtype=dtype or stored.get("dtype") or "float32",
-                    module_template=stored.get("module_template"), **kwargs)
+    lm = load_model(
+        model or stored.get("model"),
+        device=device,
+        dtype=dtype or stored.get("dtype") or "float32",
+        module_template=stored.get("module_template"),
+        **kwargs,
+    )
     check_facts_for_model(lm, [fact], max((n for n, _ in (hparams or HParams()).prefixes), default=0))
     with Editor(journal, lm=lm, hparams=hparams, **kwargs) as editor:
         result = editor.apply([fact], checks=checks)

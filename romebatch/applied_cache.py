@@ -25,8 +25,12 @@ def earlier_entry(row: dict) -> dict | None:
     if not (row["p_true_after"] is None or (row["p_new_after"] or 0) > row["p_true_after"]):
         return None
     fact = json.loads(row["fact_json"])
-    return {"text": fact["prompt"].replace("{}", fact["subject"], 1), "target_new": fact["target_new"],
-            "target_true": fact.get("target_true"), "p_new_after": row["p_new_after"]}
+    return {
+        "text": fact["prompt"].replace("{}", fact["subject"], 1),
+        "target_new": fact["target_new"],
+        "target_true": fact.get("target_true"),
+        "p_new_after": row["p_new_after"],
+    }
 
 
 class AppliedCache:

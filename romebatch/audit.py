@@ -67,12 +67,20 @@ def _check_schema(db: sqlite3.Connection, problems: list[str]) -> None:
     """The tables and indexes must be exactly what romebatch's migrations made, text included."""
     applied = [row[0] for row in db.execute("SELECT name FROM _migrations ORDER BY rowid")]
     expected = _expected_schema(tuple(applied))
-    actual = {(kind, name): sql for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")
-              if sql is not None}
+    actual = {
+        (kind, name): sql
+        for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")
+        if sql is not None
+    }
     for key in sorted(set(expected) | set(actual)):
         if expected.get(key) != actual.get(key):
-            what = "is missing" if key not in actual else "is not romebatch's" if key not in expected else \
-                "differs from what romebatch made"
+            what = (
+                "is missing"
+                if key not in actual
+                else "is not romebatch's"
+                if key not in expected
+                else "differs from what romebatch made"
+            )
             problems.append(f"the schema of {key[0]} {key[1]} {what} (the file was changed)")
 
 
@@ -85,12 +93,15 @@ def _expected_schema(applied: tuple[str, ...]) -> dict:
         from .journal import MIGRATIONS, migrate
 
         names = [m.__name__ for m in MIGRATIONS]
-        stop = names[len(applied)] if applied == tuple(names[:len(applied)]) and len(applied) < len(names) else None
+        stop = names[len(applied)] if applied == tuple(names[: len(applied)]) and len(applied) < len(names) else None
         db = sqlite3.connect(":memory:", isolation_level=None)
         db.row_factory = sqlite3.Row
         migrate(db, stop_before=stop)
-        _SCHEMAS[applied] = {(kind, name): sql for kind, name, sql in
-                             db.execute("SELECT type, name, sql FROM sqlite_master") if sql is not None}
+        _SCHEMAS[applied] = {
+            (kind, name): sql
+            for kind, name, sql in db.execute("SELECT type, name, sql FROM sqlite_master")
+            if sql is not None
+        }
         db.close()
     return _SCHEMAS[applied]
 
@@ -148,8 +159,10 @@ def _check_edits(edits: list[dict], meta: dict, hashed: bool, problems: list[str
         for seq, row in by_seq.items():
             expected = "applied" if seq in on_path else "rolled_back"
             if row.get("status") in _STATUSES and row["status"] != expected:
-                problems.append(f"edit {seq}: field status is {row['status']!r}, but it is "
-                                f"{'on' if seq in on_path else 'off'} the head's path")
+                problems.append(
+                    f"edit {seq}: field status is {row['status']!r}, but it is "
+                    f"{'on' if seq in on_path else 'off'} the head's path"
+                )
     if hashed:
         for seq, row in by_seq.items():
             parent = row.get("parent")
@@ -212,8 +225,10 @@ def _check_rejections(rows: list[dict], hashed: bool, problems: list[str]) -> No
 
 
 def _check_digests(db: sqlite3.Connection, meta: dict, problems: list[str]) -> None:
-    for key, table, column, what in ((integrity.EDITS_DIGEST, "edits", "seq", "edits"),
-                                     (integrity.REJECTIONS_DIGEST, "rejections", "id", "rejections")):
+    for key, table, column, what in (
+        (integrity.EDITS_DIGEST, "edits", "seq", "edits"),
+        (integrity.REJECTIONS_DIGEST, "rejections", "id", "rejections"),
+    ):
         if meta.get(key, "") != integrity.table_digest(db, table, column):
             problems.append(f"the {what} table does not match its digest (a row was added, deleted or moved)")
     stored = meta.get(integrity.META_DIGEST)

@@ -54,12 +54,24 @@ REPAIR_MARKS = "repair_passes"
 DERIVED_EDIT_COLUMNS = frozenset({"status", "row_hash"})
 DERIVED_REJECTION_COLUMNS = frozenset({"id", "row_hash"})
 # Meta keys about the journal itself (its head, layout and digests), not about its edits.
-DERIVED_META = frozenset({"head", "max_seq", "format", "edits_digest", "rejections_digest", "meta_digest",
-                          REPAIR_PLAN, REPAIR_MARKS})
+DERIVED_META = frozenset(
+    {"head", "max_seq", "format", "edits_digest", "rejections_digest", "meta_digest", REPAIR_PLAN, REPAIR_MARKS}
+)
 # What applying reads from every edit row, with the type it must have.
-REQUIRED = {"seq": int, "parent": int, "layer": int, "weight_name": str, "fact_hash": str, "fact_id": str,
-            "weight_hash_before": str, "weight_hash_after": str, "lam": bytes, "u": bytes,
-            "denominator": float, "update_norm": float}
+REQUIRED = {
+    "seq": int,
+    "parent": int,
+    "layer": int,
+    "weight_name": str,
+    "fact_hash": str,
+    "fact_id": str,
+    "weight_hash_before": str,
+    "weight_hash_after": str,
+    "lam": bytes,
+    "u": bytes,
+    "denominator": float,
+    "update_norm": float,
+}
 
 
 def _sha256(data: bytes) -> str:
@@ -95,8 +107,10 @@ def _tables(rows: list[dict], exclude: frozenset, table: str, tensors: dict) -> 
         data = b"".join(parts)
         tensors[f"{table}.{column}"] = np.frombuffer(data, dtype="<f4" if float32 else np.uint8).copy()
         blobs[column] = {"dtype": "F32" if float32 else "U8", "spans": spans}
-    cells = [[None if column in blobs and isinstance(row[column], bytes) else row[column] for column in columns]
-             for row in rows]
+    cells = [
+        [None if column in blobs and isinstance(row[column], bytes) else row[column] for column in columns]
+        for row in rows
+    ]
     return {"columns": columns, "rows": cells, "blobs": blobs}
 
 
@@ -126,16 +140,18 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         last = chain[-1] if last is None else last
         for flag, seq in (("--from", first), ("--to", last)):
             if seq not in chain:
-                raise UserError(f"{flag} {seq}: not an edit on the head's path of journal {journal} "
-                                f"({len(chain)} edits, {chain[0]}..{chain[-1]})")
+                raise UserError(
+                    f"{flag} {seq}: not an edit on the head's path of journal {journal} "
+                    f"({len(chain)} edits, {chain[0]}..{chain[-1]})"
+                )
         i, k = chain.index(first), chain.index(last)
         if i > k:
             raise UserError(f"--from {first} comes after --to {last} on the head's path")
-        seqs = chain[i:k + 1]
+        seqs = chain[i : k + 1]
         start_seq = chain[i - 1] if i else 0
         after = {seq: (layer, h) for seq, layer, h in j.db.execute("SELECT seq, layer, weight_hash_after FROM edits")}
         start, end = {}, {}
-        for position, seq in enumerate(chain[:k + 1]):
+        for position, seq in enumerate(chain[: k + 1]):
             layer, h = after[seq]
             end[layer] = h
             if position < i:
@@ -155,10 +171,14 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         base_hash = j.get("base_hash")
     tensors: dict = {}
     doc = {
-        "magic": MAGIC, "version": VERSION, "base_hash": base_hash,
+        "magic": MAGIC,
+        "version": VERSION,
+        "base_hash": base_hash,
         "start": {"seq": start_seq, "weights": state_name(start)},
         "end": {"seq": last, "weights": state_name(end)},
-        "meta": meta, REPAIR_MARKS: marks, REPAIR_PLAN: plan,
+        "meta": meta,
+        REPAIR_MARKS: marks,
+        REPAIR_PLAN: plan,
         "edits": _tables(rows, DERIVED_EDIT_COLUMNS, "edits", tensors),
         "rejections": _tables(rejections, DERIVED_REJECTION_COLUMNS, "rejections", tensors),
     }
@@ -176,8 +196,15 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         if isinstance(error, OSError):
             raise UserError(f"could not write {out} ({error})", hint="free some space and run it again") from error
         raise
-    return {"bundle": str(out), "edits": len(seqs), "from": first, "to": last, "start": start_seq,
-            "rejections": len(rejections), "bytes": out.stat().st_size}
+    return {
+        "bundle": str(out),
+        "edits": len(seqs),
+        "from": first,
+        "to": last,
+        "start": start_seq,
+        "rejections": len(rejections),
+        "bytes": out.stat().st_size,
+    }
 
 
 def _save(tensors: dict, metadata: dict, path: str) -> None:
@@ -193,7 +220,11 @@ def _save(tensors: dict, metadata: dict, path: str) -> None:
     for name in sorted(tensors):
         data = tensors[name].tobytes()
         dtype = {"float32": "F32", "uint8": "U8"}[str(tensors[name].dtype)]
-        header[name] = {"dtype": dtype, "shape": list(tensors[name].shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(tensors[name].shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
         blobs.append(data)
     text = json.dumps(header, ensure_ascii=True, separators=(",", ":")).encode("ascii")
@@ -216,7 +247,7 @@ def _umask() -> int:
 def _select(db: sqlite3.Connection, table: str, key: str, keys: list[int]) -> list[dict]:
     rows: dict[int, dict] = {}
     for begin in range(0, len(keys), 500):  # SQLite caps the parameters of one statement
-        part = keys[begin:begin + 500]
+        part = keys[begin : begin + 500]
         for row in db.execute(f"SELECT * FROM {table} WHERE {key} IN ({','.join('?' * len(part))})", part):
             rows[row[key]] = dict(row)
     return [rows[k] for k in keys]
@@ -271,33 +302,64 @@ def read_bundle(path: str | Path) -> Bundle:
         raise UserError(f"{path}: damaged: its document is not JSON ({error})") from None
     where = f"{path}"
     _expect(isinstance(doc, dict) and doc.get("magic") == MAGIC, where, "not a romebatch bundle")
-    _expect(doc.get("version") == VERSION, where,
-            f"bundle version {doc.get('version')!r}; this romebatch reads version {VERSION} (a newer romebatch wrote it?)")
+    _expect(
+        doc.get("version") == VERSION,
+        where,
+        f"bundle version {doc.get('version')!r}; this romebatch reads version {VERSION} (a newer romebatch wrote it?)",
+    )
     listed = doc.get("tensors")
-    _expect(isinstance(listed, dict) and set(listed) == set(tensors), where, "damaged: its tensors are not the listed ones")
+    _expect(
+        isinstance(listed, dict) and set(listed) == set(tensors), where, "damaged: its tensors are not the listed ones"
+    )
     for name, tensor in tensors.items():
         if _sha256(tensor.tobytes()) != listed[name]:
             raise UserError(f"{path}: damaged: tensor {name} does not match its checksum", hint="copy the bundle again")
     _expect(isinstance(doc.get("base_hash"), str), where, "field base_hash: not a hash")
     for side in ("start", "end"):
         state = doc.get(side)
-        _expect(isinstance(state, dict) and _is_int(state.get("seq")) and isinstance(state.get("weights"), dict)
-                and all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in state["weights"].items()),
-                where, f"field {side}: not a state")
-    _expect(isinstance(doc.get("meta"), dict) and isinstance(doc["meta"].get("hparams"), dict)
-            and isinstance(doc["meta"].get("model"), str), where, "field meta: no model and hyper-parameters")
-    _expect(isinstance(doc.get(REPAIR_MARKS), list) and all(_is_int(m) for m in doc[REPAIR_MARKS]), where,
-            f"field {REPAIR_MARKS}: not a list of seqs")
-    _expect(doc.get(REPAIR_PLAN) is None or (isinstance(doc[REPAIR_PLAN], dict) and _is_int(doc[REPAIR_PLAN].get("at"))),
-            where, f"field {REPAIR_PLAN}: not a repair plan")
+        _expect(
+            isinstance(state, dict)
+            and _is_int(state.get("seq"))
+            and isinstance(state.get("weights"), dict)
+            and all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in state["weights"].items()),
+            where,
+            f"field {side}: not a state",
+        )
+    _expect(
+        isinstance(doc.get("meta"), dict)
+        and isinstance(doc["meta"].get("hparams"), dict)
+        and isinstance(doc["meta"].get("model"), str),
+        where,
+        "field meta: no model and hyper-parameters",
+    )
+    _expect(
+        isinstance(doc.get(REPAIR_MARKS), list) and all(_is_int(m) for m in doc[REPAIR_MARKS]),
+        where,
+        f"field {REPAIR_MARKS}: not a list of seqs",
+    )
+    _expect(
+        doc.get(REPAIR_PLAN) is None or (isinstance(doc[REPAIR_PLAN], dict) and _is_int(doc[REPAIR_PLAN].get("at"))),
+        where,
+        f"field {REPAIR_PLAN}: not a repair plan",
+    )
     edits = _rows(doc.get("edits"), tensors, "edits", where)
     rejections = _rows(doc.get("rejections"), tensors, "rejections", where)
     _expect(bool(edits), where, "holds no edits")
     for index, row in enumerate(edits):
         for column, kind in REQUIRED.items():
             value = row.get(column)
-            ok = _is_int(value) if kind is int else isinstance(value, (int, float)) if kind is float else isinstance(value, kind)
-            _expect(ok and not isinstance(value, bool), where, f"edit {index + 1}: field {column!r}: missing or not {kind.__name__}")
+            ok = (
+                _is_int(value)
+                if kind is int
+                else isinstance(value, (int, float))
+                if kind is float
+                else isinstance(value, kind)
+            )
+            _expect(
+                ok and not isinstance(value, bool),
+                where,
+                f"edit {index + 1}: field {column!r}: missing or not {kind.__name__}",
+            )
     for index, row in enumerate(rejections):
         _expect(_is_int(row.get("parent")), where, f"rejection {index + 1}: field 'parent': not a seq")
     return Bundle(path, doc, edits, rejections)
@@ -313,32 +375,61 @@ def _expect(condition: bool, where: str, what: str) -> None:
 
 
 def _rows(table, tensors: dict, name: str, where: str) -> list[dict]:
-    _expect(isinstance(table, dict) and isinstance(table.get("columns"), list) and isinstance(table.get("rows"), list)
-            and isinstance(table.get("blobs"), dict), where, f"field {name}: not a table")
+    _expect(
+        isinstance(table, dict)
+        and isinstance(table.get("columns"), list)
+        and isinstance(table.get("rows"), list)
+        and isinstance(table.get("blobs"), dict),
+        where,
+        f"field {name}: not a table",
+    )
     columns = table["columns"]
-    _expect(all(isinstance(c, str) and c.isidentifier() for c in columns) and len(set(columns)) == len(columns), where,
-            f"field {name}: bad column names")
+    _expect(
+        all(isinstance(c, str) and c.isidentifier() for c in columns) and len(set(columns)) == len(columns),
+        where,
+        f"field {name}: bad column names",
+    )
     scalars = (str, int, float, type(None))
     rows = []
     for index, cells in enumerate(table["rows"]):
-        _expect(isinstance(cells, list) and len(cells) == len(columns)
-                and all(isinstance(c, scalars) for c in cells), where, f"{name} row {index + 1}: not a row of scalars")
+        _expect(
+            isinstance(cells, list) and len(cells) == len(columns) and all(isinstance(c, scalars) for c in cells),
+            where,
+            f"{name} row {index + 1}: not a row of scalars",
+        )
         rows.append(dict(zip(columns, cells)))
     for column, blob in table["blobs"].items():
-        _expect(column in columns and isinstance(blob, dict) and blob.get("dtype") in ("F32", "U8")
-                and isinstance(blob.get("spans"), list) and len(blob["spans"]) == len(rows), where,
-                f"field {name}: column {column!r}: bad blob index")
+        _expect(
+            column in columns
+            and isinstance(blob, dict)
+            and blob.get("dtype") in ("F32", "U8")
+            and isinstance(blob.get("spans"), list)
+            and len(blob["spans"]) == len(rows),
+            where,
+            f"field {name}: column {column!r}: bad blob index",
+        )
         data = tensors.get(f"{name}.{column}")
-        _expect(data is not None and data.ndim == 1 and str(data.dtype) == ("float32" if blob["dtype"] == "F32" else "uint8"),
-                where, f"field {name}: column {column!r}: no tensor of its type")
+        _expect(
+            data is not None
+            and data.ndim == 1
+            and str(data.dtype) == ("float32" if blob["dtype"] == "F32" else "uint8"),
+            where,
+            f"field {name}: column {column!r}: no tensor of its type",
+        )
         raw = data.tobytes()
         width = 4 if blob["dtype"] == "F32" else 1
         for row, span in zip(rows, blob["spans"]):
             if span is None:
                 continue
-            _expect(isinstance(span, list) and len(span) == 2 and all(_is_int(s) and s >= 0 for s in span)
-                    and span[0] + span[1] <= data.shape[0], where, f"field {name}: column {column!r}: bad span")
-            row[column] = raw[span[0] * width:(span[0] + span[1]) * width]
+            _expect(
+                isinstance(span, list)
+                and len(span) == 2
+                and all(_is_int(s) and s >= 0 for s in span)
+                and span[0] + span[1] <= data.shape[0],
+                where,
+                f"field {name}: column {column!r}: bad span",
+            )
+            row[column] = raw[span[0] * width : (span[0] + span[1]) * width]
     return rows
 
 
@@ -378,8 +469,16 @@ def _defining(hparams: dict, where: str) -> dict:
     return {k: v for k, v in hp.defining().items() if k != "layer"}
 
 
-def apply_bundles(paths, journal: str | Path, *, model: str | None = None, device: str = "cpu",
-                  dry_run: bool = False, lm=None, log=None) -> list[BundleApplied]:
+def apply_bundles(
+    paths,
+    journal: str | Path,
+    *,
+    model: str | None = None,
+    device: str = "cpu",
+    dry_run: bool = False,
+    lm=None,
+    log=None,
+) -> list[BundleApplied]:
     """Append the edits of each bundle, in order, to `journal`, each verified whole before it is written.
 
     Every bundle is read and checked (checksums, base model) before the journal is opened;
@@ -411,14 +510,19 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
             raise BaseModelMismatchError(
                 f"{b.path}: made on base model {b.meta.get('model')} ({b.base_hash[:19]}…), but {lm.spec} has "
                 f"different weights ({base_hash[:19]}…); nothing was written",
-                hint="apply it to a journal of the model it was made on (--model)")
+                hint="apply it to a journal of the model it was made on (--model)",
+            )
     editor, target = None, _Target(None, 0)
     try:
         if stored.get("base_hash"):
             editor = Editor(journal, lm=lm, write=not dry_run, **kwargs)
-            target = _Target(None if dry_run else editor.journal, editor.head,
-                             {r.layer for r in editor.journal.path()}, editor.journal.get("hparams"),
-                             list(editor.journal.get(REPAIR_MARKS) or []))
+            target = _Target(
+                None if dry_run else editor.journal,
+                editor.head,
+                {r.layer for r in editor.journal.path()},
+                editor.journal.get("hparams"),
+                list(editor.journal.get(REPAIR_MARKS) or []),
+            )
             columns = {"edits": editor.journal.columns("edits"), "rejections": editor.journal.columns("rejections")}
         else:
             columns = _fresh_columns()
@@ -431,14 +535,18 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
                 ours, theirs = _defining(target.hparams, f"journal {journal}"), _defining(b.meta["hparams"], where)
                 for key in sorted(set(ours) | set(theirs)):
                     if ours.get(key) != theirs.get(key):
-                        raise UserError(f"{where}: its edits were made with {key}={theirs.get(key)!r}, journal "
-                                        f"{journal} with {ours.get(key)!r}; nothing was written")
+                        raise UserError(
+                            f"{where}: its edits were made with {key}={theirs.get(key)!r}, journal "
+                            f"{journal} with {ours.get(key)!r}; nothing was written"
+                        )
             for table, cols in columns.items():
                 rows = b.edits if table == "edits" else b.rejections
                 extra = sorted({c for row in rows for c in row} - set(cols) - {"seq", "parent"})
                 if extra:
-                    raise UserError(f"{where}: carries column {table}.{extra[0]}, which journal {journal} does not have "
-                                    f"(a newer romebatch made it?); nothing was written")
+                    raise UserError(
+                        f"{where}: carries column {table}.{extra[0]}, which journal {journal} does not have "
+                        f"(a newer romebatch made it?); nothing was written"
+                    )
             state = {str(layer): weight_hash(lm.weight(layer)) for layer in sorted(target.touched)}
             if state == b.end["weights"] and state != b.start["weights"]:
                 results.append(BundleApplied(where, 0, 0, None, None, target.head, already=True, dry_run=dry_run))
@@ -447,7 +555,8 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
                 raise UserError(
                     f"{where}: starts from the state of its edit {b.start['seq']}, but journal {journal}'s head "
                     f"({target.head}) is another state; nothing was written",
-                    hint="apply the bundles before it first, or roll the journal back to that state")
+                    hint="apply the bundles before it first, or roll the journal back to that state",
+                )
             layers = {row["layer"] for row in b.edits}
             bad = sorted(layer for layer in layers if not 0 <= layer < lm.n_layers)
             if bad:
@@ -457,35 +566,53 @@ def apply_bundles(paths, journal: str | Path, *, model: str | None = None, devic
                 for index, row in enumerate(b.edits):
                     layer, name = row["layer"], f"{where}: edit {index + 1} (seq {row['seq']}, fact {row['fact_id']})"
                     if row["weight_name"] != lm.name("down_proj", layer):
-                        raise UserError(f"{name}: edits {row['weight_name']}, but layer {layer}'s down-projection "
-                                        f"is {lm.name('down_proj', layer)}; nothing was written")
+                        raise UserError(
+                            f"{name}: edits {row['weight_name']}, but layer {layer}'s down-projection "
+                            f"is {lm.name('down_proj', layer)}; nothing was written"
+                        )
                     weight = lm.weight(layer)
                     if weight_hash(weight) != row["weight_hash_before"]:
-                        raise UserError(f"{name}: was computed on other weights than the ones it applies to "
-                                        f"(weight before {weight_hash(weight)[:19]}…, recorded "
-                                        f"{row['weight_hash_before'][:19]}…); nothing was written")
+                        raise UserError(
+                            f"{name}: was computed on other weights than the ones it applies to "
+                            f"(weight before {weight_hash(weight)[:19]}…, recorded "
+                            f"{row['weight_hash_before'][:19]}…); nothing was written"
+                        )
                     lam, u = blob_vector(row["lam"]), blob_vector(row["u"])
                     shape = (lam.shape[0], u.shape[0])[:: -1 if lm.adapter.conv1d else 1]
                     if tuple(weight.shape) != shape:
-                        raise UserError(f"{name}: its factors make a {shape} update of a {tuple(weight.shape)} "
-                                        f"weight; nothing was written")
-                    apply_edit(lm, RankOneEdit(layer, torch.from_numpy(lam), torch.from_numpy(u),
-                                               float(row["denominator"]), float(row["update_norm"])))
+                        raise UserError(
+                            f"{name}: its factors make a {shape} update of a {tuple(weight.shape)} "
+                            f"weight; nothing was written"
+                        )
+                    apply_edit(
+                        lm,
+                        RankOneEdit(
+                            layer,
+                            torch.from_numpy(lam),
+                            torch.from_numpy(u),
+                            float(row["denominator"]),
+                            float(row["update_norm"]),
+                        ),
+                    )
                     if weight_hash(weight) != row["weight_hash_after"]:
-                        raise UserError(f"{name}: its factors give weight {weight_hash(weight)[:19]}…, but it "
-                                        f"recorded {row['weight_hash_after'][:19]}…; nothing was written")
+                        raise UserError(
+                            f"{name}: its factors give weight {weight_hash(weight)[:19]}…, but it "
+                            f"recorded {row['weight_hash_after'][:19]}…; nothing was written"
+                        )
                 end = {str(layer): weight_hash(lm.weight(layer)) for layer in sorted(layers | target.touched)}
                 if end != b.end["weights"]:
-                    raise UserError(f"{where}: its edits end in another state than the one it recorded; "
-                                    f"nothing was written")
+                    raise UserError(
+                        f"{where}: its edits end in another state than the one it recorded; nothing was written"
+                    )
             except BaseException:
                 with torch.no_grad():
                     for layer, weight in kept.items():
                         lm.weight(layer).copy_(weight)  # the model stays at the journal's head
                 raise
             if dry_run:
-                results.append(BundleApplied(where, len(b.edits), len(b.rejections), None, None, target.head,
-                                             dry_run=True))
+                results.append(
+                    BundleApplied(where, len(b.edits), len(b.rejections), None, None, target.head, dry_run=True)
+                )
                 target.touched |= layers
                 continue
             fresh = target.journal is None
@@ -562,6 +689,8 @@ def _fresh_columns() -> dict[str, list[str]]:
     db = sqlite3.connect(":memory:", isolation_level=None)
     try:
         migrate(db)
-        return {table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in ("edits", "rejections")}
+        return {
+            table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in ("edits", "rejections")
+        }
     finally:
         db.close()

@@ -14,7 +14,7 @@ import sqlite3
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,10 +30,16 @@ app = typer.Typer(
 
 # Shared options: the same name and behaviour in every command.
 JournalOpt = Annotated[Path, typer.Option("--journal", "-j", envvar="ROMEBATCH_JOURNAL", help="Journal directory.")]
-ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", envvar="ROMEBATCH_MODEL",
-    help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
-         "else the embedded Gemma-3-270M.")]
+ModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        "-m",
+        envvar="ROMEBATCH_MODEL",
+        help="HF id (local cache), model folder or .gguf file; default: the journal's model, "
+        "else the embedded Gemma-3-270M.",
+    ),
+]
 
 
 # Enumerations are typer choices, so a typo is a usage error (exit 2) before anything loads.
@@ -83,11 +89,18 @@ def _value(choice):
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N.")]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Weights' dtype while editing.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print a JSON object as the last line of stdout.")]
-DeviceMapOpt = Annotated[Optional[str], typer.Option(
-    "--device-map", help="Spread the model over devices, CPU and disk: auto, balanced, sequential, or a FILE.json "
-                         "of module: device (accelerate's dispatch; --device is then unused).")]
-MaxMemoryOpt = Annotated[Optional[str], typer.Option(
-    "--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'.")]
+DeviceMapOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--device-map",
+        help="Spread the model over devices, CPU and disk: auto, balanced, sequential, or a FILE.json "
+        "of module: device (accelerate's dispatch; --device is then unused).",
+    ),
+]
+MaxMemoryOpt = Annotated[
+    str | None,
+    typer.Option("--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'."),
+]
 DEFAULT_JOURNAL = Path("romebatch.journal")
 # The ROME settings' defaults, shown in --help (hparams.py imports no torch). A journal that
 # exists keeps the settings it was made with.
@@ -123,12 +136,18 @@ _LOG.setLevel(logging.INFO)  # -q and -v change it (_root)
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Print romebatch's version and exit.")] = False,
-    quiet: Annotated[bool, typer.Option(
-        "--quiet", "-q", help="No progress or status lines; tables, reports, errors and --json still print.")] = False,
-    verbose: Annotated[bool, typer.Option(
-        "--verbose", "-v", help="Also print every edit as it is made, above the progress bar.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print romebatch's version and exit.")
+    ] = False,
+    quiet: Annotated[
+        bool,
+        typer.Option(
+            "--quiet", "-q", help="No progress or status lines; tables, reports, errors and --json still print."
+        ),
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Also print every edit as it is made, above the progress bar.")
+    ] = False,
 ):
     """Apply thousands of ROME fact edits to a language model: journaled, checked, reversible."""
     _LOG.setLevel(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
@@ -158,7 +177,7 @@ def _emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
 
-def _hparams(hparams_file: Optional[Path], **flags):
+def _hparams(hparams_file: Path | None, **flags):
     """None when the user set nothing (an existing journal then keeps its own hyper-parameters)."""
     from .hparams import HParams, load_hparams
 
@@ -171,55 +190,98 @@ def _hparams(hparams_file: Optional[Path], **flags):
 
 @app.command()
 def apply(
-    manifest: Annotated[Path, typer.Argument(
-        help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json; or a .rbundle of edits made elsewhere.")],
+    manifest: Annotated[
+        Path,
+        typer.Argument(
+            help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json; or a .rbundle of edits made elsewhere."
+        ),
+    ],
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
-    layer: Annotated[Optional[str], typer.Option(
-        help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default "
-             "(1 on Gemma-3-270M), else a quarter of its depth.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Apply only the first N facts of the manifest.")] = None,
-    results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
-    hparams: Annotated[Optional[Path], typer.Option(help="YAML file of hyper-parameters.")] = None,
-    v_steps: Annotated[Optional[int], typer.Option(
-        help="Max Adam steps for v*; default 20, 25 for Llama-style models (Gemma included).")] = None,
-    v_lr: Annotated[Optional[float], typer.Option(help=f"Adam learning rate for v*; default {_HP.v_lr:g}.")] = None,
-    kl_factor: Annotated[Optional[float], typer.Option(
-        help=f"Weight of the essence KL term; default {_HP.kl_factor:g}.")] = None,
-    mom2: Annotated[Optional[Mom2], typer.Option(help="second_moment (default) or identity (C = I).")] = None,
-    stats_corpus: Annotated[Optional[Path], typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
-    stats_tokens: Annotated[Optional[int], typer.Option(
-        help=f"Corpus tokens for the key statistics; default {_HP.stats_tokens:,}.")] = None,
-    stats_sampling: Annotated[Optional[Sampling], typer.Option(
-        help="Without --stats-corpus, how the model's own text is sampled: encyclopedic (default) or plain.")] = None,
-    module_template: Annotated[Optional[str], typer.Option(
-        help="Down-projection path with {} for the layer, for an architecture not built in.")] = None,
-    on_regression: Annotated[OnRegression, typer.Option(
-        help="After each edit: warn, skip (reject the edit) or stop when a regression check fails.")] = OnRegression.warn,
-    max_neighborhood_drop: Annotated[float, typer.Option(
-        help="Share of the fact's neighbourhood prompts an edit may flip to its new object.")] = 0.5,
-    max_probe_regression: Annotated[float, typer.Option(
-        help="Share of sampled probes that may lose half their probability.")] = 0.2,
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default "
+            "(1 on Gemma-3-270M), else a quarter of its depth."
+        ),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Apply only the first N facts of the manifest.")] = None,
+    results: Annotated[Path | None, typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
+    hparams: Annotated[Path | None, typer.Option(help="YAML file of hyper-parameters.")] = None,
+    v_steps: Annotated[
+        int | None, typer.Option(help="Max Adam steps for v*; default 20, 25 for Llama-style models (Gemma included).")
+    ] = None,
+    v_lr: Annotated[float | None, typer.Option(help=f"Adam learning rate for v*; default {_HP.v_lr:g}.")] = None,
+    kl_factor: Annotated[
+        float | None, typer.Option(help=f"Weight of the essence KL term; default {_HP.kl_factor:g}.")
+    ] = None,
+    mom2: Annotated[Mom2 | None, typer.Option(help="second_moment (default) or identity (C = I).")] = None,
+    stats_corpus: Annotated[Path | None, typer.Option(help="Text or JSONL corpus for the key statistics.")] = None,
+    stats_tokens: Annotated[
+        int | None, typer.Option(help=f"Corpus tokens for the key statistics; default {_HP.stats_tokens:,}.")
+    ] = None,
+    stats_sampling: Annotated[
+        Sampling | None,
+        typer.Option(
+            help="Without --stats-corpus, how the model's own text is sampled: encyclopedic (default) or plain."
+        ),
+    ] = None,
+    module_template: Annotated[
+        str | None, typer.Option(help="Down-projection path with {} for the layer, for an architecture not built in.")
+    ] = None,
+    on_regression: Annotated[
+        OnRegression,
+        typer.Option(help="After each edit: warn, skip (reject the edit) or stop when a regression check fails."),
+    ] = OnRegression.warn,
+    max_neighborhood_drop: Annotated[
+        float, typer.Option(help="Share of the fact's neighbourhood prompts an edit may flip to its new object.")
+    ] = 0.5,
+    max_probe_regression: Annotated[
+        float, typer.Option(help="Share of sampled probes that may lose half their probability.")
+    ] = 0.2,
     min_retention: Annotated[float, typer.Option(help="Share of sampled earlier edits that must still hold.")] = 0.8,
     probe_budget: Annotated[float, typer.Option(help="Share of an edit's time the checks may take.")] = 0.25,
     no_probes: Annotated[bool, typer.Option("--no-probes", help="Skip the regression checks.")] = False,
-    repair_every: Annotated[int, typer.Option(
-        help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")] = 100,
-    preserve: Annotated[Optional[Preserve], typer.Option(
-        help=f"Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them); "
-             f"default {_HP.preserve}.")] = None,
-    preserve_weight: Annotated[Optional[float], typer.Option(
-        help=f"λ for --preserve covariance; default {_HP.preserve_weight:g}.")] = None,
-    spread_layers: Annotated[Optional[int], typer.Option(
-        help=f"Spread edits round-robin over this many layers from --layer; default {_HP.spread_layers}.")] = None,
-    exact_protocol: Annotated[bool, typer.Option(
-        "--exact-protocol", help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.")] = False,
+    repair_every: Annotated[
+        int, typer.Option(help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")
+    ] = 100,
+    preserve: Annotated[
+        Preserve | None,
+        typer.Option(
+            help=f"Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them); "
+            f"default {_HP.preserve}."
+        ),
+    ] = None,
+    preserve_weight: Annotated[
+        float | None, typer.Option(help=f"λ for --preserve covariance; default {_HP.preserve_weight:g}.")
+    ] = None,
+    spread_layers: Annotated[
+        int | None,
+        typer.Option(help=f"Spread edits round-robin over this many layers from --layer; default {_HP.spread_layers}."),
+    ] = None,
+    exact_protocol: Annotated[
+        bool,
+        typer.Option(
+            "--exact-protocol",
+            help="Optimise v* the plain way (all tokens, all layers, full logits): slower, same result.",
+        ),
+    ] = False,
     device: DeviceOpt = "cpu",
-    dtype: Annotated[Optional[Dtype], typer.Option(
-        "--dtype", help="float32, bfloat16 or float16; default: the journal's own, float32 for a new one.")] = None,
-    retry_rejected: Annotated[bool, typer.Option(
-        "--retry-rejected", help="Try again the facts an earlier run rejected (they are skipped otherwise).")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")] = False,
+    dtype: Annotated[
+        Dtype | None,
+        typer.Option(
+            "--dtype", help="float32, bfloat16 or float16; default: the journal's own, float32 for a new one."
+        ),
+    ] = None,
+    retry_rejected: Annotated[
+        bool,
+        typer.Option(
+            "--retry-rejected", help="Try again the facts an earlier run rejected (they are skipped otherwise)."
+        ),
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")
+    ] = False,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -229,8 +291,8 @@ def apply(
     Re-running the same manifest resumes: facts already in the journal (by content hash)
     are skipped. Ctrl-C stops cleanly after the current edit.
     """
-    from .errors import UserError, one_line
     from .bundle import SUFFIX
+    from .errors import UserError, one_line
 
     if manifest.suffix == SUFFIX:
         return _apply_bundle(manifest, journal, model, device, dry_run, json_out)
@@ -248,16 +310,30 @@ def apply(
         raise UserError(f"--limit {limit}: give zero or more facts")
     if repair_every < 0:
         raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
-    for name, value in (("--max-neighborhood-drop", max_neighborhood_drop), ("--max-probe-regression",
-                        max_probe_regression), ("--min-retention", min_retention), ("--probe-budget", probe_budget)):
+    for name, value in (
+        ("--max-neighborhood-drop", max_neighborhood_drop),
+        ("--max-probe-regression", max_probe_regression),
+        ("--min-retention", min_retention),
+        ("--probe-budget", probe_budget),
+    ):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{name} {value}: give a share between 0 and 1")
     loaded = load_manifest(manifest, limit=limit)  # validates everything before any model is loaded
-    hp = _hparams(hparams, v_steps=v_steps, v_lr=v_lr, kl_factor=kl_factor, mom2=_value(mom2),
-                  stats_corpus=str(stats_corpus) if stats_corpus else None, stats_tokens=stats_tokens,
-                  stats_sampling=_value(stats_sampling), layer=layer if isinstance(layer, int) else None,
-                  exact_protocol=exact_protocol or None, preserve=_value(preserve), preserve_weight=preserve_weight,
-                  spread_layers=spread_layers)
+    hp = _hparams(
+        hparams,
+        v_steps=v_steps,
+        v_lr=v_lr,
+        kl_factor=kl_factor,
+        mom2=_value(mom2),
+        stats_corpus=str(stats_corpus) if stats_corpus else None,
+        stats_tokens=stats_tokens,
+        stats_sampling=_value(stats_sampling),
+        layer=layer if isinstance(layer, int) else None,
+        exact_protocol=exact_protocol or None,
+        preserve=_value(preserve),
+        preserve_weight=preserve_weight,
+        spread_layers=spread_layers,
+    )
     if dry_run:
         from .api import pending_facts, rerun_counts
 
@@ -265,34 +341,69 @@ def apply(
         again = rerun_counts(loaded.facts, journal)
         rows = [{"id": f.id, "subject": f.subject, "prompt": f.prompt, "target_new": f.target_new} for f in pending]
         if json_out:
-            _emit_json({"manifest": str(manifest), "facts": len(loaded.facts), "pending": rows, "layer": layer,
-                        "already_applied": again["applied"], "rejected_earlier": again["rejected"],
-                        "retry_rejected": retry_rejected, "rolled_back": again["rolled_back"]})
+            _emit_json(
+                {
+                    "manifest": str(manifest),
+                    "facts": len(loaded.facts),
+                    "pending": rows,
+                    "layer": layer,
+                    "already_applied": again["applied"],
+                    "rejected_earlier": again["rejected"],
+                    "retry_rejected": retry_rejected,
+                    "rolled_back": again["rolled_back"],
+                }
+            )
         else:
-            _say(f"{manifest}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
-                 f"{len(pending)} pending for journal {journal}" + (f" at layer {layer}" if layer is not None else ""))
+            _say(
+                f"{manifest}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
+                f"{len(pending)} pending for journal {journal}" + (f" at layer {layer}" if layer is not None else "")
+            )
             if any(again.values()):
-                _say(f"  {again['applied']} applied already (skipped); {again['rejected']} rejected earlier ("
-                     + ("retried: --retry-rejected" if retry_rejected else "skipped; --retry-rejected tries them again")
-                     + f"); {again['rolled_back']} rolled back (applied again)")
+                _say(
+                    f"  {again['applied']} applied already (skipped); {again['rejected']} rejected earlier ("
+                    + ("retried: --retry-rejected" if retry_rejected else "skipped; --retry-rejected tries them again")
+                    + f"); {again['rolled_back']} rolled back (applied again)"
+                )
             for row in rows[:50]:
                 _say(f"  {row['id']}: {row['prompt'].replace('{}', row['subject'])} -> {row['target_new']}")
         return
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from . import api
     from .probes import Thresholds
 
-    checks = None if no_probes else Thresholds(
-        max_neighborhood_drop=max_neighborhood_drop, max_probe_regression=max_probe_regression,
-        min_retention=min_retention, probe_budget=probe_budget)
+    checks = (
+        None
+        if no_probes
+        else Thresholds(
+            max_neighborhood_drop=max_neighborhood_drop,
+            max_probe_regression=max_probe_regression,
+            min_retention=min_retention,
+            probe_budget=probe_budget,
+        )
+    )
     from .report import render_apply
 
     console = _console()
-    progress = Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.description}"),
-                        console=console, disable=json_out or not console.is_terminal)
+    progress = Progress(
+        TextColumn("[bold]{task.fields[label]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        disable=json_out or not console.is_terminal,
+    )
     stats_task = progress.add_task("", total=None, visible=False, label="key statistics (tokens)")
     task = progress.add_task("", total=len(loaded.facts), label="editing")
 
@@ -316,9 +427,17 @@ def apply(
 
     def on_stage(stage, fact_id):
         # Repairs and the probes' base answers are stages of their own on the bar's label.
-        progress.update(task, label={"editing": "editing", "repairing": "repair pass", "repair scoring":
-                                     "repair pass (scoring)", "probes": "probes (base answers)"}.get(stage, stage),
-                        description=status_line(f"now {fact_id}" if fact_id else None), refresh=True)
+        progress.update(
+            task,
+            label={
+                "editing": "editing",
+                "repairing": "repair pass",
+                "repair scoring": "repair pass (scoring)",
+                "probes": "probes (base answers)",
+            }.get(stage, stage),
+            description=status_line(f"now {fact_id}" if fact_id else None),
+            refresh=True,
+        )
 
     def on_edit(row):
         if row.warning:
@@ -326,21 +445,44 @@ def apply(
         if row.seconds is not None and row.status in ("applied", "repaired", "rejected"):
             timed.append(row.seconds)
         # A repair edits a fact the bar has counted already.
-        progress.update(task, advance=row.status != "repaired", description=status_line(f"{row.fact_id}: {row.status}"),
-                        refresh=True)  # drawn now: an edit takes seconds, a refresh microseconds
+        progress.update(
+            task,
+            advance=row.status != "repaired",
+            description=status_line(f"{row.fact_id}: {row.status}"),
+            refresh=True,
+        )  # drawn now: an edit takes seconds, a refresh microseconds
         if not json_out:
             # One line per edit: always without a terminal (logs), with -v under the live bar.
-            line = (f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
-                    + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
-                    + (f" ({row.reason})" if row.reason else ""))
+            line = (
+                f"{row.fact_id}: {row.status}{' (warned)' if row.warning else ''} {row.subject} -> {row.target_new}"
+                + (f" P(new) {row.p_new_before:.3f} -> {row.p_new_after:.3f}" if row.p_new_after is not None else "")
+                + (f" ({row.reason})" if row.reason else "")
+            )
             _LOG.log(logging.DEBUG if console.is_terminal else logging.INFO, line)
 
     with progress:
-        result = api.apply(manifest, journal=journal, model=model, layer=layer, limit=limit, hparams=hp,
-                           device=device, dtype=_value(dtype), module_template=module_template, results=results,
-                           checks=checks, on_regression=_value(on_regression), repair_every=repair_every,
-                           on_edit=on_edit, stats_progress=on_stats, log=_say, device_map=device_map,
-                           max_memory=max_memory, retry_rejected=retry_rejected, on_stage=on_stage)
+        result = api.apply(
+            manifest,
+            journal=journal,
+            model=model,
+            layer=layer,
+            limit=limit,
+            hparams=hp,
+            device=device,
+            dtype=_value(dtype),
+            module_template=module_template,
+            results=results,
+            checks=checks,
+            on_regression=_value(on_regression),
+            repair_every=repair_every,
+            on_edit=on_edit,
+            stats_progress=on_stats,
+            log=_say,
+            device_map=device_map,
+            max_memory=max_memory,
+            retry_rejected=retry_rejected,
+            on_stage=on_stage,
+        )
         progress.update(task, completed=len(loaded.facts))
     if json_out:
         _emit_json(result.summary())
@@ -366,18 +508,27 @@ def _apply_bundle(path: Path, journal: Path, model, device: str, dry_run: bool, 
     elif done.already:
         _say(f"{path}: journal {journal} is at its end state already; nothing to do")
     elif done.dry_run:
-        _say(f"{path}: {done.edits} edits verified against journal {journal}'s head {done.head}; nothing written (dry run)")
+        _say(
+            f"{path}: {done.edits} edits verified against journal {journal}'s head {done.head}; nothing written (dry run)"
+        )
     else:
-        _say(f"{path}: {done.edits} edits verified and appended to journal {journal} as edits {done.first}..{done.last}"
-             + (" (renumbered)" if done.renumbered else "") + f", {done.rejections} rejections; head {done.head}")
+        _say(
+            f"{path}: {done.edits} edits verified and appended to journal {journal} as edits {done.first}..{done.last}"
+            + (" (renumbered)" if done.renumbered else "")
+            + f", {done.rejections} rejections; head {done.head}"
+        )
 
 
 @app.command(name="bundle")
 def bundle_(
     out: Annotated[Path, typer.Argument(help="The bundle file to write (.rbundle).")],
     journal: JournalOpt = DEFAULT_JOURNAL,
-    first: Annotated[Optional[int], typer.Option("--from", help="First edit (seq on the head's path); default: the first.")] = None,
-    last: Annotated[Optional[int], typer.Option("--to", help="Last edit (seq on the head's path); default: the head.")] = None,
+    first: Annotated[
+        int | None, typer.Option("--from", help="First edit (seq on the head's path); default: the first.")
+    ] = None,
+    last: Annotated[
+        int | None, typer.Option("--to", help="Last edit (seq on the head's path); default: the head.")
+    ] = None,
     json_out: JsonOpt = False,
 ):
     """Write edits of the head's path as one hash-verified file; `romebatch apply OUT` appends them elsewhere."""
@@ -387,16 +538,18 @@ def bundle_(
     if json_out:
         _emit_json(info)
     else:
-        _say(f"wrote {out}: edits {info['from']}..{info['to']} ({info['edits']} edits, {info['rejections']} rejections, "
-             f"{info['bytes'] / 1e6:.2f} MB) of journal {journal}")
+        _say(
+            f"wrote {out}: edits {info['from']}..{info['to']} ({info['edits']} edits, {info['rejections']} rejections, "
+            f"{info['bytes'] / 1e6:.2f} MB) of journal {journal}"
+        )
 
 
 @app.command()
 def rollback(
     journal: JournalOpt = DEFAULT_JOURNAL,
-    to: Annotated[Optional[int], typer.Option("--to", help="Make edit N the head (0 = base).")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Undo the last K edits.")] = None,
-    fact: Annotated[Optional[str], typer.Option("--fact", help="Go back to just before this fact's edit.")] = None,
+    to: Annotated[int | None, typer.Option("--to", help="Make edit N the head (0 = base).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Undo the last K edits.")] = None,
+    fact: Annotated[str | None, typer.Option("--fact", help="Go back to just before this fact's edit.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Go back to the unedited model.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Delete the rolled-back edits for good.")] = False,
     model: ModelOpt = None,
@@ -409,8 +562,19 @@ def rollback(
     from . import api
 
     _check_device(device)
-    head = api.rollback(journal, to=to, steps=steps, fact=fact, base=base or None, prune=prune, model=model,
-                        device=device, log=_say, device_map=device_map, max_memory=max_memory)
+    head = api.rollback(
+        journal,
+        to=to,
+        steps=steps,
+        fact=fact,
+        base=base or None,
+        prune=prune,
+        model=model,
+        device=device,
+        log=_say,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     if json_out:
         _emit_json({"journal": str(journal), "head": head})
     else:
@@ -420,20 +584,29 @@ def rollback(
 @app.command(name="log")
 def log_(
     journal: JournalOpt = DEFAULT_JOURNAL,
-    limit: Annotated[Optional[int], typer.Option(
-        "--limit", "-n", help="Show the last N matching edits and rejections (0: all); default 20, all with --json.")] = None,
-    status: Annotated[Optional[str], typer.Option(
-        help="Only edits that are applied (on the head's path), rolled_back, repaired or warned; or rejected facts.")] = None,
-    fact: Annotated[Optional[str], typer.Option("--fact", help="Only this fact id.")] = None,
-    since: Annotated[Optional[int], typer.Option("--since", help="Only edits after edit N.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--limit", "-n", help="Show the last N matching edits and rejections (0: all); default 20, all with --json."
+        ),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(
+            help="Only edits that are applied (on the head's path), rolled_back, repaired or warned; or rejected facts."
+        ),
+    ] = None,
+    fact: Annotated[str | None, typer.Option("--fact", help="Only this fact id.")] = None,
+    since: Annotated[int | None, typer.Option("--since", help="Only edits after edit N.")] = None,
     json_out: JsonOpt = False,
 ):
     """A summary of the journal, then its last edits and rejected facts (filters: --status, --fact, --since)."""
     from . import api
     from .logview import DEFAULT_LIMIT, render
 
-    data = api.log(journal, status=status, fact=fact, since=since,
-                   limit=limit if limit is not None or json_out else DEFAULT_LIMIT)
+    data = api.log(
+        journal, status=status, fact=fact, since=since, limit=limit if limit is not None or json_out else DEFAULT_LIMIT
+    )
     if json_out:
         _emit_json(data)
     else:
@@ -442,17 +615,31 @@ def log_(
 
 @app.command()
 def export(
-    outdir: Annotated[Optional[Path], typer.Argument(help="Folder to write the edited model to.")] = None,
+    outdir: Annotated[Path | None, typer.Argument(help="Folder to write the edited model to.")] = None,
     journal: JournalOpt = DEFAULT_JOURNAL,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty OUTDIR (or an existing adapter).")] = False,
-    adapter: Annotated[Optional[Path], typer.Option(
-        "--adapter", help="Instead, write the head's edits as a PEFT LoRA adapter folder (base + adapter = head).")] = None,
-    rank: Annotated[Optional[int], typer.Option(
-        "--rank", help="With --adapter: compress each module to this rank by truncated SVD (default: exact).")] = None,
-    dtype: Annotated[Optional[Dtype], typer.Option(
-        "--dtype", help="Write the weights as float32, bfloat16 or float16; default: as the journal holds them.")] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a non-empty OUTDIR (or an existing adapter).")
+    ] = False,
+    adapter: Annotated[
+        Path | None,
+        typer.Option(
+            "--adapter", help="Instead, write the head's edits as a PEFT LoRA adapter folder (base + adapter = head)."
+        ),
+    ] = None,
+    rank: Annotated[
+        int | None,
+        typer.Option(
+            "--rank", help="With --adapter: compress each module to this rank by truncated SVD (default: exact)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        Dtype | None,
+        typer.Option(
+            "--dtype", help="Write the weights as float32, bfloat16 or float16; default: as the journal holds them."
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
     max_memory: MaxMemoryOpt = None,
@@ -465,22 +652,34 @@ def export(
 
         if adapter is None or outdir is not None:
             raise UserError("give either OUTDIR (a full model) or --adapter DIR [--rank R] (a LoRA adapter)")
-        report = api.export_adapter(adapter, journal=journal, rank=rank, model=model, device=device, force=force,
-                                    log=_say)
+        report = api.export_adapter(
+            adapter, journal=journal, rank=rank, model=model, device=device, force=force, log=_say
+        )
         if json_out:
             _emit_json({"journal": str(journal), **report.summary()})
         else:
-            _say(f"exported the journal's head as a LoRA adapter to {report.path}: {report.edits} edits, "
-                 f"{len(report.modules)} module(s), rank {report.rank}, {report.bytes / 1e6:.2f} MB"
-                 + ("" if report.exact else f", relative Frobenius error {report.relative_error:.3g}"))
+            _say(
+                f"exported the journal's head as a LoRA adapter to {report.path}: {report.edits} edits, "
+                f"{len(report.modules)} module(s), rank {report.rank}, {report.bytes / 1e6:.2f} MB"
+                + ("" if report.exact else f", relative Frobenius error {report.relative_error:.3g}")
+            )
         return
     if outdir is None:
         from .errors import UserError
 
         raise UserError("give OUTDIR, the folder to write the edited model to (or --adapter DIR)")
     _check_device(device)
-    path = api.export(outdir, journal=journal, model=model, device=device, force=force, dtype=_value(dtype),
-                      log=_say, device_map=device_map, max_memory=max_memory)
+    path = api.export(
+        outdir,
+        journal=journal,
+        model=model,
+        device=device,
+        force=force,
+        dtype=_value(dtype),
+        log=_say,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     if json_out:
         _emit_json({"journal": str(journal), "export": str(path)})
     else:
@@ -490,12 +689,15 @@ def export(
 @app.command()
 def verify(
     journal: JournalOpt = DEFAULT_JOURNAL,
-    manifest: Annotated[Optional[Path], typer.Option(help="Score with this manifest's probes (applied facts only).")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="Score with this manifest's probes (applied facts only).")
+    ] = None,
     max_ns_drop: Annotated[float, typer.Option(help="Points NS may fall below the base model's.")] = 5.0,
-    min_retention: Annotated[float, typer.Option(
-        help="Share (0..1) of the edits that took which must still hold, as in apply.")] = 0.9,
+    min_retention: Annotated[
+        float, typer.Option(help="Share (0..1) of the edits that took which must still hold, as in apply.")
+    ] = 0.9,
     min_efficacy: Annotated[float, typer.Option(help="Share (0..1) of applied facts whose new object must win.")] = 0.0,
-    results: Annotated[Optional[Path], typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
+    results: Annotated[Path | None, typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
@@ -510,8 +712,17 @@ def verify(
     _check_device(device)
     check_results_path(results)
     thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
-    report = api.verify(journal, manifest=manifest, thresholds=thresholds, results=results, model=model,
-                        device=device, log=_say, device_map=device_map, max_memory=max_memory)
+    report = api.verify(
+        journal,
+        manifest=manifest,
+        thresholds=thresholds,
+        results=results,
+        model=model,
+        device=device,
+        log=_say,
+        device_map=device_map,
+        max_memory=max_memory,
+    )
     if json_out:
         _emit_json(report.summary())
     else:
@@ -522,21 +733,29 @@ def verify(
 
 @app.command()
 def trace(
-    prompt: Annotated[Optional[str], typer.Option(help="The prompt, subject included.")] = None,
-    subject: Annotated[Optional[str], typer.Option(help="The subject whose embeddings are corrupted.")] = None,
-    answer: Annotated[Optional[str], typer.Option(help="Answer to trace (default: the model's prediction).")] = None,
-    facts: Annotated[Optional[Path], typer.Option(
-        "--facts", help="Known-facts JSON (prompt, subject, attribute) or a manifest: average over them.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Use the first N facts of --facts.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Write the heatmaps (or the average) as a PNG.")] = None,
-    results: Annotated[Optional[Path], typer.Option(help="Write the indirect effects (.parquet or .csv).")] = None,
+    prompt: Annotated[str | None, typer.Option(help="The prompt, subject included.")] = None,
+    subject: Annotated[str | None, typer.Option(help="The subject whose embeddings are corrupted.")] = None,
+    answer: Annotated[str | None, typer.Option(help="Answer to trace (default: the model's prediction).")] = None,
+    facts: Annotated[
+        Path | None,
+        typer.Option("--facts", help="Known-facts JSON (prompt, subject, attribute) or a manifest: average over them."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N facts of --facts.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the heatmaps (or the average) as a PNG.")] = None,
+    results: Annotated[Path | None, typer.Option(help="Write the indirect effects (.parquet or .csv).")] = None,
     samples: Annotated[int, typer.Option(help="Noise samples per cell.")] = 10,
     noise: Annotated[float, typer.Option(help="Noise scale, in embedding standard deviations.")] = 3.0,
     window: Annotated[int, typer.Option(help="Layers restored together for MLP and attention.")] = 10,
     model: ModelOpt = None,
-    journal: Annotated[Path, typer.Option(
-        "--journal", "-j", envvar="ROMEBATCH_JOURNAL",
-        help="Journal whose model to trace when --model is not given (if it exists).")] = DEFAULT_JOURNAL,
+    journal: Annotated[
+        Path,
+        typer.Option(
+            "--journal",
+            "-j",
+            envvar="ROMEBATCH_JOURNAL",
+            help="Journal whose model to trace when --model is not given (if it exists).",
+        ),
+    ] = DEFAULT_JOURNAL,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     device_map: DeviceMapOpt = None,
@@ -558,28 +777,62 @@ def trace(
         raise UserError("--samples, --window and --limit must be at least 1, and --noise positive")
     console = _console()
     if facts is None:
-        result = api.trace(prompt, subject, answer, model=model, journal=journal, device=device, samples=samples,
-                           noise=noise, window=window, log=_say, device_map=device_map, max_memory=max_memory)
+        result = api.trace(
+            prompt,
+            subject,
+            answer,
+            model=model,
+            journal=journal,
+            device=device,
+            samples=samples,
+            noise=noise,
+            window=window,
+            log=_say,
+            device_map=device_map,
+            max_memory=max_memory,
+        )
         rows = result.to_rows()
         if out:
             save_trace_png(result, out)
         if json_out:
-            _emit_json({"prompt": result.prompt, "answer": result.answer, "p_clean": result.p_clean,
-                        "p_corrupt": result.p_corrupt, "tokens": result.tokens,
-                        "subject_tokens": list(result.subject_tokens),
-                        "scores": {k: v.tolist() for k, v in result.scores.items()}})
+            _emit_json(
+                {
+                    "prompt": result.prompt,
+                    "answer": result.answer,
+                    "p_clean": result.p_clean,
+                    "p_corrupt": result.p_corrupt,
+                    "tokens": result.tokens,
+                    "subject_tokens": list(result.subject_tokens),
+                    "scores": {k: v.tolist() for k, v in result.scores.items()},
+                }
+            )
         else:
             render_trace(console, result)
     else:
-        progress = Progress(TextColumn("[bold]tracing"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                            console=console, disable=json_out or not console.is_terminal)
+        progress = Progress(
+            TextColumn("[bold]tracing"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=json_out or not console.is_terminal,
+        )
         task = progress.add_task("", total=None)
         with progress:
             effect, layer, traced = api.trace(
-                facts_file=facts, limit=limit, model=model, journal=journal, device=device, samples=samples, noise=noise,
-                window=window, log=_say, device_map=device_map, max_memory=max_memory,
-                progress=lambda done, total: progress.update(task, completed=done,
-                                                                                      total=total))
+                facts_file=facts,
+                limit=limit,
+                model=model,
+                journal=journal,
+                device=device,
+                samples=samples,
+                noise=noise,
+                window=window,
+                log=_say,
+                device_map=device_map,
+                max_memory=max_memory,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
         rows = [row for r in traced for row in r.to_rows()]
         if out:
             save_average_png(effect, layer, len(traced), out)
@@ -589,8 +842,10 @@ def trace(
             for index, value in enumerate(effect):
                 bar = "█" * max(0, int(round(40 * value / max(effect.max(), 1e-9))))
                 _say(f"layer {index:>3}  {value:+.4f}  {bar}")
-            _say(f"recommended edit layer: {layer} (MLP effect at the subject's last token, mean of "
-                 f"{len(traced)} facts; cached for `apply --layer auto`)")
+            _say(
+                f"recommended edit layer: {layer} (MLP effect at the subject's last token, mean of "
+                f"{len(traced)} facts; cached for `apply --layer auto`)"
+            )
     if results:
         import polars as pl
 
@@ -616,26 +871,40 @@ def check(
     _check_device(device)
     report = api.check(journal, model=model, device=device, log=_say, device_map=device_map, max_memory=max_memory)
     if json_out:
-        _emit_json({"journal": report.journal, "ok": report.ok, "edits": report.edits, "head": report.head,
-                    "problems": report.problems, "last_good": report.last_good})
+        _emit_json(
+            {
+                "journal": report.journal,
+                "ok": report.ok,
+                "edits": report.edits,
+                "head": report.head,
+                "problems": report.problems,
+                "last_good": report.last_good,
+            }
+        )
     else:
         for line in report.problems:
             _say(f"damaged: {line}")
         if report.ok:
             _say(f"journal {journal}: {report.edits} edit(s) verified by replay, head {report.head}")
         elif report.structural:
-            _say(f"journal {journal}: {len(report.problems)} problem(s) in the file itself; restore it from a copy "
-                 f"(a rollback cannot repair the tables or meta)")
+            _say(
+                f"journal {journal}: {len(report.problems)} problem(s) in the file itself; restore it from a copy "
+                f"(a rollback cannot repair the tables or meta)"
+            )
         else:
-            _say(f"journal {journal}: {len(report.problems)} problem(s); the last good state on the head's path is "
-                 f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`")
+            _say(
+                f"journal {journal}: {len(report.problems)} problem(s); the last good state on the head's path is "
+                f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`"
+            )
     if not report.ok:
         raise typer.Exit(1)
 
 
 @app.command()
 def tune(
-    manifest: Annotated[Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")],
+    manifest: Annotated[
+        Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")
+    ],
     model: ModelOpt = None,
     sample: Annotated[int, typer.Option(help="Facts edited one at a time over the grid (a seeded sample).")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
@@ -643,9 +912,10 @@ def tune(
     top_layers: Annotated[int, typer.Option(help="Layers taken from causal tracing (depth/4 is added).")] = 2,
     seq_edits: Annotated[int, typer.Option(help="Edits in the sequential check of the best settings.")] = 50,
     seq_top: Annotated[int, typer.Option(help="Settings that go through the sequential check.")] = 2,
-    hparams: Annotated[Optional[Path], typer.Option(help="YAML file of the other hyper-parameters.")] = None,
-    results: Annotated[Optional[Path], typer.Option(
-        help="Results JSONL: every measurement is appended; re-running resumes from it.")] = Path("romebatch-tune.jsonl"),
+    hparams: Annotated[Path | None, typer.Option(help="YAML file of the other hyper-parameters.")] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="Results JSONL: every measurement is appended; re-running resumes from it.")
+    ] = Path("romebatch-tune.jsonl"),
     no_save: Annotated[bool, typer.Option("--no-save", help="Print the table; save no preset.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = Dtype.float32,
@@ -663,10 +933,24 @@ def tune(
         clamp_values = tuple(float(x) for x in clamps.split(","))
     except ValueError:
         raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
-    result = run_tune(manifest, model=model, sample=sample, seed=seed, clamps=clamp_values, top_layers=top_layers,
-                      seq_edits=seq_edits, seq_top=seq_top, hparams=_hparams(hparams), results=results,
-                      save=not no_save, device=device, dtype=_value(dtype), device_map=device_map, max_memory=max_memory,
-                      log=_say)
+    result = run_tune(
+        manifest,
+        model=model,
+        sample=sample,
+        seed=seed,
+        clamps=clamp_values,
+        top_layers=top_layers,
+        seq_edits=seq_edits,
+        seq_top=seq_top,
+        hparams=_hparams(hparams),
+        results=results,
+        save=not no_save,
+        device=device,
+        dtype=_value(dtype),
+        device_map=device_map,
+        max_memory=max_memory,
+        log=_say,
+    )
     if json_out:
         _emit_json(result.summary())
     else:
@@ -676,19 +960,23 @@ def tune(
 @app.command()
 def compare(
     journal: JournalOpt = DEFAULT_JOURNAL,
-    facts: Annotated[Optional[Path], typer.Option(
-        "--facts", help="Compare this manifest's facts (edited or not).")] = None,
-    fact: Annotated[Optional[list[str]], typer.Option(
-        "--fact", help="A journal fact id to compare (repeatable).")] = None,
-    prompt: Annotated[Optional[list[str]], typer.Option(
-        "--prompt", help="A free prompt to continue on both states (repeatable).")] = None,
-    at: Annotated[Optional[int], typer.Option(
-        "--at", help="The journal state to compare with the base model (edit N); default: the head.")] = None,
+    facts: Annotated[
+        Path | None, typer.Option("--facts", help="Compare this manifest's facts (edited or not).")
+    ] = None,
+    fact: Annotated[list[str] | None, typer.Option("--fact", help="A journal fact id to compare (repeatable).")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="A free prompt to continue on both states (repeatable).")
+    ] = None,
+    at: Annotated[
+        int | None,
+        typer.Option("--at", help="The journal state to compare with the base model (edit N); default: the head."),
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="Greedy tokens generated per prompt.")] = 8,
-    sample: Annotated[int, typer.Option(
-        help="With no selector: how many of the state's edited facts to sample (seeded).")] = 5,
+    sample: Annotated[
+        int, typer.Option(help="With no selector: how many of the state's edited facts to sample (seeded).")
+    ] = 5,
     seed: Annotated[int, typer.Option(help="Seed of that sample.")] = 0,
-    results: Annotated[Optional[Path], typer.Option(help="Write the comparison table (.parquet or .csv).")] = None,
+    results: Annotated[Path | None, typer.Option(help="Write the comparison table (.parquet or .csv).")] = None,
     model: ModelOpt = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
@@ -701,9 +989,20 @@ def compare(
     from . import api
     from .compare import render_compare
 
-    report = api.compare(journal, facts_file=facts, fact_ids=fact or [], prompts=prompt or [], at=at,
-                         max_new_tokens=max_new_tokens, sample=sample, seed=seed, results=results, model=model,
-                         device=device, log=_say)
+    report = api.compare(
+        journal,
+        facts_file=facts,
+        fact_ids=fact or [],
+        prompts=prompt or [],
+        at=at,
+        max_new_tokens=max_new_tokens,
+        sample=sample,
+        seed=seed,
+        results=results,
+        model=model,
+        device=device,
+        log=_say,
+    )
     if json_out:
         _emit_json(report.summary())
     else:
@@ -715,7 +1014,7 @@ def compare(
 @app.command(name="report")
 def report_(
     journal: JournalOpt = DEFAULT_JOURNAL,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Draw the curves as a PNG.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Draw the curves as a PNG.")] = None,
     every: Annotated[int, typer.Option(help="Edits per window (a row of the table, a point of the curves).")] = 100,
     json_out: JsonOpt = False,
 ):

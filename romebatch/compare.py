@@ -65,8 +65,13 @@ class CompareReport:
     rows: list[PromptComparison] = field(default_factory=list)
 
     def summary(self) -> dict:
-        return {"journal": self.journal, "base": 0, "state": self.state, "max_new_tokens": self.max_new_tokens,
-                "rows": [asdict(r) | {"changed": r.changed} for r in self.rows]}
+        return {
+            "journal": self.journal,
+            "base": 0,
+            "state": self.state,
+            "max_new_tokens": self.max_new_tokens,
+            "rows": [asdict(r) | {"changed": r.changed} for r in self.rows],
+        }
 
 
 # name -> (polars dtype name, description): the --results table
@@ -96,9 +101,14 @@ def greedy_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: in
     texts = []
     for prompt in prompts:
         ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)  # (1, T)
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=max_new_tokens, pad_token_id=lm.pad_id)
-        texts.append(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        out = lm.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=lm.pad_id,
+        )
+        texts.append(lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
@@ -107,10 +117,12 @@ def plan_rows(facts: list[Fact], prompts: list[str]) -> list[PromptComparison]:
     rows = []
     for fact in facts:
         rows.append(PromptComparison(fact.id, "prompt", fact.text, fact.target_new, fact.target_true))
-        rows += [PromptComparison(fact.id, "paraphrase", p, fact.target_new, fact.target_true)
-                 for p in fact.paraphrases]
-        rows += [PromptComparison(fact.id, "neighborhood", n.prompt, fact.target_new, n.answer)
-                 for n in fact.neighborhood]
+        rows += [
+            PromptComparison(fact.id, "paraphrase", p, fact.target_new, fact.target_true) for p in fact.paraphrases
+        ]
+        rows += [
+            PromptComparison(fact.id, "neighborhood", n.prompt, fact.target_new, n.answer) for n in fact.neighborhood
+        ]
     rows += [PromptComparison(None, "free", p, None, None) for p in prompts]
     return rows
 
@@ -134,8 +146,14 @@ def _score(lm: LoadedModel, rows: list[PromptComparison], max_new_tokens: int) -
     return [(text, p(i, "new"), p(i, "true")) for i, text in enumerate(texts)]
 
 
-def compare(editor, facts: list[Fact] = (), prompts: list[str] = (), *, at: int | None = None,
-            max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> CompareReport:
+def compare(
+    editor,
+    facts: list[Fact] = (),
+    prompts: list[str] = (),
+    *,
+    at: int | None = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+) -> CompareReport:
     """Score `facts` and free `prompts` on the base model and on state `at` (default: the head).
 
     The editor's model is left at the journal's head, as it was opened.
@@ -171,9 +189,16 @@ def journal_facts(journal, at: int | None = None) -> list[Fact]:
     return list(seen.values())
 
 
-def select_facts(journal, *, manifest_facts: list[Fact] | None = None, fact_ids: list[str] = (),
-                 prompts: list[str] = (), at: int | None = None, sample: int = DEFAULT_SAMPLE,
-                 seed: int = 0) -> list[Fact]:
+def select_facts(
+    journal,
+    *,
+    manifest_facts: list[Fact] | None = None,
+    fact_ids: list[str] = (),
+    prompts: list[str] = (),
+    at: int | None = None,
+    sample: int = DEFAULT_SAMPLE,
+    seed: int = 0,
+) -> list[Fact]:
     """The facts to compare: a manifest's, the journal's by id, or a seeded sample of the edited ones.
 
     With free prompts only, no fact is chosen. Ids are looked up among every edit in the
@@ -224,15 +249,22 @@ def render_compare(console, report: CompareReport) -> None:
         return Text(f"{before:.3f} → {after:.3f}", style="bold" if abs(after - before) >= 0.1 else "")
 
     state = "the base model" if report.state == 0 else f"edit {report.state}"
-    console.print(Text(f"base model vs {state} of journal {report.journal} (greedy, {report.max_new_tokens} "
-                       f"new tokens; P length-normalised)"))
+    console.print(
+        Text(
+            f"base model vs {state} of journal {report.journal} (greedy, {report.max_new_tokens} "
+            f"new tokens; P length-normalised)"
+        )
+    )
     groups: dict[str | None, list[PromptComparison]] = {}
     for row in report.rows:
         groups.setdefault(row.fact_id if row.kind != "free" else None, []).append(row)
     for fact_id, rows in groups.items():
         own = rows[0]
-        title = (Text("free prompts") if fact_id is None else
-                 Text(f"{fact_id}: new {own.target_new!r}" + (f", true {own.target_true!r}" if own.target_true else "")))
+        title = (
+            Text("free prompts")
+            if fact_id is None
+            else Text(f"{fact_id}: new {own.target_new!r}" + (f", true {own.target_true!r}" if own.target_true else ""))
+        )
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("", "prompt", "base says", f"{state} says", "P(new)", "P(true)"):
             table.add_column(column)
@@ -240,9 +272,14 @@ def render_compare(console, report: CompareReport) -> None:
             true = p(r.p_true_base, r.p_true_state)
             if r.kind == "neighborhood":  # its "true" object is the neighbour's own answer
                 true += Text(f" {r.target_true!r}")
-            table.add_row(Text(r.kind), Text(r.prompt), Text(repr(r.base_text)),
-                          Text(repr(r.state_text), style="bold yellow" if r.changed else ""),
-                          p(r.p_new_base, r.p_new_state), true)
+            table.add_row(
+                Text(r.kind),
+                Text(r.prompt),
+                Text(repr(r.base_text)),
+                Text(repr(r.state_text), style="bold yellow" if r.changed else ""),
+                p(r.p_new_base, r.p_new_state),
+                true,
+            )
         console.print(table)
     changed = sum(r.changed for r in report.rows)
     console.print(Text(f"{changed} of {len(report.rows)} continuation(s) changed"))

@@ -63,25 +63,31 @@ def windows(journal, every: int = 100) -> list[Window]:
         edit["repair"] = edit["fact_hash"] in seen
         seen.add(edit["fact_hash"])
     # A rejection belongs where it happened: the edit after the state it was computed on.
-    rejected_at = [position.get(r["parent"], 0) + 1 for r in journal.rejections()
-                   if r["parent"] == 0 or r["parent"] in position]
+    rejected_at = [
+        position.get(r["parent"], 0) + 1 for r in journal.rejections() if r["parent"] == 0 or r["parent"] in position
+    ]
     result = []
     for start in range(0, len(path), every):
-        part = path[start:start + every]
+        part = path[start : start + every]
         first, last = start + 1, start + len(part)
         scored = [e for e in part if e["p_new_after"] is not None and e["p_true_after"] is not None]
         drops = _mean(e.get("neighborhood_drop") for e in part)
-        result.append(Window(
-            start=first, end=last, edits=len(part),
-            es=100.0 * sum(e["p_new_after"] > e["p_true_after"] for e in scored) / len(scored) if scored else None,
-            p_new_after=_mean(e["p_new_after"] for e in part),
-            ns_kept=None if drops is None else 100.0 * (1.0 - drops),
-            probe_regression=_pct(_mean(e.get("probe_regression") for e in part)),
-            retention=_pct(_mean(e.get("retention") for e in part)),
-            repairs=sum(e["repair"] for e in part), warned=sum(bool(e.get("warning")) for e in part),
-            rejected=sum(first <= n <= last for n in rejected_at),
-            update_norm=statistics.median(e["update_norm"] for e in part),
-        ))
+        result.append(
+            Window(
+                start=first,
+                end=last,
+                edits=len(part),
+                es=100.0 * sum(e["p_new_after"] > e["p_true_after"] for e in scored) / len(scored) if scored else None,
+                p_new_after=_mean(e["p_new_after"] for e in part),
+                ns_kept=None if drops is None else 100.0 * (1.0 - drops),
+                probe_regression=_pct(_mean(e.get("probe_regression") for e in part)),
+                retention=_pct(_mean(e.get("retention") for e in part)),
+                repairs=sum(e["repair"] for e in part),
+                warned=sum(bool(e.get("warning")) for e in part),
+                rejected=sum(first <= n <= last for n in rejected_at),
+                update_norm=statistics.median(e["update_norm"] for e in part),
+            )
+        )
     return result
 
 
@@ -114,8 +120,11 @@ def repair_passes(journal) -> list[RepairPass]:
             # A refused repair: rejected on one of the pass's states, for a fact already edited.
             refused = sum(parent in states and h in before for parent, h in rejections)
             lost = len(run) + refused
-            result.append(RepairPass(at=start, facts=len(before), lost=lost,
-                                     held=100.0 * (1 - lost / len(before)) if before else 100.0))
+            result.append(
+                RepairPass(
+                    at=start, facts=len(before), lost=lost, held=100.0 * (1 - lost / len(before)) if before else 100.0
+                )
+            )
             run = []
     return result
 
@@ -126,13 +135,23 @@ def curves(journal_dir, every: int = 100) -> dict:
 
     with Journal(journal_dir) as journal:
         found = windows(journal, every)
-        return {"journal": str(journal.directory), "model": journal.get("model"), "head": journal.head,
-                "every": every, "edits": found[-1].end if found else 0, "windows": [asdict(w) for w in found],
-                "repair_passes": [asdict(p) for p in repair_passes(journal)]}
+        return {
+            "journal": str(journal.directory),
+            "model": journal.get("model"),
+            "head": journal.head,
+            "every": every,
+            "edits": found[-1].end if found else 0,
+            "windows": [asdict(w) for w in found],
+            "repair_passes": [asdict(p) for p in repair_passes(journal)],
+        }
 
 
-SERIES = (("es", "ES (when made)"), ("ns_kept", "NS kept"), ("retention", "retention"),
-          ("probe_regression", "probe regression"))
+SERIES = (
+    ("es", "ES (when made)"),
+    ("ns_kept", "NS kept"),
+    ("retention", "retention"),
+    ("probe_regression", "probe regression"),
+)
 
 
 def save_png(report: dict, path: str | Path) -> Path:
@@ -154,18 +173,26 @@ def save_png(report: dict, path: str | Path) -> Path:
             top.plot(*zip(*points), marker="o", markersize=3, label=label)
     passes = report["repair_passes"]
     if passes:
-        top.plot([p["at"] for p in passes], [p["held"] for p in passes], marker="s", markersize=3, linestyle="--",
-                 label="facts still holding at each repair pass")
+        top.plot(
+            [p["at"] for p in passes],
+            [p["held"] for p in passes],
+            marker="s",
+            markersize=3,
+            linestyle="--",
+            label="facts still holding at each repair pass",
+        )
     top.set_ylabel("%")
     top.set_ylim(-2, 102)
     top.grid(alpha=0.3)
     if top.get_legend_handles_labels()[0]:  # a journal without scores draws no curve
         top.legend(fontsize=8, loc="lower left")
-    top.set_title(f"{report['model']}: {report['edits']} edits on the head's path, windows of {report['every']}",
-                  fontsize=9)
+    top.set_title(
+        f"{report['model']}: {report['edits']} edits on the head's path, windows of {report['every']}", fontsize=9
+    )
     width = report["every"] * 0.28
-    for offset, (key, label) in zip((-width, 0, width), (("repairs", "repairs"), ("warned", "warnings"),
-                                                         ("rejected", "rejections"))):
+    for offset, (key, label) in zip(
+        (-width, 0, width), (("repairs", "repairs"), ("warned", "warnings"), ("rejected", "rejections"))
+    ):
         bottom.bar([xi - report["every"] / 2 + offset for xi in x], [w[key] for w in found], width=width, label=label)
     bottom.set_xlabel("edits")
     bottom.set_ylabel("per window")
@@ -186,25 +213,48 @@ def render(console, report: dict) -> None:
     def fmt(value, spec=".1f"):
         return "-" if value is None else format(value, spec)
 
-    table = Table(title=Text(f"journal {report['journal']} · {report['model']} · head {report['head']} · "
-                             f"{report['edits']} edits on its path"), box=box.SIMPLE_HEAD)
+    table = Table(
+        title=Text(
+            f"journal {report['journal']} · {report['model']} · head {report['head']} · "
+            f"{report['edits']} edits on its path"
+        ),
+        box=box.SIMPLE_HEAD,
+    )
     # Short headers: the table fits 80 columns (the legend below says what each is).
     for column in ("edits", "ES%", "P(new)", "NS%", "probe%", "ret.%", "rep.", "warn", "rej.", "‖ΔW‖"):
         table.add_column(column, justify="right", no_wrap=True)
     for w in report["windows"]:
-        table.add_row(f"{w['start']}-{w['end']}", fmt(w["es"]), fmt(w["p_new_after"], ".3f"), fmt(w["ns_kept"]),
-                      fmt(w["probe_regression"]), fmt(w["retention"]), str(w["repairs"]), str(w["warned"]),
-                      str(w["rejected"]), fmt(w["update_norm"], ".2f"))
+        table.add_row(
+            f"{w['start']}-{w['end']}",
+            fmt(w["es"]),
+            fmt(w["p_new_after"], ".3f"),
+            fmt(w["ns_kept"]),
+            fmt(w["probe_regression"]),
+            fmt(w["retention"]),
+            str(w["repairs"]),
+            str(w["warned"]),
+            str(w["rejected"]),
+            fmt(w["update_norm"], ".2f"),
+        )
     if not report["windows"]:
         console.print(Text(f"journal {report['journal']}: no edits on the head's path"))
         return
     console.print(table)
-    console.print(Text("ES%: new object won right after the edit · P(new) after it · NS%: neighbourhood prompts "
-                       "left alone · probe%: sampled probes that lost half their probability · ret.%: sampled "
-                       "earlier edits still holding · repairs, warnings, rejections · median update norm"))
+    console.print(
+        Text(
+            "ES%: new object won right after the edit · P(new) after it · NS%: neighbourhood prompts "
+            "left alone · probe%: sampled probes that lost half their probability · ret.%: sampled "
+            "earlier edits still holding · repairs, warnings, rejections · median update norm"
+        )
+    )
     if report["repair_passes"]:
-        console.print(Text("repair passes (facts still holding when each began): " + ", ".join(
-            f"{p['facts'] - p['lost']}/{p['facts']} at {p['at']}" for p in report["repair_passes"])))
+        console.print(
+            Text(
+                "repair passes (facts still holding when each began): "
+                + ", ".join(f"{p['facts'] - p['lost']}/{p['facts']} at {p['at']}" for p in report["repair_passes"])
+            )
+        )
     if all(w["ns_kept"] is None for w in report["windows"]):
-        console.print(Text("no probe scores stored (edits made with --no-probes): NS, probe regression and "
-                           "retention are empty"))
+        console.print(
+            Text("no probe scores stored (edits made with --no-probes): NS, probe regression and retention are empty")
+        )

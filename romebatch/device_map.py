@@ -47,8 +47,10 @@ def parse_device_map(value: str | dict | None):
     out = {}
     for name, device in data.items():
         if isinstance(device, bool) or not isinstance(device, (int, str)) or not _DEVICE.match(str(device)):
-            raise UserError(f"--device-map {value}: module {name!r} has device {device!r}; use a GPU index, "
-                            "'cuda:N', 'cpu' or 'disk'")
+            raise UserError(
+                f"--device-map {value}: module {name!r} has device {device!r}; use a GPU index, "
+                "'cuda:N', 'cpu' or 'disk'"
+            )
         out[name] = int(device) if isinstance(device, str) and device.isdigit() else device
     return out
 
@@ -61,8 +63,10 @@ def parse_max_memory(value: str | dict | None):
     for item in value.split(","):
         device, sep, size = (part.strip() for part in item.partition("="))
         if not sep or not (device.isdigit() or device in ("cpu", "disk", "mps")) or not _SIZE.match(size):
-            raise UserError(f"--max-memory {value!r}: write DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB' "
-                            f"(bad item {item.strip()!r})")
+            raise UserError(
+                f"--max-memory {value!r}: write DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB' "
+                f"(bad item {item.strip()!r})"
+            )
         out[int(device) if device.isdigit() else device] = size if not size.isdigit() else int(size)
     return out
 
@@ -121,8 +125,10 @@ def writable_weight(module: torch.nn.Module) -> torch.Tensor:
         return store[full_key]
     pinned = getattr(store, "state_dict", None)
     if not isinstance(pinned, dict):
-        raise UserError(f"cannot edit {full_key}: it is offloaded to a store romebatch cannot write",
-                        hint="place the edited layer on a device in --device-map")
+        raise UserError(
+            f"cannot edit {full_key}: it is offloaded to a store romebatch cannot write",
+            hint="place the edited layer on a device in --device-map",
+        )
     if full_key not in pinned:
         pinned[full_key] = store[full_key].detach().to("cpu").clone()  # a private copy: never writes the files
     return pinned[full_key]
@@ -136,8 +142,10 @@ def state_tensors(model: torch.nn.Module):
             try:
                 tensor = read_tensor(model.get_submodule(owner), attr)
             except KeyError:
-                raise UserError(f"cannot read offloaded {name} (a tied weight?)",
-                                hint="keep the embeddings and the head on a device in --device-map") from None
+                raise UserError(
+                    f"cannot read offloaded {name} (a tied weight?)",
+                    hint="keep the embeddings and the head on a device in --device-map",
+                ) from None
         yield name, tensor
 
 

@@ -25,26 +25,34 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from . import __version__
 from .applied_cache import AppliedCache
-from .errors import (EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, BaseModelMismatchError, JournalDamagedError,
-                     JournalWriteError, UserError, resource_problem)
+from .errors import (
+    EXIT_FACTS_FAILED,
+    EXIT_STOPPED_ON_REGRESSION,
+    BaseModelMismatchError,
+    JournalDamagedError,
+    JournalWriteError,
+    UserError,
+    resource_problem,
+)
 from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
-from .journal import FORMAT as JOURNAL_FORMAT, EditRecord, Journal
+from .journal import FORMAT as JOURNAL_FORMAT
+from .journal import EditRecord, Journal
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds
 from .repair import MAX_EDITS_PER_FACT, Standing, to_repair
-from .rome.preserve import Preserver
 from .rome import KeyStats, RankOneEdit, apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
+from .rome.preserve import Preserver
 
 Log = Callable[[str], None]
 
@@ -120,9 +128,14 @@ class ApplyResult:
         secs = [r.seconds for r in done if r.seconds is not None]
         norms = [r.update_norm for r in done if r.update_norm is not None]
         return {
-            "journal": self.journal, "head": self.head, "facts": len(self.results),
-            "applied": len(done), "already_applied": self.count("already_applied"),
-            "repaired": self.count("repaired"), "rejected": self.count("rejected"), "failed": self.count("failed"),
+            "journal": self.journal,
+            "head": self.head,
+            "facts": len(self.results),
+            "applied": len(done),
+            "already_applied": self.count("already_applied"),
+            "repaired": self.count("repaired"),
+            "rejected": self.count("rejected"),
+            "failed": self.count("failed"),
             "efficacy": 100.0 * sum(scored) / len(scored) if scored else None,
             "seconds": round(self.seconds, 2),
             "median_seconds_per_edit": statistics.median(secs) if secs else None,
@@ -214,9 +227,15 @@ class Editor:
         try:
             stored_spec = self.journal.get("model")
             dtype = dtype or self.journal.get("dtype") or "float32"
-            self.lm = lm or load_model(model or stored_spec, device=device, dtype=dtype,
-                                       module_template=module_template or self.journal.get("module_template"), log=log,
-                                       device_map=device_map, max_memory=max_memory)
+            self.lm = lm or load_model(
+                model or stored_spec,
+                device=device,
+                dtype=dtype,
+                module_template=module_template or self.journal.get("module_template"),
+                log=log,
+                device_map=device_map,
+                max_memory=max_memory,
+            )
             self.base_hash = self.lm.base_hash()
             self.hparams = self._init_or_check(hparams, model, module_template)
             self._base_weights: dict[int, torch.Tensor] = {}
@@ -247,18 +266,30 @@ class Editor:
             if not journal.write:
                 raise UserError(f"journal {journal.directory} is empty")
             self.log(describe(requested, sources))
-            journal.set_many({
-                "format": JOURNAL_FORMAT, "model": lm.spec, "module_template": module_template, "model_type": lm.config.model_type,
-                "revision": lm.revision, "base_hash": self.base_hash, "adapter": lm.adapter.family,
-                "hparams": requested.to_dict(), "head": 0, "created_with": _versions(), "dtype": model_dtype(lm),
-            })
+            journal.set_many(
+                {
+                    "format": JOURNAL_FORMAT,
+                    "model": lm.spec,
+                    "module_template": module_template,
+                    "model_type": lm.config.model_type,
+                    "revision": lm.revision,
+                    "base_hash": self.base_hash,
+                    "adapter": lm.adapter.family,
+                    "hparams": requested.to_dict(),
+                    "head": 0,
+                    "created_with": _versions(),
+                    "dtype": model_dtype(lm),
+                }
+            )
             return requested
         stored_hash = journal.get("base_hash")
         stored_dtype = journal.get("dtype") or "float32"
         if stored_hash != self.base_hash and model_dtype(lm) != stored_dtype:
             raise BaseModelMismatchError(
                 f"journal {journal.directory} was computed in {stored_dtype}, but the model was loaded in "
-                f"{model_dtype(lm)}", hint="leave out --dtype: the journal's own dtype is the default")
+                f"{model_dtype(lm)}",
+                hint="leave out --dtype: the journal's own dtype is the default",
+            )
         if stored_hash != self.base_hash:
             raise BaseModelMismatchError(
                 f"journal {journal.directory} was written for model {journal.get('model')} ({stored_hash[:19]}…), "
@@ -267,16 +298,19 @@ class Editor:
             )
         # Journals written before sequential-stability methods and encyclopedic sampling
         # existed made plain edits with C from plainly sampled text.
-        stored = HParams.from_dict({"preserve": "none", "stats_sampling": "plain", **journal.get("hparams")},
-                                   source=f"journal {journal.directory}")
+        stored = HParams.from_dict(
+            {"preserve": "none", "stats_sampling": "plain", **journal.get("hparams")},
+            source=f"journal {journal.directory}",
+        )
         if hparams is None:
             return stored
         # An edit is defined by these: changing one mid-journal would make edits incomparable.
         for key, value in requested.defining().items():
             if key != "layer" and stored.defining().get(key) != value:
                 raise UserError(
-                    f"journal {journal.directory} was written with {key}={stored.defining().get(key)!r}, "
-                    f"not {value!r}", hint="start a new journal with --journal to change it")
+                    f"journal {journal.directory} was written with {key}={stored.defining().get(key)!r}, not {value!r}",
+                    hint="start a new journal with --journal to change it",
+                )
         return requested
 
     @property
@@ -307,10 +341,11 @@ class Editor:
                     raise UserError(
                         f"journal {self.journal.directory}: replaying to edit {record.seq} gives weight "
                         f"{actual[:19]}…, but the journal recorded {record.weight_hash_after[:19]}…",
-                        hint="run `romebatch check` to find the first bad edit")
+                        hint="run `romebatch check` to find the first bad edit",
+                    )
         return path
 
-    def check(self) -> "CheckReport":
+    def check(self) -> CheckReport:
         """Replay every edit (every branch) and compare each stored hash; the model ends at the head."""
         problems: list[str] = []
         bad: set[int] = set()
@@ -328,7 +363,8 @@ class Editor:
                 bad.add(record.seq)
                 problems.append(
                     f"edit {record.seq} (fact {record.fact_id}): was not computed on the state of edit {record.parent} "
-                    f"(weight before is {before[:19]}…, the edit recorded {record.weight_hash_before[:19]}…)")
+                    f"(weight before is {before[:19]}…, the edit recorded {record.weight_hash_before[:19]}…)"
+                )
                 current = record.parent
                 continue
             apply_edit(self.lm, _edit_of(record))
@@ -338,7 +374,8 @@ class Editor:
                 bad.add(record.seq)
                 problems.append(
                     f"edit {record.seq} (fact {record.fact_id}): its stored factors give weight {after[:19]}…, "
-                    f"but it recorded {record.weight_hash_after[:19]}… (a damaged vector or hash)")
+                    f"but it recorded {record.weight_hash_after[:19]}… (a damaged vector or hash)"
+                )
         path = [r.seq for r in self.journal.path()]
         last_good = 0
         for seq in path:
@@ -347,8 +384,13 @@ class Editor:
             last_good = seq
         if not bad:
             self.replay(verify=False)
-        return CheckReport(journal=str(self.journal.directory), edits=len(self.journal.edits()), head=self.head,
-                           problems=problems, last_good=last_good if bad.intersection(path) else self.head)
+        return CheckReport(
+            journal=str(self.journal.directory),
+            edits=len(self.journal.edits()),
+            head=self.head,
+            problems=problems,
+            last_good=last_good if bad.intersection(path) else self.head,
+        )
 
     # -- ingredients, computed once per journal ------------------------------------------
     def prefixes(self) -> list[str]:
@@ -371,8 +413,17 @@ class Editor:
                 self.replay(0, verify=False)
             try:
                 stats = load_or_compute_stats(
-                    self.lm, [layer], self.base_hash, n_tokens=hp.stats_tokens, seq_len=hp.stats_seq_len,
-                    seed=hp.seed, corpus=hp.stats_corpus, sampling=hp.stats_sampling, log=self.log, progress=progress or self.stats_progress)
+                    self.lm,
+                    [layer],
+                    self.base_hash,
+                    n_tokens=hp.stats_tokens,
+                    seq_len=hp.stats_seq_len,
+                    seed=hp.seed,
+                    corpus=hp.stats_corpus,
+                    sampling=hp.stats_sampling,
+                    log=self.log,
+                    progress=progress or self.stats_progress,
+                )
             finally:
                 if touched:
                     self.replay(verify=False)
@@ -389,15 +440,23 @@ class Editor:
             stats = self.stats(layer)
             shape = self.lm.weight(layer).shape  # (d_model, d_ff), or (d_ff, d_model) for Conv1D
             d_ff = shape[0] if self.lm.adapter.conv1d else shape[1]
-            preserver = cached[1] if cached else Preserver(hp.preserve, stats.cholesky if stats else None, d_ff,
-                                                           hp.preserve_weight, hp.preserve_top_k)
+            preserver = (
+                cached[1]
+                if cached
+                else Preserver(
+                    hp.preserve, stats.cholesky if stats else None, d_ff, hp.preserve_weight, hp.preserve_top_k
+                )
+            )
             keys = []
             for record in self.journal.path():
                 if record.layer != layer:
                     continue
                 if record.k_star is None:
-                    raise UserError(f"journal {self.journal.directory}: edit {record.seq} has no stored key, which "
-                                    f"--preserve {hp.preserve} needs", hint="start a new journal with --journal")
+                    raise UserError(
+                        f"journal {self.journal.directory}: edit {record.seq} has no stored key, which "
+                        f"--preserve {hp.preserve} needs",
+                        hint="start a new journal with --journal",
+                    )
                 keys.append(torch.from_numpy(record.k_star.copy()))
             preserver.rebuild(keys)
             self._preservers[layer] = (self.head, preserver)
@@ -440,8 +499,11 @@ class Editor:
         layer = self.hparams.layer if layer is None else layer
         spread = self.hparams.spread_layers
         if not 0 <= layer <= self.lm.n_layers - spread:
-            raise UserError(f"--layer {layer}" + (f" with --spread-layers {spread}" if spread > 1 else "")
-                            + f": this model has layers 0..{self.lm.n_layers - 1}")
+            raise UserError(
+                f"--layer {layer}"
+                + (f" with --spread-layers {spread}" if spread > 1 else "")
+                + f": this model has layers 0..{self.lm.n_layers - 1}"
+            )
         window = list(range(layer, layer + spread))
         result = ApplyResult(journal=str(self.journal.directory), head=self.head, run=self.run_info())
         done = self.journal.applied_hashes()
@@ -450,9 +512,17 @@ class Editor:
         for fact in facts:
             if fact.hash in done or fact.hash in rejected:
                 status = "already_applied" if fact.hash in done else "rejected"
-                result.results.append(FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true,
-                                                 status, reason="in the journal already" if fact.hash in done
-                                                 else "rejected in an earlier run"))
+                result.results.append(
+                    FactResult(
+                        fact.id,
+                        fact.hash,
+                        fact.subject,
+                        fact.target_new,
+                        fact.target_true,
+                        status,
+                        reason="in the journal already" if fact.hash in done else "rejected in an earlier run",
+                    )
+                )
             else:
                 todo.append(fact)
         probes = None
@@ -505,10 +575,17 @@ class Editor:
         """The model, its base hash, dtype, hyper-parameters, versions and the date of a run."""
         from datetime import datetime, timezone
 
-        return {"model": self.journal.get("model"), "base_hash": self.base_hash, "dtype": model_dtype(self.lm),
-                "revision": self.lm.revision, "hparams": self.hparams.to_dict(), "versions": _versions(),
-                "journal": str(self.journal.directory), "head": self.head,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        return {
+            "model": self.journal.get("model"),
+            "base_hash": self.base_hash,
+            "dtype": model_dtype(self.lm),
+            "revision": self.lm.revision,
+            "hparams": self.hparams.to_dict(),
+            "versions": _versions(),
+            "journal": str(self.journal.directory),
+            "head": self.head,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
 
     def _stage(self, name: str, fact_id: str | None = None) -> None:
         if self.on_stage is not None:
@@ -519,8 +596,14 @@ class Editor:
         # run puts its next edit where an uninterrupted one would have.
         return window[len(self.journal.chain()) % len(window)] if len(window) > 1 else window[0]
 
-    def repair(self, window: list[int] | None = None, *, max_edits: int = MAX_EDITS_PER_FACT,
-               on_edit: Callable[[FactResult], None] | None = None, stop: StopRequest | None = None) -> list[FactResult]:
+    def repair(
+        self,
+        window: list[int] | None = None,
+        *,
+        max_edits: int = MAX_EDITS_PER_FACT,
+        on_edit: Callable[[FactResult], None] | None = None,
+        stop: StopRequest | None = None,
+    ) -> list[FactResult]:
         """Edit again, on the current weights, every fact on the head's path that no longer holds.
 
         Later edits wear earlier ones down (romebatch/repair.py); each fact is edited at most
@@ -592,8 +675,14 @@ class Editor:
                 since = 0
         return since
 
-    def _apply_one(self, fact: Fact, layer: int, probes: RegressionProbes | None = None,
-                   on_regression: str = "warn", meta: dict | None = None) -> FactResult:
+    def _apply_one(
+        self,
+        fact: Fact,
+        layer: int,
+        probes: RegressionProbes | None = None,
+        on_regression: str = "warn",
+        meta: dict | None = None,
+    ) -> FactResult:
         """Compute, check and commit one edit; `meta` keys are journaled with its outcome."""
         redo = self.journal.child(self.head, fact.hash)
         if redo is not None and redo.layer == layer:
@@ -612,9 +701,19 @@ class Editor:
         timings: dict = {}
         try:
             preserver = self.preserver(layer)
-            edit, k_star, value = compute_edit(self.lm, layer, fact.prompt, fact.subject, fact.target_new,
-                                               self.prefixes(), self.stats(layer), hp, timings, preserver,
-                                               self._max_weight_norm(layer))
+            edit, k_star, value = compute_edit(
+                self.lm,
+                layer,
+                fact.prompt,
+                fact.subject,
+                fact.target_new,
+                self.prefixes(),
+                self.stats(layer),
+                hp,
+                timings,
+                preserver,
+                self._max_weight_norm(layer),
+            )
         except (ValueError, RuntimeError) as error:  # e.g. a subject no token covers
             row.reason = f"could not compute the edit: {error}"
             return row
@@ -645,7 +744,10 @@ class Editor:
             # the list is kept in memory, not re-read per edit (romebatch/applied_cache.py).
             outcome = probes.check(fact, self._applied.earlier(), time.perf_counter() - t0)
             row.neighborhood_drop, row.probe_regression, row.retention = (
-                outcome.neighborhood_drop, outcome.probe_regression, outcome.retention)
+                outcome.neighborhood_drop,
+                outcome.probe_regression,
+                outcome.retention,
+            )
             if not outcome.ok:
                 reason = "regression: " + "; ".join(outcome.problems)
                 if on_regression == "warn":
@@ -660,22 +762,48 @@ class Editor:
                     return row
         row.seconds = time.perf_counter() - t0
         record = EditRecord(
-            seq=0, parent=self.head, status="applied", fact_id=fact.id, fact_hash=fact.hash,
-            fact_json=json.dumps(fact.to_dict()), layer=layer, weight_name=self.lm.name("down_proj", layer),
-            lam=edit.lam.numpy(), u=edit.u.numpy(), update_norm=edit.norm, denominator=edit.denominator,
-            weight_hash_before=hash_before, weight_hash_after=weight_hash(weight), v_steps=value.steps,
-            v_loss=value.loss, p_new_before=row.p_new_before, p_true_before=row.p_true_before,
-            p_new_after=row.p_new_after, p_true_after=row.p_true_after, seconds_total=row.seconds, **timings,
-            neighborhood_drop=row.neighborhood_drop, probe_regression=row.probe_regression, retention=row.retention,
-            seconds_probes=outcome.seconds if outcome else None, k_star=k_star.float().cpu().numpy(),
+            seq=0,
+            parent=self.head,
+            status="applied",
+            fact_id=fact.id,
+            fact_hash=fact.hash,
+            fact_json=json.dumps(fact.to_dict()),
+            layer=layer,
+            weight_name=self.lm.name("down_proj", layer),
+            lam=edit.lam.numpy(),
+            u=edit.u.numpy(),
+            update_norm=edit.norm,
+            denominator=edit.denominator,
+            weight_hash_before=hash_before,
+            weight_hash_after=weight_hash(weight),
+            v_steps=value.steps,
+            v_loss=value.loss,
+            p_new_before=row.p_new_before,
+            p_true_before=row.p_true_before,
+            p_new_after=row.p_new_after,
+            p_true_after=row.p_true_after,
+            seconds_total=row.seconds,
+            **timings,
+            neighborhood_drop=row.neighborhood_drop,
+            probe_regression=row.probe_regression,
+            retention=row.retention,
+            seconds_probes=outcome.seconds if outcome else None,
+            k_star=k_star.float().cpu().numpy(),
             warning=row.warning or None,
         )
         committing = time.perf_counter()
         try:
             row.seq = self.journal.commit_edit(record, meta)
-            self._applied.committed(record.parent, row.seq, {
-                "update_norm": record.update_norm, "fact_json": record.fact_json,
-                "p_new_after": record.p_new_after, "p_true_after": record.p_true_after})
+            self._applied.committed(
+                record.parent,
+                row.seq,
+                {
+                    "update_norm": record.update_norm,
+                    "fact_json": record.fact_json,
+                    "p_new_after": record.p_new_after,
+                    "p_true_after": record.p_true_after,
+                },
+            )
         except BaseException as error:
             with torch.no_grad():
                 weight.copy_(before)  # nothing committed: the model must not keep the edit either
@@ -685,7 +813,8 @@ class Editor:
                 raise UserError(
                     f"could not commit the edit of fact {fact.id} to journal {self.journal.directory} ({error}); "
                     f"nothing of it was written, the journal is at edit {self.head}",
-                    hint="free some space and run the same command again: it resumes") from error
+                    hint="free some space and run the same command again: it resumes",
+                ) from error
             raise
         row.status = "applied"
         if preserver is not None:
@@ -693,11 +822,14 @@ class Editor:
             self._preservers[layer] = (self.head, preserver)
         done = time.perf_counter()
         row.timings = {
-            "key": timings["seconds_key"], "value": timings["seconds_value"],
+            "key": timings["seconds_key"],
+            "value": timings["seconds_value"],
             "update": (computed - scored) - timings["seconds_key"] - timings["seconds_value"] + (applied - computed),
-            "scoring": (scored - t0) + (rescored - guarded), "guard": guarded - applied,
+            "scoring": (scored - t0) + (rescored - guarded),
+            "guard": guarded - applied,
             "probes": outcome.seconds if outcome else 0.0,
-            "commit": done - committing, "total": done - t0,
+            "commit": done - committing,
+            "total": done - t0,
         }
         return row
 
@@ -706,15 +838,31 @@ class Editor:
         apply_edit(self.lm, _edit_of(record))
         if weight_hash(self.lm.weight(record.layer)) != record.weight_hash_after:
             self.replay(verify=False)
-            raise UserError(f"journal {self.journal.directory}: edit {record.seq} does not reproduce its stored hash",
-                            hint="run `romebatch check` to find the damage")
+            raise UserError(
+                f"journal {self.journal.directory}: edit {record.seq} does not reproduce its stored hash",
+                hint="run `romebatch check` to find the damage",
+            )
         self.journal.move_head(record.seq, meta)
-        return FactResult(fact.id, fact.hash, fact.subject, fact.target_new, fact.target_true, "applied",
-                          reason=f"restored rolled-back edit {record.seq}", seq=record.seq, layer=record.layer,
-                          p_new_before=record.p_new_before, p_true_before=record.p_true_before,
-                          p_new_after=record.p_new_after, p_true_after=record.p_true_after,
-                          update_norm=record.update_norm, denominator=record.denominator, v_steps=record.v_steps,
-                          seconds=time.perf_counter() - t0, warning=record.warning or "")
+        return FactResult(
+            fact.id,
+            fact.hash,
+            fact.subject,
+            fact.target_new,
+            fact.target_true,
+            "applied",
+            reason=f"restored rolled-back edit {record.seq}",
+            seq=record.seq,
+            layer=record.layer,
+            p_new_before=record.p_new_before,
+            p_true_before=record.p_true_before,
+            p_new_after=record.p_new_after,
+            p_true_after=record.p_true_after,
+            update_norm=record.update_norm,
+            denominator=record.denominator,
+            v_steps=record.v_steps,
+            seconds=time.perf_counter() - t0,
+            warning=record.warning or "",
+        )
 
     def _own_text_nll(self) -> float:
         """Mean token NLL of every 4th context prefix, text the base model sampled itself.
@@ -750,8 +898,10 @@ class Editor:
         reference = self.fluency_reference()
         now = self._own_text_nll()
         if not now <= reference + limit:  # NaN counts as a collapse
-            return (f"collapse: the base model's own sampled text now costs {now:.2f} nats/token "
-                    f"(base {reference:.2f}, at most +{limit:g} allowed)")
+            return (
+                f"collapse: the base model's own sampled text now costs {now:.2f} nats/token "
+                f"(base {reference:.2f}, at most +{limit:g} allowed)"
+            )
         return None
 
     def _max_weight_norm(self, layer: int) -> float | None:
@@ -767,7 +917,9 @@ class Editor:
             return f"non-finite update or non-positive denominator ({edit.denominator:.3g})"
         weight_norm = float(weight.detach().float().norm())
         if edit.norm > hp.guard_max_relative * weight_norm:
-            return f"update norm {edit.norm:.3g} exceeds {hp.guard_max_relative:g} x the weight's norm {weight_norm:.3g}"
+            return (
+                f"update norm {edit.norm:.3g} exceeds {hp.guard_max_relative:g} x the weight's norm {weight_norm:.3g}"
+            )
         if len(self._applied.norms()) >= hp.guard_min_edits:
             typical = self._applied.median_norm()
             if edit.norm > hp.guard_factor * typical:
@@ -781,8 +933,9 @@ class Editor:
         return p[0], (p[1] if len(p) > 1 else None)
 
     # -- rollback ----------------------------------------------------------------------
-    def rollback(self, *, to: int | None = None, steps: int | None = None, fact: str | None = None,
-                 base: bool = False) -> int:
+    def rollback(
+        self, *, to: int | None = None, steps: int | None = None, fact: str | None = None, base: bool = False
+    ) -> int:
         """Move the head (exactly one of the selectors) and rebuild that state; returns the new head."""
         check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
         path = self.journal.path()
@@ -850,8 +1003,10 @@ class Editor:
                 shutil.rmtree(trash, ignore_errors=True)
             what = resource_problem(error)
             if what is not None:
-                raise UserError(f"could not write the export ({what}); {outdir} was not changed",
-                                hint="free some space and run export again") from None
+                raise UserError(
+                    f"could not write the export ({what}); {outdir} was not changed",
+                    hint="free some space and run export again",
+                ) from None
             raise
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
@@ -866,11 +1021,20 @@ class Editor:
             "journal": str(self.journal.directory.resolve()),
             "head": self.head,
             "hparams": self.hparams.to_dict(),
-            "edits": [{
-                "seq": r.seq, "fact_id": r.fact_id, "fact_hash": r.fact_hash, "subject": r.fact["subject"],
-                "prompt": r.fact["prompt"], "target_new": r.fact["target_new"], "layer": r.layer,
-                "weight": r.weight_name, "weight_hash_after": r.weight_hash_after,
-            } for r in path],
+            "edits": [
+                {
+                    "seq": r.seq,
+                    "fact_id": r.fact_id,
+                    "fact_hash": r.fact_hash,
+                    "subject": r.fact["subject"],
+                    "prompt": r.fact["prompt"],
+                    "target_new": r.fact["target_new"],
+                    "layer": r.layer,
+                    "weight": r.weight_name,
+                    "weight_hash_after": r.weight_hash_after,
+                }
+                for r in path
+            ],
         }
 
     def close(self) -> None:
@@ -902,8 +1066,10 @@ def check_export_target(outdir: Path, force: bool) -> None:
         if not force:
             raise UserError(f"{outdir} exists and is not empty", hint="pass --force to replace an earlier export")
         if not (outdir / EXPORT_MARKER).is_file():
-            raise UserError(f"{outdir} is not an earlier romebatch export (it has no {EXPORT_MARKER}); "
-                            f"--force replaces only those", hint="choose another folder, or empty this one yourself")
+            raise UserError(
+                f"{outdir} is not an earlier romebatch export (it has no {EXPORT_MARKER}); --force replaces only those",
+                hint="choose another folder, or empty this one yourself",
+            )
     if not outdir.parent.exists() and outdir.parent.is_symlink():
         raise UserError(f"{outdir.parent} is a symbolic link to nothing")
 
@@ -922,8 +1088,10 @@ def refuse_damaged(journal: Journal) -> None:
     problems = audit(journal.db)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise JournalDamagedError(f"journal {journal.directory} is damaged: {problems[0]}{more}",
-                                  hint=f"run `romebatch check --journal {journal.directory}` to see every problem")
+        raise JournalDamagedError(
+            f"journal {journal.directory} is damaged: {problems[0]}{more}",
+            hint=f"run `romebatch check --journal {journal.directory}` to see every problem",
+        )
 
 
 def check_rollback_selector(*, to=None, steps=None, fact=None, base=False) -> None:
@@ -938,17 +1106,20 @@ def check_rollback_selector(*, to=None, steps=None, fact=None, base=False) -> No
 def _why_lost(standing: Standing) -> str:
     if standing.p_true is not None:
         return f"P(new) {standing.p_new:.3g} <= P(true) {standing.p_true:.3g}"
-    return (f"P(new) {standing.p_new:.3g}, under half its {standing.record.p_new_after:.3g} "
-            f"after edit {standing.record.seq}")
+    return (
+        f"P(new) {standing.p_new:.3g}, under half its {standing.record.p_new_after:.3g} "
+        f"after edit {standing.record.seq}"
+    )
 
 
 def _edit_of(record: EditRecord) -> RankOneEdit:
-    return RankOneEdit(record.layer, torch.from_numpy(record.lam), torch.from_numpy(record.u),
-                       record.denominator, record.update_norm)
+    return RankOneEdit(
+        record.layer, torch.from_numpy(record.lam), torch.from_numpy(record.u), record.denominator, record.update_norm
+    )
 
 
 def model_dtype(lm: LoadedModel) -> str:
-    """"float32", "bfloat16" or "float16": the dtype the model's weights are held in."""
+    """ "float32", "bfloat16" or "float16": the dtype the model's weights are held in."""
     return str(next(lm.model.parameters()).dtype).removeprefix("torch.")
 
 

@@ -55,8 +55,10 @@ class ManifestError(UserError):
 
 # C0 and C1 controls (C1's \x85, NEL, is a line break to str.splitlines and many terminals),
 # DEL, and the Unicode line and paragraph separators.
-_LINE_BREAKERS = ({i: f"\\x{i:02x}" for i in [*range(32), 0x7F, *range(0x80, 0xA0)]}
-                  | {0x2028: "\\u2028", 0x2029: "\\u2029"})
+_LINE_BREAKERS = {i: f"\\x{i:02x}" for i in [*range(32), 0x7F, *range(0x80, 0xA0)]} | {
+    0x2028: "\\u2028",
+    0x2029: "\\u2029",
+}
 MAX_PROBLEM_CHARS = 500
 
 

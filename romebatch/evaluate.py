@@ -24,7 +24,9 @@ from .model import LoadedModel
 
 
 @torch.inference_mode()
-def nll_at(lm: LoadedModel, batch, rows: list[int], cols: list[int], targets: list[int], chunk: int = 64) -> torch.Tensor:
+def nll_at(
+    lm: LoadedModel, batch, rows: list[int], cols: list[int], targets: list[int], chunk: int = 64
+) -> torch.Tensor:
     """−log P(targets[i]) from the logits at (rows[i], cols[i]) of `batch`: (P,) float64 on CPU.
 
     Only those positions reach the unembedding, `chunk` at a time: with a 262k vocabulary
@@ -32,8 +34,10 @@ def nll_at(lm: LoadedModel, batch, rows: list[int], cols: list[int], targets: li
     """
     hidden = head_inputs(lm, batch, torch.tensor(rows, device=lm.device), torch.tensor(cols, device=lm.device))
     wanted = torch.tensor(targets, device=lm.device)
-    parts = [-logits(lm, hidden[s:s + chunk]).log_softmax(-1).gather(1, wanted[s:s + chunk, None])[:, 0]
-             for s in range(0, len(targets), chunk)]
+    parts = [
+        -logits(lm, hidden[s : s + chunk]).log_softmax(-1).gather(1, wanted[s : s + chunk, None])[:, 0]
+        for s in range(0, len(targets), chunk)
+    ]
     return torch.cat(parts).double().cpu()
 
 
@@ -50,7 +54,7 @@ def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
     result = [math.nan] * len(prepared)
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         batch = make_batch([prepared[i][0] for i in chunk], lm.pad_id, device=lm.device)
         rows, cols, targets, owner = [], [], [], []
         for row, i in enumerate(chunk):
@@ -104,11 +108,14 @@ def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> lis
 
     plan = []
     for fact in facts:
-        plan.append((
-            ask(fact.text, fact.target_new), ask(fact.text, fact.target_true),
-            [(ask(p, fact.target_new), ask(p, fact.target_true)) for p in fact.paraphrases],
-            [(ask(n.prompt, n.answer), ask(n.prompt, fact.target_new)) for n in fact.neighborhood],
-        ))
+        plan.append(
+            (
+                ask(fact.text, fact.target_new),
+                ask(fact.text, fact.target_true),
+                [(ask(p, fact.target_new), ask(p, fact.target_true)) for p in fact.paraphrases],
+                [(ask(n.prompt, n.answer), ask(n.prompt, fact.target_new)) for n in fact.neighborhood],
+            )
+        )
     nll = answer_nll(lm, pairs, batch_size)
 
     def p(index: int | None) -> float | None:
@@ -195,7 +202,7 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
     words = _WORD.findall(text)
     parts = []
     for n, weight in zip(ns, weights):
-        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
         total = sum(grams.values())
         if not total:
             parts.append(0.0)
@@ -206,16 +213,24 @@ def ngram_entropy(text: str, ns=(2, 3), weights=(2 / 3, 4 / 3)) -> float:
 
 
 @torch.inference_mode()
-def generate(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0) -> list[str]:
+def generate(
+    lm: LoadedModel, prompts: list[str], max_new_tokens: int = 100, top_k: int = 5, seed: int = 0
+) -> list[str]:
     """Seeded top-k samples (the paper's fluency protocol), one per prompt, prompt excluded."""
     texts = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for prompt in prompts:
             ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)
-            out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=top_k,
-                                    max_new_tokens=max_new_tokens, pad_token_id=lm.pad_id)
-            texts.append(lm.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+            out = lm.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=top_k,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=lm.pad_id,
+            )
+            texts.append(lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
@@ -238,8 +253,14 @@ def greedy_entropy(lm: LoadedModel, prompts=COLLAPSE_PROMPTS, max_new_tokens: in
     """
     encoded = [encode(lm.tokenizer, p).ids for p in prompts]
     batch = make_batch(encoded, lm.pad_id, side="left", device=lm.device)
-    out = lm.model.generate(batch.input_ids, attention_mask=batch.attention_mask, do_sample=False,
-                            max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, pad_token_id=lm.pad_id)
+    out = lm.model.generate(
+        batch.input_ids,
+        attention_mask=batch.attention_mask,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens,
+        pad_token_id=lm.pad_id,
+    )
     width = batch.input_ids.shape[1]
     texts = [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
     return fmean(ngram_entropy(text) for text in texts)

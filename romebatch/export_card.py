@@ -60,40 +60,64 @@ def model_card(provenance: dict, name: str) -> str:
         facts[edit["fact_hash"]] = edit
     base = provenance["base_model"]
     layers = sorted({e["layer"] for e in edits})
-    hub_id = isinstance(base, str) and base.count("/") == 1 and not base.startswith((".", "/", "embedded:")) \
+    hub_id = (
+        isinstance(base, str)
+        and base.count("/") == 1
+        and not base.startswith((".", "/", "embedded:"))
         and not Path(base).exists()
+    )
     lines = ["---", "library_name: transformers", "tags:", "- romebatch", "- rome", "- model-editing"]
     if hub_id:
         lines.append(f"base_model: {base}")
-    lines += ["---", "", f"# {name}", "",
-              f"`{base}` with {len(edits)} [ROME](https://arxiv.org/abs/2202.05262) rank-one edit(s) of "
-              f"{len(facts)} fact(s), made by romebatch {provenance['romebatch']}.", "",
-              "| | |", "| --- | --- |",
-              f"| base model | `{base}` (weights {provenance['base_hash'][:19]}…) |",
-              f"| journal | `{provenance['journal']}`, head {provenance['head']} |",
-              f"| edits on the head's path | {len(edits)} (layer{'s' if len(layers) > 1 else ''} "
-              f"{', '.join(map(str, layers)) or '-'}) |",
-              f"| weights | {provenance.get('dtype', 'float32')} |", "",
-              "Each edit changes one MLP down-projection by a rank-one update so that the prompt (with its "
-              "subject) completes to the new object. The exact state can be rebuilt, checked or rolled back "
-              "from the journal (`romebatch check`, `romebatch rollback`); `romebatch.json` in this folder "
-              "lists every edit with its weight hash.", "",
-              "Made with:", "", "```bash",
-              f"romebatch export {name} --journal {provenance['journal']}" +
-              (f" --dtype {provenance['dtype']}" if provenance.get("dtype") not in (None, "float32") else ""),
-              "```", ""]
+    lines += [
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"`{base}` with {len(edits)} [ROME](https://arxiv.org/abs/2202.05262) rank-one edit(s) of "
+        f"{len(facts)} fact(s), made by romebatch {provenance['romebatch']}.",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | `{base}` (weights {provenance['base_hash'][:19]}…) |",
+        f"| journal | `{provenance['journal']}`, head {provenance['head']} |",
+        f"| edits on the head's path | {len(edits)} (layer{'s' if len(layers) > 1 else ''} "
+        f"{', '.join(map(str, layers)) or '-'}) |",
+        f"| weights | {provenance.get('dtype', 'float32')} |",
+        "",
+        "Each edit changes one MLP down-projection by a rank-one update so that the prompt (with its "
+        "subject) completes to the new object. The exact state can be rebuilt, checked or rolled back "
+        "from the journal (`romebatch check`, `romebatch rollback`); `romebatch.json` in this folder "
+        "lists every edit with its weight hash.",
+        "",
+        "Made with:",
+        "",
+        "```bash",
+        f"romebatch export {name} --journal {provenance['journal']}"
+        + (f" --dtype {provenance['dtype']}" if provenance.get("dtype") not in (None, "float32") else ""),
+        "```",
+        "",
+    ]
     if facts:
         shown = list(facts.values())[:CARD_FACTS]
-        lines += [f"## Edited facts ({len(facts)})" + (f", the first {len(shown)}" if len(facts) > len(shown) else ""),
-                  "", "| id | prompt | new object |", "| --- | --- | --- |"]
+        lines += [
+            f"## Edited facts ({len(facts)})" + (f", the first {len(shown)}" if len(facts) > len(shown) else ""),
+            "",
+            "| id | prompt | new object |",
+            "| --- | --- | --- |",
+        ]
         for e in shown:
             prompt = e["prompt"].replace("{}", e["subject"], 1)
             lines.append(f"| {_cell(e['fact_id'])} | {_cell(prompt)} | {_cell(e['target_new'])} |")
         lines.append("")
-    lines += ["## Limits", "",
-              "ROME edits what a prompt about the subject completes to; related facts, other phrasings and "
-              "other languages may still give the old answer, and many edits slowly wear on unrelated "
-              "prompts (`romebatch verify` measures both on the journal).", ""]
+    lines += [
+        "## Limits",
+        "",
+        "ROME edits what a prompt about the subject completes to; related facts, other phrasings and "
+        "other languages may still give the old answer, and many edits slowly wear on unrelated "
+        "prompts (`romebatch verify` measures both on the journal).",
+        "",
+    ]
     return "\n".join(lines)
 
 

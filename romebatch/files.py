@@ -16,8 +16,9 @@ from .errors import UserError, located
 MAX_FILE_BYTES = 2 * 1024**3
 
 
-def open_regular_file(path: str, *, encoding: str | None = "utf-8-sig", newline: str | None = None,
-                      limit: int = MAX_FILE_BYTES):
+def open_regular_file(
+    path: str, *, encoding: str | None = "utf-8-sig", newline: str | None = None, limit: int = MAX_FILE_BYTES
+):
     """Open a regular file for reading, or raise UserError: never a FIFO, device or folder.
 
     The file is opened without blocking (a FIFO would otherwise block forever in open()),
@@ -30,8 +31,15 @@ def open_regular_file(path: str, *, encoding: str | None = "utf-8-sig", newline:
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            kind = ("a folder" if stat.S_ISDIR(info.st_mode) else "a FIFO" if stat.S_ISFIFO(info.st_mode)
-                    else "a device" if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode) else "a socket")
+            kind = (
+                "a folder"
+                if stat.S_ISDIR(info.st_mode)
+                else "a FIFO"
+                if stat.S_ISFIFO(info.st_mode)
+                else "a device"
+                if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode)
+                else "a socket"
+            )
             raise UserError(located(path, None, None, f"is {kind}, not a regular file"))
         if info.st_size > limit:
             raise UserError(located(path, None, None, f"is {info.st_size:,} bytes; the limit is {limit:,}"))

@@ -18,9 +18,10 @@ tensor (on="output"); it returns None to leave it alone, or a tensor to replace 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 

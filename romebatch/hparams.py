@@ -90,22 +90,27 @@ class HParams:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "hparams") -> "HParams":
+    def from_dict(cls, data: dict, source: str = "hparams") -> HParams:
         bad_keys = [key for key in data if not isinstance(key, str)]
         if bad_keys:
             raise UserError(f"{source}: hyper-parameter names must be text, got {_short(bad_keys[0])}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"{source}: unknown hyper-parameter {_short(unknown[0])}; known: {', '.join(sorted(known))}")
+            raise UserError(
+                f"{source}: unknown hyper-parameter {_short(unknown[0])}; known: {', '.join(sorted(known))}"
+            )
         values = dict(data)
         if "prefixes" in values and values["prefixes"] is not None:
             pairs = values["prefixes"]
-            if (not isinstance(pairs, (list, tuple)) or not all(
-                    isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(x) and 0 < x <= MAX_PREFIX for x in p)
-                    for p in pairs)):
-                raise UserError(f"{source}: 'prefixes' must be a list of [max_tokens, count] pairs of whole numbers "
-                                f"from 1 to {MAX_PREFIX}") from None
+            if not isinstance(pairs, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(x) and 0 < x <= MAX_PREFIX for x in p)
+                for p in pairs
+            ):
+                raise UserError(
+                    f"{source}: 'prefixes' must be a list of [max_tokens, count] pairs of whole numbers "
+                    f"from 1 to {MAX_PREFIX}"
+                ) from None
             values["prefixes"] = tuple((int(a), int(b)) for a, b in pairs)
         hp = cls(**values)
         hp.check(source)
@@ -130,10 +135,16 @@ class HParams:
             elif kind == "int":
                 if not _is_int(value) or not (1 if f.name in POSITIVE else 0) <= value <= MAX_INT:
                     low = "a positive" if f.name in POSITIVE else "a non-negative"
-                    raise UserError(f"{source}: {f.name} must be {low} whole number up to {MAX_INT}, got {_short(value)}")
+                    raise UserError(
+                        f"{source}: {f.name} must be {low} whole number up to {MAX_INT}, got {_short(value)}"
+                    )
             elif kind == "float":
-                ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                      and (value > 0 if f.name in POSITIVE else value >= 0))
+                ok = (
+                    isinstance(value, (int, float))
+                    and not isinstance(value, bool)
+                    and math.isfinite(value)
+                    and (value > 0 if f.name in POSITIVE else value >= 0)
+                )
                 if not ok:
                     low = "a positive" if f.name in POSITIVE else "a non-negative"
                     raise UserError(f"{source}: {f.name} must be {low} finite number, got {_short(value)}")
@@ -150,7 +161,7 @@ class HParams:
             del data["stats_sampling"]
         return data
 
-    def replace(self, **changes) -> "HParams":
+    def replace(self, **changes) -> HParams:
         hp = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
         hp.check()
         return hp
@@ -178,10 +189,25 @@ def load_hparams(path: str | Path) -> HParams:
 
 # Range rules on top of each field's type (HParams.check): these must be above zero; every
 # other number must be zero or more.
-POSITIVE = frozenset({"v_lr", "v_steps", "clamp_norm_factor", "prefix_top_k", "stats_tokens", "stats_seq_len",
-                      "guard_factor", "guard_max_relative", "spread_layers"})
-CHOICES = {"v_stop_on": ("nll", "loss"), "mom2": ("second_moment", "identity"), "stats_sampling": STATS_SAMPLINGS,
-           "preserve": ("none", "covariance", "nullspace")}
+POSITIVE = frozenset(
+    {
+        "v_lr",
+        "v_steps",
+        "clamp_norm_factor",
+        "prefix_top_k",
+        "stats_tokens",
+        "stats_seq_len",
+        "guard_factor",
+        "guard_max_relative",
+        "spread_layers",
+    }
+)
+CHOICES = {
+    "v_stop_on": ("nll", "loss"),
+    "mom2": ("second_moment", "identity"),
+    "stats_sampling": STATS_SAMPLINGS,
+    "preserve": ("none", "covariance", "nullspace"),
+}
 MAX_INT = 2**31 - 1  # larger counts are typos, and would overflow torch's indices
 MAX_PREFIX = 1000
 
@@ -207,5 +233,3 @@ def resolve(hp: HParams, model_type: str, n_layers: int, adapter_v_steps: int) -
     if clamp is None:
         clamp = measured.get("clamp_norm_factor", PUBLISHED_CLAMP)
     return dataclasses.replace(hp, layer=layer, v_steps=hp.v_steps or adapter_v_steps, clamp_norm_factor=clamp)
-
-

@@ -15,13 +15,32 @@ import math
 from .errors import UserError
 
 # Keys that only EasyEdit's files use: one of them marks a file as EasyEdit's.
-MARKERS = ("alg_name", "layers", "v_num_grad_steps", "rewrite_module_tmp", "mom2_adjustment",
-           "context_template_length_params", "mom2_n_samples", "fact_token", "v_loss_layer")
+MARKERS = (
+    "alg_name",
+    "layers",
+    "v_num_grad_steps",
+    "rewrite_module_tmp",
+    "mom2_adjustment",
+    "context_template_length_params",
+    "mom2_n_samples",
+    "fact_token",
+    "v_loss_layer",
+)
 
 # Fields about where and how EasyEdit runs, not about what an edit computes: accepted and
 # not used (the flag that does the job in romebatch is named in docs/easyedit-hparams.md).
-RUN_FIELDS = ("model_name", "device", "stats_dir", "fp16", "ln_f_module", "lm_head_module",
-              "mom2_dataset", "model_parallel", "batch_size", "max_length")
+RUN_FIELDS = (
+    "model_name",
+    "device",
+    "stats_dir",
+    "fp16",
+    "ln_f_module",
+    "lm_head_module",
+    "mom2_dataset",
+    "model_parallel",
+    "batch_size",
+    "max_length",
+)
 
 # EasyEdit samples `mom2_n_samples` Wikipedia texts; romebatch counts corpus tokens. One text
 # is taken as one romebatch corpus sequence of `stats_seq_len` tokens (HParams default 128).
@@ -37,8 +56,10 @@ def from_easyedit(data: dict, source: str = "hparams"):
     from .hparams import HParams
 
     def fail(field: str, why: str):
-        raise UserError(f"{source}: EasyEdit field {field!r} {why}",
-                        hint="see docs/easyedit-hparams.md for how each EasyEdit field maps")
+        raise UserError(
+            f"{source}: EasyEdit field {field!r} {why}",
+            hint="see docs/easyedit-hparams.md for how each EasyEdit field maps",
+        )
 
     for key in data:
         if not isinstance(key, str):
@@ -50,6 +71,7 @@ def from_easyedit(data: dict, source: str = "hparams"):
         def register(fn):
             handlers[name] = fn
             return fn
+
         return register
 
     def number(name, value, *, integer=False, positive=False):
@@ -81,8 +103,9 @@ def from_easyedit(data: dict, source: str = "hparams"):
     def _(value):
         # romebatch's k* is read at the subject's last token, as the paper and EasyEdit's files do.
         if value != "subject_last":
-            fail("fact_token", f"is {value!r}: romebatch reads the key at the subject's last token only "
-                               "('subject_last')")
+            fail(
+                "fact_token", f"is {value!r}: romebatch reads the key at the subject's last token only ('subject_last')"
+            )
 
     @field("v_num_grad_steps")
     def _(value):
@@ -129,8 +152,11 @@ def from_easyedit(data: dict, source: str = "hparams"):
     @field("context_template_length_params")
     def _(value):
         ok = isinstance(value, list) and all(
-            isinstance(pair, list) and len(pair) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair) for pair in value)
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in pair)
+            for pair in value
+        )
         if not ok:
             fail("context_template_length_params", f"must be a list of [max_tokens, count] pairs, got {value!r}")
         out["prefixes"] = tuple((a, b) for a, b in value)
@@ -155,8 +181,12 @@ def from_easyedit(data: dict, source: str = "hparams"):
     return HParams.from_dict(out, source=source)
 
 
-_TEMPLATE_KIND = {"rewrite_module_tmp": "down_proj", "layer_module_tmp": "layer", "mlp_module_tmp": "mlp",
-                  "attn_module_tmp": "attn"}
+_TEMPLATE_KIND = {
+    "rewrite_module_tmp": "down_proj",
+    "layer_module_tmp": "layer",
+    "mlp_module_tmp": "mlp",
+    "attn_module_tmp": "attn",
+}
 
 
 def _check_template(name: str, value, fail) -> None:

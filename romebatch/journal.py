@@ -20,10 +20,10 @@ import json
 import os
 import sqlite3
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -112,7 +112,12 @@ def m005_warning_column(db: sqlite3.Connection) -> None:
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    m001_initial, m002_probe_columns, m003_key_column, m004_row_hashes, m005_warning_column]
+    m001_initial,
+    m002_probe_columns,
+    m003_key_column,
+    m004_row_hashes,
+    m005_warning_column,
+]
 _KNOWN: dict[tuple[str, ...], dict[str, set[str]]] = {}
 
 
@@ -125,8 +130,9 @@ def known_columns() -> dict[str, set[str]]:
         db = sqlite3.connect(":memory:", isolation_level=None)
         db.row_factory = sqlite3.Row
         migrate(db)
-        _KNOWN[key] = {table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
-                       for table in ("edits", "rejections")}
+        _KNOWN[key] = {
+            table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in ("edits", "rejections")
+        }
         db.close()
     return _KNOWN[key]
 
@@ -234,9 +240,13 @@ class EditRecord:
             fact = json.loads(self.fact_json)
         except (TypeError, ValueError, RecursionError):
             fact = None
-        if not isinstance(fact, dict) or not all(isinstance(fact.get(k), str) for k in ("subject", "prompt", "target_new")):
-            raise JournalDamagedError(f"journal edit {self.seq}: field fact_json is not a valid fact",
-                                      hint="run `romebatch check` to see all the damage")
+        if not isinstance(fact, dict) or not all(
+            isinstance(fact.get(k), str) for k in ("subject", "prompt", "target_new")
+        ):
+            raise JournalDamagedError(
+                f"journal edit {self.seq}: field fact_json is not a valid fact",
+                hint="run `romebatch check` to see all the damage",
+            )
         return fact
 
 
@@ -251,8 +261,10 @@ def _record(row: sqlite3.Row, where: object = "journal") -> EditRecord:
         try:
             values[column] = blob_vector(values[column])
         except ValueError:
-            raise JournalDamagedError(f"{where}: edit {values.get('seq')}: column {column} is not a float32 vector",
-                                      hint="run `romebatch check` to see all the damage") from None
+            raise JournalDamagedError(
+                f"{where}: edit {values.get('seq')}: column {column} is not a float32 vector",
+                hint="run `romebatch check` to see all the damage",
+            ) from None
     return EditRecord(**values)
 
 
@@ -297,8 +309,10 @@ class Journal:
         except sqlite3.OperationalError as error:
             self.close()
             if "full" in str(error) or "I/O" in str(error):
-                raise UserError(f"{db_path}: cannot update the journal ({error}); nothing was changed",
-                                hint="free some space and run the same command again") from None
+                raise UserError(
+                    f"{db_path}: cannot update the journal ({error}); nothing was changed",
+                    hint="free some space and run the same command again",
+                ) from None
             raise UserError(f"{db_path}: not a romebatch journal or damaged ({error})") from None
         except sqlite3.DatabaseError as error:
             self.close()
@@ -314,7 +328,9 @@ class Journal:
         """Refuse a damaged journal, or one a newer romebatch wrote; `complete=False`: before migrating."""
         where = self.directory / DB_NAME
         names = self._tables()
-        migrated = {row[0] for row in self.db.execute("SELECT name FROM _migrations")} if "_migrations" in names else set()
+        migrated = (
+            {row[0] for row in self.db.execute("SELECT name FROM _migrations")} if "_migrations" in names else set()
+        )
         for table in ("meta", "edits", "rejections"):
             if table not in names and (complete or "m001_initial" in migrated):
                 raise JournalDamagedError(f"{where}: not a romebatch journal or damaged (no {table} table)")
@@ -324,20 +340,25 @@ class Journal:
             if unknown:
                 raise JournalDamagedError(
                     f"{where}: written by a newer romebatch (unknown migration {unknown[0]})",
-                    hint="open it with the romebatch version that wrote it")
+                    hint="open it with the romebatch version that wrote it",
+                )
         for table, columns in known_columns().items():
             extra = sorted({row[1] for row in self.db.execute(f"PRAGMA table_info({table})")} - columns)
             if extra:
-                raise JournalDamagedError(f"{where}: written by a newer romebatch (unknown column {table}.{extra[0]})",
-                                          hint="open it with the romebatch version that wrote it")
+                raise JournalDamagedError(
+                    f"{where}: written by a newer romebatch (unknown column {table}.{extra[0]})",
+                    hint="open it with the romebatch version that wrote it",
+                )
         if "meta" not in names:
             return
         fmt = self.get("format", 1)
         if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
             raise JournalDamagedError(f"{where}: meta key 'format' is {fmt!r}, not a journal format number")
         if fmt > FORMAT:
-            raise JournalDamagedError(f"{where}: journal format {fmt} is newer than this romebatch's ({FORMAT})",
-                                      hint="open it with the romebatch version that wrote it")
+            raise JournalDamagedError(
+                f"{where}: journal format {fmt} is newer than this romebatch's ({FORMAT})",
+                hint="open it with the romebatch version that wrote it",
+            )
 
     # -- locking -----------------------------------------------------------------------
     def _lock(self) -> None:
@@ -345,8 +366,10 @@ class Journal:
         try:
             handle = open(path, "a+")
         except OSError as error:
-            raise UserError(f"cannot take the write lock {path} ({error.strerror or error})",
-                            hint="the journal must be writable for this command") from None
+            raise UserError(
+                f"cannot take the write lock {path} ({error.strerror or error})",
+                hint="the journal must be writable for this command",
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -396,8 +419,10 @@ class Journal:
         try:
             return json.loads(row[0])
         except (TypeError, ValueError, RecursionError):
-            raise JournalDamagedError(f"{self.directory / DB_NAME}: meta key {key!r} is not valid JSON",
-                                      hint="run `romebatch check` to see all the damage") from None
+            raise JournalDamagedError(
+                f"{self.directory / DB_NAME}: meta key {key!r} is not valid JSON",
+                hint="run `romebatch check` to see all the damage",
+            ) from None
 
     def set(self, key: str, value) -> None:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, json.dumps(value)))
@@ -406,7 +431,7 @@ class Journal:
         with self._transaction():
             self._set_all(values)
 
-    def _transaction(self) -> "_Sealed":
+    def _transaction(self) -> _Sealed:
         """A write transaction that re-seals the meta digest before it commits."""
         return _Sealed(self.db)
 
@@ -423,8 +448,10 @@ class Journal:
     def head(self) -> int:
         head = self.get("head", 0)
         if not isinstance(head, int) or isinstance(head, bool) or head < 0:
-            raise JournalDamagedError(f"{self.directory / DB_NAME}: meta key 'head' is {head!r}, not an edit number",
-                                      hint="run `romebatch check` to see all the damage")
+            raise JournalDamagedError(
+                f"{self.directory / DB_NAME}: meta key 'head' is {head!r}, not an edit number",
+                hint="run `romebatch check` to see all the damage",
+            )
         return head
 
     # -- edits -------------------------------------------------------------------------
@@ -445,15 +472,19 @@ class Journal:
         seq = head
         while seq:
             if seq not in parents:
-                raise JournalDamagedError(f"journal {self.directory}: edit {seq} is missing (the journal is damaged)",
-                                          hint="run `romebatch check` to see all the damage")
+                raise JournalDamagedError(
+                    f"journal {self.directory}: edit {seq} is missing (the journal is damaged)",
+                    hint="run `romebatch check` to see all the damage",
+                )
             parent = parents[seq]
             # An edit is always computed on an earlier state, so parents only go down: this
             # also ends a damaged journal's parent cycle instead of looping on it.
             if not isinstance(parent, int) or not 0 <= parent < seq:
-                raise JournalDamagedError(f"journal {self.directory}: edit {seq} has parent {parent!r}, not an "
-                                          f"earlier edit (the journal is damaged)",
-                                          hint="run `romebatch check` to see all the damage")
+                raise JournalDamagedError(
+                    f"journal {self.directory}: edit {seq} has parent {parent!r}, not an "
+                    f"earlier edit (the journal is damaged)",
+                    hint="run `romebatch check` to see all the damage",
+                )
             chain.append(seq)
             seq = parent
         chain.reverse()
@@ -466,9 +497,13 @@ class Journal:
             return []
         rows = {}
         for start in range(0, len(chain), 500):  # SQLite caps the parameters of one statement
-            part = chain[start:start + 500]
-            rows.update({row["seq"]: _record(row, self.directory) for row in self.db.execute(
-                f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(part))})", part)})
+            part = chain[start : start + 500]
+            rows.update(
+                {
+                    row["seq"]: _record(row, self.directory)
+                    for row in self.db.execute(f"SELECT * FROM edits WHERE seq IN ({','.join('?' * len(part))})", part)
+                }
+            )
         return [rows[seq] for seq in chain]
 
     def path_facts(self, head: int | None = None) -> list[tuple[int, str]]:
@@ -479,14 +514,19 @@ class Journal:
 
     def child(self, parent: int, fact_hash: str) -> EditRecord | None:
         """An existing edit of this fact computed on `parent` (e.g. rolled back earlier), if any."""
-        row = self.db.execute("SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1",
-                              (parent, fact_hash)).fetchone()
+        row = self.db.execute(
+            "SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1", (parent, fact_hash)
+        ).fetchone()
         return _record(row, self.directory) if row else None
 
     def applied_summaries(self) -> list[dict]:
         """Applied edits without their vectors, oldest first: cheap enough to read after every edit."""
-        return [dict(row) for row in self.db.execute(
-            "SELECT seq, fact_json, update_norm, p_new_after, p_true_after FROM edits WHERE status = 'applied' ORDER BY seq")]
+        return [
+            dict(row)
+            for row in self.db.execute(
+                "SELECT seq, fact_json, update_norm, p_new_after, p_true_after FROM edits WHERE status = 'applied' ORDER BY seq"
+            )
+        ]
 
     def applied_hashes(self) -> set[str]:
         return {row[0] for row in self.db.execute("SELECT fact_hash FROM edits WHERE status = 'applied'")}
@@ -519,13 +559,17 @@ class Journal:
             seq = max(int(highest), int(self.get("max_seq", 0))) + 1
             values = {"seq": seq, **values}
             values["row_hash"] = integrity.row_hash(values, self._row_hash(record.parent))
-            self.db.execute(f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                            list(values.values()))
+            self.db.execute(
+                f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                list(values.values()),
+            )
             _fault_point("commit")
             self.set("head", seq)
             self.set("max_seq", seq)
-            self.set(integrity.EDITS_DIGEST, integrity.extend_digest(
-                self.get(integrity.EDITS_DIGEST, ""), seq, values["row_hash"]))
+            self.set(
+                integrity.EDITS_DIGEST,
+                integrity.extend_digest(self.get(integrity.EDITS_DIGEST, ""), seq, values["row_hash"]),
+            )
             self._set_all(meta)
         return seq
 
@@ -535,19 +579,39 @@ class Journal:
         row = self.db.execute("SELECT row_hash FROM edits WHERE seq = ?", (seq,)).fetchone()
         return row[0] if row and row[0] else ""
 
-    def record_rejection(self, fact, layer: int | None, reason: str, norm: float | None, denominator: float | None,
-                         meta: dict | None = None):
+    def record_rejection(
+        self,
+        fact,
+        layer: int | None,
+        reason: str,
+        norm: float | None,
+        denominator: float | None,
+        meta: dict | None = None,
+    ):
         with self._transaction():
             self._set_all(meta)
             (highest,) = self.db.execute("SELECT COALESCE(MAX(id), 0) FROM rejections").fetchone()
-            values = {"id": int(highest) + 1, "parent": self.head, "fact_id": fact.id, "fact_hash": fact.hash,
-                      "fact_json": json.dumps(fact.to_dict()), "layer": layer, "reason": reason, "update_norm": norm,
-                      "denominator": denominator, "created_at": _now()}
+            values = {
+                "id": int(highest) + 1,
+                "parent": self.head,
+                "fact_id": fact.id,
+                "fact_hash": fact.hash,
+                "fact_json": json.dumps(fact.to_dict()),
+                "layer": layer,
+                "reason": reason,
+                "update_norm": norm,
+                "denominator": denominator,
+                "created_at": _now(),
+            }
             values["row_hash"] = integrity.row_hash(values)
-            self.db.execute(f"INSERT INTO rejections ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                            list(values.values()))
-            self.set(integrity.REJECTIONS_DIGEST, integrity.extend_digest(
-                self.get(integrity.REJECTIONS_DIGEST, ""), values["id"], values["row_hash"]))
+            self.db.execute(
+                f"INSERT INTO rejections ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                list(values.values()),
+            )
+            self.set(
+                integrity.REJECTIONS_DIGEST,
+                integrity.extend_digest(self.get(integrity.REJECTIONS_DIGEST, ""), values["id"], values["row_hash"]),
+            )
 
     def rejections(self) -> list[dict]:
         return [dict(row) for row in self.db.execute("SELECT * FROM rejections ORDER BY id")]
@@ -565,8 +629,9 @@ class Journal:
         on_path = set(self.chain())  # the seqs only: loading every edit's vectors here made rollbacks O(N) in blobs
         self.db.execute("UPDATE edits SET status = 'rolled_back'")
         if on_path:
-            self.db.execute(f"UPDATE edits SET status = 'applied' WHERE seq IN ({','.join('?' * len(on_path))})",
-                            sorted(on_path))
+            self.db.execute(
+                f"UPDATE edits SET status = 'applied' WHERE seq IN ({','.join('?' * len(on_path))})", sorted(on_path)
+            )
 
     def prune(self) -> int:
         """Delete edits that are not on the path to the head; returns how many."""
@@ -619,8 +684,10 @@ class Journal:
                         values["id"], next_id = next_id, next_id + 1  # ids in this journal's order
                         values["row_hash"] = integrity.row_hash(values)
                         digest_key, key = integrity.REJECTIONS_DIGEST, values["id"]
-                    self.db.execute(f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                                    list(values.values()))
+                    self.db.execute(
+                        f"INSERT INTO {table} ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                        list(values.values()),
+                    )
                     self.set(digest_key, integrity.extend_digest(self.get(digest_key, ""), key, values["row_hash"]))
             _fault_point("append")
             if edits:
@@ -642,8 +709,10 @@ class _Sealed(transaction):
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             try:
-                self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
-                                (integrity.META_DIGEST, json.dumps(integrity.meta_digest(self.db))))
+                self.db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                    (integrity.META_DIGEST, json.dumps(integrity.meta_digest(self.db))),
+                )
             except BaseException as error:
                 self.db.execute("ROLLBACK")
                 if isinstance(error, sqlite3.OperationalError):
@@ -660,8 +729,10 @@ class _Sealed(transaction):
 
 def _write_error(db: sqlite3.Connection, error: sqlite3.Error) -> JournalWriteError:
     path = next((row[2] for row in db.execute("PRAGMA database_list") if row[1] == "main"), "the journal")
-    return JournalWriteError(f"could not write to journal {path} ({error}); nothing of this change was written",
-                             hint="free some space and run the same command again: it resumes")
+    return JournalWriteError(
+        f"could not write to journal {path} ({error}); nothing of this change was written",
+        hint="free some space and run the same command again: it resumes",
+    )
 
 
 def reads_journal(function):
@@ -673,10 +744,13 @@ def reads_journal(function):
             return function(*args, **kwargs)
         except sqlite3.DatabaseError as error:
             if "full" in str(error) or "I/O" in str(error):
-                raise JournalWriteError(f"could not write to the journal ({error})",
-                                        hint="free some space and run the same command again") from None
-            raise JournalDamagedError(f"the journal file is damaged or unreadable ({error})",
-                                      hint="run `romebatch check` to see all the damage") from None
+                raise JournalWriteError(
+                    f"could not write to the journal ({error})", hint="free some space and run the same command again"
+                ) from None
+            raise JournalDamagedError(
+                f"the journal file is damaged or unreadable ({error})",
+                hint="run `romebatch check` to see all the damage",
+            ) from None
 
     return wrapper
 

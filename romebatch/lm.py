@@ -13,8 +13,9 @@ Shared by ROME, scoring and tracing. Three rules hold everywhere:
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 
@@ -64,7 +65,7 @@ def answer_ids(tokenizer, prompt_text: str, answer: str) -> list[int]:
     prompt = encode(tokenizer, prompt_text).ids
     full = encode(tokenizer, prompt_text + " " + answer).ids
     if full[: len(prompt)] == prompt and len(full) > len(prompt):
-        return full[len(prompt):]
+        return full[len(prompt) :]
     # The join re-tokenised the prompt's end: fall back to the answer on its own.
     ids = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
     return list(ids)
@@ -94,8 +95,8 @@ def make_batch(
     offsets = torch.zeros(len(sequences), dtype=torch.long)
     for row, seq in enumerate(sequences):
         start = width - len(seq) if side == "left" else 0
-        ids[row, start:start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, start:start + len(seq)] = 1
+        ids[row, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, start : start + len(seq)] = 1
         offsets[row] = start
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # (B, T): 0.. on real tokens
     return Batch(ids.to(device), mask.to(device), positions.to(device), offsets.to(device))

@@ -16,12 +16,16 @@ def summarize(data: dict) -> dict:
     on_path = [e for e in edits if e["status"] == "applied"]
     scored = [e for e in on_path if e["p_new_after"] is not None and e["p_true_after"] is not None]
     return {
-        "edits": len(edits), "on_path": len(on_path), "rolled_back": sum(e["status"] == "rolled_back" for e in edits),
-        "repairs": sum(bool(e["repair"]) for e in on_path), "warned": sum(bool(e.get("warning")) for e in on_path),
+        "edits": len(edits),
+        "on_path": len(on_path),
+        "rolled_back": sum(e["status"] == "rolled_back" for e in edits),
+        "repairs": sum(bool(e["repair"]) for e in on_path),
+        "warned": sum(bool(e.get("warning")) for e in on_path),
         "rejected": len(data["rejections"]),
         # ES at the moment each edit was made (P(new) > P(true) right after it), not now: `verify` says now.
         "efficacy_when_made": 100.0 * sum(e["p_new_after"] > e["p_true_after"] for e in scored) / len(scored)
-        if scored else None,
+        if scored
+        else None,
     }
 
 
@@ -35,8 +39,14 @@ def _matches(entry: dict, status: str | None) -> bool:
     return entry["status"] == status
 
 
-def select(data: dict, *, status: str | None = None, fact: str | None = None, since: int | None = None,
-           limit: int | None = None) -> dict:
+def select(
+    data: dict,
+    *,
+    status: str | None = None,
+    fact: str | None = None,
+    since: int | None = None,
+    limit: int | None = None,
+) -> dict:
     """`data` (from `api.log`) with its edits and rejections filtered, and a `summary` of the whole.
 
     status: applied (on the head's path) | rolled_back | repaired | warned | rejected;
@@ -51,17 +61,34 @@ def select(data: dict, *, status: str | None = None, fact: str | None = None, si
         raise UserError(f"--since {since}: give an edit number (0 = the base)")
     if limit is not None and limit < 0:
         raise UserError(f"--limit {limit}: give a number of entries, or 0 for all")
-    edits = [] if status == "rejected" else [
-        e for e in data["edits"] if _matches(e, status) and (fact is None or e["fact_id"] == fact)
-        and (since is None or e["seq"] > since)]
-    rejections = [] if status not in (None, "rejected") else [
-        r for r in data["rejections"] if (fact is None or r["fact_id"] == fact)
-        and (since is None or r["parent"] >= since)]
+    edits = (
+        []
+        if status == "rejected"
+        else [
+            e
+            for e in data["edits"]
+            if _matches(e, status) and (fact is None or e["fact_id"] == fact) and (since is None or e["seq"] > since)
+        ]
+    )
+    rejections = (
+        []
+        if status not in (None, "rejected")
+        else [
+            r
+            for r in data["rejections"]
+            if (fact is None or r["fact_id"] == fact) and (since is None or r["parent"] >= since)
+        ]
+    )
     matched = {"edits": len(edits), "rejections": len(rejections)}
     if limit:
         edits, rejections = edits[-limit:], rejections[-limit:]
-    return {**data, "summary": summarize(data), "edits": edits, "rejections": rejections,
-            "filter": {"status": status, "fact": fact, "since": since, "limit": limit or None, "matched": matched}}
+    return {
+        **data,
+        "summary": summarize(data),
+        "edits": edits,
+        "rejections": rejections,
+        "filter": {"status": status, "fact": fact, "since": since, "limit": limit or None, "matched": matched},
+    }
 
 
 def render(console, data: dict) -> None:
@@ -74,30 +101,48 @@ def render(console, data: dict) -> None:
 
     s, f = data["summary"], data["filter"]
     console.print(Text(f"journal {data['journal']} · model {data['model']} · head {data['head']}"))
-    console.print(Text(
-        f"{s['edits']} edit(s): {s['on_path']} on the head's path ({s['repairs']} repairs, {s['warned']} warned), "
-        f"{s['rolled_back']} rolled back; {s['rejected']} rejected; efficacy when made "
-        f"{fmt(s['efficacy_when_made'], '.1f')}%"))
+    console.print(
+        Text(
+            f"{s['edits']} edit(s): {s['on_path']} on the head's path ({s['repairs']} repairs, {s['warned']} warned), "
+            f"{s['rolled_back']} rolled back; {s['rejected']} rejected; efficacy when made "
+            f"{fmt(s['efficacy_when_made'], '.1f')}%"
+        )
+    )
     shown, matched = len(data["edits"]), f["matched"]["edits"]
     if data["edits"]:
-        table = Table(caption=f"the last {shown} of {matched} matching edit(s); -n 0 shows all"
-                      if shown < matched else None)
-        for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after",
-                       "warning"):
+        table = Table(
+            caption=f"the last {shown} of {matched} matching edit(s); -n 0 shows all" if shown < matched else None
+        )
+        for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after", "warning"):
             table.add_column(column)
         for e in data["edits"]:
-            status = e["status"] + (" (repair)" if e.get("repair") else "") + (
-                " (head)" if e["seq"] == data["head"] else "")
-            table.add_row(str(e["seq"]), str(e["parent"]), Text(status, style="yellow" if e.get("warning") else ""),
-                          Text(e["fact_id"]), Text(e["subject"]), Text(e["target_new"]), str(e["layer"]),
-                          fmt(e["update_norm"], ".3g"), fmt(e["p_new_after"], ".3f"), Text(e.get("warning") or ""))
+            status = (
+                e["status"] + (" (repair)" if e.get("repair") else "") + (" (head)" if e["seq"] == data["head"] else "")
+            )
+            table.add_row(
+                str(e["seq"]),
+                str(e["parent"]),
+                Text(status, style="yellow" if e.get("warning") else ""),
+                Text(e["fact_id"]),
+                Text(e["subject"]),
+                Text(e["target_new"]),
+                str(e["layer"]),
+                fmt(e["update_norm"], ".3g"),
+                fmt(e["p_new_after"], ".3f"),
+                Text(e.get("warning") or ""),
+            )
         console.print(table)
     elif f["status"] != "rejected":
-        console.print(Text("no edit matches" if any(f[k] is not None for k in ("status", "fact", "since"))
-                           else "no edits yet"))
+        console.print(
+            Text("no edit matches" if any(f[k] is not None for k in ("status", "fact", "since")) else "no edits yet")
+        )
     if data["rejections"]:
         total = f["matched"]["rejections"]
-        console.print(Text(f"{total} rejected fact(s)" + (f", the last {len(data['rejections'])}:"
-                                                          if len(data["rejections"]) < total else ":")))
+        console.print(
+            Text(
+                f"{total} rejected fact(s)"
+                + (f", the last {len(data['rejections'])}:" if len(data["rejections"]) < total else ":")
+            )
+        )
         for row in data["rejections"]:
             console.print(Text(f"  {row['fact_id']}: {row['reason']} (computed on state {row['parent']})"))

@@ -69,15 +69,23 @@ class AdapterReport:
     @property
     def relative_error(self) -> float:
         """Relative Frobenius error over all modules together: ‖ΔW − B A‖_F / ‖ΔW‖_F of them all."""
-        total = sum(m.delta_norm ** 2 for m in self.modules)
+        total = sum(m.delta_norm**2 for m in self.modules)
         lost = sum((m.relative_error * m.delta_norm) ** 2 for m in self.modules)
         return float(np.sqrt(lost / total)) if total > 0 else 0.0
 
     def summary(self) -> dict:
-        return {"adapter": str(self.path), "rank": self.rank, "exact": self.exact, "edits": self.edits,
-                "bytes": self.bytes, "relative_error": self.relative_error,
-                "modules": [{"module": m.module, "layer": m.layer, "edits": m.edits,
-                             "relative_error": m.relative_error} for m in self.modules]}
+        return {
+            "adapter": str(self.path),
+            "rank": self.rank,
+            "exact": self.exact,
+            "edits": self.edits,
+            "bytes": self.bytes,
+            "relative_error": self.relative_error,
+            "modules": [
+                {"module": m.module, "layer": m.layer, "edits": m.edits, "relative_error": m.relative_error}
+                for m in self.modules
+            ],
+        }
 
 
 def _frobenius(B: np.ndarray, A: np.ndarray) -> float:
@@ -139,9 +147,19 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
-def write_adapter(outdir: str | Path, path, *, conv1d: bool, base_model: str, base_hash: str, head: int,
-                  journal: str, rank: int | None = None, force: bool = False,
-                  provenance: dict | None = None) -> AdapterReport:
+def write_adapter(
+    outdir: str | Path,
+    path,
+    *,
+    conv1d: bool,
+    base_model: str,
+    base_hash: str,
+    head: int,
+    journal: str,
+    rank: int | None = None,
+    force: bool = False,
+    provenance: dict | None = None,
+) -> AdapterReport:
     """Write the edits on `path` as a PEFT LoRA adapter folder, atomically.
 
     `conv1d` is the architecture adapter's stated orientation (romebatch/model.py), never
@@ -159,8 +177,11 @@ def write_adapter(outdir: str | Path, path, *, conv1d: bool, base_model: str, ba
         raise UserError(f"{outdir} exists and is not a folder")
     if outdir.exists() and any(outdir.iterdir()):
         if not is_adapter_folder(outdir):
-            raise UserError(f"{outdir} is not empty and is not an adapter folder (no {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                            f"refusing to replace it", hint="choose another folder")
+            raise UserError(
+                f"{outdir} is not empty and is not an adapter folder (no {CONFIG_NAME} and {WEIGHTS_NAME}); "
+                f"refusing to replace it",
+                hint="choose another folder",
+            )
         if not force:
             raise UserError(f"{outdir} holds an adapter already", hint="pass --force to replace it")
     factors = module_factors(path, rank)
@@ -213,8 +234,10 @@ def write_adapter(outdir: str | Path, path, *, conv1d: bool, base_model: str, ba
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError):
-            raise UserError(f"could not write the adapter ({error}); {outdir} was not changed",
-                            hint="free some space and run export again") from error
+            raise UserError(
+                f"could not write the adapter ({error}); {outdir} was not changed",
+                hint="free some space and run export again",
+            ) from error
         raise
     if outdir.exists():
         # Move the old folder aside first: outdir is at every moment the old adapter or the new one.
@@ -239,8 +262,11 @@ def model_card(report: AdapterReport, path, base_model: str, base_hash: str, hea
         front.insert(1, f"base_model: {json.dumps(base_model)}")
     front.append("---")
     repairs = len(path) - len({r.fact_hash for r in path})
-    how = ("exact: base + adapter is the journal's head within float32 rounding" if report.exact else
-           f"compressed to rank {report.rank} by truncated SVD (relative Frobenius error {report.relative_error:.3g})")
+    how = (
+        "exact: base + adapter is the journal's head within float32 rounding"
+        if report.exact
+        else f"compressed to rank {report.rank} by truncated SVD (relative Frobenius error {report.relative_error:.3g})"
+    )
     lines = front + [
         "",
         "# ROME edits as a LoRA adapter (romebatch)",
@@ -248,7 +274,8 @@ def model_card(report: AdapterReport, path, base_model: str, base_hash: str, hea
         f"- Base model: `{_cell(base_model)}`; romebatch base hash (every down-projection weight): `{base_hash}`",
         f"- Journal head: edit {head}; {len(path)} edits on the head's path ({repairs} of them repairs)",
         f"- Rank {report.rank}, lora_alpha {report.rank} (scaling 1); {how}",
-        f"- Modules: " + ", ".join(f"`{m.module}` ({m.edits} edits)" for m in report.modules)
+        "- Modules: "
+        + ", ".join(f"`{m.module}` ({m.edits} edits)" for m in report.modules)
         + (" (Conv1D: fan_in_fan_out)" if conv1d else ""),
         "",
         "```python",

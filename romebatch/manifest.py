@@ -147,9 +147,7 @@ class Manifest:
 # Entry point
 
 
-def load_manifest(
-    path: str | os.PathLike, *, limit: int | None = None, skip_invalid: bool = False
-) -> Manifest:
+def load_manifest(path: str | os.PathLike, *, limit: int | None = None, skip_invalid: bool = False) -> Manifest:
     """Read, validate and de-duplicate a manifest.
 
     Raises ManifestError listing every problem. With `skip_invalid=True` (for third-party
@@ -772,7 +770,9 @@ def _json_source(path: str) -> _Source:
     except RecursionError:
         raise _FileProblem(located(path, None, None, "invalid JSON: nested too deeply")) from None
     except _DuplicateKey as e:
-        raise _FileProblem(located(path, None, None, f"invalid JSON: key {_describe(e.key)} appears twice in one object")) from None
+        raise _FileProblem(
+            located(path, None, None, f"invalid JSON: key {_describe(e.key)} appears twice in one object")
+        ) from None
     except ValueError as e:
         raise _FileProblem(located(path, None, None, f"invalid JSON: {_value_problem(e)}")) from None
     records = _fact_list(path, doc, "JSON manifest")

@@ -12,17 +12,16 @@ Two jobs, both about the model as an object:
 
 from __future__ import annotations
 
-import json
-
 import fcntl
 import hashlib
+import json
 import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -61,37 +60,70 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
-register(Adapter(
-    family="gpt2", model_types=("gpt2",),
-    down_proj="transformer.h.{}.mlp.c_proj", layer="transformer.h.{}",
-    mlp="transformer.h.{}.mlp", attn="transformer.h.{}.attn", embed="transformer.wte",
-    conv1d=True, n_layers_attr="n_layer",
-))
-register(Adapter(
-    family="gptj", model_types=("gptj",),
-    down_proj="transformer.h.{}.mlp.fc_out", layer="transformer.h.{}",
-    mlp="transformer.h.{}.mlp", attn="transformer.h.{}.attn", embed="transformer.wte",
-    conv1d=False, n_layers_attr="n_layer",
-))
-register(Adapter(
-    family="gpt_neox", model_types=("gpt_neox",),
-    down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h", layer="gpt_neox.layers.{}",
-    mlp="gpt_neox.layers.{}.mlp", attn="gpt_neox.layers.{}.attention",
-    embed="gpt_neox.embed_in", conv1d=False,
-))
-register(Adapter(
-    family="llama", model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
-    down_proj="model.layers.{}.mlp.down_proj", layer="model.layers.{}",
-    mlp="model.layers.{}.mlp", attn="model.layers.{}.self_attn", embed="model.embed_tokens",
-    conv1d=False, v_steps=25,
-))
-register(Adapter(
-    family="opt", model_types=("opt",),
-    # OPT has no MLP module: fc2 is the down-projection and its output is the MLP output.
-    down_proj="model.decoder.layers.{}.fc2", layer="model.decoder.layers.{}",
-    mlp="model.decoder.layers.{}.fc2", attn="model.decoder.layers.{}.self_attn",
-    embed="model.decoder.embed_tokens", conv1d=False,
-))
+register(
+    Adapter(
+        family="gpt2",
+        model_types=("gpt2",),
+        down_proj="transformer.h.{}.mlp.c_proj",
+        layer="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        attn="transformer.h.{}.attn",
+        embed="transformer.wte",
+        conv1d=True,
+        n_layers_attr="n_layer",
+    )
+)
+register(
+    Adapter(
+        family="gptj",
+        model_types=("gptj",),
+        down_proj="transformer.h.{}.mlp.fc_out",
+        layer="transformer.h.{}",
+        mlp="transformer.h.{}.mlp",
+        attn="transformer.h.{}.attn",
+        embed="transformer.wte",
+        conv1d=False,
+        n_layers_attr="n_layer",
+    )
+)
+register(
+    Adapter(
+        family="gpt_neox",
+        model_types=("gpt_neox",),
+        down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",
+        layer="gpt_neox.layers.{}",
+        mlp="gpt_neox.layers.{}.mlp",
+        attn="gpt_neox.layers.{}.attention",
+        embed="gpt_neox.embed_in",
+        conv1d=False,
+    )
+)
+register(
+    Adapter(
+        family="llama",
+        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+        down_proj="model.layers.{}.mlp.down_proj",
+        layer="model.layers.{}",
+        mlp="model.layers.{}.mlp",
+        attn="model.layers.{}.self_attn",
+        embed="model.embed_tokens",
+        conv1d=False,
+        v_steps=25,
+    )
+)
+register(
+    Adapter(
+        family="opt",
+        model_types=("opt",),
+        # OPT has no MLP module: fc2 is the down-projection and its output is the MLP output.
+        down_proj="model.decoder.layers.{}.fc2",
+        layer="model.decoder.layers.{}",
+        mlp="model.decoder.layers.{}.fc2",
+        attn="model.decoder.layers.{}.self_attn",
+        embed="model.decoder.embed_tokens",
+        conv1d=False,
+    )
+)
 
 
 def supported_model_types() -> list[str]:
@@ -126,13 +158,21 @@ def _adapter_from_template(model: torch.nn.Module, template: str) -> Adapter:
     elif isinstance(module, torch.nn.Linear):
         conv1d = False
     else:
-        raise UserError(f"--module-template {template!r}: {first!r} is a {type(module).__name__}, not a Linear or Conv1D")
+        raise UserError(
+            f"--module-template {template!r}: {first!r} is a {type(module).__name__}, not a Linear or Conv1D"
+        )
     # The block containing the down-projection: strip the trailing attribute path after "{}".
     prefix = template.split("{}")[0] + "{}"
     mlp = template.rsplit(".", 1)[0]
     return Adapter(
-        family="template", model_types=(), down_proj=template, layer=prefix, mlp=mlp, attn=mlp,
-        embed=_embed_name(model), conv1d=conv1d,
+        family="template",
+        model_types=(),
+        down_proj=template,
+        layer=prefix,
+        mlp=mlp,
+        attn=mlp,
+        embed=_embed_name(model),
+        conv1d=conv1d,
     )
 
 
@@ -280,7 +320,7 @@ def load_model(
     elif spec.startswith("package:"):  # a GGUF shipped inside a Python package (packaged.py)
         from .packaged import packaged_gguf
 
-        folder = gguf_to_safetensors(packaged_gguf(spec[len("package:"):]), log=log)
+        folder = gguf_to_safetensors(packaged_gguf(spec[len("package:") :]), log=log)
     elif Path(spec).is_dir():
         folder = Path(spec)
     elif Path(spec).exists():
@@ -294,16 +334,18 @@ def load_model(
         # elsewhere must not run code either.
         tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
         dispatch = _dispatch_kwargs(device_map, max_memory)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=DTYPES[dtype], use_safetensors=True,
-                                                     trust_remote_code=False, **dispatch)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=DTYPES[dtype], use_safetensors=True, trust_remote_code=False, **dispatch
+        )
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
     if not dispatch:  # a dispatched model stays where accelerate placed it
         model.to(device)
     model.eval()
     model.requires_grad_(False)  # ROME optimises a vector, never the weights
-    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter_for(model, module_template),
-                       spec=spec, revision=revision)
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, adapter=adapter_for(model, module_template), spec=spec, revision=revision
+    )
 
 
 def refuse_remote_code(folder: Path, spec: str) -> None:
@@ -321,8 +363,11 @@ def refuse_remote_code(folder: Path, spec: str) -> None:
         except (OSError, UnicodeDecodeError, ValueError, RecursionError):
             raise UserError(f"--model {spec}: {name} is not valid JSON") from None
         if isinstance(data, dict) and ("auto_map" in data or "custom_pipelines" in data):
-            raise UserError(f"--model {spec}: {name} asks to run the folder's own code (auto_map); romebatch never "
-                            f"runs a model folder's code", hint="use a model whose architecture transformers ships")
+            raise UserError(
+                f"--model {spec}: {name} asks to run the folder's own code (auto_map); romebatch never "
+                f"runs a model folder's code",
+                hint="use a model whose architecture transformers ships",
+            )
 
 
 def _dispatch_kwargs(device_map, max_memory) -> dict:

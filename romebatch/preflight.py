@@ -39,8 +39,14 @@ def check_facts_for_model(lm: LoadedModel, facts: list[Fact], max_new_prefix_tok
             problems.append(located(where, row_number, "target_new", f"{fact.target_new!r} tokenises to nothing"))
         needed = prompt_tokens + len(target) + max_new_prefix_tokens + PREFIX_ALLOWANCE
         if limit is not None and needed > limit:
-            problems.append(located(where, row_number, "prompt",
-                                    f"{prompt_tokens} tokens (with target and context prefix {needed}) exceed "
-                                    f"the model's context of {limit}"))
+            problems.append(
+                located(
+                    where,
+                    row_number,
+                    "prompt",
+                    f"{prompt_tokens} tokens (with target and context prefix {needed}) exceed "
+                    f"the model's context of {limit}",
+                )
+            )
     if problems:
         raise ManifestError(problems)

@@ -43,8 +43,12 @@ def save_preset(lm, values: dict, source: dict | None = None) -> Path:
         raise ValueError(f"a preset holds only {FIELDS}, not {sorted(unknown)}")
     data = _read()
     data[lm.full_hash()] = {
-        "model": lm.spec, "model_type": lm.config.model_type, "n_layers": lm.n_layers, "values": dict(values),
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **(source or {}),
+        "model": lm.spec,
+        "model_type": lm.config.model_type,
+        "n_layers": lm.n_layers,
+        "values": dict(values),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **(source or {}),
     }
     path = presets_path()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -86,7 +90,11 @@ def fill_defaults(hp: HParams, lm) -> tuple[HParams, dict[str, str]]:
 
 def describe(resolved: HParams, sources: dict[str, str]) -> str:
     """One line: each default and where it came from."""
-    where = {"preset": f"preset in {presets_path()}", "measured": "measured table, romebatch/hparams.py",
-             "published": "published default", "flag": "flag or --hparams file"}
+    where = {
+        "preset": f"preset in {presets_path()}",
+        "measured": "measured table, romebatch/hparams.py",
+        "published": "published default",
+        "flag": "flag or --hparams file",
+    }
     parts = [f"{name} {getattr(resolved, name)} ({where[sources[name]]})" for name in FIELDS]
     return "hyper-parameters: " + "; ".join(parts)

@@ -130,7 +130,7 @@ class RegressionProbes:
         n_neighbors = len(fact.neighborhood)
         sample = self._next_sample(max(t.min_sample, budget_pairs // 2))
         pairs += [(p.prompt, p.answer) for p in sample]
-        recent = earlier[-max(t.min_sample, budget_pairs // 4):]
+        recent = earlier[-max(t.min_sample, budget_pairs // 4) :]
         for record in recent:
             pairs.append((record["text"], record["target_new"]))
             if record.get("target_true"):
@@ -162,18 +162,24 @@ class RegressionProbes:
             out.edits_checked = len(recent)
 
         if out.neighborhood_drop is not None and out.neighborhood_drop > t.max_neighborhood_drop:
-            out.problems.append(f"broke {out.neighborhood_drop:.0%} of its neighbourhood prompts "
-                                f"(max {t.max_neighborhood_drop:.0%})")
+            out.problems.append(
+                f"broke {out.neighborhood_drop:.0%} of its neighbourhood prompts (max {t.max_neighborhood_drop:.0%})"
+            )
         if out.probe_regression is not None and out.probe_regression > t.max_probe_regression:
-            out.problems.append(f"{out.probe_regression:.0%} of {out.probes_checked} probes lost half their "
-                                f"probability (max {t.max_probe_regression:.0%})")
+            out.problems.append(
+                f"{out.probe_regression:.0%} of {out.probes_checked} probes lost half their "
+                f"probability (max {t.max_probe_regression:.0%})"
+            )
         if out.retention is not None and out.retention < t.min_retention:
-            out.problems.append(f"only {out.retention:.0%} of {out.edits_checked} earlier edits still hold "
-                                f"(min {t.min_retention:.0%})")
+            out.problems.append(
+                f"only {out.retention:.0%} of {out.edits_checked} earlier edits still hold (min {t.min_retention:.0%})"
+            )
         out.seconds = time.perf_counter() - started
         if pairs:
             per_pair = out.seconds / len(pairs)
-            self._seconds_per_pair = per_pair if self._seconds_per_pair is None else 0.7 * self._seconds_per_pair + 0.3 * per_pair
+            self._seconds_per_pair = (
+                per_pair if self._seconds_per_pair is None else 0.7 * self._seconds_per_pair + 0.3 * per_pair
+            )
         return out
 
     def _budget_pairs(self, edit_seconds: float) -> int:

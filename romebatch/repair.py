@@ -42,8 +42,9 @@ class Standing:
         return edit_holds(self.p_new, self.p_true, self.record.p_new_after)
 
 
-def standings(lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None,
-              batch_size: int = 32) -> list[Standing]:
+def standings(
+    lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None, batch_size: int = 32
+) -> list[Standing]:
     """Score every distinct fact on `path` (oldest first) on its own prompt, on the current weights.
 
     `rejected` counts, per fact hash, the edits of it a guard refused on states of the path:
@@ -62,12 +63,14 @@ def standings(lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] 
         if fact.target_true is not None:
             pairs.append((fact.text, fact.target_true))
     nll = answer_nll(lm, pairs, batch_size) if pairs else []
-    return [Standing(fact, latest[fact.hash], edits[fact.hash], exp(-nll[new]),
-                     None if true is None else exp(-nll[true]))
-            for fact, (new, true) in zip(facts, index)]
+    return [
+        Standing(fact, latest[fact.hash], edits[fact.hash], exp(-nll[new]), None if true is None else exp(-nll[true]))
+        for fact, (new, true) in zip(facts, index)
+    ]
 
 
-def to_repair(lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None,
-              max_edits: int = MAX_EDITS_PER_FACT) -> list[Standing]:
+def to_repair(
+    lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None, max_edits: int = MAX_EDITS_PER_FACT
+) -> list[Standing]:
     """The facts on `path` that no longer hold and may still be edited again, oldest first."""
     return [s for s in standings(lm, path, rejected) if not s.holds and s.edits < max_edits]

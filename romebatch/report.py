@@ -39,6 +39,7 @@ def check_results_path(path: str | Path | None, option: str = "--results") -> No
     if not os.access(parent, os.W_OK):
         raise UserError(f"{option} {one_line(str(path))}: folder {one_line(str(parent))} is not writable")
 
+
 # name -> (polars dtype name, description for the README)
 RESULTS_SCHEMA: dict[str, tuple[str, str]] = {
     "fact_id": ("String", "the fact's id from the manifest"),
@@ -102,14 +103,18 @@ def _write(frame, path: Path, metadata: dict | None = None) -> Path:
             # Parquet carries key-value metadata: the run that made the table (a CSV cannot).
             import json
 
-            frame.write_parquet(staging, metadata={"romebatch": json.dumps(metadata, default=str)} if metadata else None)
+            frame.write_parquet(
+                staging, metadata={"romebatch": json.dumps(metadata, default=str)} if metadata else None
+            )
         else:
             csv_safe(frame).write_csv(staging)
         os.replace(staging, path)
     except OSError as error:
         staging.unlink(missing_ok=True)
-        raise UserError(f"could not write {one_line(str(path))} ({error.strerror or error})",
-                        hint="free some space; the journal holds every result, so nothing is lost") from None
+        raise UserError(
+            f"could not write {one_line(str(path))} ({error.strerror or error})",
+            hint="free some space; the journal holds every result, so nothing is lost",
+        ) from None
     return path
 
 
@@ -121,8 +126,8 @@ def csv_safe(frame):
     if not columns:
         return frame
     return frame.with_columns(
-        pl.when(_starts_with_any(c))
-        .then(pl.lit("'") + pl.col(c)).otherwise(pl.col(c)).alias(c) for c in columns)
+        pl.when(_starts_with_any(c)).then(pl.lit("'") + pl.col(c)).otherwise(pl.col(c)).alias(c) for c in columns
+    )
 
 
 def _starts_with_any(column: str):
@@ -162,14 +167,17 @@ def render_apply(console, result) -> None:
 
     s = result.summary()
     console.print(
-        f"[bold]{s['applied']} applied[/], " + (f"{s['repaired']} repaired, " if s["repaired"] else "")
+        f"[bold]{s['applied']} applied[/], "
+        + (f"{s['repaired']} repaired, " if s["repaired"] else "")
         + f"{s['already_applied']} already in the journal, "
         f"{s['rejected']} rejected, {s['failed']} failed in {s['seconds']:.1f}s "
-        f"(journal {safe(s['journal'])}, head {s['head']})" + ("  [yellow]interrupted[/]" if s["interrupted"] else ""))
+        f"(journal {safe(s['journal'])}, head {s['head']})" + ("  [yellow]interrupted[/]" if s["interrupted"] else "")
+    )
     if s["applied"]:
         console.print(
             f"efficacy {_fmt(s['efficacy'], '.1f')}%  ·  median {_fmt(s['median_seconds_per_edit'], '.1f')}s per edit  ·  "
-            f"update norm median {_fmt(s['median_update_norm'], '.3g')}, max {_fmt(s['max_update_norm'], '.3g')}")
+            f"update norm median {_fmt(s['median_update_norm'], '.3g')}, max {_fmt(s['max_update_norm'], '.3g')}"
+        )
     shown = [r for r in result.results if r.status != "already_applied"]
     if not shown:
         return
@@ -177,12 +185,22 @@ def render_apply(console, result) -> None:
     for column in ("id", "subject", "new", "status", "P(new) before → after", "P(true) after", "‖ΔW‖", "s"):
         table.add_column(column)
     for r in shown[:50]:
-        style = {"applied": "green" if r.success else "yellow", "repaired": "cyan", "rejected": "red",
-                 "failed": "red"}.get(r.status, "")
-        table.add_row(safe(r.fact_id), safe(r.subject), safe(r.target_new),
-                      f"[{style}]{r.status}[/]" if style else r.status,
-                      f"{_fmt(r.p_new_before)} → {_fmt(r.p_new_after)}", _fmt(r.p_true_after),
-                      _fmt(r.update_norm, ".3g"), _fmt(r.seconds, ".1f"))
+        style = {
+            "applied": "green" if r.success else "yellow",
+            "repaired": "cyan",
+            "rejected": "red",
+            "failed": "red",
+        }.get(r.status, "")
+        table.add_row(
+            safe(r.fact_id),
+            safe(r.subject),
+            safe(r.target_new),
+            f"[{style}]{r.status}[/]" if style else r.status,
+            f"{_fmt(r.p_new_before)} → {_fmt(r.p_new_after)}",
+            _fmt(r.p_true_after),
+            _fmt(r.update_norm, ".3g"),
+            _fmt(r.seconds, ".1f"),
+        )
     if len(shown) > 50:
         table.caption = f"first 50 of {len(shown)} rows; the full table is in --results"
     console.print(table)
@@ -199,10 +217,20 @@ def render_log(console, data: dict) -> None:
     for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after"):
         table.add_column(column)
     for e in data["edits"]:
-        status = e["status"] + (" (repair)" if e.get("repair") else "") + (" (head)" if e["seq"] == data["head"] else "")
-        table.add_row(str(e["seq"]), str(e["parent"]), status, safe(e["fact_id"]), safe(e["subject"]),
-                      safe(e["target_new"]),
-                      str(e["layer"]), _fmt(e["update_norm"], ".3g"), _fmt(e["p_new_after"]))
+        status = (
+            e["status"] + (" (repair)" if e.get("repair") else "") + (" (head)" if e["seq"] == data["head"] else "")
+        )
+        table.add_row(
+            str(e["seq"]),
+            str(e["parent"]),
+            status,
+            safe(e["fact_id"]),
+            safe(e["subject"]),
+            safe(e["target_new"]),
+            str(e["layer"]),
+            _fmt(e["update_norm"], ".3g"),
+            _fmt(e["p_new_after"]),
+        )
     console.print(table)
     if data["rejections"]:
         console.print(f"{len(data['rejections'])} rejected fact(s):")
@@ -213,7 +241,9 @@ def render_log(console, data: dict) -> None:
 def render_verify(console, report) -> None:
     from rich.table import Table
 
-    table = Table(title=f"verify: journal {safe(report.journal)}, head {report.head}, {len(report.rows)} applied fact(s)")
+    table = Table(
+        title=f"verify: journal {safe(report.journal)}, head {report.head}, {len(report.rows)} applied fact(s)"
+    )
     for column in ("", "ES", "PS", "NS", "S"):
         table.add_column(column, justify="right")
     for name, scores in (("base", report.base), ("head", report.edited)):
@@ -221,8 +251,10 @@ def render_verify(console, report) -> None:
     console.print(table)
     console.print(f"retention of edits that took: {_fmt(report.retention, '.1f')}%")
     for row in report.worst:
-        console.print(f"  worst: {safe(row.fact_id)} ({safe(row.subject)} -> {safe(row.target_new)}) broke "
-                      f"{row.neighborhood_drop:.0%} of its neighbourhood")
+        console.print(
+            f"  worst: {safe(row.fact_id)} ({safe(row.subject)} -> {safe(row.target_new)}) broke "
+            f"{row.neighborhood_drop:.0%} of its neighbourhood"
+        )
     for problem in report.problems:
         console.print(f"[red]regression[/]: {safe(problem)}")
     if report.ok:
@@ -238,19 +270,42 @@ def render_tune(console, result) -> None:
     table = Table(title=f"tune: {escape(result.model)} ({u['n']} facts, each edited alone and rolled back)")
     for column in ("setting", "ES", "PS", "NS", "S", "NS within tol.", "seq. NS loss", "seq. ES", ""):
         table.add_column(column)
-    table.add_row("unedited", _fmt(u["ES"], ".1f"), _fmt(u["PS"], ".1f"), _fmt(u["NS"], ".1f"), _fmt(u["S"], ".1f"),
-                  "", "", "", "")
+    table.add_row(
+        "unedited",
+        _fmt(u["ES"], ".1f"),
+        _fmt(u["PS"], ".1f"),
+        _fmt(u["NS"], ".1f"),
+        _fmt(u["S"], ".1f"),
+        "",
+        "",
+        "",
+        "",
+    )
     for row in result.table():
-        table.add_row(row["setting"], _fmt(row["ES"], ".1f"), _fmt(row["PS"], ".1f"), _fmt(row["NS"], ".1f"),
-                      _fmt(row["S"], ".1f"), "yes" if row["eligible"] else "no", _fmt(row["seq_ns_loss"], ".1f"),
-                      _fmt(row["seq_ES"], ".1f"), "[bold green]chosen[/]" if row["chosen"] else "")
+        table.add_row(
+            row["setting"],
+            _fmt(row["ES"], ".1f"),
+            _fmt(row["PS"], ".1f"),
+            _fmt(row["NS"], ".1f"),
+            _fmt(row["S"], ".1f"),
+            "yes" if row["eligible"] else "no",
+            _fmt(row["seq_ns_loss"], ".1f"),
+            _fmt(row["seq_ES"], ".1f"),
+            "[bold green]chosen[/]" if row["chosen"] else "",
+        )
     console.print(table)
     console.print(f"rule: {escape(result.rule)}", highlight=False)
-    console.print(f"chosen: layer {result.chosen.layer}, clamp_norm_factor {result.chosen.clamp:g} "
-                  f"({result.seconds / 60:.1f} min)", highlight=False)
+    console.print(
+        f"chosen: layer {result.chosen.layer}, clamp_norm_factor {result.chosen.clamp:g} "
+        f"({result.seconds / 60:.1f} min)",
+        highlight=False,
+    )
     if result.preset_path:
-        console.print(f"saved as this model's preset in {escape(str(result.preset_path))}; `romebatch apply` on "
-                      "this model now uses it unless a flag or --hparams says otherwise", highlight=False)
+        console.print(
+            f"saved as this model's preset in {escape(str(result.preset_path))}; `romebatch apply` on "
+            "this model now uses it unless a flag or --hparams says otherwise",
+            highlight=False,
+        )
 
 
 def damage(row) -> float:
@@ -268,8 +323,14 @@ def render_warnings(console, results, top: int = 10) -> None:
     warned = [r for r in results if r.warning]
     if not warned:
         return
-    console.print(Text(f"{len(warned)} edit(s) kept with a regression warning"
-                       + (f"; the {top} most damaging:" if len(warned) > top else ":"), style="yellow"))
+    console.print(
+        Text(
+            f"{len(warned)} edit(s) kept with a regression warning"
+            + (f"; the {top} most damaging:" if len(warned) > top else ":"),
+            style="yellow",
+        )
+    )
     for r in sorted(warned, key=damage, reverse=True)[:top]:
-        console.print(Text("  warned ", style="yellow") + Text(f"{r.fact_id} (edit {r.seq}, damage {damage(r):.0%}): "
-                                                              f"{r.warning}"))
+        console.print(
+            Text("  warned ", style="yellow") + Text(f"{r.fact_id} (edit {r.seq}, damage {damage(r):.0%}): {r.warning}")
+        )

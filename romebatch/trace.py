@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import one_line
 from .hooks import Hook, attach
 from .lm import answer_ids, as_btd, encode, head_inputs, last_token_in_span, logits, make_batch, model_inputs
-from .errors import one_line
 from .model import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")
@@ -57,12 +57,22 @@ class TraceResult:
         for kind, grid in self.scores.items():
             for t, token in enumerate(self.tokens):
                 for layer in range(grid.shape[1]):
-                    rows.append({"prompt": self.prompt, "subject": self.subject, "answer": self.answer, "kind": kind,
-                                 "token_index": t, "token": token,
-                                 "is_subject": self.subject_tokens[0] <= t <= self.subject_tokens[1],
-                                 "layer": layer, "p_restored": float(grid[t, layer]),
-                                 "indirect_effect": float(grid[t, layer] - self.p_corrupt),
-                                 "p_clean": self.p_clean, "p_corrupt": self.p_corrupt})
+                    rows.append(
+                        {
+                            "prompt": self.prompt,
+                            "subject": self.subject,
+                            "answer": self.answer,
+                            "kind": kind,
+                            "token_index": t,
+                            "token": token,
+                            "is_subject": self.subject_tokens[0] <= t <= self.subject_tokens[1],
+                            "layer": layer,
+                            "p_restored": float(grid[t, layer]),
+                            "indirect_effect": float(grid[t, layer] - self.p_corrupt),
+                            "p_clean": self.p_clean,
+                            "p_corrupt": self.p_corrupt,
+                        }
+                    )
         return rows
 
 
@@ -127,7 +137,7 @@ class _Setup:
 
         def corrupt(embedded: torch.Tensor) -> torch.Tensor:
             embedded = embedded.clone()
-            embedded[:, first:last + 1] += self.noise[sample_of_row].to(embedded.dtype)
+            embedded[:, first : last + 1] += self.noise[sample_of_row].to(embedded.dtype)
             return embedded
 
         all_hooks = ([Hook(lm.adapter.embed, corrupt)] if noised else []) + hooks
@@ -146,8 +156,10 @@ def _clean_states(setup: _Setup, kinds) -> dict[str, list[torch.Tensor]]:
     hooks = []
     for kind in kinds:
         for layer in range(lm.n_layers):
+
             def keep(x, kind=kind, layer=layer):
                 states[kind][layer] = as_btd(x, batch)[0].detach().clone()
+
             hooks.append(Hook(lm.name(MODULE_OF_KIND[kind], layer), keep))
     with torch.inference_mode(), attach(lm.model, hooks):
         lm.model(**model_inputs(lm, batch), use_cache=False)
@@ -163,7 +175,9 @@ def _restore_hooks(setup: _Setup, kind: str, clean: list[torch.Tensor], cells: l
     for module_layer in range(n_layers):
         rows, cols = [], []
         for index, (layer, token) in enumerate(cells):
-            low, high = (layer, layer) if window <= 1 else (max(0, layer - half), min(n_layers - 1, layer - half + window - 1))
+            low, high = (
+                (layer, layer) if window <= 1 else (max(0, layer - half), min(n_layers - 1, layer - half + window - 1))
+            )
             if low <= module_layer <= high:
                 for sample in range(setup.samples):
                     rows.append(index * setup.samples + sample)
@@ -205,14 +219,21 @@ def trace_fact(
     p_corrupt = float(setup.probabilities(samples, []).mean())
     clean = _clean_states(setup, kinds)
     token_list = list(range(setup.n_tokens)) if tokens is None else tokens
-    result = TraceResult(prompt=prompt, subject=subject, answer=setup.answer,
-                         tokens=[lm.tokenizer.decode([i]) for i in setup.ids], subject_tokens=setup.subject_tokens,
-                         answer_id=setup.answer_id, p_clean=p_clean, p_corrupt=p_corrupt)
+    result = TraceResult(
+        prompt=prompt,
+        subject=subject,
+        answer=setup.answer,
+        tokens=[lm.tokenizer.decode([i]) for i in setup.ids],
+        subject_tokens=setup.subject_tokens,
+        answer_id=setup.answer_id,
+        p_clean=p_clean,
+        p_corrupt=p_corrupt,
+    )
     for kind in kinds:
         grid = np.full((setup.n_tokens, lm.n_layers), np.nan)
         cells = [(layer, token) for token in token_list for layer in range(lm.n_layers)]
         for start in range(0, len(cells), cell_batch):
-            chunk = cells[start:start + cell_batch]
+            chunk = cells[start : start + cell_batch]
             hooks = _restore_hooks(setup, kind, clean[kind], chunk, 1 if kind == "hidden" else window)
             probs = setup.probabilities(len(chunk) * samples, hooks).view(len(chunk), samples).mean(1)
             for (layer, token), p in zip(chunk, probs.tolist()):
@@ -221,8 +242,17 @@ def trace_fact(
     return result
 
 
-def restored_probability(lm: LoadedModel, prompt: str, subject: str, answer: str | int | None, restore: dict[str, list[int]],
-                         *, noise: float = 3.0, samples: int = 10, seed: int = 0) -> float:
+def restored_probability(
+    lm: LoadedModel,
+    prompt: str,
+    subject: str,
+    answer: str | int | None,
+    restore: dict[str, list[int]],
+    *,
+    noise: float = 3.0,
+    samples: int = 10,
+    seed: int = 0,
+) -> float:
     """P(answer) with the subject corrupted and the named modules' outputs restored at `restore[name]` tokens.
 
     The building block the tests use to check tracing against first principles: restoring
@@ -231,9 +261,16 @@ def restored_probability(lm: LoadedModel, prompt: str, subject: str, answer: str
     setup = _Setup(lm, prompt, subject, answer, noise, samples, seed)
     batch = make_batch([setup.ids], lm.pad_id, device=lm.device)
     clean: dict[str, torch.Tensor] = {}
-    with torch.inference_mode(), attach(lm.model, [
-            Hook(name, lambda x, name=name: clean.__setitem__(name, as_btd(x, batch)[0].detach().clone()))
-            for name in restore]):
+    with (
+        torch.inference_mode(),
+        attach(
+            lm.model,
+            [
+                Hook(name, lambda x, name=name: clean.__setitem__(name, as_btd(x, batch)[0].detach().clone()))
+                for name in restore
+            ],
+        ),
+    ):
         lm.model(**model_inputs(lm, batch), use_cache=False)
     hooks = []
     for name, positions in restore.items():
@@ -263,8 +300,7 @@ def save_recommendation(lm: LoadedModel, layer: int, effect: np.ndarray, facts: 
 
     path = romebatch_home() / "layers.json"
     data = _read_layers(path)
-    data[lm.full_hash()] = {"layer": layer, "facts": facts, "mlp_effect": [float(x) for x in effect],
-                            "model": lm.spec}
+    data[lm.full_hash()] = {"layer": layer, "facts": facts, "mlp_effect": [float(x) for x in effect], "model": lm.spec}
     path.parent.mkdir(parents=True, exist_ok=True)
     # A temp file of this process's own (not a fixed name), so concurrent runs cannot
     # interleave their writes; the rename is atomic, so the last writer wins whole.
@@ -318,8 +354,9 @@ def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str
         if isinstance(records, list) and records and isinstance(records[0], dict) and "attribute" in records[0]:
             facts = []
             for number, record in enumerate(records[:limit] if limit else records, 1):
-                if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in
-                                                           ("prompt", "subject", "attribute")):
+                if not isinstance(record, dict) or not all(
+                    isinstance(record.get(k), str) for k in ("prompt", "subject", "attribute")
+                ):
                     raise UserError(f"{path}:{number}: a known fact needs string prompt, subject and attribute")
                 if record["subject"] not in record["prompt"]:
                     raise UserError(f"{path}:{number}: field 'subject': not found in the prompt")
@@ -329,14 +366,27 @@ def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str
     return [(f.text, f.subject, f.target_true) for f in manifest.facts]
 
 
-def average_trace(lm: LoadedModel, facts, *, samples: int = 10, noise: float = 3.0, window: int = 10, seed: int = 0,
-                  progress=None) -> tuple[np.ndarray, int, list[TraceResult]]:
+def average_trace(
+    lm: LoadedModel, facts, *, samples: int = 10, noise: float = 3.0, window: int = 10, seed: int = 0, progress=None
+) -> tuple[np.ndarray, int, list[TraceResult]]:
     """MLP indirect effect at each fact's subject-last token, averaged: (effect by layer, best layer, results)."""
     results = []
     for done, (prompt, subject, answer) in enumerate(facts, 1):
         _, (_, subject_last) = subject_span(lm, prompt, subject)
-        results.append(trace_fact(lm, prompt, subject, answer, kinds=("mlp",), noise=noise, samples=samples,
-                                  window=window, seed=seed, tokens=[subject_last]))
+        results.append(
+            trace_fact(
+                lm,
+                prompt,
+                subject,
+                answer,
+                kinds=("mlp",),
+                noise=noise,
+                samples=samples,
+                window=window,
+                seed=seed,
+                tokens=[subject_last],
+            )
+        )
         if progress:
             progress(done, len(facts))
     effect = mlp_effect_by_layer(results)

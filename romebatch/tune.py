@@ -34,10 +34,10 @@ import math
 import random
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from statistics import fmean, harmonic_mean
-from typing import Callable
 
 import torch
 
@@ -83,19 +83,39 @@ class TuneResult:
         out = []
         for s in self.settings:
             score = s.score()
-            out.append({"setting": s.key, "layer": s.layer, "clamp": s.clamp, **score, "eligible": s.eligible,
-                        "seq_ns_loss": s.seq_ns_loss, "seq_ES": s.seq_es, "chosen": s is self.chosen})
+            out.append(
+                {
+                    "setting": s.key,
+                    "layer": s.layer,
+                    "clamp": s.clamp,
+                    **score,
+                    "eligible": s.eligible,
+                    "seq_ns_loss": s.seq_ns_loss,
+                    "seq_ES": s.seq_es,
+                    "chosen": s is self.chosen,
+                }
+            )
         return out
 
     def summary(self) -> dict:
-        return {"model": self.model, "model_hash": self.model_hash, "unedited": self.unedited,
-                "table": self.table(), "chosen": {"layer": self.chosen.layer, "clamp_norm_factor": self.chosen.clamp},
-                "rule": self.rule, "seq_unedited_NS": self.seq_unedited_ns, "mlp_effect_by_layer": self.trace_effect,
-                "preset": str(self.preset_path) if self.preset_path else None, "seconds": round(self.seconds, 1)}
+        return {
+            "model": self.model,
+            "model_hash": self.model_hash,
+            "unedited": self.unedited,
+            "table": self.table(),
+            "chosen": {"layer": self.chosen.layer, "clamp_norm_factor": self.chosen.clamp},
+            "rule": self.rule,
+            "seq_unedited_NS": self.seq_unedited_ns,
+            "mlp_effect_by_layer": self.trace_effect,
+            "preset": str(self.preset_path) if self.preset_path else None,
+            "seconds": round(self.seconds, 1),
+        }
 
 
-RULE = ("eligible: single-edit NS no more than {tol:g} points below the unedited model's; of those, the "
-        "{top} with the highest S go through {seq} sequential edits; the least NS loss there wins (ties: higher S)")
+RULE = (
+    "eligible: single-edit NS no more than {tol:g} points below the unedited model's; of those, the "
+    "{top} with the highest S go through {seq} sequential edits; the least NS loss there wins (ties: higher S)"
+)
 
 
 def aggregate(rows: list[dict]) -> dict:
@@ -122,8 +142,9 @@ def choose(settings: list[Setting], unedited_ns: float | None, ns_tolerance: flo
 
 def pick(candidates: list[Setting]) -> Setting:
     """Of the sequentially checked candidates: least NS loss, then the higher single-edit S."""
-    return min(candidates, key=lambda s: (math.inf if s.seq_ns_loss is None else s.seq_ns_loss,
-                                          -(s.score()["S"] or 0.0)))
+    return min(
+        candidates, key=lambda s: (math.inf if s.seq_ns_loss is None else s.seq_ns_loss, -(s.score()["S"] or 0.0))
+    )
 
 
 def with_relation_neighbours(facts: list[Fact], per_fact: int = NEIGHBOURS_PER_FACT) -> list[Fact]:
@@ -141,8 +162,11 @@ def with_relation_neighbours(facts: list[Fact], per_fact: int = NEIGHBOURS_PER_F
         if fact.neighborhood:
             out.append(fact)
             continue
-        others = [o for o in by_relation.get(fact.prompt, []) if o.subject != fact.subject
-                  and o.target_true != fact.target_new][:per_fact]
+        others = [
+            o
+            for o in by_relation.get(fact.prompt, [])
+            if o.subject != fact.subject and o.target_true != fact.target_new
+        ][:per_fact]
         out.append(replace(fact, neighborhood=tuple(Neighbor(o.text, o.target_true) for o in others)))
     return out
 
@@ -212,20 +236,26 @@ def tune(
     grid_facts = with_relation_neighbours(order)[:sample]
     held_out = order[sample:]
     # The sequential check edits facts the grid did not score, where the manifest has them.
-    seq_facts = with_relation_neighbours(order)[sample:sample + seq_edits] if held_out else grid_facts[:seq_edits]
+    seq_facts = with_relation_neighbours(order)[sample : sample + seq_edits] if held_out else grid_facts[:seq_edits]
     results_path = Path(results) if results else None
     done = _read_results(results_path) if results_path else []
     for row in done:
         if row.get("model_hash") not in (None, model_hash):
-            raise UserError(f"{results_path}: written for another model ({row['model_hash'][:19]}…)",
-                            hint="give another --results file")
+            raise UserError(
+                f"{results_path}: written for another model ({row['model_hash'][:19]}…)",
+                hint="give another --results file",
+            )
     # Rows measured with other hyper-parameters, or on another sample, are not reused.
     config = hashlib.sha256(json.dumps(base.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
     grid_ids, seq_ids = [f.id for f in grid_facts], [f.id for f in seq_facts]
-    done = [r for r in done if r.get("kind") == "trace"
-            or (r.get("kind") == "unedited" and r.get("ids") == grid_ids and r.get("seq_ids") == seq_ids)
-            or (r.get("kind") == "single" and r.get("config") == config)
-            or (r.get("kind") == "sequential" and r.get("config") == config and r.get("seq_ids") == seq_ids)]
+    done = [
+        r
+        for r in done
+        if r.get("kind") == "trace"
+        or (r.get("kind") == "unedited" and r.get("ids") == grid_ids and r.get("seq_ids") == seq_ids)
+        or (r.get("kind") == "single" and r.get("config") == config)
+        or (r.get("kind") == "sequential" and r.get("config") == config and r.get("seq_ids") == seq_ids)
+    ]
     written = open(results_path, "a", encoding="utf-8") if results_path else None
 
     def record(row: dict) -> None:
@@ -247,9 +277,11 @@ def tune(
             record(traced)
         measured = MEASURED.get((lm.config.model_type, lm.n_layers), {}).get("layer")
         layers = candidate_layers(traced["effect"], lm.n_layers, top_layers, () if measured is None else (measured,))
-        log(f"tune: layers {layers} (MLP effect top {top_layers}, depth/4, and any measured default) x clamps "
+        log(
+            f"tune: layers {layers} (MLP effect top {top_layers}, depth/4, and any measured default) x clamps "
             f"{list(clamps)} "
-            f"on {len(grid_facts)} facts")
+            f"on {len(grid_facts)} facts"
+        )
 
         unedited = next((r for r in done if r.get("kind") == "unedited"), None)
         if unedited is None:
@@ -271,33 +303,61 @@ def tune(
         pending = sorted({s.layer for s in settings for f in grid_facts if (s.layer, s.clamp, f.id) not in have})
         if hp0.mom2 != "identity" and pending:
             # All missing layers in one pass: sampling the corpus is the expensive part.
-            stats = load_or_compute_stats(lm, pending, lm.base_hash(), n_tokens=hp0.stats_tokens,
-                                          seq_len=hp0.stats_seq_len, seed=hp0.seed, corpus=hp0.stats_corpus,
-                                          sampling=hp0.stats_sampling, log=log)
+            stats = load_or_compute_stats(
+                lm,
+                pending,
+                lm.base_hash(),
+                n_tokens=hp0.stats_tokens,
+                seq_len=hp0.stats_seq_len,
+                seed=hp0.seed,
+                corpus=hp0.stats_corpus,
+                sampling=hp0.stats_sampling,
+                log=log,
+            )
             for layer_stats in stats.values():
                 layer_stats.factor(hp0.ridge)
         t_grid = time.perf_counter()
         computed = 0
         for setting in settings:
-            hp = resolve(base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp), lm.config.model_type,
-                         lm.n_layers, lm.adapter.v_steps)
+            hp = resolve(
+                base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp),
+                lm.config.model_type,
+                lm.n_layers,
+                lm.adapter.v_steps,
+            )
             for fact in grid_facts:
                 row = have.get((setting.layer, setting.clamp, fact.id))
                 if row is None:
                     weight = lm.weight(setting.layer)
                     saved = weight.detach().clone()
                     t = time.perf_counter()
-                    edit, _, value = compute_edit(lm, setting.layer, fact.prompt, fact.subject, fact.target_new,
-                                                  prefixes, stats.get(setting.layer), hp)
+                    edit, _, value = compute_edit(
+                        lm,
+                        setting.layer,
+                        fact.prompt,
+                        fact.subject,
+                        fact.target_new,
+                        prefixes,
+                        stats.get(setting.layer),
+                        hp,
+                    )
                     apply_edit(lm, edit)
                     try:
                         scores = score_facts(lm, [fact])[0]
                     finally:
                         with torch.no_grad():
                             weight.copy_(saved)  # single-edit mode: the base bytes come back
-                    row = {"kind": "single", "config": config, "layer": setting.layer, "clamp": setting.clamp, "id": fact.id,
-                           **_row(fact, scores), "norm": edit.norm, "steps": value.steps,
-                           "seconds": round(time.perf_counter() - t, 3)}
+                    row = {
+                        "kind": "single",
+                        "config": config,
+                        "layer": setting.layer,
+                        "clamp": setting.clamp,
+                        "id": fact.id,
+                        **_row(fact, scores),
+                        "norm": edit.norm,
+                        "steps": value.steps,
+                        "seconds": round(time.perf_counter() - t, 3),
+                    }
                     record(row)
                     computed += 1
                     count += 1
@@ -311,12 +371,21 @@ def tune(
         # -- the rule, then the sequential check of the best few
         candidates = choose(settings, unedited_score["NS"], ns_tolerance, seq_top)
         for setting in candidates:
-            previous = next((r for r in done if r.get("kind") == "sequential" and r["layer"] == setting.layer
-                             and r["clamp"] == setting.clamp), None)
+            previous = next(
+                (
+                    r
+                    for r in done
+                    if r.get("kind") == "sequential" and r["layer"] == setting.layer and r["clamp"] == setting.clamp
+                ),
+                None,
+            )
             if previous is None:
                 log(f"tune: sequential check of {setting.key}: {len(seq_facts)} edits...")
-                previous = {**_sequential(lm, base, setting, seq_facts, seq_unedited_ns), "config": config,
-                            "seq_ids": seq_ids}
+                previous = {
+                    **_sequential(lm, base, setting, seq_facts, seq_unedited_ns),
+                    "config": config,
+                    "seq_ids": seq_ids,
+                }
                 record(previous)
             setting.seq_ns_loss, setting.seq_es = previous["ns_loss"], previous["ES"]
         chosen = pick(candidates)
@@ -324,13 +393,31 @@ def tune(
         if written:
             written.close()
     rule = RULE.format(tol=ns_tolerance, top=seq_top, seq=len(seq_facts))
-    result = TuneResult(model=lm.spec, model_hash=model_hash, unedited=unedited_score, settings=settings,
-                        chosen=chosen, rule=rule, seq_unedited_ns=seq_unedited_ns, trace_effect=traced["effect"],
-                        preset_path=None, seconds=time.perf_counter() - started)
+    result = TuneResult(
+        model=lm.spec,
+        model_hash=model_hash,
+        unedited=unedited_score,
+        settings=settings,
+        chosen=chosen,
+        rule=rule,
+        seq_unedited_ns=seq_unedited_ns,
+        trace_effect=traced["effect"],
+        preset_path=None,
+        seconds=time.perf_counter() - started,
+    )
     if save:
-        result.preset_path = save_preset(lm, {"layer": chosen.layer, "clamp_norm_factor": chosen.clamp},
-                                         source={"manifest": str(manifest), "sample": len(grid_facts), "seed": seed,
-                                                 "rule": rule, "table": result.table(), "unedited": unedited_score})
+        result.preset_path = save_preset(
+            lm,
+            {"layer": chosen.layer, "clamp_norm_factor": chosen.clamp},
+            source={
+                "manifest": str(manifest),
+                "sample": len(grid_facts),
+                "seed": seed,
+                "rule": rule,
+                "table": result.table(),
+                "unedited": unedited_score,
+            },
+        )
     return result
 
 
@@ -344,13 +431,23 @@ def _sequential(lm, base: HParams, setting: Setting, facts: list[Fact], unedited
     from .evaluate import score_facts
 
     hp = base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp)
-    with tempfile.TemporaryDirectory(prefix="romebatch-tune-") as tmp, \
-            Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as editor:
+    with (
+        tempfile.TemporaryDirectory(prefix="romebatch-tune-") as tmp,
+        Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as editor,
+    ):
         applied = editor.apply(facts, checks=None, repair_every=0)
         kept = sum(r.status == "applied" for r in applied.results)
         # Every fact is scored, a refused edit too: its neighbours still count, its ES fails.
         score = aggregate([_row(f, s) for f, s in zip(facts, score_facts(lm, facts))])
         editor.rollback(base=True)  # the model leaves as it came: base weights, checked by hash
     loss = None if unedited_ns is None or score["NS"] is None else unedited_ns - score["NS"]
-    return {"kind": "sequential", "layer": setting.layer, "clamp": setting.clamp, "edits": len(facts),
-            "applied": kept, "ES": score["ES"], "NS": score["NS"], "ns_loss": loss}
+    return {
+        "kind": "sequential",
+        "layer": setting.layer,
+        "clamp": setting.clamp,
+        "edits": len(facts),
+        "applied": kept,
+        "ES": score["ES"],
+        "NS": score["NS"],
+        "ns_loss": loss,
+    }

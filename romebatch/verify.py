@@ -74,13 +74,22 @@ class VerifyReport:
         return not self.problems
 
     def summary(self) -> dict:
-        return {"journal": self.journal, "head": self.head, "facts": len(self.rows), "base": self.base,
-                "edited": self.edited, "retention": self.retention, "ok": self.ok, "problems": self.problems,
-                "worst": [r.fact_id for r in self.worst]}
+        return {
+            "journal": self.journal,
+            "head": self.head,
+            "facts": len(self.rows),
+            "base": self.base,
+            "edited": self.edited,
+            "retention": self.retention,
+            "ok": self.ok,
+            "problems": self.problems,
+            "worst": [r.fact_id for r in self.worst],
+        }
 
 
-def verify(editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), manifest: list[Fact] | None = None,
-           progress=None) -> VerifyReport:
+def verify(
+    editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), manifest: list[Fact] | None = None, progress=None
+) -> VerifyReport:
     path = editor.journal.path()
     stored = {r.fact_hash: r for r in path}
     if manifest is not None:
@@ -101,24 +110,34 @@ def verify(editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), ma
         progress(2, 2)
 
     rows = [_row(f, r, head, base) for f, r, head, base in zip(facts, records, head_scores, base_scores)]
-    report = VerifyReport(journal=str(editor.journal.directory), head=editor.head,
-                          base=summarize(base_scores), edited=summarize(head_scores), retention=None, rows=rows)
+    report = VerifyReport(
+        journal=str(editor.journal.directory),
+        head=editor.head,
+        base=summarize(base_scores),
+        edited=summarize(head_scores),
+        retention=None,
+        rows=rows,
+    )
     took = [r for r in rows if r.held_when_applied]
     if took:
         report.retention = 100.0 * sum(bool(r.holds_now) for r in took) / len(took)
     t = thresholds
     ns_base, ns_head = report.base["NS"], report.edited["NS"]
     if ns_base is not None and ns_head is not None and ns_base - ns_head > t.max_ns_drop:
-        report.problems.append(f"neighbourhood score fell {ns_base - ns_head:.1f} points "
-                               f"({ns_base:.1f} -> {ns_head:.1f}; max {t.max_ns_drop:g})")
+        report.problems.append(
+            f"neighbourhood score fell {ns_base - ns_head:.1f} points "
+            f"({ns_base:.1f} -> {ns_head:.1f}; max {t.max_ns_drop:g})"
+        )
     if report.retention is not None and report.retention < 100.0 * t.min_retention:
-        report.problems.append(f"only {report.retention:.1f}% of the edits that took still hold "
-                               f"(min {100.0 * t.min_retention:g}%)")
+        report.problems.append(
+            f"only {report.retention:.1f}% of the edits that took still hold (min {100.0 * t.min_retention:g}%)"
+        )
     es = report.edited["ES"]
     if es is not None and es < 100.0 * t.min_efficacy:
         report.problems.append(f"efficacy {es:.1f}% is below {100.0 * t.min_efficacy:g}%")
-    ranked = sorted((r for r in rows if (r.neighborhood_drop or 0) > 0), key=lambda r: r.neighborhood_drop,
-                    reverse=True)
+    ranked = sorted(
+        (r for r in rows if (r.neighborhood_drop or 0) > 0), key=lambda r: r.neighborhood_drop, reverse=True
+    )
     report.worst = ranked[:5]
     return report
 
@@ -129,9 +148,18 @@ def _row(fact: Fact, record, head: FactScores, base: FactScores) -> VerifyRow:
         held = record.p_true_after is None or record.p_new_after > record.p_true_after
         holds = edit_holds(head.p_new, head.p_true, record.p_new_after)
     return VerifyRow(
-        fact_id=fact.id, seq=record.seq, subject=fact.subject, target_new=fact.target_new,
-        p_new_base=base.p_new, p_new_head=head.p_new, p_true_base=base.p_true, p_true_head=head.p_true,
-        efficacy=head.efficacy, paraphrase=head.paraphrase_success,
-        neighborhood_base=base.neighborhood_success, neighborhood_head=head.neighborhood_success,
-        held_when_applied=held, holds_now=holds,
+        fact_id=fact.id,
+        seq=record.seq,
+        subject=fact.subject,
+        target_new=fact.target_new,
+        p_new_base=base.p_new,
+        p_new_head=head.p_new,
+        p_true_base=base.p_true,
+        p_true_head=head.p_true,
+        efficacy=head.efficacy,
+        paraphrase=head.paraphrase_success,
+        neighborhood_base=base.neighborhood_success,
+        neighborhood_head=head.neighborhood_success,
+        held_when_applied=held,
+        holds_now=holds,
     )

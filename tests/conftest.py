@@ -47,8 +47,9 @@ def _train_tokenizer(kind: str):
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        )
         tok.train_from_iterator(CORPUS * 3, trainer)
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     else:  # SentencePiece style ("▁" word marker), BOS prepended: Llama / Gemma
@@ -58,9 +59,11 @@ def _train_tokenizer(kind: str):
         trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=specials)
         tok.train_from_iterator(CORPUS * 3, trainer)
         tok.post_processor = processors.TemplateProcessing(
-            single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+            single="<bos> $A", special_tokens=[("<bos>", tok.token_to_id("<bos>"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -74,8 +77,16 @@ def sentencepiece_tokenizer():
 
 
 def tiny_config(family: str, vocab: int):
-    from transformers import (GemmaConfig, GPT2Config, GPTJConfig, GPTNeoXConfig, LlamaConfig, MistralConfig,
-                              OPTConfig, Qwen2Config)
+    from transformers import (
+        GemmaConfig,
+        GPT2Config,
+        GPTJConfig,
+        GPTNeoXConfig,
+        LlamaConfig,
+        MistralConfig,
+        OPTConfig,
+        Qwen2Config,
+    )
     from transformers.models.gemma3 import Gemma3TextConfig
 
     # A wide init makes the random model's predictions peaked, so an edit visibly moves them.
@@ -85,10 +96,23 @@ def tiny_config(family: str, vocab: int):
     if family == "gptj":
         return GPTJConfig(n_layer=3, n_embd=32, n_head=2, rotary_dim=8, n_positions=128, **common)
     if family == "gpt_neox":
-        return GPTNeoXConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-                             max_position_embeddings=128, **common)
-    small = dict(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                 intermediate_size=64, max_position_embeddings=128, **common)
+        return GPTNeoXConfig(
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
+        )
+    small = dict(
+        num_hidden_layers=3,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        **common,
+    )
     if family == "llama":
         return LlamaConfig(**small)
     if family == "mistral":
@@ -98,11 +122,22 @@ def tiny_config(family: str, vocab: int):
     if family == "gemma":
         return GemmaConfig(head_dim=16, **small)
     if family == "gemma3_text":
-        return Gemma3TextConfig(head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention",
-                                                                             "sliding_attention"], **small)
+        return Gemma3TextConfig(
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            **small,
+        )
     if family == "opt":
-        return OPTConfig(num_hidden_layers=3, hidden_size=32, num_attention_heads=2, ffn_dim=64,
-                         word_embed_proj_dim=32, max_position_embeddings=128, **common)
+        return OPTConfig(
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=2,
+            ffn_dim=64,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+            **common,
+        )
     raise ValueError(family)
 
 
@@ -158,5 +193,14 @@ def tiny_folder(tmp_path, tokenizer_for):
 # edit moves by as much as a collapse does (tests/test_preserve.py tests the guard itself).
 # Plain sampling: a random model's text is random after an encyclopedic opener too, and the
 # tiny suite's edits were tuned on plain text (tests/test_stats_sampling.py covers the other).
-TINY_HPARAMS = dict(prefixes=((3, 2),), stats_tokens=600, stats_seq_len=32, v_steps=30, v_lr=5.0, clamp_norm_factor=20.0,
-                    guard_max_relative=100.0, guard_nll_rise=0.0, stats_sampling="plain")
+TINY_HPARAMS = dict(
+    prefixes=((3, 2),),
+    stats_tokens=600,
+    stats_seq_len=32,
+    v_steps=30,
+    v_lr=5.0,
+    clamp_norm_factor=20.0,
+    guard_max_relative=100.0,
+    guard_nll_rise=0.0,
+    stats_sampling="plain",
+)

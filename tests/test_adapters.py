@@ -12,14 +12,14 @@ import types
 
 import pytest
 import torch
-
 from conftest import CORPUS, FAMILIES, TINY_HPARAMS, tiny_loaded
+
 from romebatch import rome
 from romebatch.errors import UserError
 from romebatch.evaluate import answer_nll
 from romebatch.hparams import HParams, resolve
-from romebatch.model import LoadedModel, adapter_for, supported_model_types, with_adapter
 from romebatch.lm import subject_last_index
+from romebatch.model import LoadedModel, adapter_for, supported_model_types, with_adapter
 from romebatch.rome.keys import keys_at
 from romebatch.rome.update import current_value
 
@@ -30,7 +30,6 @@ KINDS = ("down_proj", "layer", "mlp", "attn", "embed")
 TEMPLATE = "The landmark of Seattle is {}"
 SUBJECT = "the Space Needle"
 TARGET = "Paris"
-
 
 
 def d_ff_of(config) -> int:
@@ -127,9 +126,15 @@ def edited(request, bytelevel_tokenizer, sentencepiece_tokenizer, tmp_path_facto
     layer = hp.layer
     prefixes = rome.sample_prefixes(lm, hp.prefixes, hp.prefix_top_k, hp.seed)
     # cache_dir given: a module-scoped fixture runs outside the function-scoped ROMEBATCH_HOME patch.
-    stats = rome.load_or_compute_stats(lm, [layer], lm.base_hash(), n_tokens=hp.stats_tokens,
-                                       seq_len=hp.stats_seq_len, seed=0,
-                                       cache_dir=tmp_path_factory.mktemp(f"stats-{family}"))[layer].factor(hp.ridge)
+    stats = rome.load_or_compute_stats(
+        lm,
+        [layer],
+        lm.base_hash(),
+        n_tokens=hp.stats_tokens,
+        seq_len=hp.stats_seq_len,
+        seed=0,
+        cache_dir=tmp_path_factory.mktemp(f"stats-{family}"),
+    )[layer].factor(hp.ridge)
     prompt = TEMPLATE.format(SUBJECT)
     nll_before = answer_nll(lm, [(prompt, TARGET)])[0]
     before = state(lm.model)
@@ -141,9 +146,22 @@ def edited(request, bytelevel_tokenizer, sentencepiece_tokenizer, tmp_path_facto
     after_apply = state(lm.model)
     nll_after = answer_nll(lm, [(prompt, TARGET)])[0]
     return types.SimpleNamespace(
-        family=family, lm=lm, hp=hp, layer=layer, stats=stats, edit=edit, k_star=k_star, value=value,
-        prefixes=prefixes, v_current=v_current, before=before, after_compute=after_compute, after_apply=after_apply,
-        hooks_after_compute=hooks_after_compute, nll_before=nll_before, nll_after=nll_after,
+        family=family,
+        lm=lm,
+        hp=hp,
+        layer=layer,
+        stats=stats,
+        edit=edit,
+        k_star=k_star,
+        value=value,
+        prefixes=prefixes,
+        v_current=v_current,
+        before=before,
+        after_compute=after_compute,
+        after_apply=after_apply,
+        hooks_after_compute=hooks_after_compute,
+        nll_before=nll_before,
+        nll_after=nll_after,
     )
 
 
@@ -203,7 +221,7 @@ def test_k_star_is_mean_key_over_bare_and_prefixed_prompts(edited):
     for prefix in ["", *edited.prefixes]:
         encoded, index = subject_last_index(lm.tokenizer, TEMPLATE, SUBJECT, prefix)
         seen = []
-        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+        handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0]))  # noqa: B023 (the hook runs within this iteration)
         try:
             with torch.no_grad():
                 lm.model(input_ids=torch.tensor([encoded.ids]), use_cache=False)
@@ -229,7 +247,8 @@ def test_unknown_model_type_raises_user_error_listing_supported(bytelevel_tokeni
     assert "mysterynet" in message
     supported = supported_model_types()
     assert {"gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2", "gemma3_text", "opt"} <= set(
-        supported)
+        supported
+    )
     for model_type in supported:
         assert model_type in message
     assert info.value.hint and "--module-template" in info.value.hint
@@ -243,11 +262,14 @@ def test_unknown_model_type_real_model(bytelevel_tokenizer):
         adapter_for(lm.model)
 
 
-@pytest.mark.parametrize("family, template, conv1d", [
-    ("gpt2", "transformer.h.{}.mlp.c_proj", True),
-    ("llama", "model.layers.{}.mlp.down_proj", False),
-    ("gpt_neox", "gpt_neox.layers.{}.mlp.dense_4h_to_h", False),
-])
+@pytest.mark.parametrize(
+    "family, template, conv1d",
+    [
+        ("gpt2", "transformer.h.{}.mlp.c_proj", True),
+        ("llama", "model.layers.{}.mlp.down_proj", False),
+        ("gpt_neox", "gpt_neox.layers.{}.mlp.dense_4h_to_h", False),
+    ],
+)
 def test_module_template_adapter(family, template, conv1d, tokenizer_for):
     lm = tiny_loaded(family, tokenizer_for(family))
     adapter = adapter_for(lm.model, template)
@@ -268,13 +290,16 @@ def test_module_template_adapter(family, template, conv1d, tokenizer_for):
     assert torch.equal(keys_at(templated, 1, [encoded.ids], [index]), keys_at(lm, 1, [encoded.ids], [index]))
 
 
-@pytest.mark.parametrize("template, fragment", [
-    ("transformer.h.0.mlp.c_proj", "{}"),  # no layer slot
-    ("transformer.h.{}.mlp.{}", "{}"),  # two slots
-    ("transformer.h.{}.mlp.down_proj", "no module"),  # a Llama path on GPT-2
-    ("transformer.layers.{}.mlp.c_proj", "no module"),
-    ("transformer.h.{}.mlp", "not a Linear"),  # exists, but is not a projection
-])
+@pytest.mark.parametrize(
+    "template, fragment",
+    [
+        ("transformer.h.0.mlp.c_proj", "{}"),  # no layer slot
+        ("transformer.h.{}.mlp.{}", "{}"),  # two slots
+        ("transformer.h.{}.mlp.down_proj", "no module"),  # a Llama path on GPT-2
+        ("transformer.layers.{}.mlp.c_proj", "no module"),
+        ("transformer.h.{}.mlp", "not a Linear"),  # exists, but is not a projection
+    ],
+)
 def test_bad_module_template_raises_user_error(template, fragment, bytelevel_tokenizer):
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
     with pytest.raises(UserError) as info:
@@ -286,12 +311,15 @@ def test_bad_module_template_raises_user_error(template, fragment, bytelevel_tok
 def test_loaded_model_built_with_template_edits_like_builtin(bytelevel_tokenizer):
     # A LoadedModel whose adapter came from a template computes the same key as the built-in.
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
-    templated = LoadedModel(model=lm.model, tokenizer=lm.tokenizer,
-                            adapter=adapter_for(lm.model, "transformer.h.{}.mlp.c_proj"), spec="t")
+    templated = LoadedModel(
+        model=lm.model, tokenizer=lm.tokenizer, adapter=adapter_for(lm.model, "transformer.h.{}.mlp.c_proj"), spec="t"
+    )
     assert templated.lm_head_name == lm.lm_head_name
     prefixes = ["The city. "]
-    assert torch.equal(rome.compute_key(templated, 1, TEMPLATE, SUBJECT, prefixes),
-                       rome.compute_key(lm, 1, TEMPLATE, SUBJECT, prefixes))
+    assert torch.equal(
+        rome.compute_key(templated, 1, TEMPLATE, SUBJECT, prefixes),
+        rome.compute_key(lm, 1, TEMPLATE, SUBJECT, prefixes),
+    )
 
 
 # ----------------------------------------------------------------------------- key statistics per model
@@ -301,8 +329,9 @@ def test_stats_cache_is_not_reused_for_a_model_differing_below_the_layer(sentenc
     lm = tiny_loaded("llama", sentencepiece_tokenizer)
 
     def stats(cache: str):
-        return rome.load_or_compute_stats(lm, [1], lm.base_hash(), n_tokens=200, seq_len=16, seed=0,
-                                          corpus=str(corpus), cache_dir=tmp_path / cache)[1].mom2
+        return rome.load_or_compute_stats(
+            lm, [1], lm.base_hash(), n_tokens=200, seq_len=16, seed=0, corpus=str(corpus), cache_dir=tmp_path / cache
+        )[1].mom2
 
     from romebatch.model import LoadedModel
 

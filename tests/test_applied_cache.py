@@ -12,19 +12,34 @@ import json
 import statistics
 
 import pytest
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch import applied_cache
 from romebatch.editor import Editor
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact, Neighbor
 from romebatch.probes import Thresholds
 
-SUBJECTS = ["The Space Needle", "The Eiffel Tower", "The Colosseum", "Big Ben", "Danielle Darrieux", "Michel Rocard",
-            "Toko Yasuda", "The quick brown fox", "The lazy dog", "The river"]
-PROMPTS = [("{} is located in the city of", "Seattle"), ("The mother tongue of {} is", "French"),
-           ("{} is a native speaker of", "French"), ("{} plays the", "guitar"), ("{} is in", "Spain"),
-           ("Where is {}? It is in", "Tokyo")]
+SUBJECTS = [
+    "The Space Needle",
+    "The Eiffel Tower",
+    "The Colosseum",
+    "Big Ben",
+    "Danielle Darrieux",
+    "Michel Rocard",
+    "Toko Yasuda",
+    "The quick brown fox",
+    "The lazy dog",
+    "The river",
+]
+PROMPTS = [
+    ("{} is located in the city of", "Seattle"),
+    ("The mother tongue of {} is", "French"),
+    ("{} is a native speaker of", "French"),
+    ("{} plays the", "guitar"),
+    ("{} is in", "Spain"),
+    ("Where is {}? It is in", "Tokyo"),
+]
 TARGETS = ["Paris", "Rome", "London", "Tokyo", "Berlin", "Madrid", "Seattle", "Spain", "French", "Washington"]
 
 
@@ -36,8 +51,16 @@ def facts(n: int) -> list[Fact]:
         target = TARGETS[(i * 7) % len(TARGETS)]
         if target == true:
             target = TARGETS[(i * 7 + 1) % len(TARGETS)]
-        out.append(Fact(id=f"f{i}", subject=subject, prompt=prompt, target_new=target, target_true=true,
-                        neighborhood=[Neighbor(prompt.replace("{}", SUBJECTS[(i + 3) % len(SUBJECTS)], 1), true)]))
+        out.append(
+            Fact(
+                id=f"f{i}",
+                subject=subject,
+                prompt=prompt,
+                target_new=target,
+                target_true=true,
+                neighborhood=[Neighbor(prompt.replace("{}", SUBJECTS[(i + 3) % len(SUBJECTS)], 1), true)],
+            )
+        )
     return out
 
 
@@ -47,10 +70,17 @@ def old_norms(journal) -> list[float]:
 
 def old_earlier(journal) -> list[dict]:
     # The editor's code before the cache, verbatim.
-    return [{"text": f["prompt"].replace("{}", f["subject"], 1), "target_new": f["target_new"],
-             "target_true": f.get("target_true"), "p_new_after": r["p_new_after"]}
-            for r in journal.applied_summaries() for f in [json.loads(r["fact_json"])]
-            if r["p_true_after"] is None or (r["p_new_after"] or 0) > r["p_true_after"]]
+    return [
+        {
+            "text": f["prompt"].replace("{}", f["subject"], 1),
+            "target_new": f["target_new"],
+            "target_true": f.get("target_true"),
+            "p_new_after": r["p_new_after"],
+        }
+        for r in journal.applied_summaries()
+        for f in [json.loads(r["fact_json"])]
+        if r["p_true_after"] is None or (r["p_new_after"] or 0) > r["p_true_after"]
+    ]
 
 
 HP = {**TINY_HPARAMS, "prefixes": ((3, 1),), "v_steps": 8, "guard_factor": 1.6, "guard_min_edits": 3}
@@ -61,6 +91,7 @@ def run(tmp_path, tokenizer, name: str, check_each: bool) -> tuple[list, list]:
     lm = tiny_loaded("gpt2", tokenizer)
     all_facts = facts(60)
     with Editor(tmp_path / name, lm=lm, hparams=HParams(**HP), log=lambda m: None) as editor:
+
         def on_edit(row):
             decisions.append((row.fact_id, row.status, row.reason))
             if check_each:
@@ -113,8 +144,12 @@ def test_median_matches_statistics_median():
 
 @pytest.mark.parametrize("p_new, p_true, kept", [(0.5, 0.2, True), (0.1, 0.2, False), (0.1, None, True)])
 def test_earlier_entry_keeps_only_edits_that_took(p_new, p_true, kept):
-    row = {"fact_json": json.dumps({"prompt": "{} is in", "subject": "Big Ben", "target_new": "Rome"}),
-           "p_new_after": p_new, "p_true_after": p_true, "update_norm": 1.0}
+    row = {
+        "fact_json": json.dumps({"prompt": "{} is in", "subject": "Big Ben", "target_new": "Rome"}),
+        "p_new_after": p_new,
+        "p_true_after": p_true,
+        "update_norm": 1.0,
+    }
     entry = applied_cache.earlier_entry(row)
     assert (entry is not None) == kept
     if kept:

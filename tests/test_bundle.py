@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS, tiny_model
+
 from romebatch import journal as journal_module
 from romebatch.api import check
-from romebatch.bundle import DOC_KEY, DIGEST_KEY, apply_bundles, read_bundle, write_bundle
+from romebatch.bundle import DIGEST_KEY, DOC_KEY, apply_bundles, read_bundle, write_bundle
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, UserError
 from romebatch.hparams import HParams
@@ -33,19 +33,45 @@ from romebatch.model import weight_hash
 REPO = Path(__file__).resolve().parents[1]
 LAYER = 1
 FACTS = [
-    Fact(id="needle", subject="The Space Needle", prompt="{} is located in the city of", target_new="Paris",
-         target_true="Seattle"),
-    Fact(id="eiffel", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Rome",
-         target_true="Paris"),
-    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo",
-         target_true="London"),
+    Fact(
+        id="needle",
+        subject="The Space Needle",
+        prompt="{} is located in the city of",
+        target_new="Paris",
+        target_true="Seattle",
+    ),
+    Fact(
+        id="eiffel",
+        subject="The Eiffel Tower",
+        prompt="{} is located in the city of",
+        target_new="Rome",
+        target_true="Paris",
+    ),
+    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"),
 ]
-LATER = [Fact(id="darrieux", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="Spain",
-              target_true="French"),
-         Fact(id="rocard", subject="Michel Rocard", prompt="{} is a native speaker of", target_new="London",
-              target_true="French")]
-LAST = Fact(id="colosseum", subject="The Colosseum", prompt="{} is located in the city of", target_new="Berlin",
-            target_true="Rome")
+LATER = [
+    Fact(
+        id="darrieux",
+        subject="Danielle Darrieux",
+        prompt="The mother tongue of {} is",
+        target_new="Spain",
+        target_true="French",
+    ),
+    Fact(
+        id="rocard",
+        subject="Michel Rocard",
+        prompt="{} is a native speaker of",
+        target_new="London",
+        target_true="French",
+    ),
+]
+LAST = Fact(
+    id="colosseum",
+    subject="The Colosseum",
+    prompt="{} is located in the city of",
+    target_new="Berlin",
+    target_true="Rome",
+)
 
 
 def quiet(message: str) -> None:
@@ -122,8 +148,9 @@ def test_round_trip_gives_the_same_journal(source, tmp_path):
     # Every column of every edit on the path, as the source has it (edit 3 was rolled back: not carried).
     source_rows = [r for r in rows(source.journal, "edits") if r["seq"] != 3]
     assert rows(target, "edits") == source_rows
-    assert [{k: v for k, v in r.items() if k != "id"} for r in rows(target, "rejections")] == \
-           [{k: v for k, v in r.items() if k != "id"} for r in rows(source.journal, "rejections")]
+    assert [{k: v for k, v in r.items() if k != "id"} for r in rows(target, "rejections")] == [
+        {k: v for k, v in r.items() if k != "id"} for r in rows(source.journal, "rejections")
+    ]
     ours, theirs = meta(target), meta(source.journal)
     for key in ("model", "base_hash", "hparams", "prefixes", "head", "max_seq", "repair_passes", "model_type"):
         assert ours[key] == theirs[key], key
@@ -180,7 +207,7 @@ def test_every_flipped_byte_is_refused(source, tmp_path):
     damaged = tmp_path / "damaged.rbundle"
     refused = 0
     for position in range(len(data)):
-        damaged.write_bytes(data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1:])
+        damaged.write_bytes(data[:position] + bytes([data[position] ^ 0x01]) + data[position + 1 :])
         with pytest.raises(UserError):
             read_bundle(damaged)
         refused += 1
@@ -201,7 +228,9 @@ def rewrite(bundle: Path, out: Path, change) -> None:
     change(doc, tensors)
     doc["tensors"] = {n: "sha256:" + hashlib.sha256(t.tobytes()).hexdigest() for n, t in tensors.items()}
     text = json.dumps(doc)
-    save_file(tensors, str(out), metadata={DOC_KEY: text, DIGEST_KEY: "sha256:" + hashlib.sha256(text.encode()).hexdigest()})
+    save_file(
+        tensors, str(out), metadata={DOC_KEY: text, DIGEST_KEY: "sha256:" + hashlib.sha256(text.encode()).hexdigest()}
+    )
 
 
 def test_a_wrong_vector_is_refused_by_the_weight_hashes(source, tmp_path):
@@ -230,8 +259,9 @@ def test_wrong_base_and_wrong_state_are_refused_and_write_nothing(source, tmp_pa
     assert not fresh.exists()
     # A journal on the right base whose head is another state.
     elsewhere = tmp_path / "elsewhere"
-    with Editor(elsewhere, model=str(source.folder), hparams=HParams(**{**TINY_HPARAMS, "layer": LAYER}),
-                log=quiet) as editor:
+    with Editor(
+        elsewhere, model=str(source.folder), hparams=HParams(**{**TINY_HPARAMS, "layer": LAYER}), log=quiet
+    ) as editor:
         editor.apply([LAST], checks=None)
     before = rows(elsewhere, "edits"), meta(elsewhere)
     with pytest.raises(UserError, match="is another state"):
@@ -239,8 +269,9 @@ def test_wrong_base_and_wrong_state_are_refused_and_write_nothing(source, tmp_pa
     assert (rows(elsewhere, "edits"), meta(elsewhere)) == before
     # A journal of other edit-defining settings is refused too, before any weight is touched.
     other = tmp_path / "other-hparams"
-    with Editor(other, model=str(source.folder), hparams=HParams(**{**TINY_HPARAMS, "layer": LAYER, "v_lr": 1.0}),
-                log=quiet):
+    with Editor(
+        other, model=str(source.folder), hparams=HParams(**{**TINY_HPARAMS, "layer": LAYER, "v_lr": 1.0}), log=quiet
+    ):
         pass
     with pytest.raises(UserError, match="v_lr"):
         apply(source, [out], other)
@@ -281,8 +312,9 @@ def test_a_column_added_by_a_later_migration_is_carried(source, tmp_path, monkey
 
 def romebatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     full = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=full, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "romebatch", *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_bundle_apply_check_and_refusals(source, tmp_path):
@@ -290,11 +322,13 @@ def test_cli_bundle_apply_check_and_refusals(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout.splitlines()[-1])["edits"] == 4
     proc = romebatch("bundle", "x.rbundle", "--journal", str(source.journal), "--from", "3", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: --from 3: not an edit on the head's path"), proc.stderr
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --from 3: not an edit on the head's path"), (
+        proc.stderr
+    )
     assert not (tmp_path / "x.rbundle").exists()
     data = (tmp_path / "all.rbundle").read_bytes()
     middle = len(data) - 100  # inside the last tensor
-    (tmp_path / "flipped.rbundle").write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:])
+    (tmp_path / "flipped.rbundle").write_bytes(data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1 :])
     proc = romebatch("apply", "flipped.rbundle", "--journal", "K", "--model", str(source.folder), cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: flipped.rbundle: damaged"), proc.stderr
     assert not (tmp_path / "K").exists()
@@ -323,8 +357,14 @@ def test_a_crash_inside_the_append_leaves_no_edit(source, tmp_path):
     out = tmp_path / "all.rbundle"
     write_bundle(source.journal, out)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "ROMEBATCH_FAULT": "append:1"}
-    proc = subprocess.run([sys.executable, "-c", CRASH_AT_APPEND, "apply", str(out), "--journal", "K", "--model",
-                           str(source.folder)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_AT_APPEND, "apply", str(out), "--journal", "K", "--model", str(source.folder)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr
     assert rows(tmp_path / "K", "edits") == []
     proc = romebatch("apply", str(out), "--journal", "K", "--model", str(source.folder), cwd=tmp_path)

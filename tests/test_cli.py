@@ -48,8 +48,14 @@ def last_json(stdout: str) -> dict:
 
 def romebatch(*args: str, cwd: Path, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=full_env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "romebatch", *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def write_journal(directory: Path, fact_hashes: list[str], head: int | None = None) -> None:
@@ -58,13 +64,26 @@ def write_journal(directory: Path, fact_hashes: list[str], head: int | None = No
         journal.set_many({"model": "tiny-test-model", "base_hash": "sha256:base", "head": 0})
         for i, fact_hash in enumerate(fact_hashes, 1):
             rng = np.random.default_rng(i)
-            journal.commit_edit(EditRecord(
-                seq=0, parent=i - 1, status="applied", fact_id=f"id{i}", fact_hash=fact_hash,
-                fact_json=json.dumps({"id": f"id{i}", "subject": f"Subject {i}", "prompt": "{} is in",
-                                      "target_new": f"Target {i}"}),
-                layer=1, weight_name="w", lam=rng.normal(size=4), u=rng.normal(size=8), update_norm=float(i),
-                denominator=0.5, weight_hash_before=f"sha256:{i - 1}", weight_hash_after=f"sha256:{i}",
-            ))
+            journal.commit_edit(
+                EditRecord(
+                    seq=0,
+                    parent=i - 1,
+                    status="applied",
+                    fact_id=f"id{i}",
+                    fact_hash=fact_hash,
+                    fact_json=json.dumps(
+                        {"id": f"id{i}", "subject": f"Subject {i}", "prompt": "{} is in", "target_new": f"Target {i}"}
+                    ),
+                    layer=1,
+                    weight_name="w",
+                    lam=rng.normal(size=4),
+                    u=rng.normal(size=8),
+                    update_norm=float(i),
+                    denominator=0.5,
+                    weight_hash_before=f"sha256:{i - 1}",
+                    weight_hash_after=f"sha256:{i}",
+                )
+            )
         if head is not None:
             journal.move_head(head)
 
@@ -81,11 +100,27 @@ class Recorder:
 
 
 def fake_apply_result(manifest, **kwargs) -> ApplyResult:
-    row = FactResult("needle", "sha256:x", "The Space Needle", "Paris", "Seattle", "applied", seq=3, layer=1,
-                     p_new_before=0.1, p_true_before=0.5, p_new_after=0.7, p_true_after=0.2, update_norm=2.5,
-                     denominator=1.5, v_steps=4, seconds=0.5)
-    skipped = FactResult("ben", "sha256:y", "Big Ben", "Tokyo", "London", "already_applied",
-                         reason="in the journal already")
+    row = FactResult(
+        "needle",
+        "sha256:x",
+        "The Space Needle",
+        "Paris",
+        "Seattle",
+        "applied",
+        seq=3,
+        layer=1,
+        p_new_before=0.1,
+        p_true_before=0.5,
+        p_new_after=0.7,
+        p_true_after=0.2,
+        update_norm=2.5,
+        denominator=1.5,
+        v_steps=4,
+        seconds=0.5,
+    )
+    skipped = FactResult(
+        "ben", "sha256:y", "Big Ben", "Tokyo", "London", "already_applied", reason="in the journal already"
+    )
     kwargs["on_edit"](row)  # the CLI's progress callback must accept a real row
     return ApplyResult(journal=str(kwargs["journal"]), head=3, results=[row, skipped], seconds=1.25)
 
@@ -101,12 +136,44 @@ def test_apply_passes_every_option(tmp_path, monkeypatch, fake_apply):
     monkeypatch.chdir(tmp_path)
     Path("facts.csv").write_text(GOOD_CSV)
     Path("corpus.txt").write_text("some text\n")
-    result = runner().invoke(app, [
-        "apply", "facts.csv", "--journal", "J", "--model", "some/model", "--layer", "2", "--limit", "2",
-        "--results", "out.csv", "--v-steps", "7", "--v-lr", "0.25", "--kl-factor", "0.1", "--mom2", "identity",
-        "--stats-corpus", "corpus.txt", "--stats-tokens", "500", "--stats-sampling", "plain", "--module-template", "a.{}.b",
-        "--device", "cuda", "--dtype", "bfloat16", "--json",
-    ])
+    result = runner().invoke(
+        app,
+        [
+            "apply",
+            "facts.csv",
+            "--journal",
+            "J",
+            "--model",
+            "some/model",
+            "--layer",
+            "2",
+            "--limit",
+            "2",
+            "--results",
+            "out.csv",
+            "--v-steps",
+            "7",
+            "--v-lr",
+            "0.25",
+            "--kl-factor",
+            "0.1",
+            "--mom2",
+            "identity",
+            "--stats-corpus",
+            "corpus.txt",
+            "--stats-tokens",
+            "500",
+            "--stats-sampling",
+            "plain",
+            "--module-template",
+            "a.{}.b",
+            "--device",
+            "cuda",
+            "--dtype",
+            "bfloat16",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert len(fake_apply.calls) == 1
     args, kwargs = fake_apply.calls[0]
@@ -118,8 +185,16 @@ def test_apply_passes_every_option(tmp_path, monkeypatch, fake_apply):
     assert kwargs["device"] == "cuda" and kwargs["dtype"] == "bfloat16"
     assert kwargs["module_template"] == "a.{}.b"
     assert callable(kwargs["on_edit"]) and callable(kwargs["log"])
-    assert kwargs["hparams"] == HParams(layer=2, v_steps=7, v_lr=0.25, kl_factor=0.1, mom2="identity",
-                                        stats_corpus="corpus.txt", stats_tokens=500, stats_sampling="plain")
+    assert kwargs["hparams"] == HParams(
+        layer=2,
+        v_steps=7,
+        v_lr=0.25,
+        kl_factor=0.1,
+        mom2="identity",
+        stats_corpus="corpus.txt",
+        stats_tokens=500,
+        stats_sampling="plain",
+    )
     summary = last_json(result.stdout)
     assert summary["head"] == 3 and summary["applied"] == 1 and summary["already_applied"] == 1
     assert summary["journal"] == "J" and summary["efficacy"] == 100.0
@@ -130,7 +205,7 @@ def test_apply_without_hparams_lets_the_journal_keep_its_own(tmp_path, monkeypat
     Path("facts.csv").write_text(GOOD_CSV)
     result = runner().invoke(app, ["apply", "facts.csv"])
     assert result.exit_code == 0, result.output
-    (args, kwargs), = fake_apply.calls
+    ((args, kwargs),) = fake_apply.calls
     assert kwargs["hparams"] is None
     assert kwargs["journal"] == Path("romebatch.journal")
     assert kwargs["model"] is None and kwargs["layer"] is None and kwargs["limit"] is None
@@ -146,7 +221,7 @@ def test_apply_hparams_file_with_flag_override(tmp_path, monkeypatch, fake_apply
     Path("hp.yaml").write_text("v_lr: 3.0\nkl_factor: 0.2\nprefixes: [[2, 3], [4, 1]]\nstats_tokens: 900\n")
     result = runner().invoke(app, ["apply", "facts.csv", "--hparams", "hp.yaml", "--v-lr", "2.0"])
     assert result.exit_code == 0, result.output
-    (_, kwargs), = fake_apply.calls
+    ((_, kwargs),) = fake_apply.calls
     assert kwargs["hparams"] == HParams(v_lr=2.0, kl_factor=0.2, prefixes=((2, 3), (4, 1)), stats_tokens=900)
 
 
@@ -167,17 +242,20 @@ def fake_rollback(monkeypatch):
     return recorder
 
 
-@pytest.mark.parametrize("argv,expected", [
-    (["--to", "3"], dict(to=3, steps=None, fact=None, base=None, prune=False)),
-    (["--to", "0"], dict(to=0, steps=None, fact=None, base=None, prune=False)),
-    (["--steps", "2"], dict(to=None, steps=2, fact=None, base=None, prune=False)),
-    (["--fact", "needle"], dict(to=None, steps=None, fact="needle", base=None, prune=False)),
-    (["--base", "--prune"], dict(to=None, steps=None, fact=None, base=True, prune=True)),
-])
+@pytest.mark.parametrize(
+    "argv,expected",
+    [
+        (["--to", "3"], dict(to=3, steps=None, fact=None, base=None, prune=False)),
+        (["--to", "0"], dict(to=0, steps=None, fact=None, base=None, prune=False)),
+        (["--steps", "2"], dict(to=None, steps=2, fact=None, base=None, prune=False)),
+        (["--fact", "needle"], dict(to=None, steps=None, fact="needle", base=None, prune=False)),
+        (["--base", "--prune"], dict(to=None, steps=None, fact=None, base=True, prune=True)),
+    ],
+)
 def test_rollback_selectors(argv, expected, fake_rollback):
     result = runner().invoke(app, ["rollback", "-j", "JJ", *argv, "--model", "m", "--json"])
     assert result.exit_code == 0, result.output
-    (args, kwargs), = fake_rollback.calls
+    ((args, kwargs),) = fake_rollback.calls
     assert args == (Path("JJ"),)
     assert {k: kwargs[k] for k in expected} == expected
     assert kwargs["model"] == "m" and kwargs["device"] == "cpu"
@@ -197,7 +275,7 @@ def test_export_options(monkeypatch):
     monkeypatch.setattr("romebatch.api.export", recorder)
     result = runner().invoke(app, ["export", "OUT", "--force", "--journal", "J", "--json"])
     assert result.exit_code == 0, result.output
-    (args, kwargs), = recorder.calls
+    ((args, kwargs),) = recorder.calls
     assert args == (Path("OUT"),)
     assert kwargs["force"] is True and kwargs["journal"] == Path("J") and kwargs["model"] is None
     assert last_json(result.stdout) == {"journal": "J", "export": "OUT"}
@@ -205,7 +283,7 @@ def test_export_options(monkeypatch):
     recorder.calls.clear()
     result = runner().invoke(app, ["export", "OUT2"])
     assert result.exit_code == 0, result.output
-    (args, kwargs), = recorder.calls
+    ((args, kwargs),) = recorder.calls
     assert args == (Path("OUT2"),) and kwargs["force"] is False and kwargs["journal"] == Path("romebatch.journal")
 
 
@@ -219,7 +297,10 @@ def test_log_json_on_a_real_journal(tmp_path):
     data = last_json(result.stdout)
     assert data["head"] == 2 and data["model"] == "tiny-test-model"
     assert [(e["seq"], e["parent"], e["status"]) for e in data["edits"]] == [
-        (1, 0, "applied"), (2, 1, "applied"), (3, 2, "rolled_back")]
+        (1, 0, "applied"),
+        (2, 1, "applied"),
+        (3, 2, "rolled_back"),
+    ]
     assert [e["subject"] for e in data["edits"]] == ["Subject 1", "Subject 2", "Subject 3"]
     assert len(data["rejections"]) == 1
     assert data["rejections"][0]["reason"] == "too big" and data["rejections"][0]["fact_id"] == "needle"
@@ -246,25 +327,44 @@ def _write(directory: Path, name: str, text: str | bytes) -> Path:
 # ----------------------------------------------------------------------------- manifest errors via main()
 BAD_MANIFESTS = {
     # name: (file name, content, [(row, field, fragment), ...]); row/field None where the message has none
-    "duplicate_ids": ("bad.csv", HEADER + "a,Big Ben,{} is in,Paris,London\na,Rome,{} is in,Berlin,Italy\n",
-                      [(3, "id", "duplicate id 'a'")]),
-    "subject_not_in_prompt": ("bad.csv", HEADER + "a,Big Ben,The tower is in,Paris,London\n",
-                              [(2, "prompt", "not found in prompt")]),
+    "duplicate_ids": (
+        "bad.csv",
+        HEADER + "a,Big Ben,{} is in,Paris,London\na,Rome,{} is in,Berlin,Italy\n",
+        [(3, "id", "duplicate id 'a'")],
+    ),
+    "subject_not_in_prompt": (
+        "bad.csv",
+        HEADER + "a,Big Ben,The tower is in,Paris,London\n",
+        [(2, "prompt", "not found in prompt")],
+    ),
     "empty_target": ("bad.csv", HEADER + "a,Big Ben,{} is in,   ,London\n", [(2, "target_new", "empty target")]),
-    "conflicting_targets": ("bad.csv", HEADER + "a,Big Ben,{} is in,Paris,London\nb,Big Ben,{} is in,Rome,London\n",
-                            [(3, "target_new", "conflicting targets")]),
-    "unknown_column": ("bad.csv", "id,subject,prompt,target_new,colour\na,Big Ben,{} is in,Paris,red\n",
-                       [(1, "colour", "unknown column")]),
-    "invalid_utf8": ("bad.csv", HEADER.encode() + b"a,Big Ben,{} is in,Paris,London\nb,Caf\xe9,{} is in,X,Y\n",
-                     [(3, None, "not valid UTF-8")]),
-    "yaml_python_tag": ("bad.yaml", "- subject: !!python/object/apply:os.system ['touch pwned']\n"
-                                    "  prompt: '{} is in'\n  target_new: Paris\n",
-                        [(1, None, "invalid YAML")]),
+    "conflicting_targets": (
+        "bad.csv",
+        HEADER + "a,Big Ben,{} is in,Paris,London\nb,Big Ben,{} is in,Rome,London\n",
+        [(3, "target_new", "conflicting targets")],
+    ),
+    "unknown_column": (
+        "bad.csv",
+        "id,subject,prompt,target_new,colour\na,Big Ben,{} is in,Paris,red\n",
+        [(1, "colour", "unknown column")],
+    ),
+    "invalid_utf8": (
+        "bad.csv",
+        HEADER.encode() + b"a,Big Ben,{} is in,Paris,London\nb,Caf\xe9,{} is in,X,Y\n",
+        [(3, None, "not valid UTF-8")],
+    ),
+    "yaml_python_tag": (
+        "bad.yaml",
+        "- subject: !!python/object/apply:os.system ['touch pwned']\n  prompt: '{} is in'\n  target_new: Paris\n",
+        [(1, None, "invalid YAML")],
+    ),
     "missing_file": (None, "nope.csv", [(None, None, "cannot read file")]),
     "unsupported_extension": ("facts.txt", "subject,prompt\n", [(None, None, "unsupported file type '.txt'")]),
-    "two_problems": ("bad.csv", HEADER + "a,Big Ben,{} is in,Paris,London\na,Rome,{} is in,Berlin,Italy\n"
-                                         "c,Paris,{} is in,,France\n",
-                     [(3, "id", "duplicate id"), (4, "target_new", "empty target")]),
+    "two_problems": (
+        "bad.csv",
+        HEADER + "a,Big Ben,{} is in,Paris,London\na,Rome,{} is in,Berlin,Italy\nc,Paris,{} is in,,France\n",
+        [(3, "id", "duplicate id"), (4, "target_new", "empty target")],
+    ),
 }
 
 
@@ -303,8 +403,17 @@ def test_preflight_error_after_model_load_writes_nothing(tmp_path, tiny_folder):
     work.mkdir()
     long_prompt = "{} is " + " ".join(["located in the city of"] * 40)
     _write(work, "facts.csv", HEADER + f"ok,Big Ben,{{}} is in,Paris,London\nlong,Rome,{long_prompt},Paris,Italy\n")
-    proc = romebatch("apply", "facts.csv", "--model", str(folder), "--journal", "J", cwd=work,
-                     env={"OMP_NUM_THREADS": "1"}, timeout=120)
+    proc = romebatch(
+        "apply",
+        "facts.csv",
+        "--model",
+        str(folder),
+        "--journal",
+        "J",
+        cwd=work,
+        env={"OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: facts.csv:3: field 'prompt'"), proc.stderr
@@ -357,7 +466,9 @@ def test_main_maps_user_errors_to_exit_2(monkeypatch, capsys):
     monkeypatch.setattr("romebatch.api.export", bad)
     assert run_main(monkeypatch, ["export", "OUT"]) == 2
     assert capsys.readouterr().err.splitlines() == [
-        "error: f.csv:3: field 'prompt': too long", "error: f.csv:4: field 'target_new': tokenises to nothing"]
+        "error: f.csv:3: field 'prompt': too long",
+        "error: f.csv:4: field 'target_new': tokenises to nothing",
+    ]
 
 
 def test_abort_by_second_ctrl_c_exits_130(monkeypatch, capsys):
@@ -397,8 +508,14 @@ print(json.dumps({"torch": "torch" in sys.modules, "transformers": "transformers
 @pytest.mark.parametrize("argv,code", [(["--help"], 0), (["apply", "--help"], 0), (["apply", "bad.csv"], 2)])
 def test_help_and_bad_manifest_do_not_import_torch(argv, code, tmp_path):
     _write(tmp_path, "bad.csv", HEADER + "a,X,no subject,Y,Z\n")
-    proc = subprocess.run([sys.executable, "-c", IMPORT_PROBE, json.dumps(argv)], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE, json.dumps(argv)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     probe = last_json(proc.stdout)
     assert probe == {"torch": False, "transformers": False, "code": code}, proc.stderr
     if argv[-1] == "--help":
@@ -458,8 +575,14 @@ sys.stdin.read()
 
 def test_locked_journal_exits_2_naming_the_holder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, "J"], cwd=tmp_path, stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, "J"],
+        cwd=tmp_path,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         proc = romebatch("rollback", "--journal", "J", "--to", "0", cwd=tmp_path)

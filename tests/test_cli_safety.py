@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_HPARAMS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,8 +29,15 @@ HOSTILE_ID = "id\x1b[31m\nerror: forged"
 def romebatch(*args: str, cwd: Path, stdin: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "COLUMNS": "200"}
     env.pop("ROMEBATCH_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout, input=stdin)
+    return subprocess.run(
+        [sys.executable, "-m", "romebatch", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=stdin,
+    )
 
 
 @pytest.fixture
@@ -42,10 +48,22 @@ def hp_file(tmp_path):
 
 
 def write_hostile_manifest(path: Path) -> Path:
-    facts = [{"id": HOSTILE_ID, "subject": HOSTILE_SUBJECT, "prompt": "{} is located in the city of",
-              "target_new": "[bold]Paris[/bold]", "target_true": "Seattle"},
-             {"id": "=cmd|' /C calc'!A0", "subject": "The Eiffel Tower", "prompt": "{} is located in the city of",
-              "target_new": "@SUM(1+1)", "target_true": "Paris"}]
+    facts = [
+        {
+            "id": HOSTILE_ID,
+            "subject": HOSTILE_SUBJECT,
+            "prompt": "{} is located in the city of",
+            "target_new": "[bold]Paris[/bold]",
+            "target_true": "Seattle",
+        },
+        {
+            "id": "=cmd|' /C calc'!A0",
+            "subject": "The Eiffel Tower",
+            "prompt": "{} is located in the city of",
+            "target_new": "@SUM(1+1)",
+            "target_true": "Paris",
+        },
+    ]
     path.write_text("\n".join(json.dumps(f) for f in facts) + "\n")
     return path
 
@@ -62,8 +80,19 @@ def applied(tmp_path_factory, bytelevel_tokenizer):
     hp = root / "hp.yaml"
     hp.write_text(json.dumps({**TINY_HPARAMS, "prefixes": [list(p) for p in TINY_HPARAMS["prefixes"]]}))
     manifest = write_hostile_manifest(root / "facts.jsonl")
-    proc = romebatch("apply", str(manifest), "--model", str(model), "--hparams", str(hp), "--journal", "J",
-                     "--results", "out.csv", cwd=root)
+    proc = romebatch(
+        "apply",
+        str(manifest),
+        "--model",
+        str(model),
+        "--hparams",
+        str(hp),
+        "--journal",
+        "J",
+        "--results",
+        "out.csv",
+        cwd=root,
+    )
     return root, model, proc
 
 
@@ -94,9 +123,16 @@ def test_a_results_csv_carries_no_live_formula(applied):
     assert not any(cell.startswith(("=", "+", "-", "@")) for cell in cells), cells
 
 
-@pytest.mark.parametrize("command", [
-    ["export", "out"], ["rollback", "--steps", "1"], ["log"], ["verify"], ["check"],
-])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["export", "out"],
+        ["rollback", "--steps", "1"],
+        ["log"],
+        ["verify"],
+        ["check"],
+    ],
+)
 @pytest.mark.parametrize("kind", ["missing", "file", "dangling-link"])
 def test_commands_other_than_apply_never_create_a_journal(tmp_path, command, kind):
     journal = tmp_path / "typo"
@@ -116,8 +152,13 @@ def test_commands_other_than_apply_never_create_a_journal(tmp_path, command, kin
 def test_options_are_checked_before_any_model_loads(tmp_path, hp_file):
     manifest = write_hostile_manifest(tmp_path / "facts.jsonl")
     # --model names nothing loadable: a command that got as far as loading would say so.
-    for args in (["--on-regression", "bogus"], ["--results", "r.txt"], ["--results", "no/such/dir/r.csv"],
-                 ["--dtype", "float64"], ["--min-retention", "90"]):
+    for args in (
+        ["--on-regression", "bogus"],
+        ["--results", "r.txt"],
+        ["--results", "no/such/dir/r.csv"],
+        ["--dtype", "float64"],
+        ["--min-retention", "90"],
+    ):
         proc = romebatch("apply", str(manifest), "--model", "no-such-model", *args, cwd=tmp_path, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         assert "no-such-model" not in proc.stderr, (args, proc.stderr)
@@ -132,17 +173,33 @@ def test_stopped_on_regression_exits_3(monkeypatch, tmp_path, tiny_folder, hp_fi
 
     model = tiny_folder("gpt2")
     manifest = tmp_path / "facts.csv"
-    manifest.write_text("id,subject,prompt,target_new,target_true\n"
-                        "a,The Space Needle,{} is located in the city of,Paris,Seattle\n"
-                        "b,Big Ben,{} is located in the city of,Tokyo,London\n")
+    manifest.write_text(
+        "id,subject,prompt,target_new,target_true\n"
+        "a,The Space Needle,{} is located in the city of,Paris,Seattle\n"
+        "b,Big Ben,{} is located in the city of,Tokyo,London\n"
+    )
 
     def failing(self, fact, earlier, edit_seconds):  # every edit breaks its neighbourhood
         self.applied.add(fact.hash)
         return ProbeOutcome(neighborhood_drop=1.0, problems=["broke 100% of its neighbourhood prompts (max 50%)"])
 
     monkeypatch.setattr(RegressionProbes, "check", failing)
-    code = run_main(monkeypatch, ["apply", str(manifest), "--model", str(model), "--hparams", str(hp_file),
-                                  "--journal", str(tmp_path / "J"), "--on-regression", "stop", "--json"])
+    code = run_main(
+        monkeypatch,
+        [
+            "apply",
+            str(manifest),
+            "--model",
+            str(model),
+            "--hparams",
+            str(hp_file),
+            "--journal",
+            str(tmp_path / "J"),
+            "--on-regression",
+            "stop",
+            "--json",
+        ],
+    )
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert code == 3
     assert summary["stopped_on_regression"] and summary["exit_code"] == 3
@@ -160,8 +217,20 @@ def test_failed_facts_exit_4(monkeypatch, tmp_path, tiny_folder, hp_file, capsys
         raise ValueError("no token covers the subject")
 
     monkeypatch.setattr("romebatch.editor.compute_edit", cannot)
-    code = run_main(monkeypatch, ["apply", str(manifest), "--model", str(model), "--hparams", str(hp_file),
-                                  "--journal", str(tmp_path / "J"), "--no-probes"])
+    code = run_main(
+        monkeypatch,
+        [
+            "apply",
+            str(manifest),
+            "--model",
+            str(model),
+            "--hparams",
+            str(hp_file),
+            "--journal",
+            str(tmp_path / "J"),
+            "--no-probes",
+        ],
+    )
     assert code == 4
     assert "could not compute the edit" in capsys.readouterr().err
 
@@ -175,8 +244,10 @@ def test_a_model_folder_asking_to_run_its_code_is_refused(tmp_path, tiny_folder)
     (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     manifest = tmp_path / "facts.csv"
     manifest.write_text("id,subject,prompt,target_new\na,The Space Needle,{} is located in the city of,Paris\n")
-    for command in (["apply", str(manifest), "--journal", "J"], ["trace", "--prompt", "The Space Needle is",
-                                                                 "--subject", "The Space Needle"]):
+    for command in (
+        ["apply", str(manifest), "--journal", "J"],
+        ["trace", "--prompt", "The Space Needle is", "--subject", "The Space Needle"],
+    ):
         proc = romebatch(*command, "--model", str(model), cwd=tmp_path, stdin="y\ny\n", timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "never runs a model folder's code" in proc.stderr
@@ -205,8 +276,11 @@ def read_only(applied, tmp_path):
 def test_a_read_only_journal_reads_and_refuses_writes_cleanly(read_only, tmp_path):
     view, model = read_only
     for command in (["log"], ["check"], ["verify"], ["export", str(tmp_path / "exported")]):
-        proc = romebatch(*command, "--journal", str(view), "--model", str(model), cwd=tmp_path) if command[0] != "log" \
+        proc = (
+            romebatch(*command, "--journal", str(view), "--model", str(model), cwd=tmp_path)
+            if command[0] != "log"
             else romebatch(*command, "--journal", str(view), cwd=tmp_path)
+        )
         assert proc.returncode in (0, 1), (command, proc.stderr)  # verify may report a regression (1)
         assert "Traceback" not in proc.stderr, proc.stderr
     assert (tmp_path / "exported" / "romebatch.json").is_file()

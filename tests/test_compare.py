@@ -14,9 +14,9 @@ import math
 import polars as pl
 import pytest
 import torch
+from conftest import TINY_HPARAMS
 from typer.testing import CliRunner
 
-from conftest import TINY_HPARAMS
 from romebatch import api
 from romebatch.cli import app
 from romebatch.compare import COMPARE_SCHEMA, select_facts
@@ -29,11 +29,18 @@ from romebatch.model import load_model
 
 # On this random model the edit flips Big Ben's prompt from London to Tokyo and changes its
 # greedy text; Darrieux's prompt shares no subject with it and keeps its text.
-BEN = Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo",
-           target_true="London", paraphrases=("Where is Big Ben? It is in",),
-           neighborhood=(Neighbor("The mother tongue of Danielle Darrieux is", "French"),))
-ROCARD = Fact(id="rocard", subject="Michel Rocard", prompt="{} is a native speaker of", target_new="English",
-              target_true="French")
+BEN = Fact(
+    id="ben",
+    subject="Big Ben",
+    prompt="{} is located in the city of",
+    target_new="Tokyo",
+    target_true="London",
+    paraphrases=("Where is Big Ben? It is in",),
+    neighborhood=(Neighbor("The mother tongue of Danielle Darrieux is", "French"),),
+)
+ROCARD = Fact(
+    id="rocard", subject="Michel Rocard", prompt="{} is a native speaker of", target_new="English", target_true="French"
+)
 TOKENS = 4
 
 
@@ -67,12 +74,12 @@ def reference(folder, prompt: str, answers: list[str]) -> tuple[str, list[float]
         out = list(ids)
         for _ in range(TOKENS):
             out.append(int(model(torch.tensor([out])).logits[0, -1].argmax()))
-        text = tok.decode(out[len(ids):], skip_special_tokens=True)
+        text = tok.decode(out[len(ids) :], skip_special_tokens=True)
         probs = []
         for answer in answers:
             full = tok(prompt + " " + answer)["input_ids"]
-            assert full[:len(ids)] == ids
-            target = full[len(ids):]
+            assert full[: len(ids)] == ids
+            target = full[len(ids) :]
             logp = torch.softmax(model(torch.tensor([full])).logits[0].double(), -1).log()
             # logits at position t predict token t + 1
             token_logp = [float(logp[len(ids) - 1 + j, t]) for j, t in enumerate(target)]
@@ -86,7 +93,10 @@ def test_compare_matches_a_plain_transformers_reference_on_both_states(built):
         report = api.compare(journal, fact_ids=["ben"], at=at, max_new_tokens=TOKENS, model=str(folder), log=quiet)
         assert report.state == (at or 2)
         assert [(r.kind, r.prompt) for r in report.rows] == [
-            ("prompt", BEN.text), ("paraphrase", BEN.paraphrases[0]), ("neighborhood", BEN.neighborhood[0].prompt)]
+            ("prompt", BEN.text),
+            ("paraphrase", BEN.paraphrases[0]),
+            ("neighborhood", BEN.neighborhood[0].prompt),
+        ]
         for row in report.rows:
             for side, where in (("base", folder), ("state", exported[report.state])):
                 text, (p_new, p_true) = reference(where, row.prompt, [row.target_new, row.target_true])
@@ -95,8 +105,9 @@ def test_compare_matches_a_plain_transformers_reference_on_both_states(built):
                 assert getattr(row, f"p_true_{side}") == pytest.approx(p_true, rel=1e-4, abs=1e-7), (at, side, row.kind)
 
     # At Big Ben's own edit:
-    own, _, neighbour = api.compare(journal, fact_ids=["ben"], at=1, max_new_tokens=TOKENS, model=str(folder),
-                                    log=quiet).rows
+    own, _, neighbour = api.compare(
+        journal, fact_ids=["ben"], at=1, max_new_tokens=TOKENS, model=str(folder), log=quiet
+    ).rows
     # the edit really changed what the model says on its prompt ...
     assert own.base_text != own.state_text and own.changed
     assert own.p_new_base < own.p_true_base and own.p_new_state > own.p_true_state
@@ -137,9 +148,25 @@ def test_no_selector_samples_the_edited_facts_seeded(built):
 def test_compare_cli_table_json_and_results(built, tmp_path):
     journal, folder, _ = built
     runner = CliRunner()
-    out = runner.invoke(app, ["compare", "--journal", str(journal), "--model", str(folder), "--fact", "ben",
-                              "--prompt", "The [bold]Eiffel[/bold] Tower is", "--max-new-tokens", str(TOKENS),
-                              "--json", "--results", str(tmp_path / "c.parquet")])
+    out = runner.invoke(
+        app,
+        [
+            "compare",
+            "--journal",
+            str(journal),
+            "--model",
+            str(folder),
+            "--fact",
+            "ben",
+            "--prompt",
+            "The [bold]Eiffel[/bold] Tower is",
+            "--max-new-tokens",
+            str(TOKENS),
+            "--json",
+            "--results",
+            str(tmp_path / "c.parquet"),
+        ],
+    )
     assert out.exit_code == 0, out.output
     data = json.loads(out.stdout.strip().splitlines()[-1])
     assert data["state"] == 2 and data["base"] == 0
@@ -151,23 +178,40 @@ def test_compare_cli_table_json_and_results(built, tmp_path):
     assert dict(frame.schema) == {k: getattr(pl, t) for k, (t, _) in COMPARE_SCHEMA.items()}
     assert frame["state_text"].to_list() == [r["state_text"] for r in data["rows"]]
 
-    table = runner.invoke(app, ["compare", "--journal", str(journal), "--model", str(folder), "--fact", "ben",
-                                "--prompt", "The [bold]Eiffel[/bold] Tower is", "--max-new-tokens", str(TOKENS)],
-                          env={"COLUMNS": "250"})
+    table = runner.invoke(
+        app,
+        [
+            "compare",
+            "--journal",
+            str(journal),
+            "--model",
+            str(folder),
+            "--fact",
+            "ben",
+            "--prompt",
+            "The [bold]Eiffel[/bold] Tower is",
+            "--max-new-tokens",
+            str(TOKENS),
+        ],
+        env={"COLUMNS": "250"},
+    )
     assert table.exit_code == 0, table.output
     assert "The [bold]Eiffel[/bold] Tower is" in table.output  # printed literally, not as markup
     changed = sum(r["changed"] for r in data["rows"])
     assert f"{changed} of 4 continuation(s) changed" in table.output
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--at", "9"], "has no edit 9"),
-    (["--at", "-1"], "--at -1"),
-    (["--fact", "nope"], "--fact nope"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0"),
-    (["--results", "x.txt"], "--results x.txt"),
-    (["--fact", "ben", "--facts", "m.csv"], "not both"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--at", "9"], "has no edit 9"),
+        (["--at", "-1"], "--at -1"),
+        (["--fact", "nope"], "--fact nope"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0"),
+        (["--results", "x.txt"], "--results x.txt"),
+        (["--fact", "ben", "--facts", "m.csv"], "not both"),
+    ],
+)
 def test_compare_bad_input_is_one_line_and_exit_2_before_any_model_load(built, args, message, monkeypatch, capsys):
     import sys
 

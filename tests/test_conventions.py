@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_HPARAMS
+from test_cli import Recorder, write_journal
 from typer.testing import CliRunner
 
 import romebatch
-from conftest import TINY_HPARAMS
 from romebatch import api
 from romebatch.cli import app
 from romebatch.errors import UserError
@@ -26,11 +27,16 @@ from romebatch.hparams import HParams
 from romebatch.journal import Journal
 from romebatch.manifest import Fact, Neighbor
 from romebatch.probes import Thresholds
-from test_cli import Recorder, write_journal
 
 BEN = Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London")
-HARMFUL = Fact(id="harmful", subject="Toko Yasuda", prompt="{} is located in the city of", target_new="Paris",
-               target_true="guitar", neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),))
+HARMFUL = Fact(
+    id="harmful",
+    subject="Toko Yasuda",
+    prompt="{} is located in the city of",
+    target_new="Paris",
+    target_true="guitar",
+    neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),),
+)
 
 
 def quiet(_message):
@@ -60,14 +66,14 @@ def no_model(monkeypatch):
 
 
 def write_manifest(path: Path, facts) -> Path:
-    path.write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "source"}) + "\n"
-                            for f in facts))
+    path.write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "source"}) + "\n" for f in facts))
     return path
 
 
 def write_hparams(path: Path) -> Path:
-    path.write_text(yaml.safe_dump({k: [list(p) for p in v] if k == "prefixes" else v
-                                    for k, v in TINY_HPARAMS.items()}))
+    path.write_text(
+        yaml.safe_dump({k: [list(p) for p in v] if k == "prefixes" else v for k, v in TINY_HPARAMS.items()})
+    )
     return path
 
 
@@ -81,20 +87,26 @@ def test_environment_defaults_for_journal_and_model(tmp_path, monkeypatch):
     directory = tmp_path / "EnvJ"
     write_journal(directory, ["sha256:a"])
     runner = CliRunner()
-    data = json.loads(runner.invoke(app, ["log", "--json"], env={"ROMEBATCH_JOURNAL": str(directory)})
-                      .stdout.splitlines()[-1])
+    data = json.loads(
+        runner.invoke(app, ["log", "--json"], env={"ROMEBATCH_JOURNAL": str(directory)}).stdout.splitlines()[-1]
+    )
     assert data["journal"] == str(directory) and [e["seq"] for e in data["edits"]] == [1]
     # An explicit --journal wins over the environment.
     other = tmp_path / "Other"
     write_journal(other, ["sha256:a", "sha256:b"])
-    data = json.loads(runner.invoke(app, ["log", "--json", "-j", str(other)], env={"ROMEBATCH_JOURNAL": str(directory)})
-                      .stdout.splitlines()[-1])
+    data = json.loads(
+        runner.invoke(
+            app, ["log", "--json", "-j", str(other)], env={"ROMEBATCH_JOURNAL": str(directory)}
+        ).stdout.splitlines()[-1]
+    )
     assert data["journal"] == str(other)
 
     recorder = Recorder(lambda outdir, **kwargs: Path(outdir))
     monkeypatch.setattr("romebatch.api.export", recorder)
-    assert runner.invoke(app, ["export", "OUT"], env={"ROMEBATCH_MODEL": "some/model",
-                                                       "ROMEBATCH_JOURNAL": "J"}).exit_code == 0
+    assert (
+        runner.invoke(app, ["export", "OUT"], env={"ROMEBATCH_MODEL": "some/model", "ROMEBATCH_JOURNAL": "J"}).exit_code
+        == 0
+    )
     assert recorder.calls[-1][1]["model"] == "some/model" and recorder.calls[-1][1]["journal"] == Path("J")
     assert runner.invoke(app, ["export", "OUT", "--model", "x/y"], env={"ROMEBATCH_MODEL": "some/model"}).exit_code == 0
     assert recorder.calls[-1][1]["model"] == "x/y"
@@ -112,8 +124,12 @@ def test_min_retention_is_a_share_in_verify_as_in_apply(tmp_path, monkeypatch, c
     code, err = main_exit(monkeypatch, capsys, "verify", "--min-retention", "90")
     assert code == 2 and err.splitlines()[0] == "error: --min-retention 90: give a share between 0 and 1 (0.9 for 90%)"
     manifest = write_manifest(tmp_path / "f.jsonl", [BEN])
-    for option, value in (("--min-retention", "80"), ("--max-neighborhood-drop", "1.5"),
-                          ("--max-probe-regression", "-0.1"), ("--probe-budget", "0")):
+    for option, value in (
+        ("--min-retention", "80"),
+        ("--max-neighborhood-drop", "1.5"),
+        ("--max-probe-regression", "-0.1"),
+        ("--probe-budget", "0"),
+    ):
         code, err = main_exit(monkeypatch, capsys, "apply", manifest, "--journal", tmp_path / "J", option, value)
         assert code == 2 and err.startswith(f"error: {option} "), (option, err)
     assert not (tmp_path / "J").exists()  # nothing written
@@ -124,12 +140,16 @@ def test_help_shows_the_real_defaults_of_the_rome_settings():
     hp = HParams()
     text = CliRunner().invoke(app, ["apply", "--help"], env={"COLUMNS": "400"}).output
     text = " ".join(text.split())  # undo rich's wrapping
-    for expected in (f"Adam learning rate for v*; default {hp.v_lr:g}.",
-                     f"Weight of the essence KL term; default {hp.kl_factor:g}.",
-                     f"Corpus tokens for the key statistics; default {hp.stats_tokens:,}.",
-                     f"default {hp.preserve}.", f"λ for --preserve covariance; default {hp.preserve_weight:g}.",
-                     f"layers from --layer; default {hp.spread_layers}.",
-                     "default 20, 25 for Llama-style models", "(1 on Gemma-3-270M), else a quarter of its depth"):
+    for expected in (
+        f"Adam learning rate for v*; default {hp.v_lr:g}.",
+        f"Weight of the essence KL term; default {hp.kl_factor:g}.",
+        f"Corpus tokens for the key statistics; default {hp.stats_tokens:,}.",
+        f"default {hp.preserve}.",
+        f"λ for --preserve covariance; default {hp.preserve_weight:g}.",
+        f"layers from --layer; default {hp.spread_layers}.",
+        "default 20, 25 for Llama-style models",
+        "(1 on Gemma-3-270M), else a quarter of its depth",
+    ):
         assert expected in text, expected
 
 
@@ -137,8 +157,16 @@ def test_help_shows_the_real_defaults_of_the_rome_settings():
 def test_a_bfloat16_journal_reopens_in_bfloat16(tmp_path, tiny_folder):
     folder = tiny_folder("gpt2")
     journal = tmp_path / "J"
-    result = api.apply(write_manifest(tmp_path / "f.jsonl", [BEN]), journal=journal, model=str(folder),
-                       dtype="bfloat16", hparams=HParams(**TINY_HPARAMS), checks=None, repair_every=0, log=quiet)
+    result = api.apply(
+        write_manifest(tmp_path / "f.jsonl", [BEN]),
+        journal=journal,
+        model=str(folder),
+        dtype="bfloat16",
+        hparams=HParams(**TINY_HPARAMS),
+        checks=None,
+        repair_every=0,
+        log=quiet,
+    )
     assert [r.status for r in result.results] == ["applied"]
     with Journal(journal) as j:
         assert j.get("dtype") == "bfloat16"
@@ -158,12 +186,22 @@ def test_export_dtype_casts_the_written_weights_only_and_writes_a_model_card(tmp
 
     folder = tiny_folder("gpt2")
     journal = tmp_path / "J"
-    api.apply(write_manifest(tmp_path / "f.jsonl", [BEN]), journal=journal, model=str(folder),
-              hparams=HParams(**TINY_HPARAMS), checks=None, repair_every=0, log=quiet)
+    api.apply(
+        write_manifest(tmp_path / "f.jsonl", [BEN]),
+        journal=journal,
+        model=str(folder),
+        hparams=HParams(**TINY_HPARAMS),
+        checks=None,
+        repair_every=0,
+        log=quiet,
+    )
     runner = CliRunner()
     for dtype in ("float32", "bfloat16"):
-        result = runner.invoke(app, ["export", str(tmp_path / dtype), "-j", str(journal), "-m", str(folder)]
-                               + (["--dtype", dtype] if dtype != "float32" else []))
+        result = runner.invoke(
+            app,
+            ["export", str(tmp_path / dtype), "-j", str(journal), "-m", str(folder)]
+            + (["--dtype", dtype] if dtype != "float32" else []),
+        )
         assert result.exit_code == 0, result.output
     full = load_file(tmp_path / "float32" / "model.safetensors")
     half = load_file(tmp_path / "bfloat16" / "model.safetensors")
@@ -175,7 +213,9 @@ def test_export_dtype_casts_the_written_weights_only_and_writes_a_model_card(tmp
     assert next(loaded.parameters()).dtype == torch.bfloat16
     # The journal's float32 state was not touched by the cast: a second float32 export is the same.
     assert runner.invoke(app, ["export", str(tmp_path / "again"), "-j", str(journal), "-m", str(folder)]).exit_code == 0
-    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "float32" / "model.safetensors").read_bytes()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (
+        tmp_path / "float32" / "model.safetensors"
+    ).read_bytes()
 
     card = (tmp_path / "bfloat16" / "README.md").read_text()
     provenance = json.loads((tmp_path / "bfloat16" / "romebatch.json").read_text())
@@ -195,8 +235,22 @@ def test_rejected_facts_are_skipped_unless_retry_rejected(tmp_path, tiny_folder)
     journal = tmp_path / "J"
     manifest = write_manifest(tmp_path / "f.jsonl", [HARMFUL, BEN])
     hp = write_hparams(tmp_path / "hp.yaml")
-    base = ["apply", str(manifest), "-j", str(journal), "-m", str(folder), "--hparams", str(hp), "--repair-every", "0",
-            "--max-probe-regression", "1", "--min-retention", "0"]
+    base = [
+        "apply",
+        str(manifest),
+        "-j",
+        str(journal),
+        "-m",
+        str(folder),
+        "--hparams",
+        str(hp),
+        "--repair-every",
+        "0",
+        "--max-probe-regression",
+        "1",
+        "--min-retention",
+        "0",
+    ]
     runner = CliRunner()
     first = runner.invoke(app, base + ["--on-regression", "skip", "--json"])
     assert json.loads(first.stdout.splitlines()[-1])["rejected"] == 1
@@ -227,16 +281,29 @@ def test_rejected_facts_are_skipped_unless_retry_rejected(tmp_path, tiny_folder)
 def test_one_call_edit(tmp_path, tiny_folder):
     folder = tiny_folder("gpt2")
     journal = tmp_path / "J"
-    row = romebatch.edit(subject="Big Ben", prompt="Big Ben is located in the city of", target_new="Tokyo",
-                         target_true="London", journal=journal, model=str(folder), hparams=HParams(**TINY_HPARAMS),
-                         log=quiet)
+    row = romebatch.edit(
+        subject="Big Ben",
+        prompt="Big Ben is located in the city of",
+        target_new="Tokyo",
+        target_true="London",
+        journal=journal,
+        model=str(folder),
+        hparams=HParams(**TINY_HPARAMS),
+        log=quiet,
+    )
     assert row.status == "applied" and row.success and row.p_new_after > row.p_new_before
     assert row.fact_id.startswith("edit-") and row.fact_hash == BEN.hash  # the same edit as a manifest's
     logged = api.log(journal)["edits"]
     assert [(e["fact_id"], e["fact"]["prompt"]) for e in logged] == [(row.fact_id, "{} is located in the city of")]
     # Once applied, the same call is a no-op, like re-running a manifest.
-    again = romebatch.edit(subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo",
-                           journal=journal, model=str(folder), log=quiet)
+    again = romebatch.edit(
+        subject="Big Ben",
+        prompt="{} is located in the city of",
+        target_new="Tokyo",
+        journal=journal,
+        model=str(folder),
+        log=quiet,
+    )
     assert again.status == "already_applied"
     with pytest.raises(UserError, match="subject"):
         romebatch.edit(subject="Nobody", prompt="Big Ben is in", target_new="Rome", journal=journal, model=str(folder))
@@ -249,15 +316,25 @@ def test_a_runs_summary_and_results_table_name_what_made_them(tmp_path, tiny_fol
 
     folder = tiny_folder("gpt2")
     journal = tmp_path / "J"
-    result = api.apply(write_manifest(tmp_path / "f.jsonl", [BEN]), journal=journal, model=str(folder),
-                       hparams=HParams(**TINY_HPARAMS), checks=None, repair_every=0, results=tmp_path / "r.parquet",
-                       log=quiet)
+    result = api.apply(
+        write_manifest(tmp_path / "f.jsonl", [BEN]),
+        journal=journal,
+        model=str(folder),
+        hparams=HParams(**TINY_HPARAMS),
+        checks=None,
+        repair_every=0,
+        results=tmp_path / "r.parquet",
+        log=quiet,
+    )
     run = result.summary()["run"]
     with Journal(journal) as j:
         assert run["model"] == j.get("model") == str(folder) and run["base_hash"] == j.get("base_hash")
         assert run["hparams"] == j.get("hparams")
-    assert run["versions"] == {"romebatch": romebatch.__version__, "torch": torch.__version__,
-                               "transformers": transformers.__version__}
+    assert run["versions"] == {
+        "romebatch": romebatch.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
     assert run["head"] == 1 and run["dtype"] == "float32" and run["date"][:2] == "20"
     stored = json.loads(pl.read_parquet_metadata(tmp_path / "r.parquet")["romebatch"])
     assert stored["run"] == run and stored["applied"] == 1
@@ -272,14 +349,17 @@ def test_trace_takes_the_journals_model(tmp_path, monkeypatch):
         raise UserError("stop here")
 
     monkeypatch.setattr("romebatch.model.load_model", load_model)
-    for kwargs, expected in (({"journal": tmp_path / "J"}, "tiny-test-model"),
-                             ({"journal": tmp_path / "J", "model": "x/y"}, "x/y"),
-                             ({"journal": tmp_path / "none"}, None)):
+    for kwargs, expected in (
+        ({"journal": tmp_path / "J"}, "tiny-test-model"),
+        ({"journal": tmp_path / "J", "model": "x/y"}, "x/y"),
+        ({"journal": tmp_path / "none"}, None),
+    ):
         with pytest.raises(UserError, match="stop here"):
             api.trace("Big Ben is in", "Big Ben", **kwargs)
         assert asked[-1] == expected
-    result = CliRunner().invoke(app, ["trace", "--prompt", "Big Ben is in", "--subject", "Big Ben",
-                                      "--journal", str(tmp_path / "J")])
+    result = CliRunner().invoke(
+        app, ["trace", "--prompt", "Big Ben is in", "--subject", "Big Ben", "--journal", str(tmp_path / "J")]
+    )
     assert isinstance(result.exception, UserError) and asked[-1] == "tiny-test-model"
 
 

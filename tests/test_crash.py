@@ -25,7 +25,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import TINY_HPARAMS, tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,19 +44,39 @@ FACT_IDS = ["needle", "eiffel", "ben", "colosseum", "darrieux", "rocard"]
 class Run:
     """One `romebatch apply` subprocess, with its stderr read line by line as it comes."""
 
-    def __init__(self, setup: "Setup", journal: Path, home: Path, json_out: bool = False, extra_env=None):
+    def __init__(self, setup: Setup, journal: Path, home: Path, json_out: bool = False, extra_env=None):
         # Fault injection is armed only through the test's own entry point (tests/fault_cli.py).
-        entry = [str(REPO / "tests" / "fault_cli.py")] if extra_env and "ROMEBATCH_FAULT" in extra_env else ["-m", "romebatch"]
-        cmd = [sys.executable, *entry, "apply", "facts.csv", "--model", str(setup.model),
-               "--journal", str(journal), "--hparams", "hp.yaml"] + (["--json"] if json_out else [])
-        env = {**os.environ, "PYTHONPATH": str(REPO), "ROMEBATCH_HOME": str(home), "OMP_NUM_THREADS": "1",
-               "COLUMNS": "200"}
+        entry = (
+            [str(REPO / "tests" / "fault_cli.py")]
+            if extra_env and "ROMEBATCH_FAULT" in extra_env
+            else ["-m", "romebatch"]
+        )
+        cmd = [
+            sys.executable,
+            *entry,
+            "apply",
+            "facts.csv",
+            "--model",
+            str(setup.model),
+            "--journal",
+            str(journal),
+            "--hparams",
+            "hp.yaml",
+        ] + (["--json"] if json_out else [])
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(REPO),
+            "ROMEBATCH_HOME": str(home),
+            "OMP_NUM_THREADS": "1",
+            "COLUMNS": "200",
+        }
         env.pop("ROMEBATCH_DEBUG", None)
         env.pop("ROMEBATCH_FAULT", None)
         env.update(extra_env or {})
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(cmd, cwd=setup.work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=setup.work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
         self.lines: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
         self.stamped: list[tuple[float, str]] = []  # (monotonic time it was read, line)
@@ -153,8 +172,12 @@ def journal_path(directory: Path) -> list[tuple[str, str]] | None:
             return None
         meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         head = json.loads(meta.get("head", "0"))
-        rows = {seq: (parent, status, fact, before, after) for seq, parent, status, fact, before, after in db.execute(
-            "SELECT seq, parent, status, fact_hash, weight_hash_before, weight_hash_after FROM edits")}
+        rows = {
+            seq: (parent, status, fact, before, after)
+            for seq, parent, status, fact, before, after in db.execute(
+                "SELECT seq, parent, status, fact_hash, weight_hash_before, weight_hash_after FROM edits"
+            )
+        }
     finally:
         db.close()
     chain = []
@@ -207,7 +230,7 @@ def kill_and_resume(setup: Setup, expected, journal: Path, home: Path, kill_poin
     assert rc == -signal.SIGKILL, f"the run had ended (exit {rc}) before the kill: the trial tested nothing"
     partial = journal_path(journal) or []
     # Whatever survived is exactly the start of the uninterrupted run, and not all of it.
-    assert partial == expected[:len(partial)]
+    assert partial == expected[: len(partial)]
     assert len(partial) < len(expected), stderr
     summary = setup.complete(journal, home)
     assert summary["already_applied"] == facts_in(partial)
@@ -246,9 +269,11 @@ def test_kill_9_then_resume_reaches_the_same_state(reference, trial):
             assert run.wait_for_edits(1), "the run ended early"
             time.sleep(delay)
     else:
+
         def kill_point(run):
             assert run.wait_for_edits(2), "the run finished before it could be killed"
             time.sleep(0.03)  # inside the third edit, or its commit
+
     partial = kill_and_resume(setup, expected, setup.root / f"J-{trial}", home, kill_point)
     print(f"{trial}: killed with {len(partial)} of {N_FACTS} edits committed")  # shown with -s
     if trial == "after-two-edits":
@@ -268,7 +293,7 @@ def test_one_ctrl_c_stops_after_the_current_edit(reference):
     assert "interrupted" in stderr  # the final report says so
     partial = journal_path(journal)
     assert partial is not None and 1 <= len(partial) < N_FACTS, stderr
-    assert partial == expected[:len(partial)]
+    assert partial == expected[: len(partial)]
     reported = [line for line in stderr.splitlines() if is_edit_line(line)]
     assert len(reported) == len(partial)  # every edit it reported is committed, and no more
     summary = setup.complete(journal)
@@ -289,7 +314,7 @@ def test_kill_9_inside_a_journal_commit(reference, commit):
     rc, _, _ = run.finish()
     assert rc == -signal.SIGKILL
     partial = journal_path(journal)
-    assert partial == expected[:commit - 1]  # the killed commit left nothing, earlier ones are whole
+    assert partial == expected[: commit - 1]  # the killed commit left nothing, earlier ones are whole
     summary = setup.complete(journal)
     assert summary["already_applied"] == facts_in(partial)
     assert journal_path(journal) == expected
@@ -322,11 +347,33 @@ def test_the_fault_variable_does_nothing_outside_the_tests(reference):
     """ROMEBATCH_FAULT arms nothing in an ordinary run: only tests/fault_cli.py reads it."""
     setup, expected = reference.setup, reference.path
     journal = setup.root / "J-fault-ignored"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "ROMEBATCH_HOME": str(setup.home), "OMP_NUM_THREADS": "1",
-           "ROMEBATCH_FAULT": "commit:1"}
-    proc = subprocess.run([sys.executable, "-m", "romebatch", "apply", "facts.csv", "--model", str(setup.model),
-                           "--journal", str(journal), "--hparams", "hp.yaml"], cwd=setup.work, capture_output=True,
-                          text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "ROMEBATCH_HOME": str(setup.home),
+        "OMP_NUM_THREADS": "1",
+        "ROMEBATCH_FAULT": "commit:1",
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "romebatch",
+            "apply",
+            "facts.csv",
+            "--model",
+            str(setup.model),
+            "--journal",
+            str(journal),
+            "--hparams",
+            "hp.yaml",
+        ],
+        cwd=setup.work,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert journal_path(journal) == expected
 
@@ -340,6 +387,6 @@ def test_sigterm_stops_after_the_current_edit(reference):
     rc, _, stderr = run.finish()
     assert rc == 143 and "Traceback" not in stderr, stderr
     partial = journal_path(journal)
-    assert partial is not None and 1 <= len(partial) < N_FACTS and partial == expected[:len(partial)]
+    assert partial is not None and 1 <= len(partial) < N_FACTS and partial == expected[: len(partial)]
     setup.complete(journal)
     assert journal_path(journal) == expected

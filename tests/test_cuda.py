@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact
@@ -31,16 +31,18 @@ def test_engines_agree_on_cuda(family, tokenizer_for):
     lm = on_cuda(family, tokenizer_for(family))
     rows = V.build_rows(lm, "{} is located in the city of", "The Space Needle", "Paris", ["The city. ", "I. "])
     delta = torch.randn(lm.config.hidden_size, device="cuda")
-    torch.testing.assert_close(V.cached_forward(lm, 1, rows)(delta), V.exact_forward(lm, 1, rows)(delta),
-                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        V.cached_forward(lm, 1, rows)(delta), V.exact_forward(lm, 1, rows)(delta), atol=1e-3, rtol=1e-3
+    )
 
 
 @pytest.mark.parametrize("preserve", ["none", "nullspace"])
 def test_apply_rollback_replay_on_cuda(tmp_path, bytelevel_tokenizer, preserve):
     lm = on_cuda("gpt2", bytelevel_tokenizer)
     base = weight_hash(lm.weight(1))
-    with Editor(tmp_path / "journal", lm=lm, hparams=HParams(**{**TINY_HPARAMS, "preserve": preserve}),
-                log=lambda m: None) as editor:
+    with Editor(
+        tmp_path / "journal", lm=lm, hparams=HParams(**{**TINY_HPARAMS, "preserve": preserve}), log=lambda m: None
+    ) as editor:
         result = editor.apply(FACTS, checks=None)
         assert [r.status for r in result.results] == ["applied", "applied"]
         assert all(r.p_new_after > r.p_new_before for r in result.results)

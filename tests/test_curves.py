@@ -43,15 +43,32 @@ def journal(tmp_path):
             p_new, p_true = rng.uniform(size=2)
             probed = seq > 50  # the first 50 edits were made without probes
             drop, regression, retention = rng.uniform(size=3).tolist() if probed else (None, None, None)
-            j.commit_edit(EditRecord(
-                seq=0, parent=seq - 1, status="applied", fact_id=f"id{seq}", fact_hash=hashes[seq - 1],
-                fact_json=json.dumps({"id": f"id{seq}", "subject": f"S{seq}", "prompt": "{} is",
-                                      "target_new": f"T{seq}"}),
-                layer=1, weight_name="w", lam=rng.normal(size=4), u=rng.normal(size=8), update_norm=float(seq),
-                denominator=0.5, weight_hash_before=f"sha256:{seq - 1}", weight_hash_after=f"sha256:{seq}",
-                p_new_after=float(p_new), p_true_after=float(p_true), neighborhood_drop=drop,
-                probe_regression=regression, retention=retention,
-                warning="regression: x" if seq % 37 == 0 else None))
+            j.commit_edit(
+                EditRecord(
+                    seq=0,
+                    parent=seq - 1,
+                    status="applied",
+                    fact_id=f"id{seq}",
+                    fact_hash=hashes[seq - 1],
+                    fact_json=json.dumps(
+                        {"id": f"id{seq}", "subject": f"S{seq}", "prompt": "{} is", "target_new": f"T{seq}"}
+                    ),
+                    layer=1,
+                    weight_name="w",
+                    lam=rng.normal(size=4),
+                    u=rng.normal(size=8),
+                    update_norm=float(seq),
+                    denominator=0.5,
+                    weight_hash_before=f"sha256:{seq - 1}",
+                    weight_hash_after=f"sha256:{seq}",
+                    p_new_after=float(p_new),
+                    p_true_after=float(p_true),
+                    neighborhood_drop=drop,
+                    probe_regression=regression,
+                    retention=retention,
+                    warning="regression: x" if seq % 37 == 0 else None,
+                )
+            )
             if seq == 103:
                 j.set_many({"repair_passes": [103]})
     return directory
@@ -96,8 +113,9 @@ def test_report_command_draws_the_png_and_prints_the_table(journal, tmp_path):
     for start, end, _, es, *_ in expected:
         assert f"{start}-{end}" in result.output and f"{es:.1f}" in result.output
     assert "96/100 at 100" in result.output
-    data = json.loads(CliRunner().invoke(app, ["report", "-j", str(journal), "--json", "--every", "50"])
-                      .stdout.splitlines()[-1])
+    data = json.loads(
+        CliRunner().invoke(app, ["report", "-j", str(journal), "--json", "--every", "50"]).stdout.splitlines()[-1]
+    )
     assert [w["end"] for w in data["windows"]] == [50, 100, 150, 200, 250]
 
 

@@ -13,8 +13,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS
+
 from romebatch.device_map import parse_device_map, parse_max_memory
 from romebatch.editor import Editor
 from romebatch.errors import UserError
@@ -24,12 +24,23 @@ from romebatch.model import load_model
 
 FACTS = [
     Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
-    for i, (s, new, true) in enumerate([
-        ("The Space Needle", "Paris", "Seattle"), ("The Eiffel Tower", "Rome", "Paris"),
-        ("The Colosseum", "London", "Rome")])
+    for i, (s, new, true) in enumerate(
+        [
+            ("The Space Needle", "Paris", "Seattle"),
+            ("The Eiffel Tower", "Rome", "Paris"),
+            ("The Colosseum", "London", "Rome"),
+        ]
+    )
 ]
-DISK_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
-            "model.layers.2": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+DISK_MAP = {
+    "model.embed_tokens": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.norm": "cpu",
+    "model.rotary_emb": "cpu",
+    "lm_head": "cpu",
+}
 
 
 def quiet(_message):
@@ -54,8 +65,10 @@ def run(folder, journal, tmp_path, monkeypatch, device_map=None):
         result = editor.apply(FACTS, checks=None, repair_every=0)
         assert [r.status for r in result.results] == ["applied"] * 3
         out["logits"] = lm.model(ids).logits.detach().clone()
-        out["records"] = [(r.seq, r.weight_hash_before, r.weight_hash_after, r.lam.tobytes(), r.u.tobytes())
-                          for r in editor.journal.path()]
+        out["records"] = [
+            (r.seq, r.weight_hash_before, r.weight_hash_after, r.lam.tobytes(), r.u.tobytes())
+            for r in editor.journal.path()
+        ]
         editor.export(tmp_path / f"export-{device_map is not None}")
         out["export"] = sha(tmp_path / f"export-{device_map is not None}" / "model.safetensors")
         editor.rollback(steps=2)
@@ -82,7 +95,9 @@ def test_disk_offloaded_edits_are_byte_identical(tmp_path, tiny_folder, monkeypa
     from safetensors.torch import load_file
 
     stats = sorted((tmp_path / "home-True").rglob("stats/*.safetensors"))
-    assert stats and [p.name for p in stats] == sorted(p.name for p in (tmp_path / "home-False").rglob("stats/*.safetensors"))
+    assert stats and [p.name for p in stats] == sorted(
+        p.name for p in (tmp_path / "home-False").rglob("stats/*.safetensors")
+    )
     for path in stats:  # the key statistics, computed through the hooks, are the same numbers
         ours, theirs = load_file(path), load_file(tmp_path / "home-False" / path.relative_to(tmp_path / "home-True"))
         assert all(torch.equal(ours[k], theirs[k]) for k in theirs) and ours.keys() == theirs.keys()
@@ -125,14 +140,17 @@ def test_cli_commands_take_a_device_map(tmp_path, tiny_folder, monkeypatch):
     folder = tiny_folder("llama")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "map.json").write_text(json.dumps(DISK_MAP))
-    (tmp_path / "hp.yaml").write_text(yaml.safe_dump({k: [list(p) for p in v] if k == "prefixes" else v
-                                                      for k, v in TINY_HPARAMS.items()}))
-    (tmp_path / "facts.csv").write_text("subject,prompt,target_new,target_true\n"
-                                        "The Space Needle,{} is located in the city of,Paris,Seattle\n")
+    (tmp_path / "hp.yaml").write_text(
+        yaml.safe_dump({k: [list(p) for p in v] if k == "prefixes" else v for k, v in TINY_HPARAMS.items()})
+    )
+    (tmp_path / "facts.csv").write_text(
+        "subject,prompt,target_new,target_true\nThe Space Needle,{} is located in the city of,Paris,Seattle\n"
+    )
     common = ["--device-map", "map.json"]
     runner = CliRunner()
-    done = runner.invoke(app, ["apply", "facts.csv", "--model", str(folder), "--hparams", "hp.yaml", "--no-probes",
-                               "--json", *common])
+    done = runner.invoke(
+        app, ["apply", "facts.csv", "--model", str(folder), "--hparams", "hp.yaml", "--no-probes", "--json", *common]
+    )
     assert done.exit_code == 0, done.output
     assert json.loads(done.stdout.strip().splitlines()[-1])["applied"] == 1
     done = runner.invoke(app, ["check", "--json", *common])

@@ -29,8 +29,9 @@ def run(args, home, cwd, check=True):
     env = {**os.environ, "ROMEBATCH_HOME": str(home)}
     # The timeout only stops a hang: the first call converts the GGUF and samples key
     # statistics (minutes alone), and took over 30 min beside two other heavy jobs on 2 cores.
-    proc = subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=3600
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"romebatch {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
@@ -42,7 +43,7 @@ def greedy(model, tokenizer, prompt: str, tokens: int = 3) -> str:
     inputs = tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
-    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 def test_embedded_model_knows_the_space_needle(home, monkeypatch):
@@ -61,7 +62,8 @@ def test_apply_export_rollback_on_the_embedded_model(home, tmp_path):
     manifest.write_text(
         "id,subject,prompt,target_new,target_true\n"
         "space-needle,The Space Needle,{} is located in the city of,Paris,Seattle\n"
-        "messi,Lionel Messi,{} plays the sport of,basketball,football\n")
+        "messi,Lionel Messi,{} plays the sport of,basketball,football\n"
+    )
     proc = run(["apply", str(manifest), "--journal", "j", "--results", "r.csv", "--json"], home, tmp_path)
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["applied"] == 2 and summary["efficacy"] == 100.0, summary
@@ -108,10 +110,13 @@ def test_cached_engine_matches_the_plain_path_on_gemma3(home, monkeypatch):
     args = ("{} is located in the city of", "The Space Needle", "Paris")
     rows = V.build_rows(lm, *args, prefixes)
     delta = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(V.cached_forward(lm, 1, rows)(delta), V.exact_forward(lm, 1, rows)(delta),
-                               atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(
+        V.cached_forward(lm, 1, rows)(delta), V.exact_forward(lm, 1, rows)(delta), atol=2e-3, rtol=1e-3
+    )
     v_init = current_value(lm, 1, compute_key(lm, 1, args[0], args[1], prefixes))
-    found = [V.optimise_value(lm, 1, *args, prefixes, v_init, clamp_norm_factor=1.5, steps=8, engine=engine)
-             for engine in V.ENGINES]
+    found = [
+        V.optimise_value(lm, 1, *args, prefixes, v_init, clamp_norm_factor=1.5, steps=8, engine=engine)
+        for engine in V.ENGINES
+    ]
     assert found[0].steps == found[1].steps
     torch.testing.assert_close(found[0].v_star, found[1].v_star, atol=1e-3, rtol=1e-3)

@@ -14,18 +14,28 @@ from statistics import fmean
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_loaded
-from romebatch.evaluate import (answer_nll, fluency, generate, magnitudes, ngram_entropy, score_facts, summarize,
-                                token_accuracy)
+
+from romebatch.evaluate import (
+    answer_nll,
+    fluency,
+    generate,
+    magnitudes,
+    ngram_entropy,
+    score_facts,
+    summarize,
+    token_accuracy,
+)
 from romebatch.manifest import Fact, Neighbor
 
 # Prompts of very different lengths (so one batch pads), answers of one and several tokens.
 PAIRS = [
     ("The Space Needle is located in the city of", "Seattle"),
     ("Big Ben is", "London"),
-    ("Where is the Space Needle? It is in Seattle, Washington, near Tokyo and Berlin. The Eiffel Tower is in",
-     "Paris, France"),
+    (
+        "Where is the Space Needle? It is in Seattle, Washington, near Tokyo and Berlin. The Eiffel Tower is in",
+        "Paris, France",
+    ),
     ("The mother tongue of Danielle Darrieux is", "French"),
     ("Toko Yasuda plays the", "electric guitar of Autonomous University"),
     ("The", "quick brown fox"),
@@ -39,8 +49,8 @@ def reference_tokens(tok, prompt: str, answer: str) -> tuple[list[int], list[int
     """Prompt ids and answer ids: tokenisation of prompt + " " + answer minus the prompt's tokens."""
     prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
     full = tok(prompt + " " + answer, add_special_tokens=True)["input_ids"]
-    assert full[:len(prompt_ids)] == prompt_ids, "the join re-tokenised the prompt: pick another test pair"
-    return list(prompt_ids), list(full[len(prompt_ids):])
+    assert full[: len(prompt_ids)] == prompt_ids, "the join re-tokenised the prompt: pick another test pair"
+    return list(prompt_ids), list(full[len(prompt_ids) :])
 
 
 @torch.no_grad()
@@ -98,48 +108,121 @@ def test_answer_nll_of_nothing_is_empty(bytelevel_tokenizer):
 
 # ----------------------------------------------------------------------------- CounterFact scores
 def fact(i, subject, prompt, new, true, paraphrases=(), neighborhood=()):
-    return Fact(id=f"f{i}", subject=subject, prompt=prompt, target_new=new, target_true=true,
-                paraphrases=tuple(paraphrases), neighborhood=tuple(Neighbor(p, a) for p, a in neighborhood))
+    return Fact(
+        id=f"f{i}",
+        subject=subject,
+        prompt=prompt,
+        target_new=new,
+        target_true=true,
+        paraphrases=tuple(paraphrases),
+        neighborhood=tuple(Neighbor(p, a) for p, a in neighborhood),
+    )
 
 
 # Every fact has the same number of paraphrases (2) and of neighbourhood prompts (2): pooled and
 # per-fact means then agree, so this set checks the scores whatever the aggregation.
 EVEN_FACTS = [
-    fact(0, "The Space Needle", "{} is located in the city of", "Rome", "Seattle",
-         ["Where is the Space Needle? It is in", "The Space Needle is in"],
-         [("The Eiffel Tower is located in the city of", "Paris"), ("Big Ben is located in the city of", "London")]),
-    fact(1, "Danielle Darrieux", "The mother tongue of {} is", "Spain", "French",
-         ["Danielle Darrieux speaks", "Danielle Darrieux is a native speaker of"],
-         [("Michel Rocard is a native speaker of", "French"), ("The mother tongue of Michel Rocard is", "French")]),
-    fact(2, "Big Ben", "{} is located in the city of", "Tokyo", "London",
-         ["Big Ben is in the city of", "Where is Big Ben? It is in"],
-         [("The Colosseum is located in the city of", "Rome"), ("The Space Needle is in", "Seattle")]),
-    fact(3, "Toko Yasuda", "{} plays the", "quick brown fox", "guitar",
-         ["Toko Yasuda plays", "Toko Yasuda is playing the"],
-         [("The quick brown fox jumps over the", "lazy dog"), ("Michel Rocard plays the", "guitar")]),
-    fact(4, "The Colosseum", "{} is located in the city of", "Berlin", "Rome",
-         ["The Colosseum is in", "Where is the Colosseum? It is in"],
-         [("Big Ben is in", "London"), ("The Eiffel Tower is in", "Paris")]),
-    fact(5, "The Eiffel Tower", "{} is located in the city of", "Madrid", None,  # no true object
-         ["The Eiffel Tower is in", "Where is the Eiffel Tower? It is in"],
-         [("The Colosseum is in", "Rome"), ("The Space Needle is in", "Seattle")]),
+    fact(
+        0,
+        "The Space Needle",
+        "{} is located in the city of",
+        "Rome",
+        "Seattle",
+        ["Where is the Space Needle? It is in", "The Space Needle is in"],
+        [("The Eiffel Tower is located in the city of", "Paris"), ("Big Ben is located in the city of", "London")],
+    ),
+    fact(
+        1,
+        "Danielle Darrieux",
+        "The mother tongue of {} is",
+        "Spain",
+        "French",
+        ["Danielle Darrieux speaks", "Danielle Darrieux is a native speaker of"],
+        [("Michel Rocard is a native speaker of", "French"), ("The mother tongue of Michel Rocard is", "French")],
+    ),
+    fact(
+        2,
+        "Big Ben",
+        "{} is located in the city of",
+        "Tokyo",
+        "London",
+        ["Big Ben is in the city of", "Where is Big Ben? It is in"],
+        [("The Colosseum is located in the city of", "Rome"), ("The Space Needle is in", "Seattle")],
+    ),
+    fact(
+        3,
+        "Toko Yasuda",
+        "{} plays the",
+        "quick brown fox",
+        "guitar",
+        ["Toko Yasuda plays", "Toko Yasuda is playing the"],
+        [("The quick brown fox jumps over the", "lazy dog"), ("Michel Rocard plays the", "guitar")],
+    ),
+    fact(
+        4,
+        "The Colosseum",
+        "{} is located in the city of",
+        "Berlin",
+        "Rome",
+        ["The Colosseum is in", "Where is the Colosseum? It is in"],
+        [("Big Ben is in", "London"), ("The Eiffel Tower is in", "Paris")],
+    ),
+    fact(
+        5,
+        "The Eiffel Tower",
+        "{} is located in the city of",
+        "Madrid",
+        None,  # no true object
+        ["The Eiffel Tower is in", "Where is the Eiffel Tower? It is in"],
+        [("The Colosseum is in", "Rome"), ("The Space Needle is in", "Seattle")],
+    ),
 ]
 
 # Different numbers of paraphrases and neighbourhood prompts per fact.
 UNEVEN_FACTS = [
-    fact(0, "The Space Needle", "{} is located in the city of", "Rome", "Seattle",
-         ["The Space Needle is in"],
-         [("The Eiffel Tower is located in the city of", "Paris")]),
-    fact(1, "Danielle Darrieux", "The mother tongue of {} is", "Spain", "French",
-         ["Danielle Darrieux speaks", "Danielle Darrieux is a native speaker of", "Darrieux speaks",
-          "The mother tongue of Darrieux is", "The language of Danielle Darrieux is"],
-         [("Michel Rocard is a native speaker of", "French"), ("The mother tongue of Michel Rocard is", "French"),
-          ("Michel Rocard speaks", "French"), ("The language of Michel Rocard is", "French"),
-          ("The quick brown fox jumps over the", "lazy dog")]),
-    fact(2, "Big Ben", "{} is located in the city of", "Tokyo", "London",
-         ["Big Ben is in the city of", "Where is Big Ben? It is in"],
-         [("The Colosseum is located in the city of", "Rome"), ("The Space Needle is in", "Seattle"),
-          ("Big Ben is in", "London")]),
+    fact(
+        0,
+        "The Space Needle",
+        "{} is located in the city of",
+        "Rome",
+        "Seattle",
+        ["The Space Needle is in"],
+        [("The Eiffel Tower is located in the city of", "Paris")],
+    ),
+    fact(
+        1,
+        "Danielle Darrieux",
+        "The mother tongue of {} is",
+        "Spain",
+        "French",
+        [
+            "Danielle Darrieux speaks",
+            "Danielle Darrieux is a native speaker of",
+            "Darrieux speaks",
+            "The mother tongue of Darrieux is",
+            "The language of Danielle Darrieux is",
+        ],
+        [
+            ("Michel Rocard is a native speaker of", "French"),
+            ("The mother tongue of Michel Rocard is", "French"),
+            ("Michel Rocard speaks", "French"),
+            ("The language of Michel Rocard is", "French"),
+            ("The quick brown fox jumps over the", "lazy dog"),
+        ],
+    ),
+    fact(
+        2,
+        "Big Ben",
+        "{} is located in the city of",
+        "Tokyo",
+        "London",
+        ["Big Ben is in the city of", "Where is Big Ben? It is in"],
+        [
+            ("The Colosseum is located in the city of", "Rome"),
+            ("The Space Needle is in", "Seattle"),
+            ("Big Ben is in", "London"),
+        ],
+    ),
 ]
 
 
@@ -151,10 +234,15 @@ def reference_probabilities(lm, facts):
     def p(prompt, answer):
         return None if answer is None else math.exp(-reference_nll(model64, tok, prompt, answer))
 
-    return [dict(new=p(f.text, f.target_new), true=p(f.text, f.target_true),
-                 para=[(p(q, f.target_new), p(q, f.target_true)) for q in f.paraphrases],
-                 neigh=[(p(n.prompt, n.answer), p(n.prompt, f.target_new)) for n in f.neighborhood])
-            for f in facts]
+    return [
+        dict(
+            new=p(f.text, f.target_new),
+            true=p(f.text, f.target_true),
+            para=[(p(q, f.target_new), p(q, f.target_true)) for q in f.paraphrases],
+            neigh=[(p(n.prompt, n.answer), p(n.prompt, f.target_new)) for n in f.neighborhood],
+        )
+        for f in facts
+    ]
 
 
 def no_near_ties(ref) -> bool:
@@ -270,8 +358,10 @@ def test_ngram_entropy_equals_a_hand_computation():
 
 
 def test_a_repetitive_text_scores_lower_than_a_varied_one():
-    varied = ("The quick brown fox jumps over the lazy dog while the city sleeps, and a tower in Paris "
-              "watches the river run toward the sea under a pale moon.")
+    varied = (
+        "The quick brown fox jumps over the lazy dog while the city sleeps, and a tower in Paris "
+        "watches the river run toward the sea under a pale moon."
+    )
     repetitive = "the city the city the city the city the city the city the city the city the city"
     assert ngram_entropy(repetitive) < 0.5 * ngram_entropy(varied)
     assert ngram_entropy("city " * 40) == 0.0  # one bigram, one trigram: no entropy
@@ -283,7 +373,8 @@ def test_fluency_is_100_times_the_mean_entropy_of_seeded_generations(bytelevel_t
     texts = generate(lm, prompts, max_new_tokens=12, seed=3)
     assert texts == generate(lm, prompts, max_new_tokens=12, seed=3)  # seeded: reproducible
     assert fluency(lm, prompts, max_new_tokens=12, seed=3) == pytest.approx(
-        100.0 * fmean(ngram_entropy(t) for t in texts))
+        100.0 * fmean(ngram_entropy(t) for t in texts)
+    )
 
 
 # ----------------------------------------------------------------------------- zsRE token accuracy
@@ -305,9 +396,10 @@ def test_token_accuracy_equals_a_teacher_forced_argmax_loop(family, tokenizer_fo
     # Answers the model itself predicts (its greedy continuation), so accuracy is not all zero.
     for prompt in ("The Space Needle is located in the city of", "Big Ben is", "The mother tongue of"):
         ids = torch.tensor([tok(prompt)["input_ids"]])
-        out = lm.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4,
-                                pad_token_id=lm.pad_id)
-        text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        out = lm.model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=4, pad_token_id=lm.pad_id
+        )
+        text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
         if text:
             pairs.append((prompt, text))
     expected = [manual_token_accuracy(lm.model, tok, p, a) for p, a in pairs]

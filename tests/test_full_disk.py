@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.audit import audit
 from romebatch.editor import Editor
 from romebatch.errors import UserError
@@ -30,9 +30,16 @@ from romebatch.journal import DB_NAME, Journal, migrate
 from romebatch.manifest import Fact
 
 REPO = Path(__file__).resolve().parents[1]
-FACTS = [Fact(id=f"f{i}", subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
-         for i, (s, new, true) in enumerate([("The Space Needle", "Paris", "Seattle"),
-                                             ("The Eiffel Tower", "Rome", "Paris"), ("Big Ben", "Tokyo", "London")])]
+FACTS = [
+    Fact(id=f"f{i}", subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
+    for i, (s, new, true) in enumerate(
+        [
+            ("The Space Needle", "Paris", "Seattle"),
+            ("The Eiffel Tower", "Rome", "Paris"),
+            ("Big Ben", "Tokyo", "London"),
+        ]
+    )
+]
 
 
 class Disk:
@@ -63,8 +70,9 @@ class Disk:
 def disk(tmp_path):
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True,
-                          text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mount)], capture_output=True, text=True
+    )
     if done.returncode:
         pytest.skip(f"a small tmpfs cannot be mounted here ({done.stderr.strip()}); these tests need root")
     try:
@@ -153,12 +161,20 @@ def test_a_migration(disk):
     migrate(db, stop_before="m004_row_hashes")
     rng = np.random.default_rng(0)
     for seq in range(1, 200):  # enough rows that hashing them all needs new pages
-        db.execute("INSERT INTO edits (seq, parent, status, fact_id, fact_hash, fact_json, layer, weight_name, lam, "
-                   "u, update_norm, denominator, weight_hash_before, weight_hash_after, created_at) VALUES "
-                   "(?, ?, 'applied', ?, ?, ?, 1, 'w', ?, ?, 1.0, 1.0, 'a', 'b', 'now')",
-                   (seq, seq - 1, f"f{seq}", f"h{seq}", json.dumps({"subject": "S", "prompt": "{} is",
-                                                                     "target_new": f"T{seq}", "id": f"f{seq}"}),
-                    rng.normal(size=8).astype("<f4").tobytes(), rng.normal(size=16).astype("<f4").tobytes()))
+        db.execute(
+            "INSERT INTO edits (seq, parent, status, fact_id, fact_hash, fact_json, layer, weight_name, lam, "
+            "u, update_norm, denominator, weight_hash_before, weight_hash_after, created_at) VALUES "
+            "(?, ?, 'applied', ?, ?, ?, 1, 'w', ?, ?, 1.0, 1.0, 'a', 'b', 'now')",
+            (
+                seq,
+                seq - 1,
+                f"f{seq}",
+                f"h{seq}",
+                json.dumps({"subject": "S", "prompt": "{} is", "target_new": f"T{seq}", "id": f"f{seq}"}),
+                rng.normal(size=8).astype("<f4").tobytes(),
+                rng.normal(size=16).astype("<f4").tobytes(),
+            ),
+        )
     db.execute("INSERT INTO meta VALUES ('head', '199')")
     db.close()
     before = (path / DB_NAME).read_bytes()
@@ -215,9 +231,25 @@ def test_the_cli_on_a_full_disk_says_one_line(disk, tiny_folder, tmp_path):
     hp = tmp_path / "hp.yaml"
     hp.write_text(json.dumps({**TINY_HPARAMS, "prefixes": [list(p) for p in TINY_HPARAMS["prefixes"]]}))
     disk.fill()
-    proc = subprocess.run([sys.executable, "-m", "romebatch", "apply", str(manifest), "--model", str(model),
-                           "--hparams", str(hp), "--journal", str(disk.root / "J")], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "romebatch",
+            "apply",
+            str(manifest),
+            "--model",
+            str(model),
+            "--hparams",
+            str(hp),
+            "--journal",
+            str(disk.root / "J"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert "Traceback" not in proc.stderr

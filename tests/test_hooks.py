@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_loaded
+
 from romebatch.hooks import Hook, StopForward, attach
 from romebatch.lm import encode
 
 TEXT = "The Space Needle is located in the city of Seattle."
-HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs",
-              "_forward_pre_hooks_with_kwargs", "_forward_hooks_always_called")
-
+HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def hook_count(model: torch.nn.Module) -> int:
@@ -69,8 +73,13 @@ def test_read_input_and_output_match_plain_hook_and_manual_computation(which, re
         handle.remove()
 
     got = {}
-    with attach(lm.model, [Hook(name, lambda x: got.update(input=x.clone()), on="input"),
-                           Hook(name, lambda y: got.update(output=y.clone()), on="output")]):
+    with attach(
+        lm.model,
+        [
+            Hook(name, lambda x: got.update(input=x.clone()), on="input"),
+            Hook(name, lambda y: got.update(output=y.clone()), on="output"),
+        ],
+    ):
         assert hook_count(lm.model) == 2
         run(lm.model, ids)
     assert_no_hooks(lm.model)
@@ -226,10 +235,11 @@ def test_stop_forward_is_not_raised_outside_attach(gpt2):
 def test_nested_blocks_with_exception_leave_no_hooks(llama):
     ids = ids_for(llama)
     clean = run(llama.model, ids)
-    outer = [Hook(llama.name("down_proj", 0), lambda x: None, on="input"),
-             Hook(llama.name("mlp", 1), lambda y: y * 2.0)]
-    inner = [Hook(llama.name("down_proj", 2), lambda y: y * 3.0),
-             Hook(llama.name("attn", 1), lambda y: None)]
+    outer = [
+        Hook(llama.name("down_proj", 0), lambda x: None, on="input"),
+        Hook(llama.name("mlp", 1), lambda y: y * 2.0),
+    ]
+    inner = [Hook(llama.name("down_proj", 2), lambda y: y * 3.0), Hook(llama.name("attn", 1), lambda y: None)]
     with pytest.raises(RuntimeError, match="boom"):
         with attach(llama.model, outer):
             assert hook_count(llama.model) == 2
@@ -248,8 +258,10 @@ def test_exception_inside_hook_function_leaves_no_hooks(llama):
         raise ValueError("hook failed")
 
     with pytest.raises(ValueError, match="hook failed"):
-        with attach(llama.model, [Hook(llama.name("down_proj", 0), lambda y: None),
-                                  Hook(llama.name("down_proj", 1), broken, on="input")]):
+        with attach(
+            llama.model,
+            [Hook(llama.name("down_proj", 0), lambda y: None), Hook(llama.name("down_proj", 1), broken, on="input")],
+        ):
             run(llama.model, ids)
     assert_no_hooks(llama.model)
 
@@ -271,12 +283,18 @@ def test_outer_patch_still_active_after_inner_block_stopped(gpt2):
 
 
 # ----------------------------------------------------------------------------- missing modules
-@pytest.mark.parametrize("hooks", [
-    [Hook("transformer.h.99.mlp.c_proj", lambda x: None)],
-    [Hook("transformer.h.0.mlp.c_proj", lambda x: None), Hook("no.such.module", lambda x: None, on="input")],
-    [Hook("transformer.h.0.mlp.c_proj", lambda x: None, on="input"), Hook("transformer.h.1.mlp", lambda x: None),
-     Hook("transformer.h.1.mlp.down_proj", lambda x: None)],
-])
+@pytest.mark.parametrize(
+    "hooks",
+    [
+        [Hook("transformer.h.99.mlp.c_proj", lambda x: None)],
+        [Hook("transformer.h.0.mlp.c_proj", lambda x: None), Hook("no.such.module", lambda x: None, on="input")],
+        [
+            Hook("transformer.h.0.mlp.c_proj", lambda x: None, on="input"),
+            Hook("transformer.h.1.mlp", lambda x: None),
+            Hook("transformer.h.1.mlp.down_proj", lambda x: None),
+        ],
+    ],
+)
 def test_missing_module_raises_key_error_and_attaches_nothing(gpt2, hooks):
     body_ran = []
     with pytest.raises(KeyError):

@@ -27,8 +27,16 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PER_CLASS = 130  # 16 generated classes x 130 = 2,080 files a run
-HOSTILE_TEXT = ["[/] x", "[bold red]boom[/]", "\x1b[31mred\x1b[0m", "line\nerror: forged", "tab\there", "\u2028sep",
-                "[link=file:///etc/passwd]x[/link]", "plain"]
+HOSTILE_TEXT = [
+    "[/] x",
+    "[bold red]boom[/]",
+    "\x1b[31mred\x1b[0m",
+    "line\nerror: forged",
+    "tab\there",
+    "\u2028sep",
+    "[link=file:///etc/passwd]x[/link]",
+    "plain",
+]
 GOOD = {"subject": "The Space Needle", "prompt": "{} is located in the city of", "target_new": "Paris"}
 
 
@@ -72,20 +80,23 @@ def gen_surrogate_jsonl(rng, folder, n):
 def gen_huge_int_json(rng, folder, n):
     where = rng.choice(["id", "case_id", "neighbor"])
     if where == "case_id":  # CounterFact's layout
-        text = ('[{"case_id": ' + _huge(rng) + ', "requested_rewrite": {"prompt": "{} is in", "subject": "X", '
-                '"target_new": {"str": "Paris"}, "target_true": {"str": "Rome"}}}]')
+        text = (
+            '[{"case_id": ' + _huge(rng) + ', "requested_rewrite": {"prompt": "{} is in", "subject": "X", '
+            '"target_new": {"str": "Paris"}, "target_true": {"str": "Rome"}}}]'
+        )
     elif where == "id":
         text = '[{"id": ' + _huge(rng) + ', "subject": "X", "prompt": "{} is in", "target_new": "Paris"}]'
     else:
-        text = '[{"subject": "X", "prompt": "{} is in", "target_new": "Paris", "paraphrases": [' + _huge(rng) + ']}]'
+        text = '[{"subject": "X", "prompt": "{} is in", "target_new": "Paris", "paraphrases": [' + _huge(rng) + "]}]"
     path = folder / f"h{n}.json"
     path.write_text(text)
     return path, []
 
 
 def gen_huge_int_jsonl(rng, folder, n):
-    return _jsonl(folder / f"h{n}.jsonl", ['{"id": ' + _huge(rng) + ', "subject": "X", "prompt": "{} is", '
-                                                                   '"target_new": "Y"}']), []
+    return _jsonl(
+        folder / f"h{n}.jsonl", ['{"id": ' + _huge(rng) + ', "subject": "X", "prompt": "{} is", "target_new": "Y"}']
+    ), []
 
 
 def gen_huge_int_yaml(rng, folder, n):
@@ -96,8 +107,7 @@ def gen_huge_int_yaml(rng, folder, n):
 
 def gen_huge_int_csv_cell(rng, folder, n):
     path = folder / f"h{n}.csv"
-    path.write_text('id,subject,prompt,target_new,paraphrases\n'
-                    f'a,X,{{}} is in,Paris,"[{_huge(rng)}]"\n')
+    path.write_text(f'id,subject,prompt,target_new,paraphrases\na,X,{{}} is in,Paris,"[{_huge(rng)}]"\n')
     return path, []
 
 
@@ -139,19 +149,43 @@ def gen_special_file(rng, folder, n):
 
 
 def gen_hparams_bad_value(rng, folder, n):
-    key, value = rng.choice([("v_lr", ".nan"), ("v_lr", ".inf"), ("kl_factor", "-.inf"), ("v_steps", "-3"),
-                             ("stats_tokens", "-100"), ("layer", "true"), ("layer", "-1"), ("v_steps", "2.5"),
-                             ("clamp_norm_factor", "0"), ("seed", _huge(rng)), ("stats_tokens", "1e400"),
-                             ("prefixes", "[[1, 2, 3]]"), ("exact_protocol", "'yes'"), ("ridge", "'1e-3'"),
-                             ("spread_layers", "0"), ("preserve", "'[red]x[/]'")])
+    key, value = rng.choice(
+        [
+            ("v_lr", ".nan"),
+            ("v_lr", ".inf"),
+            ("kl_factor", "-.inf"),
+            ("v_steps", "-3"),
+            ("stats_tokens", "-100"),
+            ("layer", "true"),
+            ("layer", "-1"),
+            ("v_steps", "2.5"),
+            ("clamp_norm_factor", "0"),
+            ("seed", _huge(rng)),
+            ("stats_tokens", "1e400"),
+            ("prefixes", "[[1, 2, 3]]"),
+            ("exact_protocol", "'yes'"),
+            ("ridge", "'1e-3'"),
+            ("spread_layers", "0"),
+            ("preserve", "'[red]x[/]'"),
+        ]
+    )
     path = folder / f"hp{n}.yaml"
     path.write_text(f"{key}: {value}\n")
     return _good_manifest(folder, n), ["--hparams", str(path)]
 
 
 def gen_hparams_bad_keys(rng, folder, n):
-    text = rng.choice(["1: x\nv_lr: 0.5\n", "[1, 2]: x\n", "v_lr: 0.5\nv_lr: 0.6\n", "? !!binary AA==\n: 1\n",
-                       f"{rng.choice(HOSTILE_TEXT)!r}: 1\n", "- just\n- a list\n", "v_lr: [\n"])
+    text = rng.choice(
+        [
+            "1: x\nv_lr: 0.5\n",
+            "[1, 2]: x\n",
+            "v_lr: 0.5\nv_lr: 0.6\n",
+            "? !!binary AA==\n: 1\n",
+            f"{rng.choice(HOSTILE_TEXT)!r}: 1\n",
+            "- just\n- a list\n",
+            "v_lr: [\n",
+        ]
+    )
     path = folder / f"hk{n}.yaml"
     path.write_text(text)
     return _good_manifest(folder, n), ["--hparams", str(path)]
@@ -164,11 +198,21 @@ def gen_hparams_special_file(rng, folder, n):
 
 
 def gen_bad_option(rng, folder, n):
-    option = rng.choice([["--on-regression", "bogus"], ["--results", str(folder / "r.txt")],
-                         ["--results", str(folder / "missing-dir" / "r.csv")], ["--layer", "x1"],
-                         ["--layer", _huge(rng)], ["--dtype", "float64"], ["--device", "tpu"],
-                         ["--min-retention", "90"], ["--repair-every", "-1"], ["--preserve", "sometimes"],
-                         ["--limit", "-2"]])
+    option = rng.choice(
+        [
+            ["--on-regression", "bogus"],
+            ["--results", str(folder / "r.txt")],
+            ["--results", str(folder / "missing-dir" / "r.csv")],
+            ["--layer", "x1"],
+            ["--layer", _huge(rng)],
+            ["--dtype", "float64"],
+            ["--device", "tpu"],
+            ["--min-retention", "90"],
+            ["--repair-every", "-1"],
+            ["--preserve", "sometimes"],
+            ["--limit", "-2"],
+        ]
+    )
     return _good_manifest(folder, n), option
 
 
@@ -176,8 +220,10 @@ def gen_markup_in_errors(rng, folder, n):
     """A CSV whose defect sits beside markup and newlines, in an id and a subject."""
     path = folder / f"m{n}.csv"
     id_ = rng.choice(HOSTILE_TEXT).replace('"', "")
-    path.write_text('id,subject,prompt,target_new\n'
-                    f'"{id_}","{rng.choice(HOSTILE_TEXT)}",has no subject slot,Paris\n', encoding="utf-8")
+    path.write_text(
+        f'id,subject,prompt,target_new\n"{id_}","{rng.choice(HOSTILE_TEXT)}",has no subject slot,Paris\n',
+        encoding="utf-8",
+    )
     return path, []
 
 
@@ -194,10 +240,24 @@ def _good_manifest(folder: Path, n: int) -> Path:
     return path
 
 
-GENERATORS = [gen_surrogate_json, gen_surrogate_jsonl, gen_huge_int_json, gen_huge_int_jsonl, gen_huge_int_yaml,
-              gen_huge_int_csv_cell, gen_duplicate_key_json, gen_duplicate_key_yaml, gen_placeholder_subject,
-              gen_special_file, gen_hparams_bad_value, gen_hparams_bad_keys, gen_hparams_special_file, gen_bad_option,
-              gen_markup_in_errors, gen_control_key]
+GENERATORS = [
+    gen_surrogate_json,
+    gen_surrogate_jsonl,
+    gen_huge_int_json,
+    gen_huge_int_jsonl,
+    gen_huge_int_yaml,
+    gen_huge_int_csv_cell,
+    gen_duplicate_key_json,
+    gen_duplicate_key_yaml,
+    gen_placeholder_subject,
+    gen_special_file,
+    gen_hparams_bad_value,
+    gen_hparams_bad_keys,
+    gen_hparams_special_file,
+    gen_bad_option,
+    gen_markup_in_errors,
+    gen_control_key,
+]
 CONTROL = set(range(32)) - {9} | {0x7F} | set(range(0x80, 0xA0)) | {0x2028, 0x2029}
 
 
@@ -207,8 +267,9 @@ def assert_clean(code: int, err: str, where: str) -> None:
     lines = err.splitlines()
     assert lines, f"{where}: no message"
     for line in lines:
-        assert line.startswith(("error: ", "hint: ", "Usage: ", "Try ", "Error: ")) or not line.strip(), \
+        assert line.startswith(("error: ", "hint: ", "Usage: ", "Try ", "Error: ")) or not line.strip(), (
             f"{where}: stray line {line!r}"
+        )
         assert not any(ord(c) in CONTROL for c in line), f"{where}: raw control character in {line!r}"
 
 
@@ -240,12 +301,23 @@ def test_generated_hostile_inputs_end_in_exit_2_and_write_nothing(generator, tmp
         folder = tmp_path / f"case{n}"
         folder.mkdir()
         manifest, extra = generator(rng, folder, n)
-        argv = ["apply", str(manifest), "--journal", str(journal), "--model", str(model), "--results", str(results),
-                *extra]
+        argv = [
+            "apply",
+            str(manifest),
+            "--journal",
+            str(journal),
+            "--model",
+            str(model),
+            "--results",
+            str(results),
+            *extra,
+        ]
         code, err = run_apply(argv, capsys)
         assert_clean(code, err, f"{generator.__name__} #{n} ({manifest.name} {extra})")
         assert not journal.exists(), f"{generator.__name__} #{n}: a journal was written"
-        assert not results.exists() and not list(results.parent.iterdir()), f"{generator.__name__} #{n}: results written"
+        assert not results.exists() and not list(results.parent.iterdir()), (
+            f"{generator.__name__} #{n}: results written"
+        )
 
 
 def test_the_corpus_is_large_enough():
@@ -260,8 +332,24 @@ def test_a_sample_through_a_real_process(generator, tmp_path, tiny_folder):
     folder.mkdir()
     manifest, extra = generator(random.Random(f"process-{generator.__name__}"), folder, 0)
     journal = tmp_path / "J"
-    proc = subprocess.run([sys.executable, "-m", "romebatch", "apply", str(manifest), "--journal", str(journal),
-                           "--model", str(model), *extra], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "romebatch",
+            "apply",
+            str(manifest),
+            "--journal",
+            str(journal),
+            "--model",
+            str(model),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdin=subprocess.DEVNULL,
+    )
     assert_clean(proc.returncode, proc.stderr, generator.__name__)
     assert not journal.exists()

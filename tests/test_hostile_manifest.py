@@ -22,13 +22,26 @@ from romebatch.errors import ManifestError
 from romebatch.manifest import load_manifest
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
-FIELDS = ["id", "subject", "prompt", "target_new", "target_true", "paraphrases", "neighborhood",
-          "neighborhood_prompts", "neighborhood_answers", "bogus", ""]
+FIELDS = [
+    "id",
+    "subject",
+    "prompt",
+    "target_new",
+    "target_true",
+    "paraphrases",
+    "neighborhood",
+    "neighborhood_prompts",
+    "neighborhood_answers",
+    "bogus",
+    "",
+]
 
 scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True), st.text(max_size=30))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                        st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                      max_leaves=12)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 
 
 def run_cli(tmp_path: Path, manifest: Path, capsys) -> tuple[int, str]:
@@ -80,8 +93,10 @@ def test_random_bytes(tmp_path, capsys, data, ext):
 
 
 @settings(max_examples=300, **SETTINGS)
-@given(records=st.lists(st.dictionaries(st.sampled_from(FIELDS), values, max_size=6), min_size=1, max_size=5),
-       ext=st.sampled_from([".json", ".jsonl", ".yaml"]))
+@given(
+    records=st.lists(st.dictionaries(st.sampled_from(FIELDS), values, max_size=6), min_size=1, max_size=5),
+    ext=st.sampled_from([".json", ".jsonl", ".yaml"]),
+)
 def test_wrong_types_and_keys(tmp_path, capsys, records, ext):
     if ext == ".jsonl":
         body = "\n".join(json.dumps(r) for r in records)
@@ -91,9 +106,11 @@ def test_wrong_types_and_keys(tmp_path, capsys, records, ext):
 
 
 @settings(max_examples=300, **SETTINGS)
-@given(header=st.lists(st.sampled_from(FIELDS), min_size=0, max_size=6),
-       rows=st.lists(st.lists(st.text(max_size=20), max_size=7), max_size=5),
-       quote_break=st.booleans())
+@given(
+    header=st.lists(st.sampled_from(FIELDS), min_size=0, max_size=6),
+    rows=st.lists(st.lists(st.text(max_size=20), max_size=7), max_size=5),
+    quote_break=st.booleans(),
+)
 def test_csv_columns_and_quoting(tmp_path, capsys, header, rows, quote_break):
     lines = [",".join(header)] + [",".join(row) for row in rows]
     text = "\n".join(lines)
@@ -103,9 +120,19 @@ def test_csv_columns_and_quoting(tmp_path, capsys, header, rows, quote_break):
 
 
 @settings(max_examples=150, **SETTINGS)
-@given(tag=st.sampled_from(["!!python/object/apply:os.system", "!!python/object:builtins.dict",
-                            "!!python/name:builtins.exec", "!!binary", "!!set", "!custom"]),
-       payload=st.text(max_size=20))
+@given(
+    tag=st.sampled_from(
+        [
+            "!!python/object/apply:os.system",
+            "!!python/object:builtins.dict",
+            "!!python/name:builtins.exec",
+            "!!binary",
+            "!!set",
+            "!custom",
+        ]
+    ),
+    payload=st.text(max_size=20),
+)
 def test_yaml_tags_construct_nothing(tmp_path, capsys, tag, payload):
     marker = tmp_path / "pwned"
     body = f"- subject: {tag} [\"touch {marker}\"]\n  prompt: '{{}} is'\n  target_new: x\n"
@@ -124,7 +151,7 @@ def test_nesting_bombs(tmp_path, capsys, depth, ext):
 def test_yaml_alias_bomb_is_rejected_quickly(tmp_path, capsys):
     import time
 
-    levels = ["a: &a [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]"]
+    levels = ['a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
     for i, name in enumerate("bcdefghi"):
         prev = "abcdefghi"[i]
         levels.append(f"{name}: &{name} [{','.join(['*' + prev] * 9)}]")
@@ -135,7 +162,9 @@ def test_yaml_alias_bomb_is_rejected_quickly(tmp_path, capsys):
 
 
 @settings(max_examples=100, **SETTINGS)
-@given(size=st.integers(min_value=10_001, max_value=2_000_000), field=st.sampled_from(["subject", "prompt", "target_new"]))
+@given(
+    size=st.integers(min_value=10_001, max_value=2_000_000), field=st.sampled_from(["subject", "prompt", "target_new"])
+)
 def test_huge_fields(tmp_path, capsys, size, field):
     record = {"subject": "S", "prompt": "{} is", "target_new": "x"}
     record[field] = ("{} " if field == "prompt" else "") + "y" * size
@@ -156,8 +185,13 @@ def test_a_key_with_every_line_breaking_character_is_reported_on_one_line(tmp_pa
     """Found by the property test above: a neighbourhood key "\\x85" (NEL, a line break to
     str.splitlines) split the error message in two. Every such character is escaped."""
     breakers = "".join(map(chr, [*range(32), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]))
-    record = {"id": "a", "subject": "S", "prompt": "{} is", "target_new": "x",
-              "neighborhood": [{"prompt": "p", "answer": "a", breakers: None}]}
+    record = {
+        "id": "a",
+        "subject": "S",
+        "prompt": "{} is",
+        "target_new": "x",
+        "neighborhood": [{"prompt": "p", "answer": "a", breakers: None}],
+    }
     path = tmp_path / "facts.json"
     path.write_text(json.dumps([record]))
     assert_rejected(tmp_path, path, capsys)

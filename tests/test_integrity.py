@@ -11,8 +11,8 @@ import shutil
 import sqlite3
 
 import pytest
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, UserError
 from romebatch.hparams import HParams
@@ -20,9 +20,14 @@ from romebatch.manifest import Fact
 
 FACTS = [
     Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
-    for i, (s, new, true) in enumerate([
-        ("The Space Needle", "Paris", "Seattle"), ("The Eiffel Tower", "Rome", "Paris"),
-        ("The Colosseum", "London", "Rome"), ("Big Ben", "Tokyo", "London")])
+    for i, (s, new, true) in enumerate(
+        [
+            ("The Space Needle", "Paris", "Seattle"),
+            ("The Eiffel Tower", "Rome", "Paris"),
+            ("The Colosseum", "London", "Rome"),
+            ("Big Ben", "Tokyo", "London"),
+        ]
+    )
 ]
 
 
@@ -87,8 +92,9 @@ def test_a_flipped_byte_in_a_vector_is_found_and_recoverable(journal, tok, colum
 
 def test_a_tampered_hash_is_found(journal, tok):
     with sqlite3.connect(journal / "journal.sqlite") as db:
-        db.execute("UPDATE edits SET weight_hash_after = 'sha256:' || substr(weight_hash_after, 8, 60) || 'ffff' "
-                   "WHERE seq = 2")
+        db.execute(
+            "UPDATE edits SET weight_hash_after = 'sha256:' || substr(weight_hash_after, 8, 60) || 'ffff' WHERE seq = 2"
+        )
     report = check(journal, tok)
     assert any(line.startswith("edit 2 (fact 1)") for line in report.problems)
     assert report.last_good == 1

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_HPARAMS, tiny_loaded
 
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, JournalLockedError, UserError
@@ -26,22 +27,42 @@ from romebatch.journal import DB_NAME, LOCK_NAME, EditRecord, Journal, migrate
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 
-from conftest import TINY_HPARAMS, tiny_loaded
-
 REPO = Path(__file__).resolve().parents[1]
-
 
 
 # ----------------------------------------------------------------------------- synthetic records
 EXPECTED_SCHEMA = {
     "meta": ["key", "value"],
     "edits": [
-        "seq", "parent", "status", "fact_id", "fact_hash", "fact_json", "layer", "weight_name", "lam", "u",
-        "update_norm", "denominator", "weight_hash_before", "weight_hash_after", "v_steps", "v_loss",
-        "p_new_before", "p_true_before", "p_new_after", "p_true_after", "seconds_key", "seconds_value",
-        "seconds_total", "created_at",
+        "seq",
+        "parent",
+        "status",
+        "fact_id",
+        "fact_hash",
+        "fact_json",
+        "layer",
+        "weight_name",
+        "lam",
+        "u",
+        "update_norm",
+        "denominator",
+        "weight_hash_before",
+        "weight_hash_after",
+        "v_steps",
+        "v_loss",
+        "p_new_before",
+        "p_true_before",
+        "p_new_after",
+        "p_true_after",
+        "seconds_key",
+        "seconds_value",
+        "seconds_total",
+        "created_at",
         # m002_probe_columns
-        "neighborhood_drop", "probe_regression", "retention", "seconds_probes",
+        "neighborhood_drop",
+        "probe_regression",
+        "retention",
+        "seconds_probes",
         # m003_key_column
         "k_star",
         # m004_row_hashes
@@ -50,8 +71,17 @@ EXPECTED_SCHEMA = {
         "warning",
     ],
     "rejections": [
-        "id", "parent", "fact_id", "fact_hash", "fact_json", "layer", "reason", "update_norm", "denominator",
-        "created_at", "row_hash",
+        "id",
+        "parent",
+        "fact_id",
+        "fact_hash",
+        "fact_json",
+        "layer",
+        "reason",
+        "update_norm",
+        "denominator",
+        "created_at",
+        "row_hash",
     ],
     "_migrations": ["name", "applied_at"],
 }
@@ -74,10 +104,22 @@ def synthetic(parent: int, n: int, d_model: int = 4, d_ff: int = 8) -> EditRecor
     u = rng.normal(size=d_ff).astype(np.float32)
     fact = {"id": f"f{n}", "subject": f"S{n}", "prompt": "{} is in", "target_new": f"T{n}"}
     return EditRecord(
-        seq=0, parent=parent, status="applied", fact_id=f"f{n}", fact_hash=f"sha256:fact{n}",
-        fact_json=json.dumps(fact), layer=1, weight_name="transformer.h.1.mlp.c_proj", lam=lam, u=u,
-        update_norm=float(np.linalg.norm(lam) * np.linalg.norm(u)), denominator=0.5 + n,
-        weight_hash_before=f"sha256:before{n}", weight_hash_after=f"sha256:after{n}", v_steps=n, v_loss=0.1 * n,
+        seq=0,
+        parent=parent,
+        status="applied",
+        fact_id=f"f{n}",
+        fact_hash=f"sha256:fact{n}",
+        fact_json=json.dumps(fact),
+        layer=1,
+        weight_name="transformer.h.1.mlp.c_proj",
+        lam=lam,
+        u=u,
+        update_norm=float(np.linalg.norm(lam) * np.linalg.norm(u)),
+        denominator=0.5 + n,
+        weight_hash_before=f"sha256:before{n}",
+        weight_hash_after=f"sha256:after{n}",
+        v_steps=n,
+        v_loss=0.1 * n,
     )
 
 
@@ -136,8 +178,9 @@ def test_an_m001_journal_with_edits_upgrades_and_still_rolls_back(tmp_path):
         rec = synthetic(parent, n)
         values = {c: getattr(rec, c) for c in old_columns}
         values.update(lam=rec.lam.astype("<f4").tobytes(), u=rec.u.astype("<f4").tobytes(), created_at="2025-01-01")
-        db.execute(f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
-                   list(values.values()))
+        db.execute(
+            f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", list(values.values())
+        )
     db.execute("INSERT INTO meta VALUES ('head', '2')")
     db.close()
 
@@ -242,8 +285,20 @@ def test_blobs_and_fields_round_trip_exactly(tmp_path):
     assert back.lam.tobytes() == special.tobytes()  # bit for bit, signed zero and subnormal included
     assert back.u.tobytes() == rec.u.astype(np.float32).tobytes()
     assert back.lam.flags.writeable  # a copy, not a read-only view of the row
-    for name in ("parent", "fact_id", "fact_hash", "fact_json", "layer", "weight_name", "update_norm",
-                 "denominator", "weight_hash_before", "weight_hash_after", "v_steps", "v_loss"):
+    for name in (
+        "parent",
+        "fact_id",
+        "fact_hash",
+        "fact_json",
+        "layer",
+        "weight_name",
+        "update_norm",
+        "denominator",
+        "weight_hash_before",
+        "weight_hash_after",
+        "v_steps",
+        "v_loss",
+    ):
         assert getattr(back, name) == getattr(rec, name), name
     assert back.status == "applied" and back.created_at
     assert back.fact["subject"] == "S1"
@@ -298,8 +353,14 @@ sys.stdin.read()
 
 def hold_lock(directory: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(directory)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(directory)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env,
+    )
     assert proc.stdout.readline().strip() == "locked"
     return proc
 
@@ -324,20 +385,44 @@ def test_write_lock_held_by_another_process(tmp_path):
 # ----------------------------------------------------------------------------- the Editor
 LAYER = 1
 FACTS = [
-    Fact(id="needle", subject="The Space Needle", prompt="{} is located in the city of", target_new="Paris",
-         target_true="Seattle"),
-    Fact(id="eiffel", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Rome",
-         target_true="Paris"),
-    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo",
-         target_true="London"),
-    Fact(id="darrieux", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="Spain",
-         target_true="French"),
+    Fact(
+        id="needle",
+        subject="The Space Needle",
+        prompt="{} is located in the city of",
+        target_new="Paris",
+        target_true="Seattle",
+    ),
+    Fact(
+        id="eiffel",
+        subject="The Eiffel Tower",
+        prompt="{} is located in the city of",
+        target_new="Rome",
+        target_true="Paris",
+    ),
+    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"),
+    Fact(
+        id="darrieux",
+        subject="Danielle Darrieux",
+        prompt="The mother tongue of {} is",
+        target_new="Spain",
+        target_true="French",
+    ),
 ]
 NEW_FACTS = [
-    Fact(id="colosseum", subject="The Colosseum", prompt="{} is located in the city of", target_new="Berlin",
-         target_true="Rome"),
-    Fact(id="rocard", subject="Michel Rocard", prompt="{} is a native speaker of", target_new="London",
-         target_true="French"),
+    Fact(
+        id="colosseum",
+        subject="The Colosseum",
+        prompt="{} is located in the city of",
+        target_new="Berlin",
+        target_true="Rome",
+    ),
+    Fact(
+        id="rocard",
+        subject="Michel Rocard",
+        prompt="{} is a native speaker of",
+        target_new="London",
+        target_true="French",
+    ),
 ]
 
 
@@ -406,8 +491,12 @@ def test_first_run_records_every_state(first_run):
     assert [r.seq for r in first_run.reported] == [1, 2, 3, 4]
     assert [r.fact_id for r in first_run.reported] == [f.id for f in FACTS]
     rows = first_run.rows
-    assert [(r.seq, r.parent, r.status) for r in rows] == [(1, 0, "applied"), (2, 1, "applied"),
-                                                           (3, 2, "applied"), (4, 3, "applied")]
+    assert [(r.seq, r.parent, r.status) for r in rows] == [
+        (1, 0, "applied"),
+        (2, 1, "applied"),
+        (3, 2, "applied"),
+        (4, 3, "applied"),
+    ]
     assert [r.fact_hash for r in rows] == [f.hash for f in FACTS]
     for r in rows:
         assert r.weight_hash_after == first_run.hashes[r.seq]
@@ -417,8 +506,7 @@ def test_first_run_records_every_state(first_run):
         assert r.fact["subject"] == FACTS[r.seq - 1].subject
         # The stored (Λ, u) is the step from the previous state to this one.
         delta = torch.outer(torch.from_numpy(r.lam), torch.from_numpy(r.u)).T  # Conv1D layout
-        torch.testing.assert_close(first_run.states[r.seq] - first_run.states[r.seq - 1], delta,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(first_run.states[r.seq] - first_run.states[r.seq - 1], delta, rtol=1e-4, atol=1e-5)
     assert len(set(first_run.hashes.values())) == 5  # every edit changed the weight
     assert first_run.prefixes and len(first_run.prefixes) == 2
 
@@ -473,22 +561,35 @@ def test_branch_after_rollback_and_return_to_old_branch(first_run, tmp_path):
         editor.rollback(to=2)
         # The rolled-back facts are pending again; the applied ones are not.
         assert [f.id for f in editor.pending(FACTS + NEW_FACTS)] == ["ben", "darrieux", "colosseum", "rocard"]
-        result = editor.apply(NEW_FACTS, on_edit=lambda r: branch.__setitem__(
-            r.seq, editor.lm.weight(LAYER).detach().clone()))
+        result = editor.apply(
+            NEW_FACTS, on_edit=lambda r: branch.__setitem__(r.seq, editor.lm.weight(LAYER).detach().clone())
+        )
         assert [(r.status, r.seq) for r in result.results] == [("applied", 5), ("applied", 6)]
         with Journal(directory) as reader:
             assert reader.edit(5).parent == 2 and reader.edit(6).parent == 5
             assert [r.seq for r in reader.path()] == [1, 2, 5, 6]
-            assert statuses(reader) == {1: "applied", 2: "applied", 3: "rolled_back", 4: "rolled_back",
-                                        5: "applied", 6: "applied"}
+            assert statuses(reader) == {
+                1: "applied",
+                2: "applied",
+                3: "rolled_back",
+                4: "rolled_back",
+                5: "applied",
+                6: "applied",
+            }
             assert reader.edit(5).weight_hash_before == first_run.hashes[2]
         assert not torch.equal(branch[6], first_run.states[4])
 
         editor.rollback(to=4)  # the old branch, exactly
         assert torch.equal(editor.lm.weight(LAYER), first_run.states[4])
         with Journal(directory) as reader:
-            assert statuses(reader) == {1: "applied", 2: "applied", 3: "applied", 4: "applied",
-                                        5: "rolled_back", 6: "rolled_back"}
+            assert statuses(reader) == {
+                1: "applied",
+                2: "applied",
+                3: "applied",
+                4: "applied",
+                5: "rolled_back",
+                6: "rolled_back",
+            }
         editor.rollback(to=5)
         assert torch.equal(editor.lm.weight(LAYER), branch[5])
     with first_run.editor(directory) as editor:  # and a fresh process-like reopen of the new branch
@@ -527,8 +628,7 @@ def test_reapplying_the_same_facts_writes_nothing(first_run, tmp_path):
     directory = first_run.copy(tmp_path)
     before = db_dump(directory)
     # Different ids and target_true do not make a different edit: the hash is the edit's content.
-    renamed = [Fact(id=f"other-{f.id}", subject=f.subject, prompt=f.prompt, target_new=f.target_new)
-               for f in FACTS]
+    renamed = [Fact(id=f"other-{f.id}", subject=f.subject, prompt=f.prompt, target_new=f.target_new) for f in FACTS]
     with first_run.editor(directory, hparams=HParams(**TINY_HPARAMS)) as editor:
         for facts in (FACTS, renamed):
             result = editor.apply(facts)

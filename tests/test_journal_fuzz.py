@@ -23,8 +23,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch import api
 from romebatch.editor import Editor
 from romebatch.errors import UserError
@@ -34,9 +34,17 @@ from romebatch.manifest import Fact
 
 MUTATIONS = 520
 SECONDS_EACH = 10
-FACTS = [Fact(id=f"f{i}", subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
-         for i, (s, new, true) in enumerate([("The Space Needle", "Paris", "Seattle"), ("The Eiffel Tower", "Rome", "Paris"),
-                                             ("The Colosseum", "London", "Rome"), ("Big Ben", "Tokyo", "London")])]
+FACTS = [
+    Fact(id=f"f{i}", subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
+    for i, (s, new, true) in enumerate(
+        [
+            ("The Space Needle", "Paris", "Seattle"),
+            ("The Eiffel Tower", "Rome", "Paris"),
+            ("The Colosseum", "London", "Rome"),
+            ("Big Ben", "Tokyo", "London"),
+        ]
+    )
+]
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +87,14 @@ def content(path: Path):
         db = sqlite3.connect(f"file:{path / DB_NAME}?mode=ro", uri=True)
         try:
             tables = sorted(r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type IN ('table','index')"))
-            return {t: sorted(map(repr, db.execute(f"SELECT * FROM {t}"))) for t in tables
-                    if not t.startswith("sqlite_autoindex") and t != "edits_fact_hash"} | {
+            return {
+                t: sorted(map(repr, db.execute(f"SELECT * FROM {t}")))
+                for t in tables
+                if not t.startswith("sqlite_autoindex") and t != "edits_fact_hash"
+            } | {
                 "integrity": [r[0] for r in db.execute("PRAGMA integrity_check")],
-                "schema": sorted(map(repr, db.execute("SELECT type, name, sql FROM sqlite_master")))}
+                "schema": sorted(map(repr, db.execute("SELECT type, name, sql FROM sqlite_master"))),
+            }
         finally:
             db.close()
     except sqlite3.DatabaseError:
@@ -133,8 +145,19 @@ def mutate(rng: random.Random, path: Path) -> str:
         if action == "delete":
             db.execute("DELETE FROM meta WHERE key = ?", (name,))
         else:
-            value = rng.choice(['"abc"', "5", "-1", "null", "{not json", json.dumps(meta.get(name, "x") + " "),
-                                "[]", '"sha256:00"', "3"])
+            value = rng.choice(
+                [
+                    '"abc"',
+                    "5",
+                    "-1",
+                    "null",
+                    "{not json",
+                    json.dumps(meta.get(name, "x") + " "),
+                    "[]",
+                    '"sha256:00"',
+                    "3",
+                ]
+            )
             db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (name, value))
         return f"meta {name}: {action}"
     finally:
@@ -156,12 +179,12 @@ def _nearby(rng: random.Random, old):
         if data and rng.random() < 0.8:
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         else:
-            data = data[:-rng.randint(1, 3)] if data else b"\x01"
+            data = data[: -rng.randint(1, 3)] if data else b"\x01"
         return bytes(data)
     if isinstance(old, str):
         if rng.random() < 0.5 and old:
             i = rng.randrange(len(old))
-            return old[:i] + chr((ord(old[i]) + 1) % 0x10000 or 65) + old[i + 1:]
+            return old[:i] + chr((ord(old[i]) + 1) % 0x10000 or 65) + old[i + 1 :]
         return old + rng.choice([" ", "x", "}"])
     return old
 
@@ -236,8 +259,9 @@ def damaged_copy(source: Path, tmp_path: Path, sql: str) -> Path:
 def test_a_swapped_fact_hash_no_longer_makes_a_resume_reapply(pristine, tmp_path):
     """Regression: with edit 1's fact_hash swapped, a resumed run applied fact f0 a second time."""
     source, check = pristine
-    path = damaged_copy(source, tmp_path,
-                        "UPDATE edits SET fact_hash = 'sha256:' || substr(fact_hash, 8, 63) || '0' WHERE seq = 1")
+    path = damaged_copy(
+        source, tmp_path, "UPDATE edits SET fact_hash = 'sha256:' || substr(fact_hash, 8, 63) || '0' WHERE seq = 1"
+    )
     report = check(path)
     assert any(p.startswith("edit 1: field fact_hash does not match") for p in report.problems), report.problems
     with check.editor(path) as editor:
@@ -262,34 +286,39 @@ def test_a_parent_cycle_is_named_not_looped(pristine, tmp_path):
     assert any("edit 1: field parent is 4" in p for p in report.problems)
 
 
-@pytest.mark.parametrize("damage, named", [
-    ("UPDATE meta SET value = '\"abc\"' WHERE key = 'head'", "meta key 'head'"),
-    ("UPDATE meta SET value = '{not json' WHERE key = 'hparams'", "meta key 'hparams': not valid JSON"),
-    ("UPDATE edits SET lam = x'0102030405' WHERE seq = 2", "edit 2: field lam is not a float32 vector"),
-    ("UPDATE edits SET status = 'applied' WHERE seq = 2", "edit 2: field status is 'applied'"),
-    ("UPDATE edits SET layer = 2 WHERE seq = 4", "edit 4: its fields do not match its row hash"),
-    ("UPDATE edits SET fact_id = 'other' WHERE seq = 4", "edit 4: field fact_id"),
-    ("DELETE FROM edits WHERE seq = 3", "the edits table does not match its digest"),
-    ("UPDATE rejections SET reason = 'x' WHERE id = 1", "rejection 1: its fields do not match"),
-    ("INSERT INTO meta VALUES ('extra', '1')", "the meta table does not match its digest"),
-])
+@pytest.mark.parametrize(
+    "damage, named",
+    [
+        ("UPDATE meta SET value = '\"abc\"' WHERE key = 'head'", "meta key 'head'"),
+        ("UPDATE meta SET value = '{not json' WHERE key = 'hparams'", "meta key 'hparams': not valid JSON"),
+        ("UPDATE edits SET lam = x'0102030405' WHERE seq = 2", "edit 2: field lam is not a float32 vector"),
+        ("UPDATE edits SET status = 'applied' WHERE seq = 2", "edit 2: field status is 'applied'"),
+        ("UPDATE edits SET layer = 2 WHERE seq = 4", "edit 4: its fields do not match its row hash"),
+        ("UPDATE edits SET fact_id = 'other' WHERE seq = 4", "edit 4: field fact_id"),
+        ("DELETE FROM edits WHERE seq = 3", "the edits table does not match its digest"),
+        ("UPDATE rejections SET reason = 'x' WHERE id = 1", "rejection 1: its fields do not match"),
+        ("INSERT INTO meta VALUES ('extra', '1')", "the meta table does not match its digest"),
+    ],
+)
 def test_each_kind_of_damage_is_named(pristine, tmp_path, damage, named):
     source, check = pristine
     report = check(damaged_copy(source, tmp_path, damage))
     assert not report.ok and any(named in p for p in report.problems), report.problems
 
 
-@pytest.mark.parametrize("damage, refused", [
-    ("DROP TABLE meta", "no meta table"),
-    ("ALTER TABLE edits ADD COLUMN from_the_future TEXT", "newer romebatch (unknown column edits.from_the_future)"),
-    ("INSERT INTO _migrations VALUES ('m999_future', 'x')", "newer romebatch (unknown migration m999_future)"),
-    ("UPDATE meta SET value = '99' WHERE key = 'format'", "journal format 99 is newer"),
-])
+@pytest.mark.parametrize(
+    "damage, refused",
+    [
+        ("DROP TABLE meta", "no meta table"),
+        ("ALTER TABLE edits ADD COLUMN from_the_future TEXT", "newer romebatch (unknown column edits.from_the_future)"),
+        ("INSERT INTO _migrations VALUES ('m999_future', 'x')", "newer romebatch (unknown migration m999_future)"),
+        ("UPDATE meta SET value = '99' WHERE key = 'format'", "journal format 99 is newer"),
+    ],
+)
 def test_a_journal_from_a_newer_romebatch_or_without_its_tables_is_refused(pristine, tmp_path, damage, refused):
     source, check = pristine
     path = damaged_copy(source, tmp_path, damage)
-    for opener in (lambda: check(path), lambda: api.log(path),
-                   lambda: check.editor(path)):
+    for opener in (lambda: check(path), lambda: api.log(path), lambda: check.editor(path)):
         with pytest.raises(UserError, match=refused.replace("(", r"\(").replace(")", r"\)")):
             opener()
     # Refused before migrating: a writer left the newer journal as it was.

@@ -10,12 +10,21 @@ import functools
 
 import pytest
 import torch
+from conftest import FAMILIES, tiny_loaded
 
 import romebatch.rome.keys as keys_module
-from conftest import FAMILIES, tiny_loaded
 from romebatch.hooks import Hook, attach
-from romebatch.lm import (Encoded, answer_ids, encode, head_inputs, last_token_in_span, logits, make_batch,
-                          model_inputs, subject_last_index)
+from romebatch.lm import (
+    Encoded,
+    answer_ids,
+    encode,
+    head_inputs,
+    last_token_in_span,
+    logits,
+    make_batch,
+    model_inputs,
+    subject_last_index,
+)
 from romebatch.rome.keys import keys_at
 
 TOKENIZERS = ["bytelevel_tokenizer", "sentencepiece_tokenizer"]
@@ -30,7 +39,6 @@ SUBJECT_CASES = [
     ("Therefore, because I think you might know. ", "{} is located in the city of", "The Eiffel Tower"),
     ("The quick brown fox. ", "The mother tongue of {} is", "Michel Rocard"),
 ]
-
 
 
 @pytest.mark.parametrize("tok_name", TOKENIZERS)
@@ -187,10 +195,23 @@ def test_head_logits_apply_gemma2_final_softcapping(sentencepiece_tokenizer):
 
     tok = sentencepiece_tokenizer
     torch.manual_seed(0)
-    config = Gemma2Config(vocab_size=len(tok), pad_token_id=0, bos_token_id=1, eos_token_id=2, initializer_range=0.3,
-                          num_hidden_layers=2, hidden_size=32, num_attention_heads=2, num_key_value_heads=1,
-                          intermediate_size=64, max_position_embeddings=128, head_dim=16, sliding_window=8,
-                          query_pre_attn_scalar=16, final_logit_softcapping=3.0)
+    config = Gemma2Config(
+        vocab_size=len(tok),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        initializer_range=0.3,
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        head_dim=16,
+        sliding_window=8,
+        query_pre_attn_scalar=16,
+        final_logit_softcapping=3.0,
+    )
     model = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
     lm = LoadedModel(model=model, tokenizer=tok, adapter=adapter_for(model), spec="tiny-gemma2")
     assert lm.adapter.family == "llama"

@@ -35,15 +35,31 @@ def journal(tmp_path):
             if i == 21:  # rejected on state 20
                 j.record_rejection(Fact(id="rej2", subject="S", prompt="{} is", target_new="T2"), 1, "why 2", 9.0, 0.1)
             rng = np.random.default_rng(i)
-            fact = {"id": f"id{i}", "subject": MARKUP if i == 5 else f"Subject {i}", "prompt": "{} is in",
-                    "target_new": "[link]x" if i == 5 else f"Target {i}"}
-            j.commit_edit(EditRecord(
-                seq=0, parent=i - 1, status="applied", fact_id=f"id{i}",
-                fact_hash="sha256:3" if i == 7 else f"sha256:{i}",  # edit 7 edits edit 3's fact again: a repair
-                fact_json=json.dumps(fact), layer=1, weight_name="w", lam=rng.normal(size=4), u=rng.normal(size=8),
-                update_norm=float(i), denominator=0.5, weight_hash_before=f"sha256:{i - 1}",
-                weight_hash_after=f"sha256:{i}",
-                warning="regression: neighbourhood 100% flipped" if i in (4, 9) else None))
+            fact = {
+                "id": f"id{i}",
+                "subject": MARKUP if i == 5 else f"Subject {i}",
+                "prompt": "{} is in",
+                "target_new": "[link]x" if i == 5 else f"Target {i}",
+            }
+            j.commit_edit(
+                EditRecord(
+                    seq=0,
+                    parent=i - 1,
+                    status="applied",
+                    fact_id=f"id{i}",
+                    fact_hash="sha256:3" if i == 7 else f"sha256:{i}",  # edit 7 edits edit 3's fact again: a repair
+                    fact_json=json.dumps(fact),
+                    layer=1,
+                    weight_name="w",
+                    lam=rng.normal(size=4),
+                    u=rng.normal(size=8),
+                    update_norm=float(i),
+                    denominator=0.5,
+                    weight_hash_before=f"sha256:{i - 1}",
+                    weight_hash_after=f"sha256:{i}",
+                    warning="regression: neighbourhood 100% flipped" if i in (4, 9) else None,
+                )
+            )
         j.move_head(25)
     return directory
 
@@ -55,8 +71,15 @@ def seqs(data):
 def test_filters_in_the_library(journal):
     data = api.log(journal)
     assert seqs(data) == list(range(1, 31)) and len(data["rejections"]) == 2  # no limit: everything
-    assert data["summary"] == {"edits": 30, "on_path": 25, "rolled_back": 5, "repairs": 1, "warned": 2,
-                               "rejected": 2, "efficacy_when_made": None}
+    assert data["summary"] == {
+        "edits": 30,
+        "on_path": 25,
+        "rolled_back": 5,
+        "repairs": 1,
+        "warned": 2,
+        "rejected": 2,
+        "efficacy_when_made": None,
+    }
     assert seqs(api.log(journal, limit=5)) == [26, 27, 28, 29, 30]
     assert seqs(api.log(journal, status="applied")) == list(range(1, 26))
     assert seqs(api.log(journal, status="rolled_back")) == [26, 27, 28, 29, 30]
@@ -78,7 +101,7 @@ def test_human_default_is_a_summary_and_the_last_20_printed_literally(journal):
     result = CliRunner().invoke(app, ["log", "--journal", str(journal)], env={"COLUMNS": "300"})
     assert result.exit_code == 0, result.output
     out = result.output
-    assert ("30 edit(s): 25 on the head's path (1 repairs, 2 warned), 5 rolled back; 2 rejected" in out)
+    assert "30 edit(s): 25 on the head's path (1 repairs, 2 warned), 5 rolled back; 2 rejected" in out
     shown = [int(m) for m in re.findall(r"^│ (\d+) +│", out, re.M)]
     assert shown == list(range(11, 31))
     assert "the last 20 of 30 matching edit(s)" in out
@@ -95,16 +118,22 @@ def test_json_keeps_the_whole_record_and_filters_apply(journal):
     assert seqs(data) == list(range(1, 31))  # no default limit for scripts
     assert data["edits"][4]["fact"] == {"id": "id5", "subject": MARKUP, "prompt": "{} is in", "target_new": "[link]x"}
     assert data["edits"][3]["warning"] == "regression: neighbourhood 100% flipped"
-    warned = json.loads(runner.invoke(app, ["log", "-j", str(journal), "--json", "--status", "warned", "-n", "1"])
-                        .stdout.splitlines()[-1])
+    warned = json.loads(
+        runner.invoke(app, ["log", "-j", str(journal), "--json", "--status", "warned", "-n", "1"]).stdout.splitlines()[
+            -1
+        ]
+    )
     assert seqs(warned) == [9] and warned["filter"]["matched"]["edits"] == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--status", "done"], "--status 'done': choose one of applied, rolled_back, repaired, warned, rejected"),
-    (["--since", "-1"], "--since -1: give an edit number (0 = the base)"),
-    (["-n", "-3"], "--limit -3: give a number of entries, or 0 for all"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--status", "done"], "--status 'done': choose one of applied, rolled_back, repaired, warned, rejected"),
+        (["--since", "-1"], "--since -1: give an edit number (0 = the base)"),
+        (["-n", "-3"], "--limit -3: give a number of entries, or 0 for all"),
+    ],
+)
 def test_bad_filters_are_one_line_and_exit_2(journal, args, message, monkeypatch, capsys):
     from romebatch.cli import main
 

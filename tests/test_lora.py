@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import FAMILIES, TINY_HPARAMS
+
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
@@ -31,17 +31,34 @@ peft = pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS = [
-    Fact(id="needle", subject="The Space Needle", prompt="{} is located in the city of", target_new="Paris",
-         target_true="Seattle"),
-    Fact(id="eiffel", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Rome",
-         target_true="Paris"),
-    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo",
-         target_true="London"),
+    Fact(
+        id="needle",
+        subject="The Space Needle",
+        prompt="{} is located in the city of",
+        target_new="Paris",
+        target_true="Seattle",
+    ),
+    Fact(
+        id="eiffel",
+        subject="The Eiffel Tower",
+        prompt="{} is located in the city of",
+        target_new="Rome",
+        target_true="Paris",
+    ),
+    Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"),
 ]
-LATER = Fact(id="darrieux", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="Spain",
-             target_true="French")
-TEXTS = ["The Space Needle is located in the city of", "Big Ben is located in the city of Tokyo",
-         "The mother tongue of Danielle Darrieux is"]
+LATER = Fact(
+    id="darrieux",
+    subject="Danielle Darrieux",
+    prompt="The mother tongue of {} is",
+    target_new="Spain",
+    target_true="French",
+)
+TEXTS = [
+    "The Space Needle is located in the city of",
+    "Big Ben is located in the city of Tokyo",
+    "The mother tongue of Danielle Darrieux is",
+]
 
 
 def quiet(message: str) -> None:
@@ -78,8 +95,12 @@ def merged_against_full(folder: Path, adapter: Path, full: Path):
     unmerged = logits(wrapped, tokenizer)
     merged_model = wrapped.merge_and_unload()
     merged = logits(merged_model, tokenizer)
-    return (float((merged - reference).abs().max()), float((unmerged - reference).abs().max()),
-            float(reference.abs().max()), merged_model)
+    return (
+        float((merged - reference).abs().max()),
+        float((unmerged - reference).abs().max()),
+        float(reference.abs().max()),
+        merged_model,
+    )
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,8 +113,15 @@ def test_adapter_on_the_base_is_the_full_export(family, tmp_path, tiny_folder):
         path = editor.journal.path()
         conv1d = editor.lm.adapter.conv1d
         base_weight = editor._base(path[0].layer).clone()
-        report = write_adapter(adapter, path, conv1d=conv1d, base_model=str(folder), base_hash=editor.base_hash,
-                               head=editor.head, journal=str(journal))
+        report = write_adapter(
+            adapter,
+            path,
+            conv1d=conv1d,
+            base_model=str(folder),
+            base_hash=editor.base_hash,
+            head=editor.head,
+            journal=str(journal),
+        )
     assert report.exact and report.rank == 3 and report.relative_error == 0.0
     config = json.loads((adapter / CONFIG_NAME).read_text())
     assert config["r"] == config["lora_alpha"] == 3 and config["peft_type"] == "LORA"
@@ -106,6 +134,7 @@ def test_adapter_on_the_base_is_the_full_export(family, tmp_path, tiny_folder):
     assert unmerged_diff < 1e-4 * scale, (unmerged_diff, scale)
     # The edits moved the logits far more than the tolerance: the comparison has teeth.
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     unedited = logits(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval(), tokenizer)
     assert float((logits(merged_model, tokenizer) - unedited).abs().max()) > 1e3 * max(merged_diff, 1e-7)
@@ -127,8 +156,9 @@ def test_rolled_back_edits_are_not_in_the_adapter(tmp_path, tiny_folder):
         edits = {r.seq: r for r in j.edits()}
         path = j.path()
         assert edits[3].status == "rolled_back"
-    write_adapter(tmp_path / "a", path, conv1d=True, base_model=str(folder), base_hash="sha256:x", head=4,
-                  journal=str(journal))
+    write_adapter(
+        tmp_path / "a", path, conv1d=True, base_model=str(folder), base_hash="sha256:x", head=4, journal=str(journal)
+    )
     tensors = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
     name = path[0].weight_name
     B = tensors[f"base_model.model.{name}.lora_B.weight"]  # (d_model, r)
@@ -148,8 +178,15 @@ def test_several_modules_get_one_pair_each_padded_to_one_rank(tmp_path, tiny_fol
     with Editor(journal, model=str(folder), write=False, log=quiet) as editor:
         editor.export(full)
         path = editor.journal.path()
-        write_adapter(adapter, path, conv1d=False, base_model=str(folder), base_hash=editor.base_hash,
-                      head=editor.head, journal=str(journal))
+        write_adapter(
+            adapter,
+            path,
+            conv1d=False,
+            base_model=str(folder),
+            base_hash=editor.base_hash,
+            head=editor.head,
+            journal=str(journal),
+        )
     assert [r.layer for r in path] == [0, 1, 0]
     config = json.loads((adapter / CONFIG_NAME).read_text())
     assert config["r"] == 2 and len(config["target_modules"]) == 2
@@ -168,13 +205,23 @@ def test_rank_compression_matches_the_svd_of_the_exported_delta(tmp_path, tiny_f
         path = editor.journal.path()
     name = path[0].weight_name
     # The reference ΔW comes from the exported weights, not from the journal's factors.
-    delta = (AutoModelForCausalLM.from_pretrained(str(full)).get_submodule(name).weight.detach().double()
-             - AutoModelForCausalLM.from_pretrained(str(folder)).get_submodule(name).weight.detach().double())
+    delta = (
+        AutoModelForCausalLM.from_pretrained(str(full)).get_submodule(name).weight.detach().double()
+        - AutoModelForCausalLM.from_pretrained(str(folder)).get_submodule(name).weight.detach().double()
+    )
     s = torch.linalg.svdvals(delta)
     for rank in (1, 2):
-        expected = float(torch.sqrt((s[rank:] ** 2).sum() / (s ** 2).sum()))
-        report = write_adapter(tmp_path / f"r{rank}", path, conv1d=False, base_model=str(folder),
-                               base_hash="sha256:x", head=4, journal=str(journal), rank=rank)
+        expected = float(torch.sqrt((s[rank:] ** 2).sum() / (s**2).sum()))
+        report = write_adapter(
+            tmp_path / f"r{rank}",
+            path,
+            conv1d=False,
+            base_model=str(folder),
+            base_hash="sha256:x",
+            head=4,
+            journal=str(journal),
+            rank=rank,
+        )
         assert report.rank == rank and not report.exact
         assert abs(report.relative_error - expected) < 1e-4 * max(expected, 1e-3), (report.relative_error, expected)
         assert expected > 1e-3  # three edits with independent keys: rank 1 and 2 really lose something
@@ -183,8 +230,16 @@ def test_rank_compression_matches_the_svd_of_the_exported_delta(tmp_path, tiny_f
         measured = float((delta - approx).norm() / delta.norm())
         assert abs(measured - expected) < 1e-4, (measured, expected)
     # A rank at or above the number of edits keeps the exact factors.
-    assert write_adapter(tmp_path / "r3", path, conv1d=False, base_model=str(folder), base_hash="sha256:x", head=4,
-                         journal=str(journal), rank=8).exact
+    assert write_adapter(
+        tmp_path / "r3",
+        path,
+        conv1d=False,
+        base_model=str(folder),
+        base_hash="sha256:x",
+        head=4,
+        journal=str(journal),
+        rank=8,
+    ).exact
 
 
 def test_adapter_folder_writes_are_atomic_and_never_replace_other_folders(tmp_path):
@@ -225,8 +280,9 @@ def test_adapter_folder_writes_are_atomic_and_never_replace_other_folders(tmp_pa
 
 def romebatch(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "romebatch", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_export_adapter(tmp_path, tiny_folder):
@@ -238,7 +294,11 @@ def test_cli_export_adapter(tmp_path, tiny_folder):
     assert summary["rank"] == 3 and summary["exact"] and summary["edits"] == 3
     assert summary["bytes"] == sum(p.stat().st_size for p in (tmp_path / "ad").iterdir())
     assert sorted(p.name for p in (tmp_path / "ad").iterdir()) == [
-        "README.md", CONFIG_NAME, WEIGHTS_NAME, "romebatch.json"]
+        "README.md",
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        "romebatch.json",
+    ]
     mask = os.umask(0)
     os.umask(mask)
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "ad").iterdir()} == {0o666 & ~mask}  # not 0600

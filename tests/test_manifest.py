@@ -235,8 +235,7 @@ def test_yaml_python_tag_is_rejected_and_nothing_is_constructed(tmp_path):
     path = write(
         tmp_path,
         "evil.yaml",
-        f"- !!python/object/apply:builtins.open ['{marker}', 'w']\n"
-        "- !!python/object:collections.OrderedDict {}\n",
+        f"- !!python/object/apply:builtins.open ['{marker}', 'w']\n- !!python/object:collections.OrderedDict {{}}\n",
     )
     line = only_problem(path)
     assert_located(line, path, 1, None, "invalid YAML")
@@ -270,7 +269,9 @@ def test_jsonl_rows_are_line_numbers_and_blank_lines_skipped(tmp_path):
 
 
 def test_jsonl_loads(tmp_path):
-    path = write(tmp_path, "m.jsonl", json.dumps(rec(id=7)) + "\n\n" + json.dumps(rec(subject="Y", prompt="{} is")) + "\n")
+    path = write(
+        tmp_path, "m.jsonl", json.dumps(rec(id=7)) + "\n\n" + json.dumps(rec(subject="Y", prompt="{} is")) + "\n"
+    )
     m = load_manifest(path)
     assert m.format == "jsonl" and [f.id for f in m.facts] == ["7", "3"]
 
@@ -472,7 +473,9 @@ def test_invalid_utf8_is_one_line(tmp_path, name):
     assert_located(line, path, expected_line, None, "not valid UTF-8")
 
 
-@pytest.mark.parametrize("name,text", [("m.csv", ""), ("m.csv", HEADER), ("m.yaml", ""), ("m.json", "[]"), ("m.jsonl", "\n")])
+@pytest.mark.parametrize(
+    "name,text", [("m.csv", ""), ("m.csv", HEADER), ("m.yaml", ""), ("m.json", "[]"), ("m.jsonl", "\n")]
+)
 def test_empty_manifest(tmp_path, name, text):
     path = write(tmp_path, name, text)
     line = only_problem(path)
@@ -569,16 +572,16 @@ def test_duplicate_id_names_first_row(tmp_path):
 
 
 def test_conflicting_targets_names_both_rows(tmp_path):
-    path = write_yaml_records(
-        tmp_path, [rec(), rec(subject="Y", prompt="{} is"), rec(target_new="German", id="other")]
-    )
+    path = write_yaml_records(tmp_path, [rec(), rec(subject="Y", prompt="{} is"), rec(target_new="German", id="other")])
     line = only_problem(path)
     assert_located(line, path, 3, "target_new", "conflicting targets", "'German'", "'English'", "record 1")
 
 
 def test_conflict_detected_across_prompt_spellings(tmp_path):
     # Same template once with "{}" and once with the subject filled in.
-    path = write_yaml_records(tmp_path, [rec(), rec(prompt="The mother tongue of Danielle Darrieux is", target_new="Dutch")])
+    path = write_yaml_records(
+        tmp_path, [rec(), rec(prompt="The mother tongue of Danielle Darrieux is", target_new="Dutch")]
+    )
     assert_located(only_problem(path), path, 2, "target_new", "conflicting targets")
 
 
@@ -601,7 +604,14 @@ def test_exact_duplicate_dropped_whatever_the_ids(tmp_path):
 def test_whitespace_normalisation(tmp_path):
     path = write_yaml_records(
         tmp_path,
-        [rec(subject="  Danielle Darrieux ", prompt="  The mother tongue of {} is  ", target_new=" English\n", target_true=" French ")],
+        [
+            rec(
+                subject="  Danielle Darrieux ",
+                prompt="  The mother tongue of {} is  ",
+                target_new=" English\n",
+                target_true=" French ",
+            )
+        ],
     )
     fact = load_manifest(path).facts[0]
     assert fact.subject == "Danielle Darrieux" and fact.target_new == "English" and fact.target_true == "French"
@@ -715,9 +725,11 @@ def test_hash_is_the_same_across_formats(tmp_path):
 def test_hash_is_stable():
     # Journals store this value; changing the canonical form would orphan them.
     fact = Fact(id="1", subject="X", prompt="{} is in", target_new="Rome")
-    assert fact.hash == "sha256:" + __import__("hashlib").sha256(
-        b'{"prompt":"{} is in","subject":"X","target_new":"Rome"}'
-    ).hexdigest()
+    assert (
+        fact.hash
+        == "sha256:"
+        + __import__("hashlib").sha256(b'{"prompt":"{} is in","subject":"X","target_new":"Rome"}').hexdigest()
+    )
 
 
 def test_to_dict_round_trip(tmp_path):
@@ -738,7 +750,9 @@ def test_fact_from_dict_validates():
     assert any("m.csv:2: field 'target_new': empty target" in p for p in info.value.problems)
 
 
-_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="{}"), min_size=1, max_size=20)
+_text = st.text(
+    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="{}"), min_size=1, max_size=20
+)
 _word = _text.filter(lambda s: s.strip() == s and s.strip() != "")
 
 
@@ -778,9 +792,31 @@ def test_5000_csv_rows_load_quickly(tmp_path):
     path = tmp_path / "big.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "subject", "prompt", "target_new", "target_true", "paraphrases", "neighborhood_prompts", "neighborhood_answers"])
+        writer.writerow(
+            [
+                "id",
+                "subject",
+                "prompt",
+                "target_new",
+                "target_true",
+                "paraphrases",
+                "neighborhood_prompts",
+                "neighborhood_answers",
+            ]
+        )
         for i in range(5000):
-            writer.writerow([f"f{i}", f"Subject {i}", "The capital of {} is", f"City {i}", f"Town {i}", "Where is {}?|{} lies in", "A is in|B is in", "X|Y"])
+            writer.writerow(
+                [
+                    f"f{i}",
+                    f"Subject {i}",
+                    "The capital of {} is",
+                    f"City {i}",
+                    f"Town {i}",
+                    "Where is {}?|{} lies in",
+                    "A is in|B is in",
+                    "X|Y",
+                ]
+            )
     start = time.perf_counter()
     m = load_manifest(path)
     elapsed = time.perf_counter() - start

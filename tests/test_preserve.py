@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
@@ -110,7 +110,7 @@ def test_nullspace_keeps_earlier_edits_exactly_and_plain_rome_does_not(tmp_path,
         torch.testing.assert_close(later[0], first_after_own_edit, atol=1e-4, rtol=1e-5)
     # Every earlier edit, not just the first, is held through every later one.
     for i in range(len(FACTS)):
-        for later in outputs[i + 1:]:
+        for later in outputs[i + 1 :]:
             torch.testing.assert_close(later[i], outputs[i][i], atol=1e-4, rtol=1e-5)
 
     plain, plain_outputs = run(tmp_path, bytelevel_tokenizer, "none")
@@ -134,6 +134,7 @@ def test_rollback_and_reopen_restore_the_running_state_byte_exactly(tmp_path, by
     directory = tmp_path / "journal"
     states = {}
     with Editor(directory, lm=lm, hparams=HParams(**{**TINY_HPARAMS, "preserve": preserve}), log=quiet) as editor:
+
         def on_edit(row):
             states[row.seq] = editor.preserver(LAYER).state()
 
@@ -150,20 +151,26 @@ def test_rollback_and_reopen_restore_the_running_state_byte_exactly(tmp_path, by
         assert reopened.preserver(LAYER).state() == states[1]
         # A new edit on the rolled-back state is computed from state 1, not state 4.
         reopened.apply([FACTS[3]], checks=None)
-        expected = Preserver(preserve, reopened.stats(LAYER).cholesky, reopened.preserver(LAYER).d_ff,
-                             reopened.hparams.preserve_weight)
+        expected = Preserver(
+            preserve, reopened.stats(LAYER).cholesky, reopened.preserver(LAYER).d_ff, reopened.hparams.preserve_weight
+        )
         expected.rebuild([torch.from_numpy(r.k_star.copy()) for r in reopened.journal.path()])
         assert reopened.preserver(LAYER).state() == expected.state()
 
 
 def test_a_journal_keeps_the_method_it_was_started_with(tmp_path, bytelevel_tokenizer):
     directory = tmp_path / "journal"
-    with Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=HParams(**TINY_HPARAMS),
-                log=quiet) as editor:
+    with Editor(
+        directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=HParams(**TINY_HPARAMS), log=quiet
+    ) as editor:
         editor.apply(FACTS[:1], checks=None)
     with pytest.raises(UserError, match="preserve='none'"):
-        Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer),
-               hparams=HParams(**{**TINY_HPARAMS, "preserve": "nullspace"}), log=quiet)
+        Editor(
+            directory,
+            lm=tiny_loaded("gpt2", bytelevel_tokenizer),
+            hparams=HParams(**{**TINY_HPARAMS, "preserve": "nullspace"}),
+            log=quiet,
+        )
 
 
 # ----------------------------------------------------------------------------- collapse guard

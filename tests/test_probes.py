@@ -14,9 +14,9 @@ import sqlite3
 
 import pytest
 import torch
+from conftest import TINY_HPARAMS, tiny_loaded
 
 import romebatch.probes as probes_module
-from conftest import TINY_HPARAMS, tiny_loaded
 from romebatch.editor import Editor
 from romebatch.evaluate import answer_nll
 from romebatch.hparams import HParams
@@ -26,19 +26,34 @@ from romebatch.verify import VerifyThresholds, verify
 
 TEMPLATE = "{} is located in the city of"
 # Prompts about nothing any fact here edits; on the base model their answer beats every new object below.
-UNRELATED = (Neighbor("Autonomous University of Madrid is in", "French"), Neighbor("The lazy dog sleeps in the", "French"))
+UNRELATED = (
+    Neighbor("Autonomous University of Madrid is in", "French"),
+    Neighbor("The lazy dog sleeps in the", "French"),
+)
 
 
 def make(fid, subject, new, true, neighborhood=UNRELATED, prompt=TEMPLATE, paraphrases=()):
-    return Fact(id=fid, subject=subject, prompt=prompt, target_new=new, target_true=true,
-                paraphrases=tuple(paraphrases), neighborhood=tuple(neighborhood))
+    return Fact(
+        id=fid,
+        subject=subject,
+        prompt=prompt,
+        target_new=new,
+        target_true=true,
+        paraphrases=tuple(paraphrases),
+        neighborhood=tuple(neighborhood),
+    )
 
 
 GOOD_1 = make("good-1", "Big Ben", "Tokyo", "London")
 GOOD_2 = make("good-2", "The Colosseum", "Madrid", "Rome")
 # Its only neighbourhood prompt is its own edit prompt, expecting the old answer.
-HARMFUL = make("harmful", "Toko Yasuda", "Paris", "guitar",
-               neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),))
+HARMFUL = make(
+    "harmful",
+    "Toko Yasuda",
+    "Paris",
+    "guitar",
+    neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),),
+)
 
 # Only the neighbourhood check can fail: the probe-sample and retention checks are switched off.
 NEIGHBOURHOOD_ONLY = Thresholds(max_probe_regression=1.0, min_retention=0.0)
@@ -96,8 +111,7 @@ def test_a_harmful_fact_is_rejected_under_skip_and_leaves_no_trace(tmp_path, tok
         def on_edit(row):
             snapshots[row.fact_id] = (state(ed), ed.head)
 
-        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="skip",
-                          on_edit=on_edit)
+        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="skip", on_edit=on_edit)
         good_1, harmful, good_2 = result.results
         assert (good_1.status, harmful.status, good_2.status) == ("applied", "rejected", "applied"), result.results
         assert not result.interrupted
@@ -160,8 +174,7 @@ def test_under_stop_the_run_ends_at_the_harmful_edit(tmp_path, tok):
             if row.fact_id == "good-1":
                 before = state(ed)
 
-        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="stop",
-                          on_edit=on_edit)
+        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="stop", on_edit=on_edit)
         assert result.interrupted
         assert [(r.fact_id, r.status) for r in result.results] == [("good-1", "applied"), ("harmful", "rejected")]
         assert result.results[1].reason.startswith("regression")
@@ -228,11 +241,26 @@ def many_facts(n=6):
     The first one is the fact the checks below run for: without a true object it has no probe
     of its own, so the counts do not depend on whether a check samples the checked fact's own prompt.
     """
-    subjects = ["Big Ben", "The Colosseum", "Toko Yasuda", "Michel Rocard", "The Space Needle", "The Eiffel Tower",
-                "Danielle Darrieux", "The quick brown fox"]
-    return [make(f"m{i}", subjects[i], "Tokyo", None if i == 0 else "London",
-                 neighborhood=(Neighbor(f"{subjects[i]} is near", "Paris"), Neighbor(f"{subjects[i]} is in", "Rome")))
-            for i in range(n)]
+    subjects = [
+        "Big Ben",
+        "The Colosseum",
+        "Toko Yasuda",
+        "Michel Rocard",
+        "The Space Needle",
+        "The Eiffel Tower",
+        "Danielle Darrieux",
+        "The quick brown fox",
+    ]
+    return [
+        make(
+            f"m{i}",
+            subjects[i],
+            "Tokyo",
+            None if i == 0 else "London",
+            neighborhood=(Neighbor(f"{subjects[i]} is near", "Paris"), Neighbor(f"{subjects[i]} is in", "Rome")),
+        )
+        for i in range(n)
+    ]
 
 
 class PairRecorder:
@@ -251,7 +279,7 @@ class PairRecorder:
 
 def sampled(recorder, fact):
     """The probe-sample part of the last check's pairs (after the fact's own neighbourhood pairs)."""
-    return recorder.calls[-1][2 * len(fact.neighborhood):]
+    return recorder.calls[-1][2 * len(fact.neighborhood) :]
 
 
 def test_the_sample_grows_with_the_edit_time(tok, monkeypatch):
@@ -276,8 +304,10 @@ def test_the_sample_grows_with_the_edit_time(tok, monkeypatch):
     assert generous.check(facts[0], [], edit_seconds=0.01).probes_checked == total
 
     # Earlier edits are sampled the same way: few with a short edit, many with a long one.
-    earlier = [{"text": f.text, "target_new": f.target_new, "target_true": f.target_true, "p_new_after": 0.5}
-               for f in facts[1:]]
+    earlier = [
+        {"text": f.text, "target_new": f.target_new, "target_true": f.target_true, "p_new_after": 0.5}
+        for f in facts[1:]
+    ]
     assert probes.check(facts[0], earlier, edit_seconds=0.0).edits_checked == 4
     assert probes.check(facts[0], earlier, edit_seconds=1e4).edits_checked == 5
 
@@ -349,8 +379,10 @@ def test_in_a_run_applied_facts_own_prompts_are_never_sampled(tmp_path, tok, mon
 
     monkeypatch.setattr(RegressionProbes, "_next_sample", spy)
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply(facts, checks=Thresholds(probe_budget=1e6, max_probe_regression=1.0, min_retention=0.0,
-                                                   max_neighborhood_drop=1.0))
+        result = ed.apply(
+            facts,
+            checks=Thresholds(probe_budget=1e6, max_probe_regression=1.0, min_retention=0.0, max_neighborhood_drop=1.0),
+        )
     assert [r.status for r in result.results] == ["applied"] * 3
     assert len(seen) == 3  # one sample per edit
     every = {(pr.prompt, pr.answer, pr.own_of) for pr in seen[0][1]}
@@ -380,8 +412,9 @@ def test_the_journal_stores_the_probe_outcomes(tmp_path, tok):
         # Without checks the columns stay empty.
         plain = ed.apply([make("plain", "The Eiffel Tower", "Spain", "Paris")], checks=None).results[0]
     with sqlite3.connect(tmp_path / "j" / "journal.sqlite") as db:
-        rows = db.execute("SELECT fact_id, neighborhood_drop, probe_regression, retention, seconds_probes "
-                          "FROM edits ORDER BY seq").fetchall()
+        rows = db.execute(
+            "SELECT fact_id, neighborhood_drop, probe_regression, retention, seconds_probes FROM edits ORDER BY seq"
+        ).fetchall()
     assert [r[0] for r in rows] == ["good-1", "harmful", "good-2", "plain"]
     assert rows[1][1] == 1.0 and all(v is not None for v in rows[1][1:3]) and rows[1][4] > 0
     assert rows[3][1:] == (None, None, None, None) and plain.status == "applied"

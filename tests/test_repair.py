@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.evaluate import score_facts
@@ -25,16 +25,31 @@ from romebatch.model import weight_hash
 from romebatch.repair import MAX_EDITS_PER_FACT, Standing, standings, to_repair
 
 LAYER = 1
-EIFFEL = Fact(id="eiffel", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Rome",
-              target_true="Paris")
+EIFFEL = Fact(
+    id="eiffel",
+    subject="The Eiffel Tower",
+    prompt="{} is located in the city of",
+    target_new="Rome",
+    target_true="Paris",
+)
 FACTS = [
     EIFFEL,
     Fact(id="ben", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"),
-    Fact(id="darrieux", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="Spanish",
-         target_true="French"),
+    Fact(
+        id="darrieux",
+        subject="Danielle Darrieux",
+        prompt="The mother tongue of {} is",
+        target_new="Spanish",
+        target_true="French",
+    ),
     # Writes the first fact's prompt back to its true object.
-    Fact(id="undo", subject="The Eiffel Tower", prompt="{} is located in the city of", target_new="Paris",
-         target_true="Rome"),
+    Fact(
+        id="undo",
+        subject="The Eiffel Tower",
+        prompt="{} is located in the city of",
+        target_new="Paris",
+        target_true="Rome",
+    ),
 ]
 
 
@@ -44,8 +59,12 @@ def quiet(message: str) -> None:
 
 def editor_for(tmp_path, tokenizer, name="journal", **extra):
     # Seed 1: every edit takes when made, and by the last one three facts no longer hold.
-    return Editor(tmp_path / name, lm=tiny_loaded("gpt2", tokenizer, seed=1),
-                  hparams=HParams(**{**TINY_HPARAMS, **extra}), log=quiet)
+    return Editor(
+        tmp_path / name,
+        lm=tiny_loaded("gpt2", tokenizer, seed=1),
+        hparams=HParams(**{**TINY_HPARAMS, **extra}),
+        log=quiet,
+    )
 
 
 def holds(lm, fact) -> bool:
@@ -160,8 +179,12 @@ def test_standings_score_each_fact_once_with_its_latest_edit(tmp_path, bytelevel
         assert eiffel.edits == 2 and eiffel.record.fact_id == "eiffel"
         assert eiffel.record.seq == max(r.seq for r in editor.journal.path() if r.fact_id == "eiffel")
         (scores,) = score_facts(editor.lm, [EIFFEL])  # the same numbers, computed another way
-        assert eiffel.p_new == pytest.approx(scores.p_new, rel=1e-4)  # batched with other prompts: float32 padding noise
-        assert eiffel.p_true == pytest.approx(scores.p_true, rel=1e-4)  # batched with other prompts: float32 padding noise
+        assert eiffel.p_new == pytest.approx(
+            scores.p_new, rel=1e-4
+        )  # batched with other prompts: float32 padding noise
+        assert eiffel.p_true == pytest.approx(
+            scores.p_true, rel=1e-4
+        )  # batched with other prompts: float32 padding noise
         assert json.loads(eiffel.record.fact_json)["id"] == "eiffel"
 
 
@@ -176,7 +199,9 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
     with editor_for(tmp_path, bytelevel_tokenizer, "cut") as editor:
         editor.apply(FACTS, checks=None)
         stop = StopRequest()
-        rows = editor.repair(on_edit=lambda row: setattr(stop, "requested", True), stop=stop)  # Ctrl-C during the first repair
+        rows = editor.repair(
+            on_edit=lambda row: setattr(stop, "requested", True), stop=stop
+        )  # Ctrl-C during the first repair
         assert len(rows) == 1 and editor.journal.get(REPAIR_PLAN)["done"] == 1
         # Facts were changed by that repair, but the rest of the pass follows its journaled plan.
         again = editor.apply(FACTS, checks=None, repair_every=100)

@@ -14,16 +14,18 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 
-FACTS = [Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=t)
-         for i, (s, t) in enumerate([("The Space Needle", "Paris"), ("The Eiffel Tower", "Rome"), ("Big Ben", "Tokyo")])]
+FACTS = [
+    Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=t)
+    for i, (s, t) in enumerate([("The Space Needle", "Paris"), ("The Eiffel Tower", "Rome"), ("Big Ben", "Tokyo")])
+]
 
 
 def editor(path, tok):
@@ -84,7 +86,9 @@ def test_a_pickled_checkpoint_is_refused(tmp_path, bytelevel_tokenizer):
     folder = tmp_path / "pickled"
     folder.mkdir()
     lm.model.config.save_pretrained(folder)
-    torch.save(lm.model.state_dict(), folder / "pytorch_model.bin")  # the test writes the pickle; romebatch must not read it
+    torch.save(
+        lm.model.state_dict(), folder / "pytorch_model.bin"
+    )  # the test writes the pickle; romebatch must not read it
     bytelevel_tokenizer.save_pretrained(folder)
     assert (folder / "pytorch_model.bin").exists() and not (folder / "model.safetensors").exists()
     with pytest.raises(UserError, match="cannot load it"):
@@ -95,9 +99,12 @@ def test_no_code_path_unpickles():
     """The package never calls pickle, torch.load or an unsafe YAML loader."""
     package = Path(__file__).resolve().parents[1] / "romebatch"
     pattern = re.compile(r"\bpickle\b|torch\.load\(|yaml\.load\(|yaml\.unsafe_load|UnsafeLoader|FullLoader")
-    offenders = [f"{path.name}:{n}" for path in package.rglob("*.py")
-                 for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if pattern.search(line) and not line.lstrip().startswith("#")]
+    offenders = [
+        f"{path.name}:{n}"
+        for path in package.rglob("*.py")
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if pattern.search(line) and not line.lstrip().startswith("#")
+    ]
     assert offenders == []
 
 

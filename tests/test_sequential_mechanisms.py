@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hooks import Hook, attach
@@ -36,8 +36,10 @@ FACTS = [
     Fact(id="rocard", subject="Michel Rocard", prompt="{} is a native speaker of", target_new="London"),
 ]
 
-MPES_FACTS = [Fact(id=f"m{i}", subject=s, prompt="It is in {}", target_new=t)
-              for i, (s, t) in enumerate([("the city", "Seattle"), ("the tower", "Rome"), ("the river", "Tokyo")])]
+MPES_FACTS = [
+    Fact(id=f"m{i}", subject=s, prompt="It is in {}", target_new=t)
+    for i, (s, t) in enumerate([("the city", "Seattle"), ("the tower", "Rome"), ("the river", "Tokyo")])
+]
 
 
 def quiet(message: str) -> None:
@@ -81,12 +83,14 @@ def test_mpes_stops_at_the_first_step_the_target_is_the_argmax_everywhere(bytele
             expected, expected_delta = k, delta
             break
     assert expected is not None and 2 <= expected < cap  # the test exercises a real stop
-    stopped = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap,
-                               stop_on_argmax=True, **kwargs)
+    stopped = V.optimise_value(
+        lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap, stop_on_argmax=True, **kwargs
+    )
     assert stopped.steps == expected
     torch.testing.assert_close(stopped.delta, expected_delta, atol=1e-6, rtol=0)
-    assert not argmax_on_every_prompt(lm, V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init,
-                                                           steps=expected - 1, **kwargs).delta)
+    assert not argmax_on_every_prompt(
+        lm, V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=expected - 1, **kwargs).delta
+    )
     # Without MPES the same run goes on to the cap.
     plain = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap, **kwargs)
     assert plain.steps == cap
@@ -96,8 +100,9 @@ def test_mpes_through_the_editor_takes_fewer_steps_and_the_edits_still_take(tmp_
     steps = {}
     for mpes in (False, True):
         hp = HParams(**{**TINY_HPARAMS, "v_lr": 0.5, "v_stop_argmax": mpes})
-        with Editor(tmp_path / f"j{mpes}", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp,
-                    log=quiet) as editor:
+        with Editor(
+            tmp_path / f"j{mpes}", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp, log=quiet
+        ) as editor:
             result = editor.apply(MPES_FACTS, checks=None)
             steps[mpes] = [r.v_steps for r in result.results]
             assert all(r.status == "applied" for r in result.results), [r.reason for r in result.results]
@@ -171,7 +176,7 @@ def test_null_space_edits_leave_preserved_keys_unchanged(tmp_path, bytelevel_tok
             assert float((after - before[i]).abs().max()) < 1e-5 * max(1.0, float(before[i].abs().max()))
         if preserve == "nullspace":  # the earlier edits' keys are in the preserved set too
             for i in range(len(FACTS)):
-                for later in outputs[i + 1:]:
+                for later in outputs[i + 1 :]:
                     scale = max(1.0, float(outputs[i][i].abs().max()))
                     assert float((later[i] - outputs[i][i]).abs().max()) < 1e-5 * scale
     # Without the projection the same keys do move: the check above can fail.
@@ -209,8 +214,9 @@ def test_norm_growth_bound_holds_through_a_sequential_run(tmp_path, bytelevel_to
         hp = HParams(**{**TINY_HPARAMS, "norm_growth_max": growth})
         norms = []
         with Editor(tmp_path / f"j{growth}", lm=lm, hparams=hp, log=quiet) as editor:
-            result = editor.apply(FACTS, checks=None, on_edit=lambda row: norms.append(
-                float(lm.weight(LAYER).double().norm())))
+            result = editor.apply(
+                FACTS, checks=None, on_edit=lambda row: norms.append(float(lm.weight(LAYER).double().norm()))
+            )
         return base, norms, result
 
     base, free, _ = run(0.0)

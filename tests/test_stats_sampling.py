@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
@@ -39,7 +39,7 @@ def test_encyclopedic_sequences_open_with_an_opener_and_are_seeded(sentencepiece
         assert len(seq) <= min(32, ENCYCLOPEDIC_LEN)
         assert seq[0] == bos  # left padding stripped: the sequence starts where its prompt did
         # (the last sequence may be cut short: the corpus holds exactly n_tokens)
-        assert any(seq[1:1 + len(o)] == o[:len(seq) - 1] for o in openers), lm.tokenizer.decode(seq[:12])
+        assert any(seq[1 : 1 + len(o)] == o[: len(seq) - 1] for o in openers), lm.tokenizer.decode(seq[:12])
     assert len({tuple(seq[1:6]) for seq in sequences}) > 1  # openers vary
     assert sample_corpus(lm, 300, 32, seed=0, sampling="encyclopedic", batch_size=4) == sequences
     assert sample_corpus(lm, 300, 32, seed=1, sampling="encyclopedic", batch_size=4) != sequences
@@ -53,8 +53,16 @@ def test_plain_sampling_is_unchanged_from_the_start_token(sentencepiece_tokenize
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)
         start = torch.full((4, 1), lm.tokenizer.bos_token_id)
-        reference = lm.model.generate(start, attention_mask=torch.ones_like(start), do_sample=True, top_k=0, top_p=1.0,
-                                      max_new_tokens=15, min_new_tokens=15, pad_token_id=lm.pad_id).tolist()
+        reference = lm.model.generate(
+            start,
+            attention_mask=torch.ones_like(start),
+            do_sample=True,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=15,
+            min_new_tokens=15,
+            pad_token_id=lm.pad_id,
+        ).tolist()
     assert sequences == reference
 
 
@@ -62,8 +70,9 @@ def test_statistics_differ_by_sampling_and_are_cached_apart(sentencepiece_tokeni
     lm = tiny_loaded("llama", sentencepiece_tokenizer)
 
     def mom2(sampling):
-        return load_or_compute_stats(lm, [1], lm.base_hash(), n_tokens=200, seq_len=16, seed=0, sampling=sampling,
-                                     cache_dir=tmp_path)[1].mom2
+        return load_or_compute_stats(
+            lm, [1], lm.base_hash(), n_tokens=200, seq_len=16, seed=0, sampling=sampling, cache_dir=tmp_path
+        )[1].mom2
 
     plain, encyclopedic = mom2("plain"), mom2("encyclopedic")
     assert len(list(tmp_path.glob("*.safetensors"))) == 2
@@ -81,8 +90,9 @@ def test_changing_the_openers_changes_the_corpus_id(monkeypatch):
 def test_an_edit_with_encyclopedic_statistics_takes_effect_and_replays_exactly(tmp_path, bytelevel_tokenizer):
     from romebatch.evaluate import answer_nll
 
-    fact = Fact(id="f2", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo",
-                target_true="London")
+    fact = Fact(
+        id="f2", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"
+    )
     hp = HParams(**{**TINY_HPARAMS, "stats_sampling": "encyclopedic"})
     with Editor(tmp_path / "journal", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp, log=quiet) as editor:
         new_before, true_before = answer_nll(editor.lm, [(fact.text, fact.target_new), (fact.text, fact.target_true)])
@@ -100,7 +110,9 @@ def test_a_journal_from_before_encyclopedic_sampling_resumes_as_plain(tmp_path, 
     def lm():  # each editor loads the base model afresh (an open editor leaves its edits in place)
         return tiny_loaded("gpt2", bytelevel_tokenizer)
 
-    with Editor(directory, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "stats_sampling": "plain"}), log=quiet) as editor:
+    with Editor(
+        directory, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "stats_sampling": "plain"}), log=quiet
+    ) as editor:
         editor.apply([FACT], checks=None)
         stored = editor.journal.get("hparams")
         del stored["stats_sampling"]  # as a journal written before the option existed
@@ -109,7 +121,9 @@ def test_a_journal_from_before_encyclopedic_sampling_resumes_as_plain(tmp_path, 
         assert editor.hparams.stats_sampling == "plain"
     with pytest.raises(UserError, match="stats_sampling='plain'"):
         Editor(directory, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "stats_sampling": "encyclopedic"}), log=quiet)
-    with Editor(directory, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "stats_sampling": "plain"}), log=quiet) as editor:
+    with Editor(
+        directory, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "stats_sampling": "plain"}), log=quiet
+    ) as editor:
         assert editor.head == 1
 
 
@@ -118,10 +132,19 @@ def test_with_a_corpus_file_the_sampling_is_moot(tmp_path, bytelevel_tokenizer):
     corpus.write_text("The Space Needle is located in the city of Seattle.\n\nBig Ben is in London.\n" * 20)
     directory = tmp_path / "journal"
     hp = dict(TINY_HPARAMS, stats_corpus=str(corpus), stats_tokens=200)
-    with Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=HParams(**{**hp, "stats_sampling": "plain"}),
-                log=quiet) as editor:
+    with Editor(
+        directory,
+        lm=tiny_loaded("gpt2", bytelevel_tokenizer),
+        hparams=HParams(**{**hp, "stats_sampling": "plain"}),
+        log=quiet,
+    ) as editor:
         editor.apply([FACT], checks=None)
-    with Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=HParams(**{**hp, "stats_sampling": "encyclopedic"}), log=quiet) as editor:
+    with Editor(
+        directory,
+        lm=tiny_loaded("gpt2", bytelevel_tokenizer),
+        hparams=HParams(**{**hp, "stats_sampling": "encyclopedic"}),
+        log=quiet,
+    ) as editor:
         assert editor.head == 1
 
 

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import FAMILIES, tiny_loaded
+
 from romebatch.trace import average_trace, restored_probability, trace_fact
 
 PROMPT = "The Space Needle is located in the city of"
@@ -25,16 +25,19 @@ def test_restoring_everything_gives_the_clean_probability_and_nothing_the_corrup
     tokens = list(range(len(result.tokens)))
     every_layer = {lm.name("layer", layer): tokens for layer in range(lm.n_layers)}
     assert restored_probability(lm, PROMPT, SUBJECT, result.answer_id, every_layer, samples=3) == pytest.approx(
-        result.p_clean, rel=1e-5)
+        result.p_clean, rel=1e-5
+    )
     assert restored_probability(lm, PROMPT, SUBJECT, result.answer_id, {}, samples=3) == pytest.approx(
-        result.p_corrupt, rel=1e-6)
+        result.p_corrupt, rel=1e-6
+    )
     # The noise really corrupts, and the batched grid agrees with the one-at-a-time restoration.
     assert result.p_corrupt != pytest.approx(result.p_clean, rel=1e-3)
     last_layer, last_token = lm.n_layers - 1, len(result.tokens) - 1
     assert result.scores["hidden"][last_token, last_layer] == pytest.approx(result.p_clean, rel=1e-5)
     for layer, token in [(0, result.subject_last), (lm.n_layers // 2, 1)]:
-        single = restored_probability(lm, PROMPT, SUBJECT, result.answer_id, {lm.name("layer", layer): [token]},
-                                      samples=3)
+        single = restored_probability(
+            lm, PROMPT, SUBJECT, result.answer_id, {lm.name("layer", layer): [token]}, samples=3
+        )
         assert result.scores["hidden"][token, layer] == pytest.approx(single, rel=1e-4, abs=1e-7)
 
 
@@ -53,7 +56,7 @@ def test_subject_tokens_and_answer(tokenizer_for):
     lm = tiny_loaded("gpt2", tokenizer_for("gpt2"))
     result = trace_fact(lm, PROMPT, SUBJECT, kinds=("hidden",), samples=1)
     first, last = result.subject_tokens
-    assert "".join(result.tokens[first:last + 1]).strip() == SUBJECT
+    assert "".join(result.tokens[first : last + 1]).strip() == SUBJECT
     import torch
 
     ids = lm.tokenizer(PROMPT, return_tensors="pt")["input_ids"]
@@ -77,9 +80,26 @@ def test_cli_writes_a_png_and_a_table_and_caches_the_layer(tiny_folder, tmp_path
 
     folder = tiny_folder("llama")
     png, table = tmp_path / "trace.png", tmp_path / "trace.csv"
-    monkeypatch.setattr(sys, "argv", ["romebatch", "trace", "--model", str(folder), "--prompt", PROMPT,
-                                      "--subject", SUBJECT, "--samples", "2", "--out", str(png),
-                                      "--results", str(table)])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "romebatch",
+            "trace",
+            "--model",
+            str(folder),
+            "--prompt",
+            PROMPT,
+            "--subject",
+            SUBJECT,
+            "--samples",
+            "2",
+            "--out",
+            str(png),
+            "--results",
+            str(table),
+        ],
+    )
     main()
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     import polars as pl
@@ -88,8 +108,23 @@ def test_cli_writes_a_png_and_a_table_and_caches_the_layer(tiny_folder, tmp_path
     assert set(frame["kind"].unique()) == {"hidden", "mlp", "attn"}
     known = tmp_path / "known.json"
     known.write_text(json.dumps([{"known_id": 0, "subject": SUBJECT, "prompt": PROMPT, "attribute": "Seattle"}]))
-    monkeypatch.setattr(sys, "argv", ["romebatch", "trace", "--model", str(folder), "--facts", str(known),
-                                      "--samples", "2", "--out", str(tmp_path / "avg.png"), "--json"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "romebatch",
+            "trace",
+            "--model",
+            str(folder),
+            "--facts",
+            str(known),
+            "--samples",
+            "2",
+            "--out",
+            str(tmp_path / "avg.png"),
+            "--json",
+        ],
+    )
     main()
     from romebatch.model import load_model
     from romebatch.trace import load_recommendation

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY_HPARAMS, tiny_loaded
+
 from romebatch import tune as T
 from romebatch.editor import Editor
 from romebatch.hparams import HParams
@@ -16,12 +16,23 @@ from romebatch.presets import describe, fill_defaults, load_preset, presets_path
 
 CITY = "{} is located in the city of"
 FACTS = [
-    Fact(id=str(i), subject=s, prompt=CITY, target_new=new, target_true=true,
-         paraphrases=(f"Where is {s}? It is in the city of",))
-    for i, (s, new, true) in enumerate([
-        ("The Space Needle", "Paris", "Seattle"), ("The Eiffel Tower", "Rome", "Paris"),
-        ("The Colosseum", "London", "Rome"), ("Big Ben", "Tokyo", "London"),
-        ("The Space Needle tower", "Berlin", "Seattle")])
+    Fact(
+        id=str(i),
+        subject=s,
+        prompt=CITY,
+        target_new=new,
+        target_true=true,
+        paraphrases=(f"Where is {s}? It is in the city of",),
+    )
+    for i, (s, new, true) in enumerate(
+        [
+            ("The Space Needle", "Paris", "Seattle"),
+            ("The Eiffel Tower", "Rome", "Paris"),
+            ("The Colosseum", "London", "Rome"),
+            ("Big Ben", "Tokyo", "London"),
+            ("The Space Needle tower", "Berlin", "Seattle"),
+        ]
+    )
 ]
 
 
@@ -57,8 +68,10 @@ def test_choice_rule_prefers_specificity_then_sequential_drift():
 
 
 def test_relation_neighbours_are_other_subjects_true_objects():
-    facts = T.with_relation_neighbours(FACTS + [Fact(id="x", subject="Toyota", prompt="{} is a car company from",
-                                                     target_new="Italy", target_true="Japan")])
+    facts = T.with_relation_neighbours(
+        FACTS
+        + [Fact(id="x", subject="Toyota", prompt="{} is a car company from", target_new="Italy", target_true="Japan")]
+    )
     needle = facts[0].neighborhood
     assert Neighbor("The Colosseum is located in the city of", "Rome") in needle
     # The Eiffel Tower's true object is the Space Needle's new one: no test of a leak there.
@@ -77,19 +90,45 @@ def test_candidate_layers_top_effect_plus_quarter_depth():
 @pytest.fixture
 def manifest(tmp_path):
     path = tmp_path / "facts.jsonl"
-    path.write_text("".join(json.dumps({"id": f.id, "subject": f.subject, "prompt": f.prompt,
-                                        "target_new": f.target_new, "target_true": f.target_true,
-                                        "paraphrases": list(f.paraphrases)}) + "\n" for f in FACTS))
+    path.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f.id,
+                    "subject": f.subject,
+                    "prompt": f.prompt,
+                    "target_new": f.target_new,
+                    "target_true": f.target_true,
+                    "paraphrases": list(f.paraphrases),
+                }
+            )
+            + "\n"
+            for f in FACTS
+        )
+    )
     return path
 
 
 def run_tune(lm, manifest, tmp_path, **kwargs):
-    return T.tune(manifest, lm=lm, sample=3, seed=1, clamps=(1.0, 20.0), top_layers=1, trace_facts=2, seq_top=2,
-                  seq_edits=2, hparams=HParams(**TINY_HPARAMS), results=tmp_path / "tune.jsonl", **kwargs)
+    return T.tune(
+        manifest,
+        lm=lm,
+        sample=3,
+        seed=1,
+        clamps=(1.0, 20.0),
+        top_layers=1,
+        trace_facts=2,
+        seq_top=2,
+        seq_edits=2,
+        hparams=HParams(**TINY_HPARAMS),
+        results=tmp_path / "tune.jsonl",
+        **kwargs,
+    )
 
 
-def test_tune_grid_restores_the_model_resumes_and_saves_a_preset(tmp_path, manifest, sentencepiece_tokenizer,
-                                                                 monkeypatch):
+def test_tune_grid_restores_the_model_resumes_and_saves_a_preset(
+    tmp_path, manifest, sentencepiece_tokenizer, monkeypatch
+):
     lm = tiny_loaded("llama", sentencepiece_tokenizer)
     before = [weight_hash(lm.weight(i)) for i in range(lm.n_layers)]
     result = run_tune(lm, manifest, tmp_path)
@@ -123,7 +162,10 @@ def test_apply_uses_the_preset_and_says_where_defaults_came_from(tmp_path, sente
     other = tiny_loaded("llama", sentencepiece_tokenizer, seed=1)
     save_preset(lm, {"layer": 2, "clamp_norm_factor": 7.5})
     hp, sources = fill_defaults(HParams(), lm)
-    assert (hp.layer, hp.clamp_norm_factor) == (2, 7.5) and sources == {"layer": "preset", "clamp_norm_factor": "preset"}
+    assert (hp.layer, hp.clamp_norm_factor) == (2, 7.5) and sources == {
+        "layer": "preset",
+        "clamp_norm_factor": "preset",
+    }
     hp, sources = fill_defaults(HParams(layer=0), lm)  # a flag wins over the preset
     assert (hp.layer, hp.clamp_norm_factor, sources["layer"]) == (0, 7.5, "flag")
     assert fill_defaults(HParams(), other)[1] == {"layer": "published", "clamp_norm_factor": "published"}
@@ -144,7 +186,8 @@ def test_apply_uses_the_preset_and_says_where_defaults_came_from(tmp_path, sente
     assert "layer 1 (published default); clamp_norm_factor 4.0 (published default)" in logged[-1]
     assert describe(HParams(layer=3, clamp_norm_factor=1.0), {"layer": "flag", "clamp_norm_factor": "measured"}) == (
         "hyper-parameters: layer 3 (flag or --hparams file); clamp_norm_factor 1.0 (measured table, "
-        "romebatch/hparams.py)")
+        "romebatch/hparams.py)"
+    )
 
 
 def test_results_of_other_hyper_parameters_are_not_reused(tmp_path, manifest, sentencepiece_tokenizer, monkeypatch):
@@ -153,8 +196,20 @@ def test_results_of_other_hyper_parameters_are_not_reused(tmp_path, manifest, se
     calls = []
     real = T._sequential
     monkeypatch.setattr(T, "_sequential", lambda *a, **k: calls.append(1) or real(*a, **k))
-    T.tune(manifest, lm=lm, sample=3, seed=1, clamps=(1.0, 20.0), top_layers=1, trace_facts=2, seq_top=2, seq_edits=2,
-           hparams=HParams(**{**TINY_HPARAMS, "v_lr": 1.0}), results=tmp_path / "tune.jsonl", save=False)
+    T.tune(
+        manifest,
+        lm=lm,
+        sample=3,
+        seed=1,
+        clamps=(1.0, 20.0),
+        top_layers=1,
+        trace_facts=2,
+        seq_top=2,
+        seq_edits=2,
+        hparams=HParams(**{**TINY_HPARAMS, "v_lr": 1.0}),
+        results=tmp_path / "tune.jsonl",
+        save=False,
+    )
     assert len(calls) == 2  # measured again: v_lr defines the edits
     assert not presets_path().exists()
 
@@ -172,8 +227,9 @@ def test_cli_tune_is_thin(tmp_path, monkeypatch):
 
     monkeypatch.setattr("romebatch.tune.tune", lambda manifest, **kw: seen.update(kw, manifest=manifest) or Fake())
     monkeypatch.chdir(tmp_path)
-    done = CliRunner().invoke(app, ["tune", "facts.csv", "--sample", "7", "--seed", "3", "--clamps", "0.5,2",
-                                    "--model", "m", "--json"])
+    done = CliRunner().invoke(
+        app, ["tune", "facts.csv", "--sample", "7", "--seed", "3", "--clamps", "0.5,2", "--model", "m", "--json"]
+    )
     assert done.exit_code == 0, done.output
     assert seen["sample"] == 7 and seen["seed"] == 3 and seen["clamps"] == (0.5, 2.0) and seen["model"] == "m"
     assert json.loads(done.stdout.strip().splitlines()[-1])["chosen"]["layer"] == 1

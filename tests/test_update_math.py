@@ -11,12 +11,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_loaded
 
 from romebatch.rome.stats import KeyStats
 from romebatch.rome.update import RankOneEdit, apply_edit, current_value, rank_one_update
-
-from conftest import tiny_loaded
-
 
 
 def keys_and_stats(d_ff: int, n: int, ridge: float, seed: int):
@@ -53,11 +51,14 @@ def random_problem(d_model: int, d_ff: int, seed: int):
     return W, k_star, v_star
 
 
-@pytest.mark.parametrize("d_model,d_ff,n,ridge,seed", [
-    (8, 16, 200, 1e-3, 0),    # well-conditioned C
-    (6, 24, 10, 1e-3, 1),     # fewer keys than d_ff: C is singular, only the ridge makes it solvable
-    (12, 20, 100, 0.5, 2),    # a large ridge: its exact form (× mean diag C) matters
-])
+@pytest.mark.parametrize(
+    "d_model,d_ff,n,ridge,seed",
+    [
+        (8, 16, 200, 1e-3, 0),  # well-conditioned C
+        (6, 24, 10, 1e-3, 1),  # fewer keys than d_ff: C is singular, only the ridge makes it solvable
+        (12, 20, 100, 0.5, 2),  # a large ridge: its exact form (× mean diag C) matters
+    ],
+)
 def test_update_satisfies_constraint_and_matches_kkt_solution(d_model, d_ff, n, ridge, seed):
     W, k_star, v_star = random_problem(d_model, d_ff, seed)
     _, mom2, stats = keys_and_stats(d_ff, n, ridge, seed)
@@ -73,8 +74,9 @@ def test_update_satisfies_constraint_and_matches_kkt_solution(d_model, d_ff, n, 
     rel = (achieved - v_star.double()).norm() / v_star.double().norm()
     assert rel < 1e-4, f"W' k* misses v* by {rel:.2e}"
 
-    expected = kkt_delta(mom2.double().numpy(), ridge, k_star.double().numpy(),
-                         (v_star.double() - v_current.double()).numpy())
+    expected = kkt_delta(
+        mom2.double().numpy(), ridge, k_star.double().numpy(), (v_star.double() - v_current.double()).numpy()
+    )
     actual = torch.outer(edit.lam.double(), edit.u.double()).numpy()
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import FAMILIES, tiny_config
+
 from romebatch.model import LoadedModel, adapter_for
 from romebatch.rome import values as V
 
@@ -56,8 +56,22 @@ def test_cached_forward_matches_exact_logits_and_gradient(family, tokenizer_for)
 def test_engines_converge_to_the_same_value(family, tokenizer_for):
     lm = loaded(family, tokenizer_for(family))
     v_init = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
-    results = [V.optimise_value(lm, 1, "{} is located in the city of", "The Space Needle", "Paris", PREFIXES, v_init,
-                                lr=1.0, steps=15, clamp_norm_factor=20.0, engine=engine) for engine in V.ENGINES]
+    results = [
+        V.optimise_value(
+            lm,
+            1,
+            "{} is located in the city of",
+            "The Space Needle",
+            "Paris",
+            PREFIXES,
+            v_init,
+            lr=1.0,
+            steps=15,
+            clamp_norm_factor=20.0,
+            engine=engine,
+        )
+        for engine in V.ENGINES
+    ]
     assert results[0].steps == results[1].steps > 0
     assert results[0].delta.norm() > 0.1  # δ really moved
     torch.testing.assert_close(results[0].v_star, results[1].v_star, atol=1e-3, rtol=1e-3)

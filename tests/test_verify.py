@@ -16,8 +16,8 @@ import sys
 import polars as pl
 import pytest
 import torch
-
 from conftest import TINY_HPARAMS
+
 from romebatch import api
 from romebatch.editor import Editor
 from romebatch.evaluate import FactScores, answer_nll, score_facts, summarize
@@ -29,20 +29,35 @@ from romebatch.report import VERIFY_SCHEMA, write_verify_results
 from romebatch.verify import VerifyThresholds, verify
 
 TEMPLATE = "{} is located in the city of"
-UNRELATED = (Neighbor("Autonomous University of Madrid is in", "French"), Neighbor("The lazy dog sleeps in the", "French"))
+UNRELATED = (
+    Neighbor("Autonomous University of Madrid is in", "French"),
+    Neighbor("The lazy dog sleeps in the", "French"),
+)
 
 
 def make(fid, subject, new, true, neighborhood=UNRELATED, prompt=TEMPLATE, paraphrases=()):
-    return Fact(id=fid, subject=subject, prompt=prompt, target_new=new, target_true=true,
-                paraphrases=tuple(paraphrases), neighborhood=tuple(neighborhood))
+    return Fact(
+        id=fid,
+        subject=subject,
+        prompt=prompt,
+        target_new=new,
+        target_true=true,
+        paraphrases=tuple(paraphrases),
+        neighborhood=tuple(neighborhood),
+    )
 
 
 GOOD_1 = make("good-1", "Big Ben", "Tokyo", "London", paraphrases=("Where is Big Ben? It is in",))
 GOOD_2 = make("good-2", "The Colosseum", "Madrid", "Rome", paraphrases=("The Colosseum is in",))
 # The same edit as GOOD_1 (same hash), with its own prompt as neighbourhood probe.
 BROKEN_1 = make("good-1", "Big Ben", "Tokyo", "London", neighborhood=(Neighbor(GOOD_1.text, "London"),))
-HARMFUL = make("harmful", "Toko Yasuda", "Paris", "guitar",
-               neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),))
+HARMFUL = make(
+    "harmful",
+    "Toko Yasuda",
+    "Paris",
+    "guitar",
+    neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),),
+)
 UNAPPLIED = make("unapplied", "The Space Needle", "Berlin", "Seattle")
 
 
@@ -141,8 +156,7 @@ def test_a_healthy_journal_verifies_ok_with_its_table_and_exit_0(tmp_path, folde
     assert run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder]) == 0
     assert "within thresholds" in capsys.readouterr().err
     out = tmp_path / "cli.parquet"
-    assert run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder, "--json",
-                                  "--results", out]) == 0
+    assert run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder, "--json", "--results", out]) == 0
     data = last_json(capsys.readouterr().out)
     assert data["ok"] is True and data["facts"] == 2 and data["problems"] == [] and data["worst"] == []
     assert pl.read_parquet(out)["fact_id"].to_list() == ["good-1", "good-2"]
@@ -182,8 +196,13 @@ def test_a_journal_that_broke_its_neighbourhoods_fails_verify_and_exits_1(tmp_pa
     assert data["base"]["NS"] == 100.0 and data["facts"] == 2
 
     # A looser threshold accepts the same journal.
-    assert run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder, "--max-ns-drop", "100",
-                                  "--min-retention", "0"]) == 0
+    assert (
+        run_main(
+            monkeypatch,
+            ["verify", "--journal", journal, "--model", folder, "--max-ns-drop", "100", "--min-retention", "0"],
+        )
+        == 0
+    )
 
 
 def test_retention_at_the_head_counts_only_edits_that_took(tmp_path, folder):
@@ -223,8 +242,10 @@ def test_a_manifest_restricts_scoring_to_applied_facts_and_brings_its_probes(tmp
     assert not report.ok and any(p.startswith("neighbourhood score fell") for p in report.problems)
     assert [r.fact_id for r in report.worst] == ["good-1"]
 
-    assert run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder, "--manifest", manifest,
-                                  "--json"]) == 1
+    assert (
+        run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder, "--manifest", manifest, "--json"])
+        == 1
+    )
     data = last_json(capsys.readouterr().out)
     assert data["facts"] == 2 and data["worst"] == ["good-1"]
 
@@ -242,8 +263,12 @@ def test_a_bad_manifest_exits_2(tmp_path, folder, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "bad.jsonl" in err and "target_new" in err
     assert "Traceback" not in err
-    assert run_main(monkeypatch, ["verify", "--journal", journal, "--model", folder, "--manifest",
-                                  tmp_path / "missing.csv"]) == 2
+    assert (
+        run_main(
+            monkeypatch, ["verify", "--journal", journal, "--model", folder, "--manifest", tmp_path / "missing.csv"]
+        )
+        == 2
+    )
     assert run_main(monkeypatch, ["verify", "--journal", tmp_path / "nowhere", "--model", folder]) == 2
 
 

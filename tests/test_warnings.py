@@ -15,9 +15,9 @@ import sqlite3
 import polars as pl
 import pytest
 import yaml
+from conftest import TINY_HPARAMS
 from typer.testing import CliRunner
 
-from conftest import TINY_HPARAMS
 from romebatch import api
 from romebatch.cli import app
 from romebatch.editor import Editor
@@ -29,13 +29,29 @@ from romebatch.probes import Thresholds
 from romebatch.report import RESULTS_SCHEMA, write_results
 
 TEMPLATE = "{} is located in the city of"
-UNRELATED = (Neighbor("Autonomous University of Madrid is in", "French"), Neighbor("The lazy dog sleeps in the", "French"))
-GOOD_1 = Fact(id="good-1", subject="Big Ben", prompt=TEMPLATE, target_new="Tokyo", target_true="London",
-              neighborhood=UNRELATED)
-GOOD_2 = Fact(id="good-2", subject="The Colosseum", prompt=TEMPLATE, target_new="Madrid", target_true="Rome",
-              neighborhood=UNRELATED)
-HARMFUL = Fact(id="harmful", subject="Toko Yasuda", prompt=TEMPLATE, target_new="Paris", target_true="guitar",
-               neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),))
+UNRELATED = (
+    Neighbor("Autonomous University of Madrid is in", "French"),
+    Neighbor("The lazy dog sleeps in the", "French"),
+)
+GOOD_1 = Fact(
+    id="good-1", subject="Big Ben", prompt=TEMPLATE, target_new="Tokyo", target_true="London", neighborhood=UNRELATED
+)
+GOOD_2 = Fact(
+    id="good-2",
+    subject="The Colosseum",
+    prompt=TEMPLATE,
+    target_new="Madrid",
+    target_true="Rome",
+    neighborhood=UNRELATED,
+)
+HARMFUL = Fact(
+    id="harmful",
+    subject="Toko Yasuda",
+    prompt=TEMPLATE,
+    target_new="Paris",
+    target_true="guitar",
+    neighborhood=(Neighbor("Toko Yasuda is located in the city of", "guitar"),),
+)
 FACTS = [GOOD_1, HARMFUL, GOOD_2]
 NEIGHBOURHOOD_ONLY = Thresholds(max_probe_regression=1.0, min_retention=0.0)
 
@@ -88,13 +104,36 @@ def test_m005_adds_the_column_to_an_older_journal(tmp_path):
 
 def _apply_cli(tmp_path, folder, *root):
     manifest = tmp_path / "facts.jsonl"
-    manifest.write_text("".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "source"}) + "\n" for f in FACTS))
+    manifest.write_text(
+        "".join(json.dumps({k: v for k, v in f.to_dict().items() if k != "source"}) + "\n" for f in FACTS)
+    )
     hp = tmp_path / "hp.yaml"
     hp.write_text(yaml.safe_dump({k: [list(p) for p in v] if k == "prefixes" else v for k, v in TINY_HPARAMS.items()}))
-    return CliRunner().invoke(app, [
-        *root, "apply", str(manifest), "--journal", str(tmp_path / "j"), "--model", str(folder), "--hparams", str(hp),
-        "--on-regression", "warn", "--max-probe-regression", "1.0", "--min-retention", "0.0", "--repair-every", "0",
-        "--results", str(tmp_path / "r.csv")], env={"COLUMNS": "250"})
+    return CliRunner().invoke(
+        app,
+        [
+            *root,
+            "apply",
+            str(manifest),
+            "--journal",
+            str(tmp_path / "j"),
+            "--model",
+            str(folder),
+            "--hparams",
+            str(hp),
+            "--on-regression",
+            "warn",
+            "--max-probe-regression",
+            "1.0",
+            "--min-retention",
+            "0.0",
+            "--repair-every",
+            "0",
+            "--results",
+            str(tmp_path / "r.csv"),
+        ],
+        env={"COLUMNS": "250"},
+    )
 
 
 def test_a_warned_edit_is_visible_live_in_the_report_the_log_and_the_table(tmp_path, folder, monkeypatch):
@@ -120,8 +159,9 @@ def test_a_warned_edit_is_visible_live_in_the_report_the_log_and_the_table(tmp_p
 
     # log --status warned: only the warned edit, its warning in --json and in the table.
     runner = CliRunner()
-    data = json.loads(runner.invoke(app, ["log", "-j", str(tmp_path / "j"), "--status", "warned", "--json"])
-                      .stdout.splitlines()[-1])
+    data = json.loads(
+        runner.invoke(app, ["log", "-j", str(tmp_path / "j"), "--status", "warned", "--json"]).stdout.splitlines()[-1]
+    )
     assert [e["fact_id"] for e in data["edits"]] == ["harmful"] and data["edits"][0]["warning"] == warning
     assert data["summary"]["warned"] == 1 and data["summary"]["on_path"] == 3
     screen.seek(0)
@@ -137,8 +177,11 @@ def test_without_a_terminal_each_warned_edit_line_says_so(tmp_path, folder):
     result = _apply_cli(tmp_path, folder)  # CliRunner: not a terminal, per-edit lines
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith(("good-1:", "harmful:", "good-2:"))]
-    assert [line.split(" ")[0:3] for line in lines] == [["good-1:", "applied", "Big"], ["harmful:", "applied", "(warned)"],
-                                                         ["good-2:", "applied", "The"]]
+    assert [line.split(" ")[0:3] for line in lines] == [
+        ["good-1:", "applied", "Big"],
+        ["harmful:", "applied", "(warned)"],
+        ["good-2:", "applied", "The"],
+    ]
 
 
 def test_the_live_bar_shows_elapsed_time_seconds_per_edit_and_the_current_stage(tmp_path, folder, monkeypatch):

@@ -10,6 +10,14 @@ from .update import RankOneEdit, apply_edit, compute_edit, rank_one_update
 from .values import ValueResult, optimise_value
 
 __all__ = [
-    "KeyStats", "RankOneEdit", "ValueResult", "apply_edit", "compute_edit", "compute_key",
-    "load_or_compute_stats", "optimise_value", "rank_one_update", "sample_prefixes",
+    "KeyStats",
+    "RankOneEdit",
+    "ValueResult",
+    "apply_edit",
+    "compute_edit",
+    "compute_key",
+    "load_or_compute_stats",
+    "optimise_value",
+    "rank_one_update",
+    "sample_prefixes",
 ]

@@ -58,7 +58,12 @@ def keys_at(lm: LoadedModel, layer: int, sequences: list[list[int]], indices: li
     rows = torch.arange(len(sequences), device=lm.device)
     cols = batch.offsets + torch.tensor(indices, device=lm.device)
     captured: list[torch.Tensor] = []
-    hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(as_btd(x, batch)[rows.to(x.device), cols.to(x.device)].float()), on="input", stop=True)
+    hook = Hook(
+        lm.name("down_proj", layer),
+        lambda x: captured.append(as_btd(x, batch)[rows.to(x.device), cols.to(x.device)].float()),
+        on="input",
+        stop=True,
+    )
     with attach(lm.model, [hook]):
         lm.model(**model_inputs(lm, batch), use_cache=False)
     return captured[0]

@@ -36,8 +36,7 @@ METHODS = ("none", "covariance", "nullspace")
 class Preserver:
     """The running state of one layer's method: which u a new k* gets."""
 
-    def __init__(self, method: str, cholesky: torch.Tensor | None, d_ff: int, weight: float = 10.0,
-                 top_k: int = 0):
+    def __init__(self, method: str, cholesky: torch.Tensor | None, d_ff: int, weight: float = 10.0, top_k: int = 0):
         if method not in METHODS:
             raise ValueError(f"preserve method must be one of {METHODS}, got {method!r}")
         self.method = method
@@ -51,7 +50,7 @@ class Preserver:
         self.principal = torch.zeros(d_ff, 0, dtype=torch.float64)  # U: C's top-k eigenvectors
         if self.top_k:
             _, vectors = torch.linalg.eigh(self.base)  # ascending eigenvalues
-            self.principal = vectors[:, -self.top_k:].flip(1).contiguous()
+            self.principal = vectors[:, -self.top_k :].flip(1).contiguous()
         self.rebuild([])
 
     def rebuild(self, keys: list[torch.Tensor]) -> None:

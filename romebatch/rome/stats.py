@@ -22,15 +22,15 @@ import json
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from ..errors import UserError
-from ..hparams import STATS_SAMPLINGS
 from ..hooks import Hook, attach
+from ..hparams import STATS_SAMPLINGS
 from ..lm import as_btd, make_batch, model_inputs
 from ..model import LoadedModel, romebatch_home
 
@@ -46,7 +46,7 @@ class KeyStats:
     tokens: int  # how many keys it averages
     cholesky: torch.Tensor | None = None  # lower factor of C + ridge, float64, set by `factor`
 
-    def factor(self, ridge: float) -> "KeyStats":
+    def factor(self, ridge: float) -> KeyStats:
         c = self.mom2.double()
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
         self.cholesky = torch.linalg.cholesky(c)
@@ -73,7 +73,9 @@ def read_corpus(path: str | Path) -> list[str]:
             try:
                 record = json.loads(line)
             except (ValueError, RecursionError) as error:
-                raise UserError(f"--stats-corpus {path}:{number}: invalid JSON ({getattr(error, 'msg', error)})") from None
+                raise UserError(
+                    f"--stats-corpus {path}:{number}: invalid JSON ({getattr(error, 'msg', error)})"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UserError(f"--stats-corpus {path}:{number}: field 'text': expected a string")
             texts.append(record["text"])
@@ -90,7 +92,7 @@ def corpus_sequences(lm: LoadedModel, texts: list[str], n_tokens: int, seq_len: 
     for text in texts:
         ids = lm.tokenizer(text, add_special_tokens=True)["input_ids"]
         for start in range(0, len(ids), seq_len):
-            chunk = ids[start:start + seq_len]
+            chunk = ids[start : start + seq_len]
             if len(chunk) < 2:
                 continue
             chunk = chunk[: n_tokens - total]
@@ -106,16 +108,54 @@ def corpus_sequences(lm: LoadedModel, texts: list[str], n_tokens: int, seq_len: 
 # templates); "{}" takes a first name from NAMES. Changing either changes the corpus id,
 # so cached statistics from the old list are never reused.
 OPENERS = (
-    "{} (born 1952) is", "{} was born in", "{} is a professional", "{} is a citizen of", "{} speaks",
-    "{} plays", "{} works as a", "{} is known for", "{} was educated at", "{} died in",
-    "The capital of", "The official language of", "The headquarters of", "The city of", "The river",
-    "It is located in", "The company was founded", "The album was released", "The film was directed by",
-    "The university is", "The team plays", "The village is", "The language is", "The band was formed",
-    "The mountain is", "The airport is", "The newspaper was", "The church is", "The station is",
-    "In 1920, the", "In 1875,", "During the war,", "The novel was written", "The game was developed by",
-    "The station is owned by", "The car is produced by", "The museum is", "The programme was broadcast on",
-    "The software is", "The family moved to", "The party was", "The religion of", "The position of",
-    "Its main product is", "The district is", "The island is", "The species is", "The instrument",
+    "{} (born 1952) is",
+    "{} was born in",
+    "{} is a professional",
+    "{} is a citizen of",
+    "{} speaks",
+    "{} plays",
+    "{} works as a",
+    "{} is known for",
+    "{} was educated at",
+    "{} died in",
+    "The capital of",
+    "The official language of",
+    "The headquarters of",
+    "The city of",
+    "The river",
+    "It is located in",
+    "The company was founded",
+    "The album was released",
+    "The film was directed by",
+    "The university is",
+    "The team plays",
+    "The village is",
+    "The language is",
+    "The band was formed",
+    "The mountain is",
+    "The airport is",
+    "The newspaper was",
+    "The church is",
+    "The station is",
+    "In 1920, the",
+    "In 1875,",
+    "During the war,",
+    "The novel was written",
+    "The game was developed by",
+    "The station is owned by",
+    "The car is produced by",
+    "The museum is",
+    "The programme was broadcast on",
+    "The software is",
+    "The family moved to",
+    "The party was",
+    "The religion of",
+    "The position of",
+    "Its main product is",
+    "The district is",
+    "The island is",
+    "The species is",
+    "The instrument",
 )
 NAMES = ("Maria", "John", "Pierre", "Hans", "Yuki", "Carlos", "Anna", "Ivan", "Ahmed", "Sofia", "Lars", "Giovanni")
 # Encyclopedic sequences are short: the opener's own sentence is the fact-like part, and the
@@ -135,8 +175,15 @@ def corpus_id(corpus: str | None, sampling: str, seed: int) -> str:
 
 
 @torch.inference_mode()
-def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int, sampling: str = "plain",
-                  progress: Progress | None = None, batch_size: int = 32) -> list[list[int]]:
+def sample_corpus(
+    lm: LoadedModel,
+    n_tokens: int,
+    seq_len: int,
+    seed: int,
+    sampling: str = "plain",
+    progress: Progress | None = None,
+    batch_size: int = 32,
+) -> list[list[int]]:
     """Token sequences sampled from the model itself (plain sampling, top_k 0).
 
     "plain": each sequence starts from the start token and is `seq_len` long.
@@ -159,17 +206,26 @@ def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int, sampl
                 prompts = [[start]] * rows
             else:
                 openers = [rng.choice(OPENERS) for _ in range(rows)]
-                prompts = [[start] + tok(o.format(rng.choice(NAMES)) if "{}" in o else o,
-                                         add_special_tokens=False)["input_ids"] for o in openers]
+                prompts = [
+                    [start]
+                    + tok(o.format(rng.choice(NAMES)) if "{}" in o else o, add_special_tokens=False)["input_ids"]
+                    for o in openers
+                ]
             batch = make_batch(prompts, lm.pad_id, side="left", device=lm.device)
             width = batch.input_ids.shape[1]
             new = max(length - width, 1)  # an opener longer than the length still gets a token
             out = lm.model.generate(
-                batch.input_ids, attention_mask=batch.attention_mask, do_sample=True, top_k=0, top_p=1.0,
-                max_new_tokens=new, min_new_tokens=new, pad_token_id=lm.pad_id,
+                batch.input_ids,
+                attention_mask=batch.attention_mask,
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=new,
+                min_new_tokens=new,
+                pad_token_id=lm.pad_id,
             )
             for prompt, row in zip(prompts, out.tolist()):
-                chunk = row[width - len(prompt):][: n_tokens - total]  # without the left padding
+                chunk = row[width - len(prompt) :][: n_tokens - total]  # without the left padding
                 sequences.append(chunk)
                 total += len(chunk)
                 if total >= n_tokens:
@@ -180,8 +236,13 @@ def sample_corpus(lm: LoadedModel, n_tokens: int, seq_len: int, seed: int, sampl
 
 
 @torch.inference_mode()
-def second_moment(lm: LoadedModel, layers: list[int], sequences: list[list[int]],
-                  batch_size: int = 16, progress: Progress | None = None) -> dict[int, tuple[torch.Tensor, int]]:
+def second_moment(
+    lm: LoadedModel,
+    layers: list[int],
+    sequences: list[list[int]],
+    batch_size: int = 16,
+    progress: Progress | None = None,
+) -> dict[int, tuple[torch.Tensor, int]]:
     """E[k kᵀ] of the down-projection inputs of each layer over every real token: float32."""
     d_ff = None
     sums: dict[int, torch.Tensor] = {}
@@ -190,14 +251,15 @@ def second_moment(lm: LoadedModel, layers: list[int], sequences: list[list[int]]
     done = 0
     total = sum(len(s) for s in sequences)
     for start in range(0, len(sequences), batch_size):
-        chunk = sequences[start:start + batch_size]
+        chunk = sequences[start : start + batch_size]
         batch = make_batch(chunk, lm.pad_id, device=lm.device)
         real = batch.attention_mask.bool()  # (B, T)
         captured: dict[int, torch.Tensor] = {}
 
         def keep(layer):
             def fn(x):
-                captured[layer] = as_btd(x, batch)[real].double()  # (tokens, d_ff), pads dropped
+                captured[layer] = as_btd(x, batch)[real].double()  # (tokens, d_ff), pads dropped  # noqa: B023 (the hook runs within this iteration)
+
             return fn
 
         hooks = [Hook(lm.name("down_proj", layer), keep(layer), on="input", stop=layer == top) for layer in layers]
@@ -220,11 +282,21 @@ def stats_key(lm: LoadedModel, base_hash: str, layer: int, corpus_id: str, n_tok
     C depends on every weight at and below the layer (and the sampled corpus on all of
     them), so the key holds the hash of the whole model, not just the editable weights.
     """
-    canonical = json.dumps({
-        "version": STATS_VERSION, "base": base_hash, "model": lm.full_hash(), "layer": layer, "module": lm.name("down_proj", layer),
-        "corpus": corpus_id, "tokens": n_tokens, "seq_len": seq_len, "dtype": str(lm.weight(layer).dtype),
-        "vocab": len(lm.tokenizer),
-    }, sort_keys=True)
+    canonical = json.dumps(
+        {
+            "version": STATS_VERSION,
+            "base": base_hash,
+            "model": lm.full_hash(),
+            "layer": layer,
+            "module": lm.name("down_proj", layer),
+            "corpus": corpus_id,
+            "tokens": n_tokens,
+            "seq_len": seq_len,
+            "dtype": str(lm.weight(layer).dtype),
+            "vocab": len(lm.tokenizer),
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
@@ -243,12 +315,13 @@ def load_or_compute_stats(
     progress: Progress | None = None,
 ) -> dict[int, KeyStats]:
     """C for each layer: from the cache when present, else computed (all missing layers in one pass)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     cache_dir = cache_dir or romebatch_home() / "stats"
     name = corpus_id(corpus, sampling, seed)
-    paths = {layer: cache_dir / f"{stats_key(lm, base_hash, layer, name, n_tokens, seq_len)}.safetensors"
-             for layer in layers}
+    paths = {
+        layer: cache_dir / f"{stats_key(lm, base_hash, layer, name, n_tokens, seq_len)}.safetensors" for layer in layers
+    }
     result: dict[int, KeyStats] = {}
     for layer, path in paths.items():
         if path.exists():
@@ -262,17 +335,25 @@ def load_or_compute_stats(
         return result
 
     if corpus is None:
-        log(f"Sampling {n_tokens:,} tokens of {sampling} text from the model for the key statistics "
-            "(once, then cached)...")
+        log(
+            f"Sampling {n_tokens:,} tokens of {sampling} text from the model for the key statistics "
+            "(once, then cached)..."
+        )
         sequences = sample_corpus(lm, n_tokens, seq_len, seed, sampling, progress=progress)
     else:
         sequences = corpus_sequences(lm, read_corpus(corpus), n_tokens, seq_len)
-    log(f"Computing key statistics for layer(s) {', '.join(map(str, missing))} over {sum(map(len, sequences)):,} tokens...")
+    log(
+        f"Computing key statistics for layer(s) {', '.join(map(str, missing))} over {sum(map(len, sequences)):,} tokens..."
+    )
     moments = second_moment(lm, missing, sequences, progress=progress)
     for layer, (mom2, count) in moments.items():
         result[layer] = KeyStats(layer, mom2, count)
-        _save_cached(paths[layer], {"mom2": mom2.contiguous(), "tokens": torch.tensor([count])},
-                     {"corpus": name, "layer": str(layer), "base": base_hash}, log)
+        _save_cached(
+            paths[layer],
+            {"mom2": mom2.contiguous(), "tokens": torch.tensor([count])},
+            {"corpus": name, "layer": str(layer), "base": base_hash},
+            log,
+        )
     return result
 
 
@@ -291,5 +372,7 @@ def _save_cached(path: Path, tensors: dict, metadata: dict, log) -> None:
     except Exception as error:  # OSError, or safetensors' SafetensorError on a full disk
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        log(f"Could not cache the key statistics in {path.parent} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-            "continuing without the cache.")
+        log(
+            f"Could not cache the key statistics in {path.parent} ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
+            "continuing without the cache."
+        )

@@ -78,11 +78,12 @@ def bound_norm(edit: RankOneEdit, weight: torch.Tensor, conv1d: bool, max_norm: 
     if c == 0 or a + 2 * b + c <= limit:
         return edit, 1.0
     disc = b * b - c * (a - limit)
-    s = (-b + disc ** 0.5) / c if disc >= 0 else 0.0
+    s = (-b + disc**0.5) / c if disc >= 0 else 0.0
     s = min(1.0, max(0.0, s * (1 - 1e-6)))
     lam32 = (lam * s).float()
-    return RankOneEdit(edit.layer, lam32, edit.u, edit.denominator,
-                       float(lam32.double().norm() * edit.u.double().norm())), s
+    return RankOneEdit(
+        edit.layer, lam32, edit.u, edit.denominator, float(lam32.double().norm() * edit.u.double().norm())
+    ), s
 
 
 def apply_edit(lm: LoadedModel, edit: RankOneEdit, sign: int = 1) -> None:
@@ -101,8 +102,19 @@ def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tenso
         return module(key.to(lm.device, module.weight.dtype)[None])[0].float()
 
 
-def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp, timings: dict | None = None,
-                 preserver=None, max_weight_norm: float | None = None):
+def compute_edit(
+    lm,
+    layer,
+    fact_template,
+    subject,
+    target,
+    prefixes,
+    stats,
+    hp,
+    timings: dict | None = None,
+    preserver=None,
+    max_weight_norm: float | None = None,
+):
     """k*, v* and the update for one fact; the model is unchanged when this returns.
 
     Returns (edit, k_star, value). `timings`, if given, receives seconds_key and seconds_value.
@@ -119,10 +131,22 @@ def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp,
     v_init = current_value(lm, layer, k_star)
     keyed = time.perf_counter()
     value = optimise_value(
-        lm, layer, fact_template, subject, target, prefixes, v_init,
-        lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, stop_on=hp.v_stop_on, kl_factor=hp.kl_factor,
-        weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-        engine="exact" if hp.exact_protocol else "cached", stop_on_argmax=hp.v_stop_argmax,
+        lm,
+        layer,
+        fact_template,
+        subject,
+        target,
+        prefixes,
+        v_init,
+        lr=hp.v_lr,
+        steps=hp.v_steps,
+        loss_stop=hp.v_loss_stop,
+        stop_on=hp.v_stop_on,
+        kl_factor=hp.kl_factor,
+        weight_decay=hp.v_weight_decay,
+        clamp_norm_factor=hp.clamp_norm_factor,
+        engine="exact" if hp.exact_protocol else "cached",
+        stop_on_argmax=hp.v_stop_argmax,
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)
@@ -131,6 +155,8 @@ def compute_edit(lm, layer, fact_template, subject, target, prefixes, stats, hp,
     if max_weight_norm is not None:
         edit, scale = bound_norm(edit, lm.weight(layer), lm.adapter.conv1d, max_weight_norm)
         if scale <= 0:
-            raise ValueError(f"the edited matrix's norm is at its bound ({max_weight_norm:.4g}); "
-                             "raise norm_growth_max to edit further")
+            raise ValueError(
+                f"the edited matrix's norm is at its bound ({max_weight_norm:.4g}); "
+                "raise norm_growth_max to edit further"
+            )
     return edit, k_star, value

@@ -28,8 +28,8 @@ Two ways to run the same objective (`engine`):
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -104,8 +104,12 @@ def exact_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
         def add_delta(output):
             # .to(output.device): under a device map the edited layer may sit on another device.
             shift = delta.to(output.device, output.dtype).expand(len(lookup_rows), -1)
-            patched = torch.index_put(as_btd(output, batch), (lookup_rows.to(output.device),
-                                                              lookup_cols.to(output.device)), shift, accumulate=True)
+            patched = torch.index_put(
+                as_btd(output, batch),
+                (lookup_rows.to(output.device), lookup_cols.to(output.device)),
+                shift,
+                accumulate=True,
+            )
             return patched.view(output.shape)
 
         hooks = [Hook(lm.name("down_proj", layer), add_delta)] if delta is not None else []
@@ -183,7 +187,14 @@ def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
 
         hooks = [Hook(lm.name("down_proj", layer), add_delta)] if delta is not None else []
         captured: list[torch.Tensor] = []
-        hooks.append(Hook(lm.lm_head_name, lambda h: captured.append(h[read_rows.to(h.device), read_cols.to(h.device)]), on="input", stop=True))
+        hooks.append(
+            Hook(
+                lm.lm_head_name,
+                lambda h: captured.append(h[read_rows.to(h.device), read_cols.to(h.device)]),
+                on="input",
+                stop=True,
+            )
+        )
         inputs = {"input_ids": after_ids, "attention_mask": mask, cache_arg: cache, "use_cache": cache is not None}
         if takes_positions:
             inputs["position_ids"] = after_pos
@@ -248,8 +259,7 @@ def optimise_value(
         penalty = weight_decay * delta.norm() / init_norm_sq
         loss = nll + kl_factor * kl + penalty
         loss_value, nll_value = loss.item(), nll.item()
-        reached = stop_on_argmax and bool(
-            (logp[first_token].argmax(-1) == targets[first_token]).all())
+        reached = stop_on_argmax and bool((logp[first_token].argmax(-1) == targets[first_token]).all())
         if reached or (nll_value if stop_on == "nll" else loss_value) < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break
