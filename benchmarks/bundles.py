@@ -1,4 +1,4 @@
-"""Benchmark journals kept in git as bundles, not as SQLite files (romebatch/bundle.py).
+"""Benchmark journals kept in git as bundles, not as SQLite files (romebatch/bundle_file.py).
 
     python benchmarks/bundles.py pack benchmarks/runs/seq-default-journal      # bundle edits not yet bundled
     python benchmarks/bundles.py restore benchmarks/runs/seq-default-journal   # rebuild journal.sqlite from them
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.bundle import SUFFIX, apply_bundles, read_bundle, write_bundle  # noqa: E402
+from romebatch.bundle_file import SUFFIX, apply_bundles, read_bundle, write_bundle  # noqa: E402
 from romebatch.journal import DB_NAME, Journal  # noqa: E402
 
 # Edits per bundle: an edit of Gemma-3-270M is ~19.3 kB (Λ, u and k*: 640 + 2 x 2048 float32)

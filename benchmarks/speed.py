@@ -52,7 +52,7 @@ from romebatch.model import load_model, weight_hash  # noqa: E402
 from romebatch.probes import Thresholds  # noqa: E402
 from romebatch.rome import values as V  # noqa: E402
 from romebatch.rome.update import RankOneEdit, apply_edit  # noqa: E402
-from romebatch.verify import verify  # noqa: E402
+from romebatch.specificity import score_head  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
 PHASES = ("key", "value", "update", "guard", "scoring", "probes", "commit", "total")
@@ -285,7 +285,7 @@ def main() -> None:
         # Each prompt is scored for the new and the true object, on the head and on the base.
         n_prompts = sum(2 * (1 + len(f.paraphrases) + len(f.neighborhood)) for f in facts[:5]) * 2
         t = time.perf_counter()
-        verify(ed)
+        score_head(ed)
         seconds = time.perf_counter() - t
     out["verify_prompts_per_second"] = n_prompts / seconds
     out["peak_rss_mib"] = apply_peak_rss_mib(args.model)

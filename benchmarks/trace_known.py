@@ -23,9 +23,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from romebatch.causal_trace import average_trace, trace_fact  # noqa: E402
+from romebatch.layer_cache import save_recommendation  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.plots import save_average_png, save_trace_png  # noqa: E402
-from romebatch.trace import average_trace, read_trace_facts, save_recommendation, trace_fact  # noqa: E402
+from romebatch.trace_facts import read_trace_facts  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "known_1000.json"
 

@@ -2,6 +2,8 @@
 
     import romebatch
     result = romebatch.apply("examples/facts.csv", journal="romebatch.journal")
+    report = romebatch.verify("romebatch.journal")     # specificity against the base model
+    romebatch.check("romebatch.journal")                # replay every edit, compare every hash
 
     with romebatch.Editor("romebatch.journal") as editor:
         editor.rollback(steps=1)
@@ -22,8 +24,14 @@ _EXPORTS = {
     "rollback": "romebatch.api",
     "export": "romebatch.api",
     "log": "romebatch.api",
-    "tune": "romebatch.tune",
+    "tune": "romebatch.tuning",
     "compare": "romebatch.api",
+    "verify": "romebatch.api",
+    "check": "romebatch.api",
+    "trace": "romebatch.api",
+    "bundle": "romebatch.api",
+    "apply_bundle": "romebatch.api",
+    "export_adapter": "romebatch.api",
     "curves": "romebatch.api",
     "edit": "romebatch.api",
     "Journal": "romebatch.journal",

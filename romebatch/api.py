@@ -94,7 +94,8 @@ AUTO_LAYER_FACTS = 20
 
 def auto_layer(lm, facts, log=None) -> int:
     """The traced edit layer for this model: cached, else traced once on up to 20 of the facts."""
-    from .trace import average_trace, load_recommendation, save_recommendation
+    from .causal_trace import average_trace
+    from .layer_cache import load_recommendation, save_recommendation
 
     cached = load_recommendation(lm)
     if cached is not None:
@@ -213,8 +214,8 @@ def export_adapter(
 
 
 def bundle(journal: str | Path, out: str | Path, *, first: int | None = None, last: int | None = None) -> dict:
-    """Write edits `first`..`last` of the journal's head's path as one verified file (romebatch/bundle.py)."""
-    from .bundle import write_bundle
+    """Write edits `first`..`last` of the journal's head's path as one verified file (romebatch/bundle_file.py)."""
+    from .bundle_file import write_bundle
 
     return write_bundle(journal, out, first=first, last=last)
 
@@ -229,7 +230,7 @@ def apply_bundle(
     log=None,
 ):
     """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
-    from .bundle import apply_bundles
+    from .bundle_file import apply_bundles
 
     return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
 
@@ -387,10 +388,9 @@ def verify(
     device_map=None,
     max_memory=None,
 ):
-    """Score the head against the base model on every applied fact; see `romebatch.verify`."""
+    """Score the head against the base model on every applied fact; see `romebatch.specificity`."""
     from .report import check_results_path
-    from .verify import VerifyThresholds
-    from .verify import verify as run_verify
+    from .specificity import VerifyThresholds, score_head
 
     check_results_path(results)
     facts = load_manifest(manifest).facts if manifest else None
@@ -398,7 +398,7 @@ def verify(
         pass
     kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
-        report = run_verify(editor, thresholds or VerifyThresholds(), facts, progress=progress)
+        report = score_head(editor, thresholds or VerifyThresholds(), facts, progress=progress)
     if results:
         from .report import write_verify_results
 
@@ -433,9 +433,11 @@ def trace(
     Returns a TraceResult for one fact, or (effect by layer, recommended layer, results) for a file;
     the file form also caches the recommendation for `apply --layer auto`.
     """
+    from .causal_trace import average_trace, trace_fact
     from .errors import UserError
+    from .layer_cache import save_recommendation
     from .model import load_model
-    from .trace import average_trace, read_trace_facts, save_recommendation, trace_fact
+    from .trace_facts import read_trace_facts
 
     kwargs = {"log": log} if log else {}
     if facts_file is None and (prompt is None or subject is None):
@@ -479,13 +481,13 @@ def compare(
     device: str = "cpu",
     log=None,
 ):
-    """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.compare`.
+    """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.comparison`.
 
     Selectors: a manifest (`facts_file`), journal fact ids, free `prompts`; none of them: a
     seeded sample of `sample` facts edited on the state's path.
     """
-    from .compare import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, select_facts
-    from .compare import compare as run_compare
+    from .comparison import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, select_facts
+    from .comparison import compare as run_compare
     from .errors import UserError
 
     if facts_file is not None and fact_ids:
@@ -520,7 +522,7 @@ def compare(
             max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
         )
     if results:
-        from .compare import write_compare_results
+        from .comparison import write_compare_results
 
         write_compare_results(report, results)
     return report
@@ -529,11 +531,11 @@ def compare(
 def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: str | Path | None = None) -> dict:
     """Scores, repairs, warnings and rejections per window of `every` edits, from the journal alone.
 
-    `out` also draws them as a PNG. See romebatch/curves.py for what each number is.
+    `out` also draws them as a PNG. See romebatch/quality_curves.py for what each number is.
     """
-    from .curves import curves as read_curves
-    from .curves import save_png
     from .errors import UserError
+    from .quality_curves import curves as read_curves
+    from .quality_curves import save_png
 
     if out is not None and Path(out).suffix.lower() != ".png":
         raise UserError(f"--out {out}: give a .png file name")

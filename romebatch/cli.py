@@ -291,7 +291,7 @@ def apply(
     Re-running the same manifest resumes: facts already in the journal (by content hash)
     are skipped. Ctrl-C stops cleanly after the current edit.
     """
-    from .bundle import SUFFIX
+    from .bundle_file import SUFFIX
     from .errors import UserError, one_line
 
     if manifest.suffix == SUFFIX:
@@ -499,7 +499,7 @@ def apply(
 
 
 def _apply_bundle(path: Path, journal: Path, model, device: str, dry_run: bool, json_out: bool) -> None:
-    """`apply BUNDLE`: a bundle's edits are appended as they are, not recomputed (romebatch/bundle.py)."""
+    """`apply BUNDLE`: a bundle's edits are appended as they are, not recomputed (romebatch/bundle_file.py)."""
     from . import api
 
     done = api.apply_bundle(path, journal=journal, model=model, device=device, dry_run=dry_run, log=_say)
@@ -707,7 +707,7 @@ def verify(
     """Specificity regression of the journal's head against the base model. Exit 1 on regression."""
     from . import api
     from .report import check_results_path, render_verify
-    from .verify import VerifyThresholds
+    from .specificity import VerifyThresholds
 
     _check_device(device)
     check_results_path(results)
@@ -926,7 +926,7 @@ def tune(
     """Measure the edit layer and clamp on your facts; save them as this model's preset for `apply`."""
     from .errors import UserError
     from .report import render_tune
-    from .tune import tune as run_tune
+    from .tuning import tune as run_tune
 
     _check_device(device)
     try:
@@ -987,7 +987,7 @@ def compare(
     --fact or --prompt: a seeded sample of the facts edited on the state's path.
     """
     from . import api
-    from .compare import render_compare
+    from .comparison import render_compare
 
     report = api.compare(
         journal,
@@ -1020,7 +1020,7 @@ def report_(
 ):
     """ES, NS kept, retention, probe regression, repairs and warnings per window of edits, from the journal."""
     from . import api
-    from .curves import render
+    from .quality_curves import render
 
     data = api.curves(journal, every=every, out=out)
     if json_out:

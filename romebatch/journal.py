@@ -640,7 +640,7 @@ class Journal:
             self.set(integrity.EDITS_DIGEST, integrity.table_digest(self.db, "edits", "seq"))
         return cursor.rowcount
 
-    # -- edits made elsewhere (romebatch/bundle.py) ----------------------------------------
+    # -- edits made elsewhere (romebatch/bundle_file.py) ----------------------------------------
     def columns(self, table: str) -> list[str]:
         return [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
 

@@ -1,4 +1,4 @@
-"""Journal bundles (romebatch/bundle.py): made from one journal, applied to another without recomputing.
+"""Journal bundles (romebatch/bundle_file.py): made from one journal, applied to another without recomputing.
 
 A tiny GPT-2 journal with a real history (an edit rolled back, a rejection, a repair-pass
 mark) is bundled; applying the bundle to a fresh journal on the same base must give the
@@ -22,7 +22,7 @@ from conftest import TINY_HPARAMS, tiny_model
 
 from romebatch import journal as journal_module
 from romebatch.api import check
-from romebatch.bundle import DIGEST_KEY, DOC_KEY, apply_bundles, read_bundle, write_bundle
+from romebatch.bundle_file import DIGEST_KEY, DOC_KEY, apply_bundles, read_bundle, write_bundle
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, UserError
 from romebatch.hparams import HParams

@@ -1,4 +1,4 @@
-"""`romebatch compare`: base model vs a journal state, prompt by prompt (romebatch/compare.py, api, CLI).
+"""`romebatch compare`: base model vs a journal state, prompt by prompt (romebatch/comparison.py, api, CLI).
 
 A real journal is built on the tiny GPT-2 of conftest (saved as a model folder, so the CLI
 can open it with `--model`). The references are computed another way: the base folder and
@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from romebatch import api
 from romebatch.cli import app
-from romebatch.compare import COMPARE_SCHEMA, select_facts
+from romebatch.comparison import COMPARE_SCHEMA, select_facts
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams

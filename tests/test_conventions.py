@@ -379,3 +379,35 @@ def test_quiet_and_verbose_set_one_logging_level(tmp_path):
     assert (tmp_path / "d.png").exists()
     again = runner.invoke(app, ["report", "-j", str(directory), "--out", str(tmp_path / "e.png")])
     assert "wrote" in again.output  # the level is set per invocation, not left over
+
+
+# ----------------------------------------------------------------------------- the package's functions
+def test_verify_check_and_trace_are_functions_of_the_package(tmp_path, tiny_folder):
+    """`romebatch.verify`, `.check`, `.trace` are the API's functions, not modules that shadow them
+    once something imports a submodule of that name."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(romebatch.__path__):
+        if info.name != "__main__":  # that one runs the CLI
+            importlib.import_module(f"romebatch.{info.name}")  # no submodule may take a function's name
+    for name in ("verify", "check", "trace", "apply", "rollback", "export", "log", "compare", "edit"):
+        assert getattr(romebatch, name) is getattr(api, name), name
+
+    folder = tiny_folder("gpt2")
+    journal = tmp_path / "J"
+    romebatch.edit(
+        subject="Big Ben",
+        prompt="{} is located in the city of",
+        target_new="Tokyo",
+        target_true="London",
+        journal=journal,
+        model=str(folder),
+        hparams=HParams(**TINY_HPARAMS),
+        log=quiet,
+    )
+    report = romebatch.verify(journal, model=str(folder))
+    assert [row.fact_id for row in report.rows] and report.rows[0].holds_now is True
+    assert romebatch.check(journal, model=str(folder), log=quiet).ok
+    traced = romebatch.trace("Big Ben is located in the city of", "Big Ben", "London", model=str(folder), samples=2)
+    assert traced.p_clean > traced.p_corrupt >= 0

@@ -22,7 +22,8 @@ from romebatch.evaluate import answer_nll
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact, Neighbor
 from romebatch.probes import RegressionProbes, Thresholds
-from romebatch.verify import VerifyThresholds, verify
+from romebatch.specificity import VerifyThresholds
+from romebatch.specificity import score_head as verify
 
 TEMPLATE = "{} is located in the city of"
 # Prompts about nothing any fact here edits; on the base model their answer beats every new object below.

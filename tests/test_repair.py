@@ -225,7 +225,7 @@ def test_rollback_drops_a_pass_cut_short(tmp_path, bytelevel_tokenizer):
 
 def test_log_marks_repairs_and_verify_scores_each_fact_once(tmp_path, bytelevel_tokenizer):
     from romebatch import api
-    from romebatch.verify import verify
+    from romebatch.specificity import score_head as verify
 
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
         editor.apply(FACTS, checks=None)

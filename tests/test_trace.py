@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import FAMILIES, tiny_loaded
 
-from romebatch.trace import average_trace, restored_probability, trace_fact
+from romebatch.causal_trace import average_trace, restored_probability, trace_fact
 
 PROMPT = "The Space Needle is located in the city of"
 SUBJECT = "The Space Needle"
@@ -126,8 +126,8 @@ def test_cli_writes_a_png_and_a_table_and_caches_the_layer(tiny_folder, tmp_path
         ],
     )
     main()
+    from romebatch.layer_cache import load_recommendation
     from romebatch.model import load_model
-    from romebatch.trace import load_recommendation
 
     recommended = load_recommendation(load_model(str(folder)))
     assert recommended is not None and 0 <= recommended < 3
@@ -142,7 +142,7 @@ def test_concurrent_layer_cache_writers_never_collide(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from romebatch.trace import _read_layers, save_recommendation
+    from romebatch.layer_cache import _read_layers, save_recommendation
 
     monkeypatch.setenv("ROMEBATCH_HOME", str(tmp_path))
     errors = []

@@ -7,7 +7,7 @@ import json
 import pytest
 from conftest import TINY_HPARAMS, tiny_loaded
 
-from romebatch import tune as T
+from romebatch import tuning as T
 from romebatch.editor import Editor
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact, Neighbor
@@ -225,7 +225,7 @@ def test_cli_tune_is_thin(tmp_path, monkeypatch):
         def summary(self):
             return {"chosen": {"layer": 1, "clamp_norm_factor": 0.5}}
 
-    monkeypatch.setattr("romebatch.tune.tune", lambda manifest, **kw: seen.update(kw, manifest=manifest) or Fake())
+    monkeypatch.setattr("romebatch.tuning.tune", lambda manifest, **kw: seen.update(kw, manifest=manifest) or Fake())
     monkeypatch.chdir(tmp_path)
     done = CliRunner().invoke(
         app, ["tune", "facts.csv", "--sample", "7", "--seed", "3", "--clamps", "0.5,2", "--model", "m", "--json"]

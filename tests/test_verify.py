@@ -1,4 +1,4 @@
-"""`romebatch verify`: the journal's head scored against the base model (romebatch.verify, api, CLI).
+"""`romebatch verify`: the journal's head scored against the base model (romebatch.specificity, api, CLI).
 
 Journals are built for real on the tiny GPT-2 of conftest, saved as a model folder so that the
 CLI can open them with `--model`. "Healthy" facts have neighbourhood prompts about nothing
@@ -26,7 +26,8 @@ from romebatch.manifest import Fact, Neighbor
 from romebatch.model import load_model
 from romebatch.probes import Thresholds
 from romebatch.report import VERIFY_SCHEMA, write_verify_results
-from romebatch.verify import VerifyThresholds, verify
+from romebatch.specificity import VerifyThresholds
+from romebatch.specificity import score_head as verify
 
 TEMPLATE = "{} is located in the city of"
 UNRELATED = (
@@ -287,7 +288,7 @@ def test_rolled_back_edits_are_not_scored(tmp_path, folder):
         assert report.head == 2
         assert report.edited == summarize(score_facts(ed.lm, [GOOD_1, GOOD_2]))
         # Even named in a manifest, the rolled-back fact is not scored.
-        with_manifest = verify(ed, manifest=[GOOD_1, GOOD_2, HARMFUL])
+        with_manifest = verify(ed, facts=[GOOD_1, GOOD_2, HARMFUL])
         assert [r.fact_id for r in with_manifest.rows] == ["good-1", "good-2"]
 
 
@@ -326,7 +327,7 @@ def test_worst_names_only_facts_whose_neighbourhood_fell(tmp_path, folder, monke
         return [FactScores(0.5, 0.1, [], [good_1]), FactScores(0.5, 0.1, [], [good_2])]
 
     calls = iter([scores(better, worse), scores((0.1, 0.2), fine)])  # head first, then base
-    monkeypatch.setattr("romebatch.verify.score_facts", lambda lm, facts, *a, **k: next(calls))
+    monkeypatch.setattr("romebatch.specificity.score_facts", lambda lm, facts, *a, **k: next(calls))
     with open_editor(journal, folder, write=False, hparams=None) as ed:
         report = verify(ed)
     drops = {r.fact_id: r.neighborhood_drop for r in report.rows}

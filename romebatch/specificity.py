@@ -87,13 +87,14 @@ class VerifyReport:
         }
 
 
-def verify(
-    editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), manifest: list[Fact] | None = None, progress=None
+def score_head(
+    editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), facts: list[Fact] | None = None, progress=None
 ) -> VerifyReport:
+    """The head against the base model on the applied facts (`facts`: a manifest's probes for them)."""
     path = editor.journal.path()
     stored = {r.fact_hash: r for r in path}
-    if manifest is not None:
-        facts = [f for f in manifest if f.hash in stored]  # the manifest's probes for applied facts
+    if facts is not None:
+        facts = [f for f in facts if f.hash in stored]  # the manifest's probes for applied facts
     else:
         # A repaired fact has several edits on the path (the last one is `stored`): score it once.
         facts = [fact_from_dict(json.loads(r.fact_json)) for r in stored.values()]

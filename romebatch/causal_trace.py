@@ -14,16 +14,11 @@ rows whose window covers that layer. A fact costs a few batched passes, not one 
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from .errors import one_line
 from .hooks import Hook, attach
 from .lm import answer_ids, as_btd, encode, head_inputs, last_token_in_span, logits, make_batch, model_inputs
 from .model import LoadedModel
@@ -288,82 +283,6 @@ def restored_probability(
 def mlp_effect_by_layer(results: list[TraceResult]) -> np.ndarray:
     """Average indirect effect of MLP outputs at the subject's last token, per layer."""
     return np.mean([r.effect("mlp")[r.subject_last] for r in results], axis=0)
-
-
-def recommended_layer(results: list[TraceResult]) -> int:
-    return int(np.argmax(mlp_effect_by_layer(results)))
-
-
-def save_recommendation(lm: LoadedModel, layer: int, effect: np.ndarray, facts: int) -> None:
-    """Cache the traced layer for `apply --layer auto`, keyed by the model's weights."""
-    from .model import romebatch_home
-
-    path = romebatch_home() / "layers.json"
-    data = _read_layers(path)
-    data[lm.full_hash()] = {"layer": layer, "facts": facts, "mlp_effect": [float(x) for x in effect], "model": lm.spec}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A temp file of this process's own (not a fixed name), so concurrent runs cannot
-    # interleave their writes; the rename is atomic, so the last writer wins whole.
-    fd, tmp = tempfile.mkstemp(prefix=".layers.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def load_recommendation(lm: LoadedModel) -> int | None:
-    from .model import romebatch_home
-
-    path = romebatch_home() / "layers.json"
-    if not path.exists():
-        return None
-    entry = _read_layers(path).get(lm.full_hash())
-    layer = entry.get("layer") if isinstance(entry, dict) else None
-    return layer if isinstance(layer, int) and not isinstance(layer, bool) and layer >= 0 else None
-
-
-def _read_layers(path) -> dict:
-    """The layer cache, or {} when it is missing or damaged (it is recomputed, never trusted blindly)."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str | None]]:
-    """(prompt, subject, answer) from a known-facts JSON (`prompt`, `subject`, `attribute`) or any manifest."""
-    from pathlib import Path
-
-    from .errors import UserError
-    from .manifest import load_manifest
-
-    path = Path(path)
-    if path.suffix == ".json":
-        from .files import open_regular_file
-        from .manifest import strict_json
-
-        try:
-            with open_regular_file(str(path)) as handle:
-                records = strict_json(handle.read())
-        except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and duplicate keys too
-            raise UserError(f"{path}: cannot read it ({one_line(str(error)) or type(error).__name__})") from None
-        if isinstance(records, list) and records and isinstance(records[0], dict) and "attribute" in records[0]:
-            facts = []
-            for number, record in enumerate(records[:limit] if limit else records, 1):
-                if not isinstance(record, dict) or not all(
-                    isinstance(record.get(k), str) for k in ("prompt", "subject", "attribute")
-                ):
-                    raise UserError(f"{path}:{number}: a known fact needs string prompt, subject and attribute")
-                if record["subject"] not in record["prompt"]:
-                    raise UserError(f"{path}:{number}: field 'subject': not found in the prompt")
-                facts.append((record["prompt"], record["subject"], record["attribute"]))
-            return facts
-    manifest = load_manifest(path, limit=limit)
-    return [(f.text, f.subject, f.target_true) for f in manifest.facts]
 
 
 def average_trace(

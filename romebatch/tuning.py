@@ -215,12 +215,13 @@ def tune(
     progress: Callable[[int, int], None] | None = None,
 ) -> TuneResult:
     """Measure (layer, clamp) on `manifest`'s facts and save the winner as the model's preset."""
+    from .causal_trace import average_trace
     from .evaluate import score_facts
+    from .layer_cache import save_recommendation
     from .manifest import load_manifest
     from .model import load_model
     from .presets import save_preset
     from .rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
-    from .trace import average_trace, save_recommendation
 
     started = time.perf_counter()
     if sample < 1 or seq_edits < 1 or seq_top < 1 or top_layers < 0 or not clamps:

@@ -1,0 +1,33 @@
+"""The facts `romebatch trace --facts` reads: ROME's known-facts JSON or any manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import UserError, one_line
+from .files import open_regular_file
+from .manifest import load_manifest, strict_json
+
+
+def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str | None]]:
+    """(prompt, subject, answer) from a known-facts JSON (`prompt`, `subject`, `attribute`) or any manifest."""
+    path = Path(path)
+    if path.suffix == ".json":
+        try:
+            with open_regular_file(str(path)) as handle:
+                records = strict_json(handle.read())
+        except (OSError, ValueError, RecursionError) as error:  # UnicodeDecodeError and duplicate keys too
+            raise UserError(f"{path}: cannot read it ({one_line(str(error)) or type(error).__name__})") from None
+        if isinstance(records, list) and records and isinstance(records[0], dict) and "attribute" in records[0]:
+            facts = []
+            for number, record in enumerate(records[:limit] if limit else records, 1):
+                if not isinstance(record, dict) or not all(
+                    isinstance(record.get(k), str) for k in ("prompt", "subject", "attribute")
+                ):
+                    raise UserError(f"{path}:{number}: a known fact needs string prompt, subject and attribute")
+                if record["subject"] not in record["prompt"]:
+                    raise UserError(f"{path}:{number}: field 'subject': not found in the prompt")
+                facts.append((record["prompt"], record["subject"], record["attribute"]))
+            return facts
+    manifest = load_manifest(path, limit=limit)
+    return [(f.text, f.subject, f.target_true) for f in manifest.facts]
