@@ -1,0 +1,304 @@
+"""One-call functions that read a journal or a model and change nothing: log, check, verify,
+trace, compare, curves. `romebatch.api` re-exports them; the CLI calls them through it."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from .editor import Editor
+from .errors import UserError
+from .journal import Journal, reads_journal
+from .manifest import load_manifest
+
+
+def _load_kwargs(log, device_map, max_memory) -> dict:
+    """Editor's keyword arguments for loading: the log if given, and the device map (device_map.py)."""
+    return {**({"log": log} if log else {}), "device_map": device_map, "max_memory": max_memory}
+
+
+def _journal_meta(journal: str | Path) -> dict:
+    """The stored model spec of an existing journal ({} if there is none yet)."""
+    if not (Path(journal) / "journal.sqlite").exists():
+        return {}
+    with Journal(journal) as j:
+        return {"model": j.get("model"), "module_template": j.get("module_template"), "dtype": j.get("dtype")}
+
+
+@reads_journal
+def log(
+    journal: str | Path = "romebatch.journal",
+    *,
+    status: str | None = None,
+    fact: str | None = None,
+    since: int | None = None,
+    limit: int | None = None,
+) -> dict:
+    """The journal's metadata, a summary, and its edits and rejections (no model needed).
+
+    Filters (romebatch/logview.py): status applied | rolled_back | repaired | warned |
+    rejected, one fact id, edits after `since`, the last `limit` (None: all).
+    """
+    from .logview import select
+
+    return select(_log_all(journal), status=status, fact=fact, since=since, limit=limit)
+
+
+def _log_all(journal: str | Path) -> dict:
+    with Journal(journal) as j:
+        # A repair edits a fact already on its path (romebatch/repair.py).
+        seen, repairs = set(), set()
+        for seq, fact_hash in j.path_facts():
+            if fact_hash in seen:
+                repairs.add(seq)
+            seen.add(fact_hash)
+        return {
+            "journal": str(j.directory),
+            "head": j.head,
+            "model": j.get("model"),
+            "base_hash": j.get("base_hash"),
+            "edits": [
+                {
+                    "seq": r.seq,
+                    "parent": r.parent,
+                    "status": r.status,
+                    "repair": r.seq in repairs,
+                    "fact_id": r.fact_id,
+                    "subject": r.fact["subject"],
+                    "target_new": r.fact["target_new"],
+                    "layer": r.layer,
+                    "update_norm": r.update_norm,
+                    "denominator": r.denominator,
+                    "p_new_before": r.p_new_before,
+                    "p_new_after": r.p_new_after,
+                    "p_true_after": r.p_true_after,
+                    "seconds": r.seconds_total,
+                    "created_at": r.created_at,
+                    "warning": r.warning,
+                    "p_true_before": r.p_true_before,
+                    "neighborhood_drop": r.neighborhood_drop,
+                    "probe_regression": r.probe_regression,
+                    "retention": r.retention,
+                    "v_steps": r.v_steps,
+                    "fact": r.fact,
+                }
+                for r in j.edits()
+            ],
+            "rejections": [{k: v for k, v in row.items() if k != "fact_json"} for row in j.rejections()],
+        }
+
+
+@reads_journal
+def check(
+    journal: str | Path = "romebatch.journal",
+    *,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+    lm=None,
+    device_map=None,
+    max_memory=None,
+):
+    """Verify the journal: the file itself (no model needed), then every edit's stored hashes by replay."""
+    from .audit import audit, damaged_edits
+    from .editor import CheckReport
+
+    kwargs = _load_kwargs(log, device_map, max_memory)
+    # The file itself first, without a model: damage is named in seconds, and replay runs
+    # only when the rows it reads are sound enough to replay.
+    with Journal(journal) as j:
+        problems = audit(j.db)
+        if problems:
+            try:
+                edits = j.db.execute("SELECT COUNT(*) FROM edits").fetchone()[0]
+                head, chain = j.head, j.chain()
+            except (UserError, sqlite3.DatabaseError):
+                edits, head, chain = 0, 0, None
+    if not problems:
+        with Editor(journal, model=model, device=device, write=False, verify=False, lm=lm, **kwargs) as editor:
+            return editor.check()
+    damaged = damaged_edits(problems)
+    if chain is None or damaged is None:  # the tables or meta themselves: no state to go back to
+        return CheckReport(
+            journal=str(journal), edits=edits, head=head, problems=problems, last_good=0, structural=True
+        )
+    last_good = 0
+    for seq in chain:
+        if seq in damaged:
+            break
+        last_good = seq
+    return CheckReport(
+        journal=str(journal),
+        edits=edits,
+        head=head,
+        problems=problems,
+        last_good=last_good if damaged & set(chain) else head,
+    )
+
+
+@reads_journal
+def verify(
+    journal: str | Path = "romebatch.journal",
+    *,
+    manifest: str | Path | None = None,
+    thresholds=None,
+    results: str | Path | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+    progress=None,
+    device_map=None,
+    max_memory=None,
+):
+    """Score the head against the base model on every applied fact; see `romebatch.specificity`."""
+    from .report import check_results_path
+    from .specificity import VerifyThresholds, score_head
+
+    check_results_path(results)
+    facts = load_manifest(manifest).facts if manifest else None
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
+    kwargs = _load_kwargs(log, device_map, max_memory)
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        report = score_head(editor, thresholds or VerifyThresholds(), facts, progress=progress)
+    if results:
+        from .report import write_verify_results
+
+        write_verify_results(report.rows, results)
+    return report
+
+
+def trace(
+    prompt: str | None = None,
+    subject: str | None = None,
+    answer: str | None = None,
+    *,
+    facts_file: str | Path | None = None,
+    limit: int | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    samples: int = 10,
+    noise: float = 3.0,
+    window: int = 10,
+    kinds=("hidden", "mlp", "attn"),
+    seed: int = 0,
+    log=None,
+    progress=None,
+    journal: str | Path | None = None,
+    device_map=None,
+    max_memory=None,
+):
+    """Causal tracing: one fact (every cell, each kind), or the MLP effect averaged over a file of facts.
+
+    The model: `model`, else `journal`'s model (if that journal exists), else the embedded one.
+
+    Returns a TraceResult for one fact, or (effect by layer, recommended layer, results) for a file;
+    the file form also caches the recommendation for `apply --layer auto`.
+    """
+    from .causal_trace import average_trace, trace_fact
+    from .layer_cache import save_recommendation
+    from .model import load_model
+    from .trace_facts import read_trace_facts
+
+    kwargs = {"log": log} if log else {}
+    if facts_file is None and (prompt is None or subject is None):
+        raise UserError("give --prompt and --subject, or --facts FILE")
+    stored = _journal_meta(journal) if journal is not None and model is None else {}
+    lm = load_model(
+        model or stored.get("model"),
+        device=device,
+        dtype=stored.get("dtype") or "float32",
+        module_template=stored.get("module_template"),
+        device_map=device_map,
+        max_memory=max_memory,
+        **kwargs,
+    )
+    if facts_file is None:
+        if subject not in prompt:
+            raise UserError(f"--subject {subject!r} does not occur in --prompt")
+        return trace_fact(
+            lm, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window, seed=seed
+        )
+    facts = read_trace_facts(facts_file, limit)
+    effect, layer, results = average_trace(
+        lm, facts, samples=samples, noise=noise, window=window, seed=seed, progress=progress
+    )
+    save_recommendation(lm, layer, effect, len(facts))
+    return effect, layer, results
+
+
+def compare(
+    journal: str | Path = "romebatch.journal",
+    *,
+    facts_file: str | Path | None = None,
+    fact_ids=(),
+    prompts=(),
+    at: int | None = None,
+    max_new_tokens: int | None = None,
+    sample: int | None = None,
+    seed: int = 0,
+    results: str | Path | None = None,
+    model: str | None = None,
+    device: str = "cpu",
+    log=None,
+):
+    """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.comparison`.
+
+    Selectors: a manifest (`facts_file`), journal fact ids, free `prompts`; none of them: a
+    seeded sample of `sample` facts edited on the state's path.
+    """
+    from .comparison import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, select_facts
+    from .comparison import compare as run_compare
+
+    if facts_file is not None and fact_ids:
+        raise UserError("choose --facts MANIFEST or --fact ID, not both")
+    if max_new_tokens is not None and max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: give at least 1")
+    if results is not None and Path(results).suffix not in (".parquet", ".csv"):
+        raise UserError(f"--results {results}: use a .parquet or .csv file name")
+    manifest_facts = load_manifest(facts_file).facts if facts_file else None
+    # Everything the user named is checked before the model is loaded.
+    with Journal(journal) as j:
+        if at is not None and at != 0:
+            if at < 0:
+                raise UserError(f"--at {at}: give an edit number (0 = the base model)")
+            j.edit(at)
+        facts = select_facts(
+            j,
+            manifest_facts=manifest_facts,
+            fact_ids=list(fact_ids),
+            prompts=list(prompts),
+            at=at,
+            sample=DEFAULT_SAMPLE if sample is None else sample,
+            seed=seed,
+        )
+    kwargs = {"log": log} if log else {}
+    with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
+        report = run_compare(
+            editor,
+            facts,
+            list(prompts),
+            at=at,
+            max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,
+        )
+    if results:
+        from .comparison import write_compare_results
+
+        write_compare_results(report, results)
+    return report
+
+
+def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: str | Path | None = None) -> dict:
+    """Scores, repairs, warnings and rejections per window of `every` edits, from the journal alone.
+
+    `out` also draws them as a PNG. See romebatch/quality_curves.py for what each number is.
+    """
+    from .quality_curves import curves as read_curves
+    from .quality_curves import save_png
+
+    if out is not None and Path(out).suffix.lower() != ".png":
+        raise UserError(f"--out {out}: give a .png file name")
+    report = read_curves(journal, every)
+    if out is not None:
+        save_png(report, out)
+    return report
