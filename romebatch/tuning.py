@@ -216,12 +216,12 @@ def tune(
 ) -> TuneResult:
     """Measure (layer, clamp) on `manifest`'s facts and save the winner as the model's preset."""
     from .causal_trace import average_trace
-    from .evaluate import score_facts
     from .layer_cache import save_recommendation
     from .manifest import load_manifest
     from .model import load_model
     from .presets import save_preset
     from .rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
+    from .scores import score_facts
 
     started = time.perf_counter()
     if sample < 1 or seq_edits < 1 or seq_top < 1 or top_layers < 0 or not clamps:
@@ -429,7 +429,7 @@ def _row(fact: Fact, scores) -> dict:
 def _sequential(lm, base: HParams, setting: Setting, facts: list[Fact], unedited_ns: float | None) -> dict:
     """Apply `facts` one after another in a scratch journal, score NS at the end, restore the base."""
     from .editor import Editor
-    from .evaluate import score_facts
+    from .scores import score_facts
 
     hp = base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp)
     with (
