@@ -224,3 +224,43 @@ def test_apply_reads_the_manifest_once(tmp_path, monkeypatch):
     assert opened == [str(tmp_path / "facts.csv")]  # the CLI's read; api.apply used the Manifest
     assert isinstance(seen[0], Manifest) and [f.id for f in seen[0].facts] == ["ben", "needle"]
     assert load_manifest(seen[0], limit=1).facts == seen[0].facts[:1]
+
+
+def test_every_command_that_takes_a_manifest_takes_stdin(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(name, key):
+        def fake(*args, **kwargs):
+            seen[name] = kwargs[key] if key else args[0]
+            raise UserError("stop here")
+
+        return fake
+
+    monkeypatch.setattr("romebatch.api.verify", record("verify", "manifest"))
+    monkeypatch.setattr("romebatch.api.compare", record("compare", "facts_file"))
+    monkeypatch.setattr("romebatch.api.trace", record("trace", "facts_file"))
+    monkeypatch.setattr("romebatch.tuning.tune", record("tune", None))
+    monkeypatch.chdir(tmp_path)
+    for name, argv in (
+        ("verify", ["verify", "--manifest", "-"]),
+        ("compare", ["compare", "--facts", "-"]),
+        ("trace", ["trace", "--facts", "-", "--format", "jsonl"]),
+        ("tune", ["tune", "-"]),
+    ):
+        result = CliRunner().invoke(app, argv, input=JSONL)
+        assert "stop here" in str(result.exception), (name, result.output)
+        assert isinstance(seen[name], Manifest) and seen[name].path == "<stdin>", name
+        assert [f.id for f in seen[name].facts] == ["ben", "needle"], name
+    # A file without --format still reaches the library as its path (read there, as before).
+    (tmp_path / "facts.csv").write_text(CSV)
+    CliRunner().invoke(app, ["verify", "--manifest", "facts.csv"])
+    assert seen["verify"] == Path("facts.csv")
+    CliRunner().invoke(app, ["verify", "--manifest", "facts.csv", "--format", "csv"])
+    assert isinstance(seen["verify"], Manifest)
+
+
+def test_trace_reads_a_manifest_given_as_a_manifest(tmp_path, monkeypatch):
+    from romebatch.trace_facts import read_trace_facts
+
+    fake_stdin(monkeypatch, CSV)
+    assert read_trace_facts(load_manifest("-"), limit=1) == [("Big Ben is located in the city of", "Big Ben", "London")]
