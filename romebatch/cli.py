@@ -195,6 +195,10 @@ def _check_device(device: str) -> None:
 def _manifest(path: Path | None, layout: ManifestFormat | None):
     """A manifest named on the command line: '-' (stdin, read once) or one with --format is read
     here and passed on as a Manifest; a plain file is passed on as its path."""
+    if path is None and layout is not None:
+        from .errors import UserError
+
+        raise UserError(f"--format {_value(layout)}: give the manifest it describes (--manifest or --facts)")
     if path is None or (str(path) != "-" and layout is None):
         return path
     from .manifest import load_manifest

@@ -257,6 +257,8 @@ def test_every_command_that_takes_a_manifest_takes_stdin(tmp_path, monkeypatch):
     assert seen["verify"] == Path("facts.csv")
     CliRunner().invoke(app, ["verify", "--manifest", "facts.csv", "--format", "csv"])
     assert isinstance(seen["verify"], Manifest)
+    result = CliRunner().invoke(app, ["compare", "--format", "csv"])
+    assert "--format csv: give the manifest it describes" in str(result.exception)
 
 
 def test_trace_reads_a_manifest_given_as_a_manifest(tmp_path, monkeypatch):
