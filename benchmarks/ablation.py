@@ -44,10 +44,11 @@ from sequential import DATA, FLUENCY_PROMPTS, read_jsonl  # noqa: E402
 
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
-from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
+from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
+from romebatch.scores import score_facts, summarize  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "ablation.jsonl"
 TOP_K = 64  # of Gemma-3-270M's 2,048 key dimensions: a soft null space

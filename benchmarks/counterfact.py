@@ -30,15 +30,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.evaluate import (  # noqa: E402
-    FactScores,  # noqa: E402
-    score_facts,
-    summarize,
-)
 from romebatch.hparams import HParams, resolve  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes  # noqa: E402
+from romebatch.scores import FactScores, score_facts, summarize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
 ZSRE = ROOT.parent / "shared" / "data" / "zsre-1k.json"
@@ -48,7 +44,7 @@ def zsre_rows(lm, facts) -> list:
     """zsRE's scores as the ROME paper reports them: top-1 token accuracy under teacher forcing
     of the new answer on the question (efficacy) and its rephrasing (paraphrase), and of the
     true answer on an unrelated NQ question (specificity)."""
-    from romebatch.evaluate import token_accuracy
+    from romebatch.zsre_scores import token_accuracy
 
     out = []
     for fact in facts:
@@ -217,7 +213,8 @@ def main() -> None:
 
 def sequential(args) -> None:
     from romebatch.editor import Editor
-    from romebatch.evaluate import fluency, magnitudes
+    from romebatch.fluency import fluency
+    from romebatch.scores import magnitudes
 
     out_dir = ROOT / "benchmarks" / "runs"
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,9 @@ from ge import state_after  # noqa: E402
 from sequential import read_jsonl  # noqa: E402
 
 from romebatch.editor import Editor  # noqa: E402
-from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
+from romebatch.scores import score_facts, summarize  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "full-scores.jsonl"
 

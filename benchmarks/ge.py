@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from sequential import FLUENCY_PROMPTS, read_jsonl  # noqa: E402
 
 from romebatch.editor import Editor  # noqa: E402
-from romebatch.evaluate import fluency  # noqa: E402
+from romebatch.fluency import fluency  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "ge.jsonl"

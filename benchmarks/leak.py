@@ -36,12 +36,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.evaluate import answer_nll, score_facts, summarize  # noqa: E402
 from romebatch.hooks import Hook, attach  # noqa: E402
 from romebatch.journal import Journal  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.rome.stats import load_or_compute_stats  # noqa: E402
+from romebatch.scores import answer_nll, score_facts, summarize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
 

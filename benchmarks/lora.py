@@ -35,9 +35,9 @@ from sequential import sample_indices  # noqa: E402
 
 from romebatch import api  # noqa: E402
 from romebatch.editor import Editor  # noqa: E402
-from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import LoadedModel, adapter_for  # noqa: E402
+from romebatch.scores import score_facts, summarize  # noqa: E402
 
 
 def quiet(message: str) -> None:

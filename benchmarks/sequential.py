@@ -50,10 +50,11 @@ import bundles  # noqa: E402
 
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
-from romebatch.evaluate import fluency, score_facts, summarize  # noqa: E402
+from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
+from romebatch.scores import score_facts, summarize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
 # Outside the project (the data is read from ../shared, never copied in), at a fixed path

@@ -27,6 +27,12 @@ CONVENTIONS = """## Conventions
   tables, reports, errors and `--json` still print. `romebatch -v apply ...` also prints
   every edit as it is made, above the live progress bar (without a terminal, those lines
   are always printed).
+- A manifest of `-` is read from standard input, once, with the same 2 GiB cap as a file
+  (`apply`, `tune`, `verify --manifest`, `compare --facts`, `trace --facts`); errors name it
+  `<stdin>:ROW`. `--format csv|yaml|jsonl|json|counterfact|counterfact-flat|zsre` names the
+  layout. For `-` it is needed unless the first line tells (`[` or `{`: JSON or JSONL, a CSV
+  header, `- `/`facts:`: YAML); for a file it overrides the suffix. A terminal on stdin is
+  refused rather than waited on: `romebatch apply - --format csv < facts.csv`.
 - Environment defaults: `ROMEBATCH_JOURNAL` for `--journal`, `ROMEBATCH_MODEL` for `--model`
   (an option given on the command line wins). `ROMEBATCH_HOME` holds the caches,
   `ROMEBATCH_DEBUG=1` shows tracebacks.

@@ -9,7 +9,7 @@ from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
 from .hparams import HParams
 from .journal import Journal, reads_journal
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 from .probes import Thresholds
 
 DEFAULT_CHECKS = Thresholds()
@@ -19,7 +19,7 @@ REPAIR_EVERY = 100
 
 
 def apply(
-    manifest: str | Path,
+    manifest: str | Path | Manifest,
     *,
     journal: str | Path = "romebatch.journal",
     model: str | None = None,
@@ -41,7 +41,11 @@ def apply(
     retry_rejected: bool = False,
     on_stage=None,
 ) -> ApplyResult:
-    """Validate `manifest` (nothing is written if it is bad), then apply its pending facts."""
+    """Validate `manifest` (nothing is written if it is bad), then apply its pending facts.
+
+    `manifest`: a path ("-": standard input), or a Manifest already loaded (`load_manifest`),
+    which is not read again; the CLI passes the one it validated.
+    """
     from .model import load_model
     from .preflight import check_facts_for_model
     from .report import check_results_path

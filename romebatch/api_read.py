@@ -9,7 +9,7 @@ from pathlib import Path
 from .editor import Editor
 from .errors import UserError
 from .journal import Journal, reads_journal
-from .manifest import load_manifest
+from .manifest import Manifest, load_manifest
 
 
 def _load_kwargs(log, device_map, max_memory) -> dict:
@@ -140,7 +140,7 @@ def check(
 def verify(
     journal: str | Path = "romebatch.journal",
     *,
-    manifest: str | Path | None = None,
+    manifest: str | Path | Manifest | None = None,
     thresholds=None,
     results: str | Path | None = None,
     model: str | None = None,
@@ -173,7 +173,7 @@ def trace(
     subject: str | None = None,
     answer: str | None = None,
     *,
-    facts_file: str | Path | None = None,
+    facts_file: str | Path | Manifest | None = None,
     limit: int | None = None,
     model: str | None = None,
     device: str = "cpu",
@@ -230,7 +230,7 @@ def trace(
 def compare(
     journal: str | Path = "romebatch.journal",
     *,
-    facts_file: str | Path | None = None,
+    facts_file: str | Path | Manifest | None = None,
     fact_ids=(),
     prompts=(),
     at: int | None = None,

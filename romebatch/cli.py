@@ -71,6 +71,16 @@ class Preserve(str, Enum):
     nullspace = "nullspace"
 
 
+class ManifestFormat(str, Enum):  # romebatch.manifest.FORMATS (a test keeps them equal)
+    csv = "csv"
+    yaml = "yaml"
+    jsonl = "jsonl"
+    json = "json"
+    counterfact = "counterfact"
+    counterfact_flat = "counterfact-flat"
+    zsre = "zsre"
+
+
 class RunEnded(Exception):
     """A command that finished its report but must exit non-zero (a signal, a stop, failed facts).
 
@@ -100,6 +110,15 @@ DeviceMapOpt = Annotated[
 MaxMemoryOpt = Annotated[
     str | None,
     typer.Option("--max-memory", help="With --device-map: memory per device, e.g. '0=20GiB,1=20GiB,cpu=60GiB'."),
+]
+FormatOpt = Annotated[
+    ManifestFormat | None,
+    typer.Option(
+        "--format",
+        metavar="<layout>",
+        help="The manifest's layout: csv, yaml, jsonl, json, counterfact, counterfact-flat or zsre; "
+        "default: from its suffix (.json: its first record), for '-' (stdin) from its first line.",
+    ),
 ]
 DEFAULT_JOURNAL = Path("romebatch.journal")
 # The ROME settings' defaults, shown in --help (hparams.py imports no torch). A journal that
@@ -173,6 +192,20 @@ def _check_device(device: str) -> None:
         raise UserError(f"--device {device!r}: use cpu, cuda or cuda:N")
 
 
+def _manifest(path: Path | None, layout: ManifestFormat | None):
+    """A manifest named on the command line: '-' (stdin, read once) or one with --format is read
+    here and passed on as a Manifest; a plain file is passed on as its path."""
+    if path is None and layout is not None:
+        from .errors import UserError
+
+        raise UserError(f"--format {_value(layout)}: give the manifest it describes (--manifest or --facts)")
+    if path is None or (str(path) != "-" and layout is None):
+        return path
+    from .manifest import load_manifest
+
+    return load_manifest(path, format=_value(layout))
+
+
 def _emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
 
@@ -193,7 +226,8 @@ def apply(
     manifest: Annotated[
         Path,
         typer.Argument(
-            help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json; or a .rbundle of edits made elsewhere."
+            help="Facts: .csv, .yaml, .jsonl, or CounterFact / zsRE .json ('-': stdin, with --format unless "
+            "its first line tells); or a .rbundle of edits made elsewhere."
         ),
     ],
     journal: JournalOpt = DEFAULT_JOURNAL,
@@ -205,6 +239,7 @@ def apply(
             "(1 on Gemma-3-270M), else a quarter of its depth."
         ),
     ] = None,
+    manifest_format: FormatOpt = None,
     limit: Annotated[int | None, typer.Option(help="Apply only the first N facts of the manifest.")] = None,
     results: Annotated[Path | None, typer.Option(help="Write the per-fact table (.parquet or .csv).")] = None,
     hparams: Annotated[Path | None, typer.Option(help="YAML file of hyper-parameters.")] = None,
@@ -294,7 +329,7 @@ def apply(
     from .bundle_file import SUFFIX
     from .errors import UserError, one_line
 
-    if manifest.suffix == SUFFIX:
+    if manifest.suffix == SUFFIX and manifest_format is None:
         return _apply_bundle(manifest, journal, model, device, dry_run, json_out)
     from .manifest import load_manifest
     from .report import check_results_path
@@ -318,7 +353,8 @@ def apply(
     ):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{name} {value}: give a share between 0 and 1")
-    loaded = load_manifest(manifest, limit=limit)  # validates everything before any model is loaded
+    # Validates everything before any model is loaded; parsed once, and passed on as it is.
+    loaded = load_manifest(manifest, limit=limit, format=_value(manifest_format))
     hp = _hparams(
         hparams,
         v_steps=v_steps,
@@ -343,7 +379,7 @@ def apply(
         if json_out:
             _emit_json(
                 {
-                    "manifest": str(manifest),
+                    "manifest": loaded.path,
                     "facts": len(loaded.facts),
                     "pending": rows,
                     "layer": layer,
@@ -355,7 +391,7 @@ def apply(
             )
         else:
             _say(
-                f"{manifest}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
+                f"{loaded.path}: {len(loaded.facts)} valid facts ({loaded.duplicates_dropped} duplicates dropped), "
                 f"{len(pending)} pending for journal {journal}" + (f" at layer {layer}" if layer is not None else "")
             )
             if any(again.values()):
@@ -462,7 +498,7 @@ def apply(
 
     with progress:
         result = api.apply(
-            manifest,
+            loaded,
             journal=journal,
             model=model,
             layer=layer,
@@ -690,8 +726,9 @@ def export(
 def verify(
     journal: JournalOpt = DEFAULT_JOURNAL,
     manifest: Annotated[
-        Path | None, typer.Option(help="Score with this manifest's probes (applied facts only).")
+        Path | None, typer.Option(help="Score with this manifest's probes (applied facts only; '-': stdin).")
     ] = None,
+    manifest_format: FormatOpt = None,
     max_ns_drop: Annotated[float, typer.Option(help="Points NS may fall below the base model's.")] = 5.0,
     min_retention: Annotated[
         float, typer.Option(help="Share (0..1) of the edits that took which must still hold, as in apply.")
@@ -714,7 +751,7 @@ def verify(
     thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
     report = api.verify(
         journal,
-        manifest=manifest,
+        manifest=_manifest(manifest, manifest_format),
         thresholds=thresholds,
         results=results,
         model=model,
@@ -738,8 +775,12 @@ def trace(
     answer: Annotated[str | None, typer.Option(help="Answer to trace (default: the model's prediction).")] = None,
     facts: Annotated[
         Path | None,
-        typer.Option("--facts", help="Known-facts JSON (prompt, subject, attribute) or a manifest: average over them."),
+        typer.Option(
+            "--facts",
+            help="Known-facts JSON (prompt, subject, attribute) or a manifest ('-': stdin): average over them.",
+        ),
     ] = None,
+    manifest_format: FormatOpt = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N facts of --facts.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the heatmaps (or the average) as a PNG.")] = None,
     results: Annotated[Path | None, typer.Option(help="Write the indirect effects (.parquet or .csv).")] = None,
@@ -820,7 +861,7 @@ def trace(
         task = progress.add_task("", total=None)
         with progress:
             effect, layer, traced = api.trace(
-                facts_file=facts,
+                facts_file=_manifest(facts, manifest_format),
                 limit=limit,
                 model=model,
                 journal=journal,
@@ -903,8 +944,9 @@ def check(
 @app.command()
 def tune(
     manifest: Annotated[
-        Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json.")
+        Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json ('-': stdin).")
     ],
+    manifest_format: FormatOpt = None,
     model: ModelOpt = None,
     sample: Annotated[int, typer.Option(help="Facts edited one at a time over the grid (a seeded sample).")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
@@ -934,7 +976,7 @@ def tune(
     except ValueError:
         raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
     result = run_tune(
-        manifest,
+        _manifest(manifest, manifest_format),
         model=model,
         sample=sample,
         seed=seed,
@@ -961,8 +1003,9 @@ def tune(
 def compare(
     journal: JournalOpt = DEFAULT_JOURNAL,
     facts: Annotated[
-        Path | None, typer.Option("--facts", help="Compare this manifest's facts (edited or not).")
+        Path | None, typer.Option("--facts", help="Compare this manifest's facts (edited or not; '-': stdin).")
     ] = None,
+    manifest_format: FormatOpt = None,
     fact: Annotated[list[str] | None, typer.Option("--fact", help="A journal fact id to compare (repeatable).")] = None,
     prompt: Annotated[
         list[str] | None, typer.Option("--prompt", help="A free prompt to continue on both states (repeatable).")
@@ -991,7 +1034,7 @@ def compare(
 
     report = api.compare(
         journal,
-        facts_file=facts,
+        facts_file=_manifest(facts, manifest_format),
         fact_ids=fact or [],
         prompts=prompt or [],
         at=at,

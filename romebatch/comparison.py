@@ -7,7 +7,7 @@ prompt this module gives, on the base model and on the chosen state side by side
 - the greedy continuation (`max_new_tokens` tokens; greedy, so it is a function of the
   weights alone and the same on every run);
 - P(target_new) and P(target_true), length-normalised as everywhere in romebatch
-  (`evaluate.answer_nll`: exp(−mean token NLL) of the answer with a leading space).
+  (`scores.answer_nll`: exp(−mean token NLL) of the answer with a leading space).
 
 A fact contributes its own prompt, its paraphrases and its neighbourhood prompts. On a
 neighbourhood prompt, "true" is the neighbour's own expected answer and "new" is the
@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import UserError
-from .evaluate import answer_nll
 from .lm import encode
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
+from .scores import answer_nll
 
 DEFAULT_SAMPLE = 5  # facts compared when no selector is given
 DEFAULT_MAX_NEW_TOKENS = 8
@@ -130,7 +130,7 @@ def plan_rows(facts: list[Fact], prompts: list[str]) -> list[PromptComparison]:
 def _score(lm: LoadedModel, rows: list[PromptComparison], max_new_tokens: int) -> list[tuple]:
     """(text, P(new), P(true)) per row on the model as it is now."""
     texts = greedy_continuations(lm, [r.prompt for r in rows], max_new_tokens)
-    # The same length-normalised probability as every score in romebatch (evaluate.answer_nll),
+    # The same length-normalised probability as every score in romebatch (scores.answer_nll),
     # all pairs in one batched call.
     pairs, index = [], {}
     for i, r in enumerate(rows):

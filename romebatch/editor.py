@@ -43,7 +43,7 @@ from .errors import (
     UserError,
     resource_problem,
 )
-from .evaluate import answer_nll, text_nll
+from .fluency import text_nll
 from .hparams import HParams, resolve
 from .journal import FORMAT as JOURNAL_FORMAT
 from .journal import EditRecord, Journal
@@ -53,6 +53,7 @@ from .probes import RegressionProbes, Thresholds
 from .repair import MAX_EDITS_PER_FACT, Standing, to_repair
 from .rome import KeyStats, RankOneEdit, apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
 from .rome.preserve import Preserver
+from .scores import answer_nll
 
 Log = Callable[[str], None]
 

@@ -2,18 +2,22 @@
 
 Manifests, hyper-parameter files, known-facts files and statistics corpora all come from
 users; a FIFO would block `open()` forever and /dev/zero (or a link to it) would be read until
-memory runs out. Every such file is opened here.
+memory runs out. Every such file is opened here, and a manifest piped to `-` is read here too,
+under the same bound.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
 
 from .errors import UserError, located
 
 # A file larger than this is refused before it is read: 2 GiB holds millions of facts.
 MAX_FILE_BYTES = 2 * 1024**3
+# What messages call standard input (`romebatch apply - --format csv < facts.csv`).
+STDIN = "<stdin>"
 
 
 def open_regular_file(
@@ -49,3 +53,31 @@ def open_regular_file(
         raise
     mode = "r" if encoding else "rb"
     return os.fdopen(fd, mode, encoding=encoding, newline=newline) if encoding else os.fdopen(fd, mode)
+
+
+def read_stdin(limit: int = MAX_FILE_BYTES) -> bytes:
+    """All of standard input, read once, or raise UserError: refused if it is a terminal or over `limit`.
+
+    A terminal means nothing was piped: reading it would wait for typing that never comes.
+    """
+    stream = sys.stdin
+    if stream is None:
+        raise UserError(f"{STDIN}: there is no standard input; pipe a manifest into it or give a file name")
+    try:
+        terminal = stream.isatty()
+    except (OSError, ValueError):  # closed
+        terminal = False
+    if terminal:
+        raise UserError(
+            f"{STDIN}: is a terminal, not a manifest; pipe one in (`- --format csv < facts.csv`) or give a file name"
+        )
+    raw = getattr(stream, "buffer", stream)  # text streams without a buffer (tests) give str
+    try:
+        data = raw.read(limit + 1)
+    except (OSError, ValueError) as e:
+        raise UserError(located(STDIN, None, None, f"cannot read it: {getattr(e, 'strerror', None) or e}")) from None
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    if len(data) > limit:
+        raise UserError(located(STDIN, None, None, f"holds more than {limit:,} bytes; the limit is {limit:,}"))
+    return data

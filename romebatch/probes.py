@@ -22,9 +22,9 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .evaluate import answer_nll, edit_holds
 from .manifest import Fact
 from .model import LoadedModel
+from .scores import answer_nll, edit_holds
 
 
 def check_share(option: str, value: float) -> None:

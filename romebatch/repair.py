@@ -17,10 +17,10 @@ import json
 from dataclasses import dataclass
 from math import exp
 
-from .evaluate import answer_nll, edit_holds
 from .journal import EditRecord
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
+from .scores import answer_nll, edit_holds
 
 # Edits of one fact on a path, the first included: a fact the method cannot make hold
 # (or keep holding) is not edited again and again, each time leaking into the others.

@@ -2,7 +2,7 @@
 
 Scores every applied fact on the head state and on the base state (rebuilt by replay in
 the same process): the edit prompt (efficacy), paraphrases and neighbourhood prompts, with
-the CounterFact conventions of `evaluate`. A regression is a neighbourhood score that fell
+the CounterFact conventions of `scores`. A regression is a neighbourhood score that fell
 more than `max_ns_drop` points below the base model's, or edits that no longer hold.
 """
 
@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass, field
 
 from .editor import Editor
-from .evaluate import FactScores, edit_holds, score_facts, summarize
 from .manifest import Fact, fact_from_dict
+from .scores import FactScores, edit_holds, score_facts, summarize
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,13 @@ from pathlib import Path
 
 from .errors import UserError, one_line
 from .files import open_regular_file
-from .manifest import load_manifest, strict_json
+from .manifest import Manifest, load_manifest, strict_json
 
 
 def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str | None]]:
     """(prompt, subject, answer) from a known-facts JSON (`prompt`, `subject`, `attribute`) or any manifest."""
+    if isinstance(path, Manifest):  # read already (standard input, or --format)
+        return [(f.text, f.subject, f.target_true) for f in load_manifest(path, limit=limit).facts]
     path = Path(path)
     if path.suffix == ".json":
         try:

@@ -43,7 +43,7 @@ import torch
 
 from .errors import UserError
 from .hparams import MEASURED, HParams, resolve
-from .manifest import Fact, Neighbor
+from .manifest import Fact, Manifest, Neighbor
 
 DEFAULT_CLAMPS = (0.5, 1.0, 2.0, 4.0)
 NEIGHBOURS_PER_FACT = 5
@@ -192,7 +192,7 @@ def _read_results(path: Path) -> list[dict]:
 
 
 def tune(
-    manifest: str | Path,
+    manifest: str | Path | Manifest,
     *,
     model: str | None = None,
     sample: int = 30,
@@ -216,19 +216,20 @@ def tune(
 ) -> TuneResult:
     """Measure (layer, clamp) on `manifest`'s facts and save the winner as the model's preset."""
     from .causal_trace import average_trace
-    from .evaluate import score_facts
     from .layer_cache import save_recommendation
     from .manifest import load_manifest
     from .model import load_model
     from .presets import save_preset
     from .rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
+    from .scores import score_facts
 
     started = time.perf_counter()
     if sample < 1 or seq_edits < 1 or seq_top < 1 or top_layers < 0 or not clamps:
         raise UserError("tune: --sample, the sequential edits and candidates must be positive, and clamps non-empty")
     if any(not (isinstance(c, (int, float)) and math.isfinite(c) and c > 0) for c in clamps):
         raise UserError(f"tune: clamp factors must be positive numbers, got {list(clamps)}")
-    facts = load_manifest(manifest).facts
+    loaded = load_manifest(manifest)  # a path, or a Manifest read already (stdin)
+    facts = loaded.facts
     lm = lm or load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, log=log)
     base = hparams or HParams()
     model_hash = lm.full_hash()
@@ -411,7 +412,7 @@ def tune(
             lm,
             {"layer": chosen.layer, "clamp_norm_factor": chosen.clamp},
             source={
-                "manifest": str(manifest),
+                "manifest": loaded.path,
                 "sample": len(grid_facts),
                 "seed": seed,
                 "rule": rule,
@@ -429,7 +430,7 @@ def _row(fact: Fact, scores) -> dict:
 def _sequential(lm, base: HParams, setting: Setting, facts: list[Fact], unedited_ns: float | None) -> dict:
     """Apply `facts` one after another in a scratch journal, score NS at the end, restore the base."""
     from .editor import Editor
-    from .evaluate import score_facts
+    from .scores import score_facts
 
     hp = base.replace(layer=setting.layer, clamp_norm_factor=setting.clamp)
     with (

@@ -16,12 +16,12 @@ from conftest import CORPUS, FAMILIES, TINY_HPARAMS, tiny_loaded
 
 from romebatch import rome
 from romebatch.errors import UserError
-from romebatch.evaluate import answer_nll
 from romebatch.hparams import HParams, resolve
 from romebatch.lm import subject_last_index
 from romebatch.model import LoadedModel, adapter_for, supported_model_types, with_adapter
 from romebatch.rome.keys import keys_at
 from romebatch.rome.update import current_value
+from romebatch.scores import answer_nll
 
 KINDS = ("down_proj", "layer", "mlp", "attn", "embed")
 

@@ -177,7 +177,8 @@ def test_apply_passes_every_option(tmp_path, monkeypatch, fake_apply):
     assert result.exit_code == 0, result.output
     assert len(fake_apply.calls) == 1
     args, kwargs = fake_apply.calls[0]
-    assert args == (Path("facts.csv"),)
+    (manifest,) = args  # the Manifest the CLI validated, passed on instead of read again
+    assert manifest.path == "facts.csv" and [f.id for f in manifest.facts] == ["needle", "ben"]  # --limit 2
     assert kwargs["journal"] == Path("J")
     assert kwargs["model"] == "some/model"
     assert kwargs["layer"] == 2 and kwargs["limit"] == 2

@@ -1,4 +1,4 @@
-"""Scoring (romebatch.evaluate) against slow references written here from the definitions.
+"""Scoring (romebatch.scores, .fluency, .zsre_scores) against slow references written here from the definitions.
 
 The reference runs each (prompt, answer) pair alone, unpadded, through the model's own
 `.logits` on a float64 copy of the model, so batching, padding, sorting, the head-only
@@ -16,17 +16,10 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_loaded
 
-from romebatch.evaluate import (
-    answer_nll,
-    fluency,
-    generate,
-    magnitudes,
-    ngram_entropy,
-    score_facts,
-    summarize,
-    token_accuracy,
-)
+from romebatch.fluency import fluency, generate, ngram_entropy
 from romebatch.manifest import Fact, Neighbor
+from romebatch.scores import answer_nll, magnitudes, score_facts, summarize
+from romebatch.zsre_scores import token_accuracy
 
 # Prompts of very different lengths (so one batch pads), answers of one and several tokens.
 PAIRS = [
@@ -313,7 +306,7 @@ def test_a_fact_without_true_object_has_no_efficacy_and_no_paraphrase_score(byte
 
 
 def test_summarize_s_is_zero_when_one_part_is_zero_and_none_without_scores():
-    from romebatch.evaluate import FactScores
+    from romebatch.scores import FactScores
 
     lost = FactScores(p_new=0.1, p_true=0.2, paraphrase=[(0.1, 0.3)], neighborhood=[(0.3, 0.1)])
     assert summarize([lost]) == {"ES": 0.0, "PS": 0.0, "NS": 100.0, "S": 0.0, "n": 1}

@@ -188,7 +188,7 @@ def disabling_compute_edit(lm, layer, *args, **kwargs):
 
 def test_collapse_guard_rejects_a_disabling_edit_and_leaves_the_weights(tmp_path, bytelevel_tokenizer, monkeypatch):
     from romebatch import editor as editor_module
-    from romebatch.evaluate import greedy_entropy
+    from romebatch.fluency import greedy_entropy
     from romebatch.model import weight_hash
 
     monkeypatch.setattr(editor_module, "compute_edit", disabling_compute_edit)

@@ -18,10 +18,10 @@ from conftest import TINY_HPARAMS, tiny_loaded
 
 import romebatch.probes as probes_module
 from romebatch.editor import Editor
-from romebatch.evaluate import answer_nll
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact, Neighbor
 from romebatch.probes import RegressionProbes, Thresholds
+from romebatch.scores import answer_nll
 from romebatch.specificity import VerifyThresholds
 from romebatch.specificity import score_head as verify
 

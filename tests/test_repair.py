@@ -17,12 +17,12 @@ from conftest import TINY_HPARAMS, tiny_loaded
 
 from romebatch.editor import Editor
 from romebatch.errors import UserError
-from romebatch.evaluate import score_facts
 from romebatch.hparams import HParams
 from romebatch.journal import EditRecord
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 from romebatch.repair import MAX_EDITS_PER_FACT, Standing, standings, to_repair
+from romebatch.scores import score_facts
 
 LAYER = 1
 EIFFEL = Fact(

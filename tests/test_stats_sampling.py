@@ -88,7 +88,7 @@ def test_changing_the_openers_changes_the_corpus_id(monkeypatch):
 
 
 def test_an_edit_with_encyclopedic_statistics_takes_effect_and_replays_exactly(tmp_path, bytelevel_tokenizer):
-    from romebatch.evaluate import answer_nll
+    from romebatch.scores import answer_nll
 
     fact = Fact(
         id="f2", subject="Big Ben", prompt="{} is located in the city of", target_new="Tokyo", target_true="London"

@@ -20,12 +20,12 @@ from conftest import TINY_HPARAMS
 
 from romebatch import api
 from romebatch.editor import Editor
-from romebatch.evaluate import FactScores, answer_nll, score_facts, summarize
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact, Neighbor
 from romebatch.model import load_model
 from romebatch.probes import Thresholds
 from romebatch.report import VERIFY_SCHEMA, write_verify_results
+from romebatch.scores import FactScores, answer_nll, score_facts, summarize
 from romebatch.specificity import VerifyThresholds
 from romebatch.specificity import score_head as verify
 
