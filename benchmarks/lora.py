@@ -34,10 +34,11 @@ from ge import state_after  # noqa: E402
 from sequential import sample_indices  # noqa: E402
 
 from romebatch import api  # noqa: E402
+from romebatch.adapters import adapter_for  # noqa: E402
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.evaluate import score_facts, summarize  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
-from romebatch.model import LoadedModel, adapter_for  # noqa: E402
+from romebatch.model import LoadedModel  # noqa: E402
 
 
 def quiet(message: str) -> None:
