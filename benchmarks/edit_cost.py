@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from romebatch.applied_cache import AppliedCache  # noqa: E402
-from romebatch.journal import EditRecord, Journal  # noqa: E402
+from romebatch.journal import Journal  # noqa: E402
+from romebatch.journal_records import EditRecord  # noqa: E402
 
 D_MODEL, D_FF = 640, 2048
 FACT = {

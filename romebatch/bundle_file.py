@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BaseModelMismatchError, UserError, one_line
-from .journal import DB_NAME, Journal, blob_vector, migrate
+from .journal import DB_NAME, Journal
+from .journal_records import blob_vector, chunks, placeholders
+from .journal_schema import migrate
 
 MAGIC = "romebatch-bundle"
 VERSION = 1
@@ -246,9 +248,8 @@ def _umask() -> int:
 
 def _select(db: sqlite3.Connection, table: str, key: str, keys: list[int]) -> list[dict]:
     rows: dict[int, dict] = {}
-    for begin in range(0, len(keys), 500):  # SQLite caps the parameters of one statement
-        part = keys[begin : begin + 500]
-        for row in db.execute(f"SELECT * FROM {table} WHERE {key} IN ({','.join('?' * len(part))})", part):
+    for part in chunks(keys):  # SQLite caps the parameters of one statement
+        for row in db.execute(f"SELECT * FROM {table} WHERE {key} IN ({placeholders(part)})", part):
             rows[row[key]] = dict(row)
     return [rows[k] for k in keys]
 

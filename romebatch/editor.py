@@ -45,8 +45,9 @@ from .errors import (
 )
 from .evaluate import answer_nll, text_nll
 from .hparams import HParams, resolve
-from .journal import FORMAT as JOURNAL_FORMAT
-from .journal import EditRecord, Journal
+from .journal import Journal
+from .journal_records import EditRecord
+from .journal_schema import FORMAT as JOURNAL_FORMAT
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds

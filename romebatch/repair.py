@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from math import exp
 
 from .evaluate import answer_nll, edit_holds
-from .journal import EditRecord
+from .journal_records import EditRecord
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
 

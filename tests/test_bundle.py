@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import TINY_HPARAMS, tiny_model
 
-from romebatch import journal as journal_module
+from romebatch import journal_schema as journal_module
 from romebatch.api import check
 from romebatch.bundle_file import DIGEST_KEY, DOC_KEY, apply_bundles, read_bundle, write_bundle
 from romebatch.editor import Editor

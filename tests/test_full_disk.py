@@ -26,7 +26,8 @@ from romebatch.audit import audit
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
-from romebatch.journal import DB_NAME, Journal, migrate
+from romebatch.journal import DB_NAME, Journal
+from romebatch.journal_schema import migrate
 from romebatch.manifest import Fact
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,9 @@ from conftest import TINY_HPARAMS, tiny_loaded
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, JournalLockedError, UserError
 from romebatch.hparams import HParams
-from romebatch.journal import DB_NAME, LOCK_NAME, EditRecord, Journal, migrate
+from romebatch.journal import DB_NAME, LOCK_NAME, Journal
+from romebatch.journal_records import EditRecord
+from romebatch.journal_schema import migrate
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 
@@ -804,3 +806,23 @@ def test_export_onto_a_file_is_a_user_error(first_run, tmp_path):
         with pytest.raises(UserError):
             editor.export(target)
     assert target.read_text() == "not a folder"
+
+
+def test_in_lists_are_chunked_under_sqlites_variable_limit(tmp_path, monkeypatch):
+    # SQLite refuses a statement with more parameters than SQLITE_LIMIT_VARIABLE_NUMBER; lower
+    # the limit (and the chunk size with it) so a short journal has more edits than both.
+    from romebatch import journal_records
+
+    limit, n = 10, 25
+    monkeypatch.setattr(journal_records, "IN_CHUNK", limit)
+    with Journal(tmp_path / "J", write=True, create=True) as journal:
+        for seq in range(1, n + 1):
+            assert journal.commit_edit(synthetic(seq - 1, seq)) == seq
+        journal.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+        with pytest.raises(sqlite3.OperationalError, match="too many SQL variables"):
+            journal.db.execute(f"SELECT seq FROM edits WHERE seq IN ({','.join('?' * n)})", list(range(n)))
+        assert [r.seq for r in journal.path()] == list(range(1, n + 1))
+        journal.move_head(n - 1)
+        assert statuses(journal) == {**{seq: "applied" for seq in range(1, n)}, n: "rolled_back"}
+        journal.move_head(n)
+        assert set(statuses(journal).values()) == {"applied"}

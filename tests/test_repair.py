@@ -19,7 +19,7 @@ from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.evaluate import score_facts
 from romebatch.hparams import HParams
-from romebatch.journal import EditRecord
+from romebatch.journal_records import EditRecord
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 from romebatch.repair import MAX_EDITS_PER_FACT, Standing, standings, to_repair
