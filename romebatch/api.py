@@ -217,7 +217,7 @@ def apply_bundle(
     log=None,
 ):
     """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
-    from .bundle_file import apply_bundles
+    from .bundle_apply import apply_bundles
 
     return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
 

@@ -22,7 +22,9 @@ from conftest import TINY_HPARAMS, tiny_model
 
 from romebatch import journal_schema as journal_module
 from romebatch.api import check
-from romebatch.bundle_file import DIGEST_KEY, DOC_KEY, apply_bundles, read_bundle, write_bundle
+from romebatch.bundle_apply import apply_bundles
+from romebatch.bundle_file import DIGEST_KEY, DOC_KEY, write_bundle
+from romebatch.bundle_read import read_bundle
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, UserError
 from romebatch.hparams import HParams
