@@ -128,7 +128,7 @@ def main() -> None:
 
             cached = timed(one_edit, args.repeats)
             chain = timed(journal.chain, args.repeats)
-            path = timed(journal.path, max(1, args.repeats // 2))
+            path = timed(journal.lineage, max(1, args.repeats // 2))
             print(
                 f"| {depth} | {1000 * old:.2f} | {1000 * cached:.3f} | {1000 * chain:.2f} | {1000 * path:.1f} |",
                 flush=True,

@@ -63,8 +63,8 @@ def main() -> None:
         shutil.copytree(args.journal, journal, ignore=shutil.ignore_patterns("lock"))
         with Editor(journal, log=quiet) as editor:
             if args.at is not None:
-                editor.rollback(to=state_after(editor.journal.path(), args.at))
-            path = editor.journal.path()
+                editor.rollback(to=state_after(editor.journal.lineage(), args.at))
+            path = editor.journal.lineage()
             applied = {r.fact_hash for r in path}
             facts = [f for f in load_manifest(args.manifest, skip_invalid=True).facts if f.hash in applied]
             facts = [facts[i] for i in sample_indices(len(facts), args.sample)]

@@ -188,7 +188,7 @@ def export_adapter(
         provenance = editor.provenance()
         return write_adapter(
             outdir,
-            editor.journal.path(),
+            editor.journal.lineage(),
             conv1d=editor.lm.adapter.conv1d,
             base_model=editor.journal.get("model"),
             base_hash=editor.base_hash,

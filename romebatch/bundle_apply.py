@@ -104,7 +104,7 @@ def apply_bundles(
             target = _Target(
                 None if dry_run else editor.journal,
                 editor.head,
-                {r.layer for r in editor.journal.path()},
+                {r.layer for r in editor.journal.lineage()},
                 editor.journal.get("hparams"),
                 list(editor.journal.get(REPAIR_MARKS) or []),
             )

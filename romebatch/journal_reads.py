@@ -82,7 +82,7 @@ class JournalReads:
         chain.reverse()
         return chain
 
-    def path(self, head: int | None = None) -> list[EditRecord]:
+    def lineage(self, head: int | None = None) -> list[EditRecord]:
         """The edits that make state `head`, oldest first (follows parent links)."""
         chain = self.chain(head)
         if not chain:
@@ -93,7 +93,7 @@ class JournalReads:
             rows.update({row["seq"]: record_from_row(row, self.directory) for row in self.db.execute(query, part)})
         return [rows[seq] for seq in chain]
 
-    def path_facts(self, head: int | None = None) -> list[tuple[int, str]]:
+    def lineage_facts(self, head: int | None = None) -> list[tuple[int, str]]:
         """(seq, fact hash) of the edits that make state `head`, oldest first: cheap, no vectors."""
         chain = self.chain(head)
         hashes = dict(self.db.execute("SELECT seq, fact_hash FROM edits").fetchall())

@@ -94,7 +94,7 @@ def editor(path, lm, **hp):
 def head_hash(path) -> tuple[int, str]:
     with Journal(path) as j:
         assert audit(j.db) == [], "the journal is not at a good state"
-        path_ = j.path()
+        path_ = j.lineage()
         return j.head, path_[-1].weight_hash_after if path_ else ""
 
 
