@@ -120,7 +120,7 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
             )
             if stop or editor.pending(facts):
                 raise SystemExit(f"[{name}] stopped; the same command resumes")
-            path = editor.journal.path()
+            path = editor.journal.lineage()
             first = {}
             for record in path:
                 first.setdefault(record.fact_hash, record)  # each fact's first edit on the path

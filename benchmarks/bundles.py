@@ -26,7 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.bundle_file import SUFFIX, apply_bundles, read_bundle, write_bundle  # noqa: E402
+from romebatch.bundle_apply import apply_bundles  # noqa: E402
+from romebatch.bundle_file import SUFFIX, write_bundle  # noqa: E402
+from romebatch.bundle_read import read_bundle  # noqa: E402
 from romebatch.journal import DB_NAME, Journal  # noqa: E402
 
 # Edits per bundle: an edit of Gemma-3-270M is ~19.3 kB (Λ, u and k*: 640 + 2 x 2048 float32)

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from romebatch.applied_cache import AppliedCache  # noqa: E402
-from romebatch.journal import EditRecord, Journal  # noqa: E402
+from romebatch.journal import Journal  # noqa: E402
+from romebatch.journal_records import EditRecord  # noqa: E402
 
 D_MODEL, D_FF = 640, 2048
 FACT = {
@@ -127,7 +128,7 @@ def main() -> None:
 
             cached = timed(one_edit, args.repeats)
             chain = timed(journal.chain, args.repeats)
-            path = timed(journal.path, max(1, args.repeats // 2))
+            path = timed(journal.lineage, max(1, args.repeats // 2))
             print(
                 f"| {depth} | {1000 * old:.2f} | {1000 * cached:.3f} | {1000 * chain:.2f} | {1000 * path:.1f} |",
                 flush=True,

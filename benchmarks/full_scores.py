@@ -40,7 +40,7 @@ def main() -> None:
     done = {(r["journal"], r["depth"], r["state"]) for r in read_jsonl(OUT)}
     lm = load_model()
     with Editor(args.journal, lm=lm, write=False, verify=False, log=lambda m: None) as editor:
-        path = editor.journal.path()
+        path = editor.journal.lineage()
         first = {}
         for record in path:
             first.setdefault(record.fact_hash, record)  # in the order first edited

@@ -65,7 +65,7 @@ def main() -> None:
         # weights and checks the journal's recorded hashes.
         with Editor(directory, lm=lm, write=False, verify=False, log=lambda m: None) as editor:
             try:
-                path = editor.journal.path()
+                path = editor.journal.lineage()
                 for depth in depths:
                     name = "unedited" if depth == 0 else directory.name
                     state = state_after(path, depth)

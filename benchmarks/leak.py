@@ -98,7 +98,7 @@ def main() -> None:
     args = ap.parse_args()
 
     journal = Journal(args.journal)
-    path = journal.path()[: args.upto]
+    path = journal.lineage()[: args.upto]
     if not path:
         sys.exit(f"{args.journal}: no edits on the path")
     hp = journal.get("hparams")

@@ -34,9 +34,10 @@ from ge import state_after  # noqa: E402
 from sequential import sample_indices  # noqa: E402
 
 from romebatch import api  # noqa: E402
+from romebatch.adapters import adapter_for  # noqa: E402
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
-from romebatch.model import LoadedModel, adapter_for  # noqa: E402
+from romebatch.model import LoadedModel  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
 
 
@@ -62,8 +63,8 @@ def main() -> None:
         shutil.copytree(args.journal, journal, ignore=shutil.ignore_patterns("lock"))
         with Editor(journal, log=quiet) as editor:
             if args.at is not None:
-                editor.rollback(to=state_after(editor.journal.path(), args.at))
-            path = editor.journal.path()
+                editor.rollback(to=state_after(editor.journal.lineage(), args.at))
+            path = editor.journal.lineage()
             applied = {r.fact_hash for r in path}
             facts = [f for f in load_manifest(args.manifest, skip_invalid=True).facts if f.hash in applied]
             facts = [facts[i] for i in sample_indices(len(facts), args.sample)]

@@ -195,7 +195,7 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
 
 def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
     by_hash = {f.hash: f for f in facts}
-    path = editor.journal.path()
+    path = editor.journal.lineage()
     # In the order first edited; a repaired fact has more than one edit on the path.
     applied = [by_hash[h] for h in dict.fromkeys(r.fact_hash for r in path) if h in by_hash]
     rejections = editor.journal.rejections()

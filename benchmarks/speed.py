@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.hparams import HParams, resolve  # noqa: E402
-from romebatch.journal import EditRecord  # noqa: E402
+from romebatch.journal_records import EditRecord  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model, weight_hash  # noqa: E402
 from romebatch.probes import Thresholds  # noqa: E402

@@ -95,7 +95,7 @@ def exit_codes_markdown() -> str:
 
 
 def schema_markdown() -> str:
-    from romebatch.journal import MIGRATIONS, migrate
+    from romebatch.journal_schema import MIGRATIONS, migrate
 
     db = sqlite3.connect(":memory:", isolation_level=None)
     migrate(db)

@@ -192,7 +192,7 @@ def export_adapter(
         provenance = editor.provenance()
         return write_adapter(
             outdir,
-            editor.journal.path(),
+            editor.journal.lineage(),
             conv1d=editor.lm.adapter.conv1d,
             base_model=editor.journal.get("model"),
             base_hash=editor.base_hash,
@@ -221,7 +221,7 @@ def apply_bundle(
     log=None,
 ):
     """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
-    from .bundle_file import apply_bundles
+    from .bundle_apply import apply_bundles
 
     return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
 

@@ -48,7 +48,7 @@ def _log_all(journal: str | Path) -> dict:
     with Journal(journal) as j:
         # A repair edits a fact already on its path (romebatch/repair.py).
         seen, repairs = set(), set()
-        for seq, fact_hash in j.path_facts():
+        for seq, fact_hash in j.lineage_facts():
             if fact_hash in seen:
                 repairs.add(seq)
             seen.add(fact_hash)

@@ -90,7 +90,7 @@ _SCHEMAS: dict[tuple[str, ...], dict] = {}
 def _expected_schema(applied: tuple[str, ...]) -> dict:
     """sqlite_master as the migrations named in `applied` leave it, built once in memory."""
     if applied not in _SCHEMAS:
-        from .journal import MIGRATIONS, migrate
+        from .journal_schema import MIGRATIONS, migrate
 
         names = [m.__name__ for m in MIGRATIONS]
         stop = names[len(applied)] if applied == tuple(names[: len(applied)]) and len(applied) < len(names) else None

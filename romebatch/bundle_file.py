@@ -27,6 +27,9 @@ weight after its last edit (`weight_hash_after`). Two states with the same name 
 same weights. A bundle applies onto a journal whose head has its starting state (a fresh
 journal, for a bundle that starts at the base). Seq numbers are kept when they are free in
 the receiving journal (above every seq it has used), else numbered on from its own.
+
+This file holds the format and writes bundles; bundle_read.py reads and checks one,
+bundle_apply.py applies them to a journal.
 """
 
 from __future__ import annotations
@@ -36,11 +39,11 @@ import json
 import os
 import sqlite3
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BaseModelMismatchError, UserError, one_line
-from .journal import DB_NAME, Journal, blob_vector, migrate
+from .errors import UserError
+from .journal import Journal
+from .journal_records import chunks, placeholders
 
 MAGIC = "romebatch-bundle"
 VERSION = 1
@@ -74,7 +77,7 @@ REQUIRED = {
 }
 
 
-def _sha256(data: bytes) -> str:
+def sha256_of(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
@@ -182,13 +185,13 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         "edits": _tables(rows, DERIVED_EDIT_COLUMNS, "edits", tensors),
         "rejections": _tables(rejections, DERIVED_REJECTION_COLUMNS, "rejections", tensors),
     }
-    doc["tensors"] = {name: _sha256(t.tobytes()) for name, t in sorted(tensors.items())}
+    doc["tensors"] = {name: sha256_of(t.tobytes()) for name, t in sorted(tensors.items())}
     text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
     out.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(handle)
     try:
-        _save(tensors, {DOC_KEY: text, DIGEST_KEY: _sha256(text.encode("ascii"))}, staging)
+        _save(tensors, {DOC_KEY: text, DIGEST_KEY: sha256_of(text.encode("ascii"))}, staging)
         os.chmod(staging, 0o666 & ~_umask())  # mkstemp makes 0600: give the file the mode a plain write would
         os.replace(staging, out)  # a bundle is whole or absent, never half-written
     except BaseException as error:
@@ -246,451 +249,7 @@ def _umask() -> int:
 
 def _select(db: sqlite3.Connection, table: str, key: str, keys: list[int]) -> list[dict]:
     rows: dict[int, dict] = {}
-    for begin in range(0, len(keys), 500):  # SQLite caps the parameters of one statement
-        part = keys[begin : begin + 500]
-        for row in db.execute(f"SELECT * FROM {table} WHERE {key} IN ({','.join('?' * len(part))})", part):
+    for part in chunks(keys):  # SQLite caps the parameters of one statement
+        for row in db.execute(f"SELECT * FROM {table} WHERE {key} IN ({placeholders(part)})", part):
             rows[row[key]] = dict(row)
     return [rows[k] for k in keys]
-
-
-# ----------------------------------------------------------------------------- reading
-@dataclass
-class Bundle:
-    path: Path
-    doc: dict
-    edits: list[dict]  # column -> value (blobs as bytes), oldest first
-    rejections: list[dict]
-
-    @property
-    def base_hash(self) -> str:
-        return self.doc["base_hash"]
-
-    @property
-    def meta(self) -> dict:
-        return self.doc["meta"]
-
-    @property
-    def start(self) -> dict:
-        return self.doc["start"]
-
-    @property
-    def end(self) -> dict:
-        return self.doc["end"]
-
-
-def read_bundle(path: str | Path) -> Bundle:
-    """Read and check a bundle: its checksums first, then the shape of everything applying reads."""
-    from safetensors import safe_open
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: no such bundle file")
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = f.metadata() or {}
-            tensors = {name: f.get_tensor(name) for name in f.keys()}
-    except Exception as error:  # safetensors raises its own error types for a malformed file
-        raise UserError(f"{path}: not a romebatch bundle, or damaged ({one_line(str(error))})") from None
-    text = metadata.get(DOC_KEY)
-    if not isinstance(text, str) or DIGEST_KEY not in metadata:
-        raise UserError(f"{path}: not a romebatch bundle (no {DOC_KEY} document)")
-    if _sha256(text.encode("utf-8")) != metadata[DIGEST_KEY]:
-        raise UserError(f"{path}: damaged: its document does not match its checksum", hint="copy the bundle again")
-    try:
-        doc = json.loads(text)
-    except ValueError as error:
-        raise UserError(f"{path}: damaged: its document is not JSON ({error})") from None
-    where = f"{path}"
-    _expect(isinstance(doc, dict) and doc.get("magic") == MAGIC, where, "not a romebatch bundle")
-    _expect(
-        doc.get("version") == VERSION,
-        where,
-        f"bundle version {doc.get('version')!r}; this romebatch reads version {VERSION} (a newer romebatch wrote it?)",
-    )
-    listed = doc.get("tensors")
-    _expect(
-        isinstance(listed, dict) and set(listed) == set(tensors), where, "damaged: its tensors are not the listed ones"
-    )
-    for name, tensor in tensors.items():
-        if _sha256(tensor.tobytes()) != listed[name]:
-            raise UserError(f"{path}: damaged: tensor {name} does not match its checksum", hint="copy the bundle again")
-    _expect(isinstance(doc.get("base_hash"), str), where, "field base_hash: not a hash")
-    for side in ("start", "end"):
-        state = doc.get(side)
-        _expect(
-            isinstance(state, dict)
-            and _is_int(state.get("seq"))
-            and isinstance(state.get("weights"), dict)
-            and all(isinstance(k, str) and k.isdigit() and isinstance(v, str) for k, v in state["weights"].items()),
-            where,
-            f"field {side}: not a state",
-        )
-    _expect(
-        isinstance(doc.get("meta"), dict)
-        and isinstance(doc["meta"].get("hparams"), dict)
-        and isinstance(doc["meta"].get("model"), str),
-        where,
-        "field meta: no model and hyper-parameters",
-    )
-    _expect(
-        isinstance(doc.get(REPAIR_MARKS), list) and all(_is_int(m) for m in doc[REPAIR_MARKS]),
-        where,
-        f"field {REPAIR_MARKS}: not a list of seqs",
-    )
-    _expect(
-        doc.get(REPAIR_PLAN) is None or (isinstance(doc[REPAIR_PLAN], dict) and _is_int(doc[REPAIR_PLAN].get("at"))),
-        where,
-        f"field {REPAIR_PLAN}: not a repair plan",
-    )
-    edits = _rows(doc.get("edits"), tensors, "edits", where)
-    rejections = _rows(doc.get("rejections"), tensors, "rejections", where)
-    _expect(bool(edits), where, "holds no edits")
-    for index, row in enumerate(edits):
-        for column, kind in REQUIRED.items():
-            value = row.get(column)
-            ok = (
-                _is_int(value)
-                if kind is int
-                else isinstance(value, (int, float))
-                if kind is float
-                else isinstance(value, kind)
-            )
-            _expect(
-                ok and not isinstance(value, bool),
-                where,
-                f"edit {index + 1}: field {column!r}: missing or not {kind.__name__}",
-            )
-    for index, row in enumerate(rejections):
-        _expect(_is_int(row.get("parent")), where, f"rejection {index + 1}: field 'parent': not a seq")
-    return Bundle(path, doc, edits, rejections)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _expect(condition: bool, where: str, what: str) -> None:
-    if not condition:
-        raise UserError(f"{where}: {what}")
-
-
-def _rows(table, tensors: dict, name: str, where: str) -> list[dict]:
-    _expect(
-        isinstance(table, dict)
-        and isinstance(table.get("columns"), list)
-        and isinstance(table.get("rows"), list)
-        and isinstance(table.get("blobs"), dict),
-        where,
-        f"field {name}: not a table",
-    )
-    columns = table["columns"]
-    _expect(
-        all(isinstance(c, str) and c.isidentifier() for c in columns) and len(set(columns)) == len(columns),
-        where,
-        f"field {name}: bad column names",
-    )
-    scalars = (str, int, float, type(None))
-    rows = []
-    for index, cells in enumerate(table["rows"]):
-        _expect(
-            isinstance(cells, list) and len(cells) == len(columns) and all(isinstance(c, scalars) for c in cells),
-            where,
-            f"{name} row {index + 1}: not a row of scalars",
-        )
-        rows.append(dict(zip(columns, cells)))
-    for column, blob in table["blobs"].items():
-        _expect(
-            column in columns
-            and isinstance(blob, dict)
-            and blob.get("dtype") in ("F32", "U8")
-            and isinstance(blob.get("spans"), list)
-            and len(blob["spans"]) == len(rows),
-            where,
-            f"field {name}: column {column!r}: bad blob index",
-        )
-        data = tensors.get(f"{name}.{column}")
-        _expect(
-            data is not None
-            and data.ndim == 1
-            and str(data.dtype) == ("float32" if blob["dtype"] == "F32" else "uint8"),
-            where,
-            f"field {name}: column {column!r}: no tensor of its type",
-        )
-        raw = data.tobytes()
-        width = 4 if blob["dtype"] == "F32" else 1
-        for row, span in zip(rows, blob["spans"]):
-            if span is None:
-                continue
-            _expect(
-                isinstance(span, list)
-                and len(span) == 2
-                and all(_is_int(s) and s >= 0 for s in span)
-                and span[0] + span[1] <= data.shape[0],
-                where,
-                f"field {name}: column {column!r}: bad span",
-            )
-            row[column] = raw[span[0] * width : (span[0] + span[1]) * width]
-    return rows
-
-
-# ----------------------------------------------------------------------------- applying
-@dataclass
-class BundleApplied:
-    bundle: str
-    edits: int  # appended (0 when the journal already had the bundle's end state)
-    rejections: int
-    first: int | None  # seqs the edits got in the journal
-    last: int | None
-    head: int
-    renumbered: bool = False
-    already: bool = False
-    dry_run: bool = False
-
-    def summary(self) -> dict:
-        return dict(self.__dict__)
-
-
-@dataclass
-class _Target:
-    """Where the bundles go, as they are applied one after another."""
-
-    journal: Journal | None  # None until a fresh journal is created by the first commit
-    head: int
-    touched: set[int] = field(default_factory=set)  # layers edited on the head's path
-    hparams: dict | None = None
-    marks: list[int] = field(default_factory=list)
-
-
-def _defining(hparams: dict, where: str) -> dict:
-    from .hparams import HParams
-
-    # Journals written before these options existed made plain edits with plainly sampled C.
-    hp = HParams.from_dict({"preserve": "none", "stats_sampling": "plain", **hparams}, source=where)
-    return {k: v for k, v in hp.defining().items() if k != "layer"}
-
-
-def apply_bundles(
-    paths,
-    journal: str | Path,
-    *,
-    model: str | None = None,
-    device: str = "cpu",
-    dry_run: bool = False,
-    lm=None,
-    log=None,
-) -> list[BundleApplied]:
-    """Append the edits of each bundle, in order, to `journal`, each verified whole before it is written.
-
-    Every bundle is read and checked (checksums, base model) before the journal is opened;
-    then each one's edits are replayed on the journal's head state in memory, every weight
-    hash compared, and only if all of them match are they written, in one transaction.
-    A refused bundle raises UserError and writes nothing (bundles before it stay applied).
-    `dry_run` verifies and writes nothing at all. A model given as `lm` must be at its base
-    weights, and is left at them.
-    """
-    import torch
-
-    from .editor import Editor
-    from .model import load_model, weight_hash
-    from .rome import RankOneEdit, apply_edit
-
-    kwargs = {"log": log} if log else {}
-    bundles = [read_bundle(p) for p in paths]
-    journal = Path(journal)
-    stored = _peek(journal)
-    # A caller's model (at its base weights, or the base check below refuses) is given back as it came.
-    given = None if lm is None else {layer: lm.weight(layer).detach().clone() for layer in range(lm.n_layers)}
-    if lm is None:
-        spec = model or stored.get("model") or bundles[0].meta.get("model")
-        template = stored.get("module_template") or bundles[0].meta.get("module_template")
-        lm = load_model(spec, device=device, module_template=template, **kwargs)
-    base_hash = lm.base_hash()
-    for b in bundles:
-        if b.base_hash != base_hash:
-            raise BaseModelMismatchError(
-                f"{b.path}: made on base model {b.meta.get('model')} ({b.base_hash[:19]}…), but {lm.spec} has "
-                f"different weights ({base_hash[:19]}…); nothing was written",
-                hint="apply it to a journal of the model it was made on (--model)",
-            )
-    editor, target = None, _Target(None, 0)
-    try:
-        if stored.get("base_hash"):
-            editor = Editor(journal, lm=lm, write=not dry_run, **kwargs)
-            target = _Target(
-                None if dry_run else editor.journal,
-                editor.head,
-                {r.layer for r in editor.journal.path()},
-                editor.journal.get("hparams"),
-                list(editor.journal.get(REPAIR_MARKS) or []),
-            )
-            columns = {"edits": editor.journal.columns("edits"), "rejections": editor.journal.columns("rejections")}
-        else:
-            columns = _fresh_columns()
-        results = []
-        for b in bundles:
-            where = str(b.path)
-            if target.hparams is None:
-                target.hparams = b.meta.get("hparams")
-            if b.meta.get("hparams") is not None and target.hparams is not None:
-                ours, theirs = _defining(target.hparams, f"journal {journal}"), _defining(b.meta["hparams"], where)
-                for key in sorted(set(ours) | set(theirs)):
-                    if ours.get(key) != theirs.get(key):
-                        raise UserError(
-                            f"{where}: its edits were made with {key}={theirs.get(key)!r}, journal "
-                            f"{journal} with {ours.get(key)!r}; nothing was written"
-                        )
-            for table, cols in columns.items():
-                rows = b.edits if table == "edits" else b.rejections
-                extra = sorted({c for row in rows for c in row} - set(cols) - {"seq", "parent"})
-                if extra:
-                    raise UserError(
-                        f"{where}: carries column {table}.{extra[0]}, which journal {journal} does not have "
-                        f"(a newer romebatch made it?); nothing was written"
-                    )
-            state = {str(layer): weight_hash(lm.weight(layer)) for layer in sorted(target.touched)}
-            if state == b.end["weights"] and state != b.start["weights"]:
-                results.append(BundleApplied(where, 0, 0, None, None, target.head, already=True, dry_run=dry_run))
-                continue
-            if state != b.start["weights"]:
-                raise UserError(
-                    f"{where}: starts from the state of its edit {b.start['seq']}, but journal {journal}'s head "
-                    f"({target.head}) is another state; nothing was written",
-                    hint="apply the bundles before it first, or roll the journal back to that state",
-                )
-            layers = {row["layer"] for row in b.edits}
-            bad = sorted(layer for layer in layers if not 0 <= layer < lm.n_layers)
-            if bad:
-                raise UserError(f"{where}: edits layer {bad[0]}, but {lm.spec} has layers 0..{lm.n_layers - 1}")
-            kept = {layer: lm.weight(layer).detach().clone() for layer in layers | target.touched}
-            try:
-                for index, row in enumerate(b.edits):
-                    layer, name = row["layer"], f"{where}: edit {index + 1} (seq {row['seq']}, fact {row['fact_id']})"
-                    if row["weight_name"] != lm.name("down_proj", layer):
-                        raise UserError(
-                            f"{name}: edits {row['weight_name']}, but layer {layer}'s down-projection "
-                            f"is {lm.name('down_proj', layer)}; nothing was written"
-                        )
-                    weight = lm.weight(layer)
-                    if weight_hash(weight) != row["weight_hash_before"]:
-                        raise UserError(
-                            f"{name}: was computed on other weights than the ones it applies to "
-                            f"(weight before {weight_hash(weight)[:19]}…, recorded "
-                            f"{row['weight_hash_before'][:19]}…); nothing was written"
-                        )
-                    lam, u = blob_vector(row["lam"]), blob_vector(row["u"])
-                    shape = (lam.shape[0], u.shape[0])[:: -1 if lm.adapter.conv1d else 1]
-                    if tuple(weight.shape) != shape:
-                        raise UserError(
-                            f"{name}: its factors make a {shape} update of a {tuple(weight.shape)} "
-                            f"weight; nothing was written"
-                        )
-                    apply_edit(
-                        lm,
-                        RankOneEdit(
-                            layer,
-                            torch.from_numpy(lam),
-                            torch.from_numpy(u),
-                            float(row["denominator"]),
-                            float(row["update_norm"]),
-                        ),
-                    )
-                    if weight_hash(weight) != row["weight_hash_after"]:
-                        raise UserError(
-                            f"{name}: its factors give weight {weight_hash(weight)[:19]}…, but it "
-                            f"recorded {row['weight_hash_after'][:19]}…; nothing was written"
-                        )
-                end = {str(layer): weight_hash(lm.weight(layer)) for layer in sorted(layers | target.touched)}
-                if end != b.end["weights"]:
-                    raise UserError(
-                        f"{where}: its edits end in another state than the one it recorded; nothing was written"
-                    )
-            except BaseException:
-                with torch.no_grad():
-                    for layer, weight in kept.items():
-                        lm.weight(layer).copy_(weight)  # the model stays at the journal's head
-                raise
-            if dry_run:
-                results.append(
-                    BundleApplied(where, len(b.edits), len(b.rejections), None, None, target.head, dry_run=True)
-                )
-                target.touched |= layers
-                continue
-            fresh = target.journal is None
-            if fresh:
-                target.journal = Journal(journal, write=True, create=True)
-                if target.journal.initialised:
-                    raise UserError(f"journal {journal} was created by another process meanwhile; nothing was written")
-            results.append(_commit(b, target, fresh, lm.spec if model else None))
-            target.touched |= layers
-        return results
-    finally:
-        if editor is not None:
-            editor.close()
-        elif target.journal is not None:
-            target.journal.close()
-        if given is not None:
-            with torch.no_grad():
-                for layer, weight in given.items():
-                    lm.weight(layer).copy_(weight)
-
-
-def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> BundleApplied:
-    """Number the bundle's rows for the target journal and append them in one transaction."""
-    j = target.journal
-    next_seq = j.next_seq()
-    original = [row["seq"] for row in b.edits]
-    keep = original[0] >= next_seq and all(a < b_ for a, b_ in zip(original, original[1:]))
-    seqs = original if keep else list(range(next_seq, next_seq + len(original)))
-    mapping = {b.start["seq"]: target.head, **dict(zip(original, seqs))}
-    has_status = "status" in j.columns("edits")
-    edits, parent = [], target.head
-    for row, seq in zip(b.edits, seqs):
-        values = {c: v for c, v in row.items() if c not in ("seq", "parent")}
-        values = {"seq": seq, "parent": parent, **values}
-        if has_status:
-            values["status"] = "applied"  # on the head's path, as every appended edit is
-        edits.append(values)
-        parent = seq
-    # The same rejection can be in two bundles (at the state where one ends and the next begins).
-    have = {(r["fact_hash"], r["parent"], r["reason"], r["created_at"]) for r in j.rejections()}
-    rejections = []
-    for row in b.rejections:
-        values = {**row, "parent": mapping.get(row["parent"], target.head)}
-        if (values.get("fact_hash"), values["parent"], values.get("reason"), values.get("created_at")) not in have:
-            rejections.append(values)
-    meta = {}
-    if fresh:  # the journal is made by the bundle: it records how its edits were made
-        meta = {k: v for k, v in b.meta.items() if k not in DERIVED_META}
-        meta["base_hash"] = b.base_hash
-        if j.get("format") is None:  # what Editor writes in a new journal; a migration may have set it already
-            meta["format"] = 1
-        if model_spec is not None:
-            meta["model"] = model_spec
-    marks = target.marks + [mapping[m] for m in b.doc[REPAIR_MARKS] if m in mapping and mapping[m] not in target.marks]
-    meta[REPAIR_MARKS] = marks
-    plan = b.doc[REPAIR_PLAN]
-    if plan is not None and plan["at"] in mapping:
-        meta[REPAIR_PLAN] = {**plan, "at": mapping[plan["at"]]}
-    j.append_rows(edits, rejections, meta, parent=target.head)
-    target.head, target.marks = seqs[-1], marks
-    return BundleApplied(str(b.path), len(edits), len(rejections), seqs[0], seqs[-1], seqs[-1], renumbered=not keep)
-
-
-def _peek(journal: Path) -> dict:
-    """The model spec and base hash of an existing, initialised journal ({} otherwise)."""
-    if not (journal / DB_NAME).exists():
-        return {}
-    with Journal(journal) as j:
-        return {"model": j.get("model"), "module_template": j.get("module_template"), "base_hash": j.get("base_hash")}
-
-
-def _fresh_columns() -> dict[str, list[str]]:
-    """The columns a journal created now has: the migrations run on an in-memory database."""
-    db = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        migrate(db)
-        return {
-            table: [row[1] for row in db.execute(f"PRAGMA table_info({table})")] for table in ("edits", "rejections")
-        }
-    finally:
-        db.close()

@@ -184,7 +184,7 @@ def compare(
 def journal_facts(journal, at: int | None = None) -> list[Fact]:
     """The facts edited on the path to state `at` (default: the head), each once, in edit order."""
     seen: dict[str, Fact] = {}
-    for record in journal.path(at):
+    for record in journal.lineage(at):
         seen.setdefault(record.fact_hash, fact_from_dict(json.loads(record.fact_json)))
     return list(seen.values())
 

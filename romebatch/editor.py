@@ -45,8 +45,9 @@ from .errors import (
 )
 from .fluency import text_nll
 from .hparams import HParams, resolve
-from .journal import FORMAT as JOURNAL_FORMAT
-from .journal import EditRecord, Journal
+from .journal import Journal
+from .journal_records import EditRecord
+from .journal_schema import FORMAT as JOURNAL_FORMAT
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel, load_model, weight_hash
 from .probes import RegressionProbes, Thresholds
@@ -326,7 +327,7 @@ class Editor:
 
     def replay(self, head: int | None = None, verify: bool = True) -> list[EditRecord]:
         """Make the in-memory model exactly state `head` (default: the journal's head)."""
-        path = self.journal.path(head)
+        path = self.journal.lineage(head)
         layers = {r.layer for r in path} | set(self._base_weights)
         for layer in layers:
             base = self._base(layer)
@@ -377,7 +378,7 @@ class Editor:
                     f"edit {record.seq} (fact {record.fact_id}): its stored factors give weight {after[:19]}…, "
                     f"but it recorded {record.weight_hash_after[:19]}… (a damaged vector or hash)"
                 )
-        path = [r.seq for r in self.journal.path()]
+        path = [r.seq for r in self.journal.lineage()]
         last_good = 0
         for seq in path:
             if seq in bad:
@@ -408,7 +409,7 @@ class Editor:
             return None
         if layer not in self._stats:
             # Statistics are of the base model: compute them with the base weights in place.
-            path = self.journal.path()
+            path = self.journal.lineage()
             touched = {r.layer for r in path}
             if touched:
                 self.replay(0, verify=False)
@@ -449,7 +450,7 @@ class Editor:
                 )
             )
             keys = []
-            for record in self.journal.path():
+            for record in self.journal.lineage():
                 if record.layer != layer:
                     continue
                 if record.k_star is None:
@@ -622,7 +623,7 @@ class Editor:
                 if rejection["parent"] in on_path:
                     rejected[rejection["fact_hash"]] = rejected.get(rejection["fact_hash"], 0) + 1
             self._stage("repair scoring")
-            lost = to_repair(self.lm, self.journal.path(), rejected, max_edits)
+            lost = to_repair(self.lm, self.journal.lineage(), rejected, max_edits)
             plan = [{"fact": s.fact.to_dict(), "was": _why_lost(s)} for s in lost]
             self.journal.set_many({REPAIR_PLAN: {"at": self.head, "facts": plan, "done": 0}})
         rows = []
@@ -668,7 +669,7 @@ class Editor:
         """First edits of a fact on the head's path since the last repair pass ended on it."""
         marks = set(self.journal.get(REPAIR_MARKS) or [])
         seen, since = set(), 0
-        for seq, fact_hash in self.journal.path_facts():
+        for seq, fact_hash in self.journal.lineage_facts():
             if fact_hash not in seen:
                 seen.add(fact_hash)
                 since += 1
@@ -939,7 +940,7 @@ class Editor:
     ) -> int:
         """Move the head (exactly one of the selectors) and rebuild that state; returns the new head."""
         check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
-        path = self.journal.path()
+        path = self.journal.lineage()
         if base:
             target = 0
         elif to is not None:
@@ -1014,7 +1015,7 @@ class Editor:
         return outdir
 
     def provenance(self) -> dict:
-        path = self.journal.path()
+        path = self.journal.lineage()
         return {
             "romebatch": __version__,
             "base_model": self.journal.get("model"),

@@ -191,7 +191,7 @@ _TEMPLATE_KIND = {
 
 def _check_template(name: str, value, fail) -> None:
     """Module paths come from romebatch's adapter table; a file's own must agree with one family's."""
-    from .model import _ADAPTERS
+    from .adapters import _ADAPTERS
 
     kind = _TEMPLATE_KIND[name]
     known = sorted({getattr(adapter, kind) for adapter in _ADAPTERS.values()})

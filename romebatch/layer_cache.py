@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .model import LoadedModel, romebatch_home
+from .home import romebatch_home
+from .model import LoadedModel
 
 
 def save_recommendation(lm: LoadedModel, layer: int, effect: np.ndarray, facts: int) -> None:

@@ -1,13 +1,11 @@
-"""Loading models and knowing where things live in them.
+"""Loading models: what romebatch edits, as one object.
 
-Two jobs, both about the model as an object:
-
-- the **adapter table**: for each architecture family, the dotted paths of the modules
-  ROME and causal tracing touch, and the weight orientation, stated (GPT-2's Conv1D keeps
-  the down-projection as (d_ff, d_model); `nn.Linear` keeps (d_model, d_ff)). This is the
-  only file that knows a module path such as "transformer.h".
 - **loading**: a Hugging Face id from the local cache (offline), a local folder, a `.gguf`
   file, or nothing: the embedded Gemma-3-270M, converted once to a safetensors cache.
+- **`LoadedModel`**: the model, its tokenizer and its architecture's adapter
+  (romebatch/adapters.py, where module paths live), and the hashes that identify its weights.
+
+Caches live under the cache home (romebatch/home.py).
 """
 
 from __future__ import annotations
@@ -20,165 +18,16 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .adapters import Adapter, adapter_for
 from .errors import UserError
+from .home import romebatch_home
 
 EMBEDDED = "embedded:gemma-3-270m"
-
-
-# ----------------------------------------------------------------------------- adapters
-@dataclass(frozen=True)
-class Adapter:
-    """Where ROME's pieces live in one architecture family. `{}` stands for the layer."""
-
-    family: str
-    model_types: tuple[str, ...]
-    down_proj: str  # the edited weight W: input = key k, output = value v
-    layer: str  # one transformer block (its output is the residual stream)
-    mlp: str  # the MLP block output restored by causal tracing
-    attn: str  # the attention block output restored by causal tracing
-    embed: str  # token embeddings, noised by causal tracing
-    conv1d: bool  # True: weight stored (d_ff, d_model) as in GPT-2's Conv1D
-    n_layers_attr: str = "num_hidden_layers"
-    v_steps: int = 20  # EasyEdit uses 25 for Llama-style models
-
-    def module(self, kind: str, layer: int) -> str:
-        return getattr(self, kind).format(layer)
-
-
-_ADAPTERS: dict[str, Adapter] = {}
-
-
-def register(adapter: Adapter) -> Adapter:
-    """Add an architecture family (built-in ones go through here too)."""
-    for model_type in adapter.model_types:
-        _ADAPTERS[model_type] = adapter
-    return adapter
-
-
-register(
-    Adapter(
-        family="gpt2",
-        model_types=("gpt2",),
-        down_proj="transformer.h.{}.mlp.c_proj",
-        layer="transformer.h.{}",
-        mlp="transformer.h.{}.mlp",
-        attn="transformer.h.{}.attn",
-        embed="transformer.wte",
-        conv1d=True,
-        n_layers_attr="n_layer",
-    )
-)
-register(
-    Adapter(
-        family="gptj",
-        model_types=("gptj",),
-        down_proj="transformer.h.{}.mlp.fc_out",
-        layer="transformer.h.{}",
-        mlp="transformer.h.{}.mlp",
-        attn="transformer.h.{}.attn",
-        embed="transformer.wte",
-        conv1d=False,
-        n_layers_attr="n_layer",
-    )
-)
-register(
-    Adapter(
-        family="gpt_neox",
-        model_types=("gpt_neox",),
-        down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",
-        layer="gpt_neox.layers.{}",
-        mlp="gpt_neox.layers.{}.mlp",
-        attn="gpt_neox.layers.{}.attention",
-        embed="gpt_neox.embed_in",
-        conv1d=False,
-    )
-)
-register(
-    Adapter(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
-        down_proj="model.layers.{}.mlp.down_proj",
-        layer="model.layers.{}",
-        mlp="model.layers.{}.mlp",
-        attn="model.layers.{}.self_attn",
-        embed="model.embed_tokens",
-        conv1d=False,
-        v_steps=25,
-    )
-)
-register(
-    Adapter(
-        family="opt",
-        model_types=("opt",),
-        # OPT has no MLP module: fc2 is the down-projection and its output is the MLP output.
-        down_proj="model.decoder.layers.{}.fc2",
-        layer="model.decoder.layers.{}",
-        mlp="model.decoder.layers.{}.fc2",
-        attn="model.decoder.layers.{}.self_attn",
-        embed="model.decoder.embed_tokens",
-        conv1d=False,
-    )
-)
-
-
-def supported_model_types() -> list[str]:
-    return sorted(_ADAPTERS)
-
-
-def adapter_for(model: torch.nn.Module, module_template: str | None = None) -> Adapter:
-    """The adapter for `model`; `module_template` ("path.{}.to.down_proj") covers the rest."""
-    model_type = getattr(model.config, "model_type", "?")
-    if module_template is not None:
-        return _adapter_from_template(model, module_template)
-    if model_type not in _ADAPTERS:
-        raise UserError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}",
-            hint="pass --module-template 'path.{}.to.down_proj' to edit another architecture",
-        )
-    return _ADAPTERS[model_type]
-
-
-def _adapter_from_template(model: torch.nn.Module, template: str) -> Adapter:
-    from transformers.pytorch_utils import Conv1D
-
-    if template.count("{}") != 1:
-        raise UserError(f"--module-template {template!r} must contain exactly one '{{}}' for the layer")
-    modules = dict(model.named_modules())
-    first = template.format(0)
-    if first not in modules:
-        raise UserError(f"--module-template {template!r}: no module named {first!r} in this model")
-    module = modules[first]
-    if isinstance(module, Conv1D):
-        conv1d = True
-    elif isinstance(module, torch.nn.Linear):
-        conv1d = False
-    else:
-        raise UserError(
-            f"--module-template {template!r}: {first!r} is a {type(module).__name__}, not a Linear or Conv1D"
-        )
-    # The block containing the down-projection: strip the trailing attribute path after "{}".
-    prefix = template.split("{}")[0] + "{}"
-    mlp = template.rsplit(".", 1)[0]
-    return Adapter(
-        family="template",
-        model_types=(),
-        down_proj=template,
-        layer=prefix,
-        mlp=mlp,
-        attn=mlp,
-        embed=_embed_name(model),
-        conv1d=conv1d,
-    )
-
-
-def _embed_name(model: torch.nn.Module) -> str:
-    embeddings = model.get_input_embeddings()
-    return next(name for name, module in model.named_modules() if module is embeddings)
 
 
 # ----------------------------------------------------------------------------- the loaded model
@@ -239,8 +88,9 @@ class LoadedModel:
     def full_hash(self) -> str:
         """Hash of every parameter and the architecture: identity for caches of activations.
 
-        Computed once per loaded model (about a second for 270M parameters) and only while
-        the weights are the base ones: callers use it for base-model caches.
+        Computed once per loaded model (its cost: benchmarks/RESULTS.md, "Issue 21: numbers
+        moved out of code comments") and only while the weights are the base ones: callers
+        use it for base-model caches.
         """
         if self._full_hash is None:
             from .device_map import state_tensors
@@ -274,14 +124,6 @@ def weight_hash(tensor: torch.Tensor) -> str:
 
 # ----------------------------------------------------------------------------- loading
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def romebatch_home() -> Path:
-    """Where caches live: $ROMEBATCH_HOME, else the user cache dir."""
-    if os.environ.get("ROMEBATCH_HOME"):
-        return Path(os.environ["ROMEBATCH_HOME"])
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "romebatch"
 
 
 def _stderr(message: str) -> None:
@@ -470,7 +312,3 @@ def _convert_once(folder: Path, materialise_gguf, label: str, log) -> Path:
             os.replace(staging, folder)
         log(f"Converted; later runs load {folder} directly.")
     return folder
-
-
-def with_adapter(lm: LoadedModel, adapter: Adapter) -> LoadedModel:
-    return replace(lm, adapter=adapter)

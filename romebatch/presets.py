@@ -20,7 +20,7 @@ PRESETS = "presets.json"
 
 
 def presets_path() -> Path:
-    from .model import romebatch_home
+    from .home import romebatch_home
 
     return romebatch_home() / PRESETS
 

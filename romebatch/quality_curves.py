@@ -104,7 +104,7 @@ class RepairPass:
 def repair_passes(journal) -> list[RepairPass]:
     """The repair passes whose end is on the head's path, from the journal's pass marks."""
     marks = set(journal.get("repair_passes") or [])
-    path = journal.path_facts()
+    path = journal.lineage_facts()
     rejections = [(r["parent"], r["fact_hash"]) for r in journal.rejections()]
     result, seen, run = [], set(), []  # run: positions of the repairs since the last first edit
     for n, (seq, fact_hash) in enumerate(path, 1):

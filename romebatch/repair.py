@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass
 from math import exp
 
-from .journal import EditRecord
+from .journal_records import EditRecord
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
 from .scores import answer_nll, edit_holds

@@ -91,7 +91,7 @@ def score_head(
     editor: Editor, thresholds: VerifyThresholds = VerifyThresholds(), facts: list[Fact] | None = None, progress=None
 ) -> VerifyReport:
     """The head against the base model on the applied facts (`facts`: a manifest's probes for them)."""
-    path = editor.journal.path()
+    path = editor.journal.lineage()
     stored = {r.fact_hash: r for r in path}
     if facts is not None:
         facts = [f for f in facts if f.hash in stored]  # the manifest's probes for applied facts

@@ -155,7 +155,8 @@ def tiny_model(family: str, tokenizer, seed: int = 0):
 
 
 def tiny_loaded(family: str, tokenizer, seed: int = 0):
-    from romebatch.model import LoadedModel, adapter_for
+    from romebatch.adapters import adapter_for
+    from romebatch.model import LoadedModel
 
     model = tiny_model(family, tokenizer, seed)
     model.requires_grad_(False)

@@ -7,6 +7,7 @@ here independently from the key statistics.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -15,10 +16,11 @@ import torch
 from conftest import CORPUS, FAMILIES, TINY_HPARAMS, tiny_loaded
 
 from romebatch import rome
+from romebatch.adapters import adapter_for, supported_model_types
 from romebatch.errors import UserError
 from romebatch.hparams import HParams, resolve
 from romebatch.lm import subject_last_index
-from romebatch.model import LoadedModel, adapter_for, supported_model_types, with_adapter
+from romebatch.model import LoadedModel
 from romebatch.rome.keys import keys_at
 from romebatch.rome.update import current_value
 from romebatch.scores import answer_nll
@@ -275,7 +277,7 @@ def test_module_template_adapter(family, template, conv1d, tokenizer_for):
     adapter = adapter_for(lm.model, template)
     assert adapter.conv1d is conv1d
     assert adapter.down_proj == template
-    templated = with_adapter(lm, adapter)
+    templated = dataclasses.replace(lm, adapter=adapter)
     modules = dict(lm.model.named_modules())
     for layer in range(lm.n_layers):
         # The same weight as the built-in adapter finds, and every derived path exists.

@@ -20,9 +20,11 @@ import pytest
 import torch
 from conftest import TINY_HPARAMS, tiny_model
 
-from romebatch import journal as journal_module
+from romebatch import journal_schema as journal_module
 from romebatch.api import check
-from romebatch.bundle_file import DIGEST_KEY, DOC_KEY, apply_bundles, read_bundle, write_bundle
+from romebatch.bundle_apply import apply_bundles
+from romebatch.bundle_file import DIGEST_KEY, DOC_KEY, write_bundle
+from romebatch.bundle_read import read_bundle
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, UserError
 from romebatch.hparams import HParams
@@ -103,7 +105,7 @@ class Source:
             editor.journal.set_many({"repair_passes": [4]})
             self.head_hash = weight_hash(editor.lm.weight(LAYER))
         with Journal(self.journal) as j:
-            assert [r.seq for r in j.path()] == [1, 2, 4, 5]
+            assert [r.seq for r in j.lineage()] == [1, 2, 4, 5]
             assert [(r["fact_id"], r["parent"]) for r in j.rejections()] == [("rocard", 4)]
 
 
@@ -194,7 +196,7 @@ def test_onto_a_journal_with_its_own_history_seqs_are_renumbered(source, tmp_pat
     [done] = apply(source, [tail], target)
     assert done.renumbered and (done.first, done.last) == (10, 11)
     with Journal(target) as j:
-        assert [(r.seq, r.parent) for r in j.path()] == [(1, 0), (2, 1), (10, 2), (11, 10)]
+        assert [(r.seq, r.parent) for r in j.lineage()] == [(1, 0), (2, 1), (10, 2), (11, 10)]
         assert [r["parent"] for r in j.rejections()] == [10]  # the rejection on source state 4 is on state 10
         assert j.get("repair_passes") == [10]
     assert check(target, model=str(source.folder), log=quiet).ok

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 from romebatch.cli import app
 from romebatch.editor import ApplyResult, FactResult
 from romebatch.hparams import HParams
-from romebatch.journal import DB_NAME, EditRecord, Journal
+from romebatch.journal import DB_NAME, Journal
+from romebatch.journal_records import EditRecord
 from romebatch.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]

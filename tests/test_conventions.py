@@ -268,7 +268,7 @@ def test_rejected_facts_are_skipped_unless_retry_rejected(tmp_path, tiny_folder)
     assert retried.exit_code == 0, retried.output
     assert json.loads(retried.stdout.splitlines()[-1])["applied"] == 1
     with Journal(journal) as j:
-        assert [r.fact_id for r in j.path()] == ["ben", "harmful"]
+        assert [r.fact_id for r in j.lineage()] == ["ben", "harmful"]
 
     # A rolled-back fact is applied again by a re-run, and the listing says so (harmful, rejected
     # on the base state, counts as rejected there again).

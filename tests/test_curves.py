@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 from romebatch import api
 from romebatch.cli import app
 from romebatch.errors import UserError
-from romebatch.journal import DB_NAME, EditRecord, Journal
+from romebatch.journal import DB_NAME, Journal
+from romebatch.journal_records import EditRecord
 from romebatch.manifest import Fact
 
 N = 250

@@ -67,7 +67,7 @@ def run(folder, journal, tmp_path, monkeypatch, device_map=None):
         out["logits"] = lm.model(ids).logits.detach().clone()
         out["records"] = [
             (r.seq, r.weight_hash_before, r.weight_hash_after, r.lam.tobytes(), r.u.tobytes())
-            for r in editor.journal.path()
+            for r in editor.journal.lineage()
         ]
         editor.export(tmp_path / f"export-{device_map is not None}")
         out["export"] = sha(tmp_path / f"export-{device_map is not None}" / "model.safetensors")

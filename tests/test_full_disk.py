@@ -26,7 +26,8 @@ from romebatch.audit import audit
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
-from romebatch.journal import DB_NAME, Journal, migrate
+from romebatch.journal import DB_NAME, Journal
+from romebatch.journal_schema import migrate
 from romebatch.manifest import Fact
 
 REPO = Path(__file__).resolve().parents[1]
@@ -93,7 +94,7 @@ def editor(path, lm, **hp):
 def head_hash(path) -> tuple[int, str]:
     with Journal(path) as j:
         assert audit(j.db) == [], "the journal is not at a good state"
-        path_ = j.path()
+        path_ = j.lineage()
         return j.head, path_[-1].weight_hash_after if path_ else ""
 
 

@@ -23,7 +23,9 @@ from conftest import TINY_HPARAMS, tiny_loaded
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, JournalLockedError, UserError
 from romebatch.hparams import HParams
-from romebatch.journal import DB_NAME, LOCK_NAME, EditRecord, Journal, migrate
+from romebatch.journal import DB_NAME, LOCK_NAME, Journal
+from romebatch.journal_records import EditRecord
+from romebatch.journal_schema import migrate
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 
@@ -137,7 +139,7 @@ def test_blank_journal_reaches_the_schema(tmp_path):
         indexes = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
         assert "edits_fact_hash" in indexes
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert journal.head == 0 and journal.edits() == [] and journal.path() == []
+        assert journal.head == 0 and journal.edits() == [] and journal.lineage() == []
         assert not journal.initialised
     # The record dataclass and the table agree (rows are rebuilt with EditRecord(**row)).
     assert list(EditRecord.__dataclass_fields__) == EXPECTED_SCHEMA["edits"]
@@ -191,11 +193,11 @@ def test_an_m001_journal_with_edits_upgrades_and_still_rolls_back(tmp_path):
         assert first.lam.tobytes() == synthetic(0, 1).lam.tobytes()
         assert first.neighborhood_drop is None and first.retention is None and first.k_star is None
         assert first.warning is None
-        assert [r.seq for r in journal.path()] == [1, 2]
+        assert [r.seq for r in journal.lineage()] == [1, 2]
         journal.move_head(1)
         assert statuses(journal) == {1: "applied", 2: "rolled_back"}
         assert journal.commit_edit(synthetic(1, 3)) == 3
-        assert [r.seq for r in journal.path()] == [1, 3]
+        assert [r.seq for r in journal.lineage()] == [1, 3]
 
 
 def test_missing_and_corrupt_journals_are_user_errors(tmp_path):
@@ -224,7 +226,7 @@ def test_edit_tree_commit_path_move_head_prune(tmp_path):
         assert journal.commit_edit(synthetic(0, 1)) == 1
         assert journal.commit_edit(synthetic(1, 2)) == 2
         assert journal.head == 2
-        assert [r.seq for r in journal.path()] == [1, 2]
+        assert [r.seq for r in journal.lineage()] == [1, 2]
         assert journal.applied_hashes() == {"sha256:fact1", "sha256:fact2"}
 
         # Roll back to 1, then branch: the new edit's parent is 1, edit 2 is kept but rolled back.
@@ -235,8 +237,8 @@ def test_edit_tree_commit_path_move_head_prune(tmp_path):
         assert journal.commit_edit(synthetic(1, 3)) == 3
         assert journal.edit(3).parent == 1
         assert journal.head == 3
-        assert [r.seq for r in journal.path()] == [1, 3]
-        assert [r.seq for r in journal.path(2)] == [1, 2]
+        assert [r.seq for r in journal.lineage()] == [1, 3]
+        assert [r.seq for r in journal.lineage(2)] == [1, 2]
         assert statuses(journal) == {1: "applied", 2: "rolled_back", 3: "applied"}
         assert journal.applied_hashes() == {"sha256:fact1", "sha256:fact3"}
 
@@ -244,7 +246,7 @@ def test_edit_tree_commit_path_move_head_prune(tmp_path):
         journal.move_head(2)
         assert statuses(journal) == {1: "applied", 2: "applied", 3: "rolled_back"}
         journal.move_head(0)
-        assert journal.head == 0 and journal.path() == []
+        assert journal.head == 0 and journal.lineage() == []
         assert set(statuses(journal).values()) == {"rolled_back"}
         assert journal.applied_hashes() == set()
 
@@ -262,14 +264,14 @@ def test_edit_tree_commit_path_move_head_prune(tmp_path):
         journal.move_head(3)
         assert journal.prune() == 1
         assert [r.seq for r in journal.edits()] == [1, 3]
-        assert [r.seq for r in journal.path()] == [1, 3]
+        assert [r.seq for r in journal.lineage()] == [1, 3]
         assert statuses(journal) == {1: "applied", 3: "applied"}
         assert journal.prune() == 0
 
     # Everything survives a reopen, read-only.
     with Journal(tmp_path / "J") as reader:
         assert reader.head == 3
-        assert [r.seq for r in reader.path()] == [1, 3]
+        assert [r.seq for r in reader.lineage()] == [1, 3]
 
 
 def test_blobs_and_fields_round_trip_exactly(tmp_path):
@@ -567,7 +569,7 @@ def test_branch_after_rollback_and_return_to_old_branch(first_run, tmp_path):
         assert [(r.status, r.seq) for r in result.results] == [("applied", 5), ("applied", 6)]
         with Journal(directory) as reader:
             assert reader.edit(5).parent == 2 and reader.edit(6).parent == 5
-            assert [r.seq for r in reader.path()] == [1, 2, 5, 6]
+            assert [r.seq for r in reader.lineage()] == [1, 2, 5, 6]
             assert statuses(reader) == {
                 1: "applied",
                 2: "applied",
@@ -618,7 +620,7 @@ def test_reapplying_rolled_back_facts_on_their_state(first_run, tmp_path):
         assert torch.equal(editor.lm.weight(LAYER), first_run.states[4])
         head = editor.head
     with Journal(directory) as reader:
-        path = reader.path()
+        path = reader.lineage()
         assert [r.fact_hash for r in path] == [f.hash for f in FACTS]
         assert path[-1].seq == head and path[-1].weight_hash_after == first_run.hashes[4]
         assert all(r.status == "applied" for r in path)
@@ -804,3 +806,23 @@ def test_export_onto_a_file_is_a_user_error(first_run, tmp_path):
         with pytest.raises(UserError):
             editor.export(target)
     assert target.read_text() == "not a folder"
+
+
+def test_in_lists_are_chunked_under_sqlites_variable_limit(tmp_path, monkeypatch):
+    # SQLite refuses a statement with more parameters than SQLITE_LIMIT_VARIABLE_NUMBER; lower
+    # the limit (and the chunk size with it) so a short journal has more edits than both.
+    from romebatch import journal_records
+
+    limit, n = 10, 25
+    monkeypatch.setattr(journal_records, "IN_CHUNK", limit)
+    with Journal(tmp_path / "J", write=True, create=True) as journal:
+        for seq in range(1, n + 1):
+            assert journal.commit_edit(synthetic(seq - 1, seq)) == seq
+        journal.db.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, limit)
+        with pytest.raises(sqlite3.OperationalError, match="too many SQL variables"):
+            journal.db.execute(f"SELECT seq FROM edits WHERE seq IN ({','.join('?' * n)})", list(range(n)))
+        assert [r.seq for r in journal.lineage()] == list(range(1, n + 1))
+        journal.move_head(n - 1)
+        assert statuses(journal) == {**{seq: "applied" for seq in range(1, n)}, n: "rolled_back"}
+        journal.move_head(n)
+        assert set(statuses(journal).values()) == {"applied"}

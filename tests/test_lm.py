@@ -191,7 +191,8 @@ def test_head_inputs_and_logits_equal_model_logits(family, tokenizer_for):
 def test_head_logits_apply_gemma2_final_softcapping(sentencepiece_tokenizer):
     from transformers import AutoModelForCausalLM, Gemma2Config
 
-    from romebatch.model import LoadedModel, adapter_for
+    from romebatch.adapters import adapter_for
+    from romebatch.model import LoadedModel
 
     tok = sentencepiece_tokenizer
     torch.manual_seed(0)

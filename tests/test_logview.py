@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from romebatch import api
 from romebatch.cli import app
-from romebatch.journal import EditRecord, Journal
+from romebatch.journal import Journal
+from romebatch.journal_records import EditRecord
 from romebatch.manifest import Fact
 
 MARKUP = "[bold red]Subject 5[/bold red]"

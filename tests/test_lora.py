@@ -73,7 +73,7 @@ def edited_journal(tmp_path: Path, folder: Path, **hparams) -> Path:
         assert [r.status for r in result.results] == ["applied"] * 3, [r.reason for r in result.results]
         editor.rollback(steps=1)
         assert editor.apply([LATER], checks=None).results[0].status == "applied"
-        assert [r.seq for r in editor.journal.path()] == [1, 2, 4]
+        assert [r.seq for r in editor.journal.lineage()] == [1, 2, 4]
     return journal
 
 
@@ -110,7 +110,7 @@ def test_adapter_on_the_base_is_the_full_export(family, tmp_path, tiny_folder):
     full, adapter = tmp_path / "full", tmp_path / "adapter"
     with Editor(journal, model=str(folder), write=False, log=quiet) as editor:
         editor.export(full)
-        path = editor.journal.path()
+        path = editor.journal.lineage()
         conv1d = editor.lm.adapter.conv1d
         base_weight = editor._base(path[0].layer).clone()
         report = write_adapter(
@@ -154,7 +154,7 @@ def test_rolled_back_edits_are_not_in_the_adapter(tmp_path, tiny_folder):
     journal = edited_journal(tmp_path, folder)
     with Journal(journal) as j:
         edits = {r.seq: r for r in j.edits()}
-        path = j.path()
+        path = j.lineage()
         assert edits[3].status == "rolled_back"
     write_adapter(
         tmp_path / "a", path, conv1d=True, base_model=str(folder), base_hash="sha256:x", head=4, journal=str(journal)
@@ -177,7 +177,7 @@ def test_several_modules_get_one_pair_each_padded_to_one_rank(tmp_path, tiny_fol
     full, adapter = tmp_path / "full", tmp_path / "adapter"
     with Editor(journal, model=str(folder), write=False, log=quiet) as editor:
         editor.export(full)
-        path = editor.journal.path()
+        path = editor.journal.lineage()
         write_adapter(
             adapter,
             path,
@@ -202,7 +202,7 @@ def test_rank_compression_matches_the_svd_of_the_exported_delta(tmp_path, tiny_f
     full = tmp_path / "full"
     with Editor(journal, model=str(folder), write=False, log=quiet) as editor:
         editor.export(full)
-        path = editor.journal.path()
+        path = editor.journal.lineage()
     name = path[0].weight_name
     # The reference ΔW comes from the exported weights, not from the journal's factors.
     delta = (

@@ -94,7 +94,7 @@ def run(tmp_path, tokenizer, preserve: str, **extra):
     editor = Editor(tmp_path / f"journal-{preserve}", lm=lm, hparams=hp, log=quiet)
 
     def on_edit(row):
-        keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.path()]
+        keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.lineage()]
         outputs.append([layer_output(lm, k) for k in keys])
 
     result = editor.apply(FACTS, on_edit=on_edit, checks=None)
@@ -154,7 +154,7 @@ def test_rollback_and_reopen_restore_the_running_state_byte_exactly(tmp_path, by
         expected = Preserver(
             preserve, reopened.stats(LAYER).cholesky, reopened.preserver(LAYER).d_ff, reopened.hparams.preserve_weight
         )
-        expected.rebuild([torch.from_numpy(r.k_star.copy()) for r in reopened.journal.path()])
+        expected.rebuild([torch.from_numpy(r.k_star.copy()) for r in reopened.journal.lineage()])
         assert reopened.preserver(LAYER).state() == expected.state()
 
 

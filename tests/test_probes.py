@@ -131,7 +131,7 @@ def test_a_harmful_fact_is_rejected_under_skip_and_leaves_no_trace(tmp_path, tok
         assert same_state(after_harmful, after_good_1)
         assert head_after_harmful == head_after_good_1 == good_1.seq
         assert ed.journal.edit(good_2.seq).parent == good_1.seq  # the next edit builds on good-1
-        assert [r.fact_id for r in ed.journal.path()] == ["good-1", "good-2"]
+        assert [r.fact_id for r in ed.journal.lineage()] == ["good-1", "good-2"]
 
         rejections = ed.journal.rejections()
         assert [(r["fact_id"], r["parent"]) for r in rejections] == [("harmful", good_1.seq)]
@@ -161,7 +161,7 @@ def test_under_warn_the_harmful_edit_is_applied_with_its_reason(tmp_path, tok):
         assert harmful.neighborhood_drop == 1.0
         assert harmful.reason.startswith("regression") and "neighbourhood" in harmful.reason
         assert good_1.reason == "" and good_2.reason == ""
-        assert [r.fact_id for r in ed.journal.path()] == ["good-1", "harmful", "good-2"]
+        assert [r.fact_id for r in ed.journal.lineage()] == ["good-1", "harmful", "good-2"]
         assert ed.journal.edit(harmful.seq).neighborhood_drop == 1.0
         assert ed.journal.rejections() == []
 

@@ -18,7 +18,7 @@ from conftest import TINY_HPARAMS, tiny_loaded
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
-from romebatch.journal import EditRecord
+from romebatch.journal_records import EditRecord
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 from romebatch.repair import MAX_EDITS_PER_FACT, Standing, standings, to_repair
@@ -74,7 +74,7 @@ def holds(lm, fact) -> bool:
 
 def tries(editor) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for record in editor.journal.path():
+    for record in editor.journal.lineage():
         counts[record.fact_id] = counts.get(record.fact_id, 0) + 1
     for rejection in editor.journal.rejections():
         counts[rejection["fact_id"]] = counts.get(rejection["fact_id"], 0) + 1
@@ -89,7 +89,7 @@ def test_a_repair_pass_edits_again_exactly_the_facts_that_no_longer_hold(tmp_pat
         assert "eiffel" in expected and len(expected) >= 2  # the setup really undoes edits
         before = weight_hash(editor.lm.weight(LAYER))
 
-        assert [s.fact.id for s in to_repair(editor.lm, editor.journal.path())] == expected
+        assert [s.fact.id for s in to_repair(editor.lm, editor.journal.lineage())] == expected
         rows = editor.repair()
         assert [(r.fact_id, r.status) for r in rows] == [(i, "repaired") for i in expected]
         assert rows[0].reason.startswith("repair: no longer held (P(new)")
@@ -97,7 +97,7 @@ def test_a_repair_pass_edits_again_exactly_the_facts_that_no_longer_hold(tmp_pat
         assert holds(editor.lm, FACTS[[f.id for f in FACTS].index(expected[-1])])
         # An ordinary journal entry: the same fact twice on the path, and rollback to the
         # state before the repairs gives back that state's bytes.
-        path = editor.journal.path()
+        path = editor.journal.lineage()
         assert [r.fact_id for r in path] == [f.id for f in FACTS] + expected
         assert path[len(FACTS)].weight_hash_before == before
         editor.rollback(steps=len(expected))
@@ -147,14 +147,14 @@ def test_apply_runs_repair_passes_every_n_edits_and_at_the_end(tmp_path, bytelev
         assert calls[0] == 3 and len(calls) == 2  # after the third edit, and at the end
         repaired = [r for r in result.results if r.status == "repaired"]
         assert repaired and result.summary()["repaired"] == len(repaired)
-        assert len(editor.journal.path()) == len(FACTS) + len(repaired)
+        assert len(editor.journal.lineage()) == len(FACTS) + len(repaired)
         # Nothing new to apply: a re-run neither edits nor repairs.
         calls.clear()
         again = editor.apply(FACTS, checks=None, repair_every=3)
         assert {r.status for r in again.results} == {"already_applied"} and not calls
     with editor_for(tmp_path, bytelevel_tokenizer, "never") as editor:
         result = editor.apply(FACTS, checks=None, repair_every=0)
-        assert not calls and len(editor.journal.path()) == len(FACTS)
+        assert not calls and len(editor.journal.lineage()) == len(FACTS)
         with pytest.raises(UserError, match="--repair-every -1"):
             editor.apply(FACTS, checks=None, repair_every=-1)
 
@@ -173,11 +173,11 @@ def test_standings_score_each_fact_once_with_its_latest_edit(tmp_path, bytelevel
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
         editor.apply(FACTS, checks=None)
         editor.repair()
-        found = standings(editor.lm, editor.journal.path())
+        found = standings(editor.lm, editor.journal.lineage())
         assert [s.fact.id for s in found] == [f.id for f in FACTS]
         eiffel = found[0]
         assert eiffel.edits == 2 and eiffel.record.fact_id == "eiffel"
-        assert eiffel.record.seq == max(r.seq for r in editor.journal.path() if r.fact_id == "eiffel")
+        assert eiffel.record.seq == max(r.seq for r in editor.journal.lineage() if r.fact_id == "eiffel")
         (scores,) = score_facts(editor.lm, [EIFFEL])  # the same numbers, computed another way
         assert eiffel.p_new == pytest.approx(
             scores.p_new, rel=1e-4
@@ -194,7 +194,7 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
     with editor_for(tmp_path, bytelevel_tokenizer, "whole") as editor:
         editor.apply(FACTS, checks=None)
         editor.repair()
-        reference = [(r.fact_hash, r.weight_hash_after) for r in editor.journal.path()]
+        reference = [(r.fact_hash, r.weight_hash_after) for r in editor.journal.lineage()]
     assert len(reference) >= len(FACTS) + 2  # the pass makes at least two repairs to cut between
     with editor_for(tmp_path, bytelevel_tokenizer, "cut") as editor:
         editor.apply(FACTS, checks=None)
@@ -208,7 +208,7 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
         finished = [r.status for r in again.results if r.status != "already_applied"]
         assert finished == ["repaired"] * (len(reference) - len(FACTS) - 1)
         assert editor.journal.get(REPAIR_PLAN) is None
-        assert [(r.fact_hash, r.weight_hash_after) for r in editor.journal.path()] == reference
+        assert [(r.fact_hash, r.weight_hash_after) for r in editor.journal.lineage()] == reference
 
 
 def test_rollback_drops_a_pass_cut_short(tmp_path, bytelevel_tokenizer):
@@ -233,7 +233,7 @@ def test_log_marks_repairs_and_verify_scores_each_fact_once(tmp_path, bytelevel_
         report = verify(editor)
         assert [row.fact_id for row in report.rows] == [f.id for f in FACTS]
         # Each row reads the fact's latest edit: a repaired fact's row is its repair's.
-        latest = {r.fact_id: r.seq for r in editor.journal.path()}
+        latest = {r.fact_id: r.seq for r in editor.journal.lineage()}
         assert [row.seq for row in report.rows] == [latest[f.id] for f in FACTS]
     logged = api.log(tmp_path / "journal")["edits"]
     assert {e["seq"] for e in logged if e["repair"]} == repaired and repaired

@@ -163,7 +163,7 @@ def test_null_space_edits_leave_preserved_keys_unchanged(tmp_path, bytelevel_tok
         outputs = []  # after each edit: the output at every earlier edit's key
 
         def on_edit(row):
-            keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.path()]
+            keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.lineage()]
             outputs.append([layer_output(lm, k) for k in keys])
 
         result = editor.apply(FACTS, on_edit=on_edit, checks=None)

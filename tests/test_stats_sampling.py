@@ -151,3 +151,10 @@ def test_with_a_corpus_file_the_sampling_is_moot(tmp_path, bytelevel_tokenizer):
 def test_an_unknown_sampling_is_a_clear_error():
     with pytest.raises(UserError, match="stats_sampling must be one of plain, encyclopedic"):
         HParams(stats_sampling="wikipedia").check()
+
+
+def test_the_samplings_the_hparams_accept_are_the_ones_the_algorithm_draws():
+    # rome/stats.py does not import the hyper-parameters: the two lists are kept equal here.
+    from romebatch.hparams import STATS_SAMPLINGS
+
+    assert stats_module.SAMPLINGS == STATS_SAMPLINGS

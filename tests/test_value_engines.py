@@ -12,7 +12,8 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_config
 
-from romebatch.model import LoadedModel, adapter_for
+from romebatch.adapters import adapter_for
+from romebatch.model import LoadedModel
 from romebatch.rome import values as V
 
 PREFIXES = ["The city. ", "Therefore it is a long story about many things. ", "I. "]

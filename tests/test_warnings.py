@@ -22,7 +22,8 @@ from romebatch import api
 from romebatch.cli import app
 from romebatch.editor import Editor
 from romebatch.hparams import HParams
-from romebatch.journal import DB_NAME, Journal, migrate
+from romebatch.journal import DB_NAME, Journal
+from romebatch.journal_schema import migrate
 from romebatch.manifest import Fact, Neighbor
 from romebatch.model import load_model
 from romebatch.probes import Thresholds

@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from ..home import romebatch_home
 from ..hooks import Hook, attach
-from ..hparams import STATS_SAMPLINGS
 from ..lm import as_btd, make_batch, model_inputs
-from ..model import LoadedModel, romebatch_home
+from ..model import LoadedModel
 
 STATS_VERSION = 1  # bump when the computation changes: old cache files are then ignored
 
@@ -159,9 +159,13 @@ OPENERS = (
 )
 NAMES = ("Maria", "John", "Pierre", "Hans", "Yuki", "Carlos", "Anna", "Ivan", "Ahmed", "Sofia", "Lars", "Giovanni")
 # Encyclopedic sequences are short: the opener's own sentence is the fact-like part, and the
-# model drifts into web prose after it (cutting each after its first sentence measured no
-# better than 40 tokens per token of corpus; 128-token sequences were not measured).
+# model drifts into web prose after it (see benchmarks/RESULTS.md, "Issue 21: numbers moved
+# out of code comments").
 ENCYCLOPEDIC_LEN = 40
+# The corpora `sample_corpus` can draw. The hyper-parameters name the same two for validation
+# (hparams.STATS_SAMPLINGS); the algorithm does not import its caller's configuration, and
+# tests/test_stats_sampling.py keeps the two equal.
+SAMPLINGS = ("plain", "encyclopedic")
 
 
 def corpus_id(corpus: str | None, sampling: str, seed: int) -> str:
@@ -190,8 +194,8 @@ def sample_corpus(
     "encyclopedic": each starts with an opener from OPENERS (drawn with `seed`) and is
     ENCYCLOPEDIC_LEN tokens long (at most `seq_len`), the opener included.
     """
-    if sampling not in STATS_SAMPLINGS:
-        raise ValueError(f"sampling must be one of {STATS_SAMPLINGS}, got {sampling!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
     tok = lm.tokenizer
     start = next(t for t in (tok.bos_token_id, tok.eos_token_id, 0) if t is not None)
     rng = random.Random(seed)

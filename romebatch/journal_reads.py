@@ -1,0 +1,144 @@
+"""The journal's read queries: meta, the edit tree, and the facts it settles.
+
+`JournalReads` is the half of `Journal` (romebatch/journal.py) that only reads: it needs
+the open connection `db`, the folder `directory` and the file `db_path`, and nothing here
+writes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+from .errors import JournalDamagedError, UserError
+from .journal_records import EditRecord, chunks, placeholders, record_from_row
+
+
+class JournalReads:
+    db: sqlite3.Connection
+    directory: Path
+    db_path: Path
+
+    # -- meta --------------------------------------------------------------------------
+    def get(self, key: str, default=None):
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return default
+        try:
+            return json.loads(row[0])
+        except (TypeError, ValueError, RecursionError):
+            raise JournalDamagedError(
+                f"{self.db_path}: meta key {key!r} is not valid JSON",
+                hint="run `romebatch check` to see all the damage",
+            ) from None
+
+    @property
+    def initialised(self) -> bool:
+        return self.get("base_hash") is not None
+
+    @property
+    def head(self) -> int:
+        head = self.get("head", 0)
+        if not isinstance(head, int) or isinstance(head, bool) or head < 0:
+            raise JournalDamagedError(
+                f"{self.db_path}: meta key 'head' is {head!r}, not an edit number",
+                hint="run `romebatch check` to see all the damage",
+            )
+        return head
+
+    def edit(self, seq: int) -> EditRecord:
+        row = self.db.execute("SELECT * FROM edits WHERE seq = ?", (seq,)).fetchone()
+        if row is None:
+            raise UserError(f"journal {self.directory} has no edit {seq}")
+        return record_from_row(row, self.directory)
+
+    def edits(self) -> list[EditRecord]:
+        return [record_from_row(row, self.directory) for row in self.db.execute("SELECT * FROM edits ORDER BY seq")]
+
+    def chain(self, head: int | None = None) -> list[int]:
+        """The seqs of the edits that make state `head`, oldest first, without their vectors."""
+        head = self.head if head is None else head
+        parents = dict(self.db.execute("SELECT seq, parent FROM edits").fetchall())
+        chain = []
+        seq = head
+        while seq:
+            if seq not in parents:
+                raise JournalDamagedError(
+                    f"journal {self.directory}: edit {seq} is missing (the journal is damaged)",
+                    hint="run `romebatch check` to see all the damage",
+                )
+            parent = parents[seq]
+            # An edit is always computed on an earlier state, so parents only go down: this
+            # also ends a damaged journal's parent cycle instead of looping on it.
+            if not isinstance(parent, int) or not 0 <= parent < seq:
+                raise JournalDamagedError(
+                    f"journal {self.directory}: edit {seq} has parent {parent!r}, not an "
+                    f"earlier edit (the journal is damaged)",
+                    hint="run `romebatch check` to see all the damage",
+                )
+            chain.append(seq)
+            seq = parent
+        chain.reverse()
+        return chain
+
+    def lineage(self, head: int | None = None) -> list[EditRecord]:
+        """The edits that make state `head`, oldest first (follows parent links)."""
+        chain = self.chain(head)
+        if not chain:
+            return []
+        rows = {}
+        for part in chunks(chain):
+            query = f"SELECT * FROM edits WHERE seq IN ({placeholders(part)})"
+            rows.update({row["seq"]: record_from_row(row, self.directory) for row in self.db.execute(query, part)})
+        return [rows[seq] for seq in chain]
+
+    def lineage_facts(self, head: int | None = None) -> list[tuple[int, str]]:
+        """(seq, fact hash) of the edits that make state `head`, oldest first: cheap, no vectors."""
+        chain = self.chain(head)
+        hashes = dict(self.db.execute("SELECT seq, fact_hash FROM edits").fetchall())
+        return [(seq, hashes[seq]) for seq in chain]
+
+    def child(self, parent: int, fact_hash: str) -> EditRecord | None:
+        """An existing edit of this fact computed on `parent` (e.g. rolled back earlier), if any."""
+        row = self.db.execute(
+            "SELECT * FROM edits WHERE parent = ? AND fact_hash = ? ORDER BY seq LIMIT 1", (parent, fact_hash)
+        ).fetchone()
+        return record_from_row(row, self.directory) if row else None
+
+    def applied_summaries(self) -> list[dict]:
+        """Applied edits without their vectors, oldest first: cheap enough to read after every edit."""
+        return [
+            dict(row)
+            for row in self.db.execute(
+                "SELECT seq, fact_json, update_norm, p_new_after, p_true_after FROM edits WHERE status = 'applied' ORDER BY seq"
+            )
+        ]
+
+    def applied_hashes(self) -> set[str]:
+        return {row[0] for row in self.db.execute("SELECT fact_hash FROM edits WHERE status = 'applied'")}
+
+    def rejected_hashes(self) -> set[str]:
+        path = {0} | {row[0] for row in self.db.execute("SELECT seq FROM edits WHERE status = 'applied'")}
+        return {h for h, parent in self.db.execute("SELECT fact_hash, parent FROM rejections") if parent in path}
+
+    def settled_hashes(self) -> set[str]:
+        """Facts a re-run skips: applied on the head's path, or rejected on a state on it."""
+        return self.applied_hashes() | self.rejected_hashes()
+
+    def rejections(self) -> list[dict]:
+        return [dict(row) for row in self.db.execute("SELECT * FROM rejections ORDER BY id")]
+
+    def _row_hash(self, seq: int) -> str:
+        if not seq:
+            return ""
+        row = self.db.execute("SELECT row_hash FROM edits WHERE seq = ?", (seq,)).fetchone()
+        return row[0] if row and row[0] else ""
+
+    def columns(self, table: str) -> list[str]:
+        return [row[1] for row in self.db.execute(f"PRAGMA table_info({table})")]
+
+    def next_seq(self) -> int:
+        """The seq the next edit gets: seqs are never reused, even after --prune deleted the highest."""
+        (highest,) = self.db.execute("SELECT COALESCE(MAX(seq), 0) FROM edits").fetchone()
+        return max(int(highest), int(self.get("max_seq", 0))) + 1
