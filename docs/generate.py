@@ -43,7 +43,10 @@ CONVENTIONS = """## Conventions
   NS (0..100).
 - `apply --help` shows the default of every ROME setting (or what decides it: the layer
   and `--v-steps` depend on the model). A journal that exists keeps the settings it was made
-  with.
+  with. The settings' options are made from the fields of `romebatch.HParams` (and the
+  regression thresholds' from `Thresholds`), so their defaults are the library's;
+  `--set NAME=VALUE` (repeatable, in `apply` and `tune`) sets any field, over `--hparams`,
+  checked against the field's type and range.
 - dtype: a journal records the dtype it was computed in, and every command reopens it in
   that dtype (`--dtype` is needed only when creating one). `export --dtype bfloat16|float16`
   casts the weights as they are written. Every export carries `romebatch.json` (every edit,

@@ -7,15 +7,12 @@ from pathlib import Path
 
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
-from .hparams import HParams
+from .hparams import REPAIR_EVERY, HParams
 from .journal import Journal, reads_journal
 from .manifest import Manifest, load_manifest
 from .probes import Thresholds
 
 DEFAULT_CHECKS = Thresholds()
-# A repair pass (romebatch/repair.py) after every 100 edits and at the end of a run: at
-# ~0.04 s a fact per check, it costs under 5% of the edits' time up to thousands of facts.
-REPAIR_EVERY = 100
 
 
 def apply(

@@ -2,54 +2,83 @@
 
 Published values (Meng et al. 2022, `hparams/ROME/gpt2-xl.json`) unless a comment says
 otherwise. `None` means "the architecture's default", resolved by `resolve`.
+
+Every entry point (the CLI's `apply` and `tune`, `romebatch.apply`, `Editor`) takes its
+defaults from here: a field with `help` metadata is also an `apply` option of its own
+(romebatch/cli_settings.py builds it from the field), and every field can be set with
+`--set name=value`. Where each measured default comes from: benchmarks/RESULTS.md, "Where
+the defaults come from".
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from .errors import UserError, one_line
 
-# Measured defaults for models we ship or know, by (model_type, layers): see
-# benchmarks/RESULTS.md (layer sweep, clamp, 100-record table). On Gemma-3-270M the
-# published clamp of 4 · ‖v_init‖ lets δ leak into neighbouring subjects (NS 65 vs 75 at
-# 1.5), and layer 1 keeps NS within a point of the unedited model (layer 2: 6 points).
-# Sequentially, every edit leaks into other keys in proportion to its write, and the drift
-# adds up as √N: at 0.75 NS had lost 8.5 points by 400 edits, at 0.5 only 1.5, with ES and
-# the first edits' retention as good (RESULTS.md, "Sequential editing, session 5").
+# Measured defaults for models we ship or know, by (model_type, layers). The published clamp
+# lets δ leak into neighbouring subjects on Gemma-3-270M, a deeper layer loses NS, and under
+# sequential editing the drift grows with the size of each write, so the clamp is smaller
+# still: the measurements are in benchmarks/RESULTS.md, "Where the defaults come from".
 MEASURED = {("gemma3_text", 18): {"layer": 1, "clamp_norm_factor": 0.5}}
 PUBLISHED_CLAMP = 4.0
 STATS_SAMPLINGS = ("plain", "encyclopedic")  # how the self-sampled statistics corpus starts (rome/stats.py)
+# A repair pass (romebatch/repair.py) after every this many edits and at the end of a run:
+# often enough that worn edits come back, rarely enough to cost little of the edits' time
+# (benchmarks/RESULTS.md, "Where the defaults come from"). 0 or None: never.
+REPAIR_EVERY = 100
+
+
+def _option(default, help: str):
+    """A field that `apply` also offers as an option of its own; `help` is its --help text
+    (`{default}` is replaced by the field's default)."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
 class HParams:
-    layer: int | None = None  # edited layer; None: measured default, else ~1/4 of the depth
-    v_lr: float = 0.5  # Adam learning rate for δ
-    v_steps: int | None = None  # at most this many Adam steps; None: 20 (25 for Llama-style, as EasyEdit)
+    # Edited layer; None: the measured default, else ~1/4 of the depth (resolve).
+    layer: int | None = _option(
+        None,
+        "Layer to edit, or 'auto' (traced once per model, cached); default: the model's measured default "
+        "(1 on Gemma-3-270M), else a quarter of its depth.",
+    )
+    v_lr: float = _option(0.5, "Adam learning rate for v*; default {default:g}.")  # for δ
+    # At most this many Adam steps; None: the architecture adapter's (EasyEdit's 25 for Llama).
+    v_steps: int | None = _option(
+        None, "Max Adam steps for v*; default 20, 25 for Llama-style models (Gemma included)."
+    )
     v_loss_stop: float = 0.05  # stop early once the stopping term falls below this
     # "nll": the target NLL (the fit); "loss": the whole loss, as the original code. The norm
-    # penalty ‖δ‖/‖v_init‖² scales with 1/‖v_init‖: ~0.02 on GPT-2 XL (‖v‖ ~ 50) but ~0.9 on
-    # Gemma-3-270M (‖v‖ ~ 2), where the total loss never reaches 0.05 and "loss" never stops.
+    # penalty ‖δ‖/‖v_init‖² scales with 1/‖v_init‖, so on a small model (small ‖v_init‖) the
+    # whole loss may never fall below v_loss_stop: "loss" would never stop early there
+    # (benchmarks/RESULTS.md, "Where the defaults come from").
     v_stop_on: str = "nll"
-    kl_factor: float = 0.0625  # weight of KL(p_δ || p_0) on the essence prompt "{} is a"
+    # Weight of KL(p_δ || p_0) on the essence prompt "{} is a".
+    kl_factor: float = _option(0.0625, "Weight of the essence KL term; default {default:g}.")
     v_weight_decay: float = 0.5  # weight of ‖δ‖ / ‖v_init‖², the original's norm penalty
     clamp_norm_factor: float | None = None  # ‖δ‖ ≤ factor · ‖v_init‖; None: measured default, else 4 (published)
     prefixes: tuple[tuple[int, int], ...] = ((5, 10), (10, 10))  # (max new tokens, count): 20 prefixes, N = 21
     prefix_top_k: int = 5  # top-k sampling of the context prefixes
     seed: int = 0  # seeds the prefixes and the default stats corpus
-    mom2: str = "second_moment"  # "second_moment": C = E[k kᵀ]; "identity": C = I (EasyEdit's mom2_adjustment: false)
+    # "second_moment": C = E[k kᵀ]; "identity": C = I (EasyEdit's mom2_adjustment: false).
+    mom2: str = _option("second_moment", "{default} (default) or identity (C = I).")
     # Tokens of corpus the key statistics C are estimated from. More tokens place u = C⁻¹k*
-    # better: drift of 100 edits 0.39 / 0.37 / 0.36 at 20k / 30k / 60k (RESULTS.md).
-    stats_tokens: int = 30_000
-    stats_corpus: str | None = None  # text/JSONL file; None: text sampled from the model itself
+    # better, with diminishing returns; sampling them is a one-time cost per model
+    # (benchmarks/RESULTS.md, "Where the defaults come from").
+    stats_tokens: int = _option(30_000, "Corpus tokens for the key statistics; default {default:,}.")
+    # A text/JSONL file; None: text sampled from the model itself.
+    stats_corpus: str | None = _option(None, "Text or JSONL corpus for the key statistics.")
     # How that text is sampled (rome/stats.py): "encyclopedic" (after encyclopedic openers: C
     # then weighs the keys of fact-like prompts, and sequential edits leak less into them) or
     # "plain" (from the start token; every journal written before this option existed).
-    stats_sampling: str = "encyclopedic"
+    stats_sampling: str = _option(
+        "encyclopedic",
+        "Without --stats-corpus, how the model's own text is sampled: {default} (default) or plain.",
+    )
     stats_seq_len: int = 128  # tokens per corpus sequence
     ridge: float = 1e-3  # C + ridge · mean(diag C) · I, for a stable solve
     guard_factor: float = 10.0  # refuse an edit whose ‖ΔW‖ exceeds this × the median of accepted edits
@@ -60,13 +89,21 @@ class HParams:
     guard_nll_rise: float = 1.0
     # Sequential stability (rome/preserve.py): "none" (plain ROME), "covariance" (earlier
     # edits' keys added to C with weight preserve_weight) or "nullspace" (u ⟂ earlier keys).
-    preserve: str = "none"
-    preserve_weight: float = 10.0
+    preserve: str = _option(
+        "none",
+        "Keep earlier edits: none, covariance (their keys weigh in C) or nullspace (u orthogonal to them); "
+        "default {default}.",
+    )
+    preserve_weight: float = _option(10.0, "λ for --preserve covariance; default {default:g}.")
     # Spread edits round-robin over this many consecutive layers from `layer` (1: one layer).
-    spread_layers: int = 1
+    # Kept for comparison: it measured worst of the sequential methods (RESULTS.md, `window`).
+    spread_layers: int = _option(1, "Spread edits round-robin over this many layers from --layer; default {default}.")
     # True: optimise v* the plain way (every token, every layer, full logits at each step), as
-    # the original code; False: the cached engine, which computes the same objective ~5x faster.
-    exact_protocol: bool = False
+    # the original code; False: the cached engine, which computes the same objective faster
+    # (benchmarks/RESULTS.md, "Where the defaults come from").
+    exact_protocol: bool = _option(
+        False, "Optimise v* the plain way (all tokens, all layers, full logits): slower, same result."
+    )
     # Toward 10,000 sequential edits (issue 20; each off by default, so journals written before
     # they existed keep their meaning). MPES (ENCORE's most-probable early stopping): stop
     # optimising v* at the first step where the target's first token is the argmax on every
@@ -113,10 +150,10 @@ class HParams:
                 ) from None
             values["prefixes"] = tuple((int(a), int(b)) for a, b in pairs)
         hp = cls(**values)
-        hp.check(source)
+        hp.validate(source)
         return hp
 
-    def check(self, source: str = "hparams") -> None:
+    def validate(self, source: str = "hparams") -> None:
         """Every field's type and range, from its annotation: NaN, infinity, a bool for a number,
         a negative count or a huge integer are refused with the field's name."""
         for f in fields(self):
@@ -163,7 +200,7 @@ class HParams:
 
     def replace(self, **changes) -> HParams:
         hp = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-        hp.check()
+        hp.validate()
         return hp
 
 
@@ -187,7 +224,7 @@ def load_hparams(path: str | Path) -> HParams:
     return HParams.from_dict(data, source=str(path))
 
 
-# Range rules on top of each field's type (HParams.check): these must be above zero; every
+# Range rules on top of each field's type (HParams.validate): these must be above zero; every
 # other number must be zero or more.
 POSITIVE = frozenset(
     {
@@ -233,3 +270,30 @@ def resolve(hp: HParams, model_type: str, n_layers: int, adapter_v_steps: int) -
     if clamp is None:
         clamp = measured.get("clamp_norm_factor", PUBLISHED_CLAMP)
     return dataclasses.replace(hp, layer=layer, v_steps=hp.v_steps or adapter_v_steps, clamp_norm_factor=clamp)
+
+
+def check_share(option: str, value: float) -> None:
+    """A threshold that is a share of prompts, probes or edits must lie in 0..1."""
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"{option} {value:g}: give a share between 0 and 1 (0.9 for 90%)")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """The regression checks after each edit (romebatch/probes.py); declared here, torch-free,
+    beside the other defaults, so that `apply --help` shows them without loading torch."""
+
+    max_neighborhood_drop: float = _option(  # share of the fact's neighbourhood prompts it may break
+        0.5, "Share of the fact's neighbourhood prompts an edit may flip to its new object."
+    )
+    max_probe_regression: float = _option(0.2, "Share of sampled probes that may lose half their probability.")
+    min_retention: float = _option(0.8, "Share of sampled earlier edits that must still hold.")
+    probe_budget: float = _option(0.25, "Share of an edit's time the checks may take.")
+    min_sample: int = 4  # never check fewer probes / earlier edits than this
+
+    def __post_init__(self):
+        check_share("--max-neighborhood-drop", self.max_neighborhood_drop)
+        check_share("--max-probe-regression", self.max_probe_regression)
+        check_share("--min-retention", self.min_retention)
+        if not self.probe_budget > 0:
+            raise UserError(f"--probe-budget {self.probe_budget:g}: give a positive share of an edit's time")

@@ -22,35 +22,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from .hparams import Thresholds, check_share  # noqa: F401 (declared with every other default)
 from .manifest import Fact
 from .model import LoadedModel
 from .scores import answer_nll, edit_holds
-
-
-def check_share(option: str, value: float) -> None:
-    """A threshold that is a share of prompts, probes or edits must lie in 0..1."""
-    if not 0.0 <= value <= 1.0:
-        from .errors import UserError
-
-        raise UserError(f"{option} {value:g}: give a share between 0 and 1 (0.9 for 90%)")
-
-
-@dataclass(frozen=True)
-class Thresholds:
-    max_neighborhood_drop: float = 0.5  # share of the fact's neighbourhood prompts it may break
-    max_probe_regression: float = 0.2  # share of sampled probes that may lose half their probability
-    min_retention: float = 0.8  # share of sampled earlier edits that must still hold
-    probe_budget: float = 0.25  # the checks may cost this share of an edit's time
-    min_sample: int = 4  # never check fewer probes / earlier edits than this
-
-    def __post_init__(self):
-        check_share("--max-neighborhood-drop", self.max_neighborhood_drop)
-        check_share("--max-probe-regression", self.max_probe_regression)
-        check_share("--min-retention", self.min_retention)
-        if not self.probe_budget > 0:
-            from .errors import UserError
-
-            raise UserError(f"--probe-budget {self.probe_budget:g}: give a positive share of an edit's time")
 
 
 @dataclass

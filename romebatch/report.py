@@ -209,35 +209,6 @@ def render_apply(console, result) -> None:
             console.print(f"[red]{r.status}[/] {safe(r.fact_id)}: {safe(r.reason)}")
 
 
-def render_log(console, data: dict) -> None:
-    from rich.table import Table
-
-    console.print(f"journal {safe(data['journal'])} · model {safe(data['model'])} · head {data['head']}")
-    table = Table()
-    for column in ("seq", "parent", "status", "fact", "subject", "new", "layer", "‖ΔW‖", "P(new) after"):
-        table.add_column(column)
-    for e in data["edits"]:
-        status = (
-            e["status"] + (" (repair)" if e.get("repair") else "") + (" (head)" if e["seq"] == data["head"] else "")
-        )
-        table.add_row(
-            str(e["seq"]),
-            str(e["parent"]),
-            status,
-            safe(e["fact_id"]),
-            safe(e["subject"]),
-            safe(e["target_new"]),
-            str(e["layer"]),
-            _fmt(e["update_norm"], ".3g"),
-            _fmt(e["p_new_after"]),
-        )
-    console.print(table)
-    if data["rejections"]:
-        console.print(f"{len(data['rejections'])} rejected fact(s):")
-        for row in data["rejections"]:
-            console.print(f"  {safe(row['fact_id'])}: {safe(row['reason'])}")
-
-
 def render_verify(console, report) -> None:
     from rich.table import Table
 

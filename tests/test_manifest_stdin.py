@@ -19,7 +19,8 @@ import yaml
 from conftest import TINY_HPARAMS
 from typer.testing import CliRunner
 
-from romebatch.cli import ManifestFormat, app
+from romebatch.cli import app
+from romebatch.cli_options import ManifestFormat
 from romebatch.errors import ManifestError, UserError
 from romebatch.files import read_stdin
 from romebatch.manifest import FORMATS, Manifest, load_manifest

@@ -232,9 +232,9 @@ def test_norm_growth_bound_holds_through_a_sequential_run(tmp_path, bytelevel_to
 
 def test_new_options_are_checked():
     with pytest.raises(UserError, match="preserve_top_k"):
-        HParams(preserve_top_k=-1).check()
+        HParams(preserve_top_k=-1).validate()
     with pytest.raises(UserError, match="norm_growth_max"):
-        HParams(norm_growth_max=-0.1).check()
+        HParams(norm_growth_max=-0.1).validate()
     with pytest.raises(UserError, match="v_stop_argmax"):
-        HParams(v_stop_argmax="yes").check()
+        HParams(v_stop_argmax="yes").validate()
     assert HParams().defining()["v_stop_argmax"] is False  # off by default

@@ -150,7 +150,7 @@ def test_with_a_corpus_file_the_sampling_is_moot(tmp_path, bytelevel_tokenizer):
 
 def test_an_unknown_sampling_is_a_clear_error():
     with pytest.raises(UserError, match="stats_sampling must be one of plain, encyclopedic"):
-        HParams(stats_sampling="wikipedia").check()
+        HParams(stats_sampling="wikipedia").validate()
 
 
 def test_the_samplings_the_hparams_accept_are_the_ones_the_algorithm_draws():
