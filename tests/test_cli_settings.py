@@ -185,8 +185,8 @@ def test_spread_layers_round_robin_through_the_option_and_set(tmp_path, tiny_fol
         )
         assert result.exit_code == 0, result.output
         with Journal(journal) as j:
-            layers = [r.layer for r in j.path()]
+            layers = [r.layer for r in j.lineage()]
             assert j.get("hparams")["spread_layers"] == 2
-            heads.append(j.path()[-1].weight_hash_after)
+            heads.append(j.lineage()[-1].weight_hash_after)
         assert layers == [0, 1, 0], layers
     assert heads[0] == heads[1]
