@@ -157,8 +157,8 @@ class Editor:
             yield
         finally:
             with torch.no_grad():
-                for layer, weight in held.items():
-                    self.lm.weight(layer).copy_(weight)
+                for layer, kept in held.items():
+                    self.lm.weight(layer).copy_(kept)
 
     def check(self) -> CheckReport:
         """Replay every edit (every branch) and compare each stored hash; the model ends at the head."""
@@ -203,8 +203,17 @@ class Editor:
         Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
         say); facts whose edit was rolled back are applied again.
         """
-        options = dict(on_regression=on_regression, repair_every=repair_every, retry_rejected=retry_rejected)
-        return run(self, facts, layer=layer, on_edit=on_edit, stop=stop, checks=checks, **options)
+        return run(
+            self,
+            facts,
+            layer=layer,
+            on_edit=on_edit,
+            stop=stop,
+            checks=checks,
+            on_regression=on_regression,
+            repair_every=repair_every,
+            retry_rejected=retry_rejected,
+        )
 
     def repair(
         self,

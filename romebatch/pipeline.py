@@ -227,7 +227,7 @@ def apply_one(
     except Refused as refused:
         with torch.no_grad():
             weight.copy_(before)  # undo in memory: exact, nothing was committed
-        if outcome is not None:
+        if probes is not None and outcome is not None:
             probes.applied.discard(fact.hash)
         row.status, row.reason = "rejected", str(refused)
         editor.journal.record_rejection(fact, layer, row.reason, edit.norm, edit.denominator, meta)

@@ -191,7 +191,7 @@ def run_pass(
         journal.set_many(RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta())
         plan = RepairPlan.load(journal)
         assert plan is not None
-    rows = []
+    rows: list[FactResult] = []
     for index in range(plan.done, len(plan.entries)):
         if stop:
             return rows  # the plan stays journaled: the next run finishes it
