@@ -62,8 +62,8 @@ def main() -> None:
         # The base model's scores of a depth are a prefix of the deepest one's: score once.
         base = [d for d in states if (args.journal.name, d, "unedited") not in done]
         if base:
-            editor.replay(0, verify=False)
-            scores = score_facts(lm, facts[: max(base)])
+            with editor.at(0):
+                scores = score_facts(lm, facts[: max(base)])
             for depth in base:
                 write(depth, "unedited", scores[:depth])
         for depth, state in states.items():

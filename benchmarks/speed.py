@@ -111,7 +111,7 @@ def apply_run(lm, facts, hp: HParams, checks) -> list:
     ):
         ed.prefixes()
         ed.stats(hp.layer)
-        result = ed.apply(facts, checks=checks)
+        result = ed.apply(facts, checks=checks, repair_every=0)  # edits only: no repair passes
         rows = [r for r in result.results if r.status == "applied"]
         ed.replay(0, verify=False)  # leave the model at the base for the next run
     return rows
@@ -281,7 +281,7 @@ def main() -> None:
         tempfile.TemporaryDirectory() as tmp,
         Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as ed,
     ):
-        ed.apply(facts[:5], checks=None)
+        ed.apply(facts[:5], checks=None, repair_every=0)
         # Each prompt is scored for the new and the true object, on the head and on the base.
         n_prompts = sum(2 * (1 + len(f.paraphrases) + len(f.neighborhood)) for f in facts[:5]) * 2
         t = time.perf_counter()

@@ -154,8 +154,8 @@ def export(
     max_memory=None,
 ) -> Path:
     """Write the journal's head state as a model folder that transformers loads (`dtype`: cast on writing)."""
-    from .editor import check_export_target
     from .export_card import EXPORT_DTYPES
+    from .model_export import check_export_target
 
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
@@ -226,11 +226,12 @@ def apply_bundle(
 @reads_journal
 def pending_facts(facts, journal: str | Path, retry_rejected: bool = False):
     """Facts not yet applied (or rejected, unless `retry_rejected`) in `journal`; all if it does not exist yet."""
+    from .editor import pending_facts as pending
+
     if not (Path(journal) / "journal.sqlite").exists():
         return list(facts)
     with Journal(journal) as j:
-        settled = j.applied_hashes() if retry_rejected else j.settled_hashes()
-    return [f for f in facts if f.hash not in settled]
+        return pending(facts, j, retry_rejected)
 
 
 @reads_journal
@@ -297,7 +298,8 @@ def edit(
     )
     check_facts_for_model(lm, [fact], max((n for n, _ in (hparams or HParams()).prefixes), default=0))
     with Editor(journal, lm=lm, hparams=hparams, **kwargs) as editor:
-        result = editor.apply([fact], checks=checks)
+        # One fact per call: no repair pass after it, as before `Editor.apply` repaired by default.
+        result = editor.apply([fact], checks=checks, repair_every=0)
     return result.results[0]
 
 

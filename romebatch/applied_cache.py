@@ -20,9 +20,14 @@ import json
 from .journal import Journal
 
 
+def held_when_applied(p_new_after: float | None, p_true_after: float | None) -> bool:
+    """Whether an edit took when it was made: P(new) over P(true) (no target_true: it counts as held)."""
+    return p_true_after is None or (p_new_after or 0) > p_true_after
+
+
 def earlier_entry(row: dict) -> dict | None:
     """A probe's view of an applied edit, or None if the edit did not take (retention skips those)."""
-    if not (row["p_true_after"] is None or (row["p_new_after"] or 0) > row["p_true_after"]):
+    if not held_when_applied(row["p_new_after"], row["p_true_after"]):
         return None
     fact = json.loads(row["fact_json"])
     return {

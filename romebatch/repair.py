@@ -1,26 +1,42 @@
-"""Which applied facts no longer hold: what a repair pass edits again.
+"""Repair passes: which applied facts no longer hold, when to check, and the journaled plan.
 
 Every ROME edit leaks a small share of its write into every other key (RESULTS.md, "Where
-NS goes"), so over hundreds of sequential edits the earlier ones wear down: with the
-Gemma-3-270M default, 94% of 516 applied facts still held at edit 516, and 88 of the first
-100 at 500. A smaller write leaks less but also leaves each edit a smaller margin, so a
-smaller clamp does not stop this. Checking does: every fact on the head's path is scored on
-its own prompt (two short sequences each, ~0.04 s a fact on one CPU thread), and a fact
-that no longer holds is edited again on the current weights. The repair
-is an ordinary journal entry for the same fact (guards included), so replay, rollback and
-export treat it like any other edit.
+NS goes"), so over hundreds of sequential edits the earlier ones wear down (measured in
+benchmarks/RESULTS.md, "Sequential editing, session 6"). A smaller write leaks less but also
+leaves each edit a smaller margin, so a smaller clamp does not stop this. Checking does:
+every fact on the head's path is scored on its own prompt (two short sequences each), and a
+fact that no longer holds is edited again on the current weights. The repair is an ordinary
+journal entry for the same fact (guards included), so replay, rollback and export treat it
+like any other edit.
+
+A pass runs after every `REPAIR_EVERY` first edits of facts and once at the end of a run.
+Its plan (which facts, from which state, how far it got) is journaled before its first
+repair, in the same transaction as each repair's outcome, so a pass that a crash or Ctrl-C
+cut short is finished, not planned afresh, by the next run.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from math import exp
+from typing import TYPE_CHECKING
 
+from .hparams import REPAIR_EVERY  # noqa: F401 (declared once, with every other default)
+from .journal import Journal
 from .journal_records import EditRecord
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
 from .scores import answer_nll, edit_holds
+
+if TYPE_CHECKING:
+    from .editor import Editor
+    from .outcomes import FactResult, StopRequest
+
+# Journal meta keys: the plan of the pass in progress, and the heads at which passes ended.
+REPAIR_PLAN = "repair_plan"
+REPAIR_MARKS = "repair_passes"
 
 # Edits of one fact on a path, the first included: a fact the method cannot make hold
 # (or keep holding) is not edited again and again, each time leaking into the others.
@@ -74,3 +90,122 @@ def to_repair(
 ) -> list[Standing]:
     """The facts on `path` that no longer hold and may still be edited again, oldest first."""
     return [s for s in standings(lm, path, rejected) if not s.holds and s.edits < max_edits]
+
+
+def why_lost(standing: Standing) -> str:
+    if standing.p_true is not None:
+        return f"P(new) {standing.p_new:.3g} <= P(true) {standing.p_true:.3g}"
+    return (
+        f"P(new) {standing.p_new:.3g}, under half its {standing.record.p_new_after:.3g} "
+        f"after edit {standing.record.seq}"
+    )
+
+
+@dataclass
+class PlanEntry:
+    fact: Fact
+    was: str  # why it no longer held when the pass was planned
+
+
+@dataclass
+class RepairPlan:
+    """The journaled plan of a repair pass: the head it began on, its facts, the entries tried."""
+
+    at: int
+    entries: list[PlanEntry]
+    done: int = 0
+
+    def to_meta(self) -> dict:
+        facts = [{"fact": e.fact.to_dict(), "was": e.was} for e in self.entries]
+        return {REPAIR_PLAN: {"at": self.at, "facts": facts, "done": self.done}}
+
+    @classmethod
+    def load(cls, journal: Journal) -> RepairPlan | None:
+        stored = journal.get(REPAIR_PLAN)
+        if stored is None:
+            return None
+        entries = [PlanEntry(fact_from_dict(e["fact"]), e["was"]) for e in stored["facts"]]
+        return cls(stored["at"], entries, stored["done"])
+
+
+def pending_plan(journal: Journal) -> RepairPlan | None:
+    """The journaled plan of a pass that was cut short, if the head is still inside it."""
+    plan = RepairPlan.load(journal)
+    if plan is None:
+        return None
+    chain = journal.chain()
+    at = plan.at
+    if (at == 0 or at in chain) and len(chain) - (chain.index(at) + 1 if at else 0) <= plan.done:
+        return plan
+    # Rolled back past it, or edited elsewhere since: the pass no longer describes this path.
+    journal.set_many({REPAIR_PLAN: None})
+    return None
+
+
+def end_pass(journal: Journal) -> None:
+    marks = journal.get(REPAIR_MARKS) or []
+    journal.set_many({REPAIR_MARKS: marks + [journal.head], REPAIR_PLAN: None})
+
+
+def edits_since_pass(journal: Journal) -> int:
+    """First edits of a fact on the head's path since the last repair pass ended on it."""
+    marks = set(journal.get(REPAIR_MARKS) or [])
+    seen, since = set(), 0
+    for seq, fact_hash in journal.lineage_facts():
+        if fact_hash not in seen:
+            seen.add(fact_hash)
+            since += 1
+        if seq in marks:
+            since = 0
+    return since
+
+
+def rejected_on_path(journal: Journal) -> dict[str, int]:
+    """Per fact hash, the edits of it a guard refused on states of the head's path."""
+    on_path = {0, *journal.chain()}
+    rejected: dict[str, int] = {}
+    for rejection in journal.rejections():
+        if rejection["parent"] in on_path:
+            rejected[rejection["fact_hash"]] = rejected.get(rejection["fact_hash"], 0) + 1
+    return rejected
+
+
+def run_pass(
+    editor: Editor,
+    window: list[int],
+    max_edits: int = MAX_EDITS_PER_FACT,
+    on_edit: Callable[[FactResult], None] | None = None,
+    stop: StopRequest | None = None,
+) -> list[FactResult]:
+    """One repair pass (or the rest of a journaled one): `Editor.repair`."""
+    from .pipeline import apply_one, next_layer
+
+    journal = editor.journal
+    plan = pending_plan(journal)
+    if plan is None:
+        editor.stage("repair scoring")
+        lost = to_repair(editor.lm, journal.lineage(), rejected_on_path(journal), max_edits)
+        journal.set_many(RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta())
+        plan = RepairPlan.load(journal)
+        assert plan is not None
+    rows: list[FactResult] = []
+    for index in range(plan.done, len(plan.entries)):
+        if stop:
+            return rows  # the plan stays journaled: the next run finishes it
+        entry = plan.entries[index]
+        # The plan's progress is written in the same transaction as the repair (or its
+        # rejection), so a crash can neither lose a repair nor make one twice.
+        plan.done = index + 1
+        progress = plan.to_meta()
+        editor.stage("repairing", entry.fact.id)
+        row = apply_one(editor, entry.fact, next_layer(editor, window), meta=progress)
+        if row.status == "failed":
+            journal.set_many(progress)  # nothing was written; a retry would fail alike
+        if row.status == "applied":
+            row.status = "repaired"
+        row.reason = f"repair: no longer held ({entry.was})" + (f"; {row.reason}" if row.reason else "")
+        rows.append(row)
+        if on_edit:
+            on_edit(row)
+    end_pass(journal)
+    return rows

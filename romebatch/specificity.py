@@ -1,7 +1,7 @@
 """`romebatch verify`: specificity regression of the journal's head against the base model.
 
-Scores every applied fact on the head state and on the base state (rebuilt by replay in
-the same process): the edit prompt (efficacy), paraphrases and neighbourhood prompts, with
+Scores every applied fact on the head state and on the base state (swapped in by
+`Editor.at(0)` in the same process): the edit prompt (efficacy), paraphrases and neighbourhood prompts, with
 the CounterFact conventions of `scores`. A regression is a neighbourhood score that fell
 more than `max_ns_drop` points below the base model's, or edits that no longer hold.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from .applied_cache import held_when_applied
 from .editor import Editor
 from .manifest import Fact, fact_from_dict
 from .scores import FactScores, edit_holds, score_facts, summarize
@@ -102,11 +103,8 @@ def score_head(
     head_scores = score_facts(editor.lm, facts)
     if progress:
         progress(1, 2)
-    editor.replay(0, verify=False)
-    try:
+    with editor.at(0):
         base_scores = score_facts(editor.lm, facts)
-    finally:
-        editor.replay()
     if progress:
         progress(2, 2)
 
@@ -146,7 +144,7 @@ def score_head(
 def _row(fact: Fact, record, head: FactScores, base: FactScores) -> VerifyRow:
     held = holds = None
     if record.p_new_after is not None:
-        held = record.p_true_after is None or record.p_new_after > record.p_true_after
+        held = held_when_applied(record.p_new_after, record.p_true_after)
         holds = edit_holds(head.p_new, head.p_true, record.p_new_after)
     return VerifyRow(
         fact_id=fact.id,

@@ -216,7 +216,7 @@ def test_failed_facts_exit_4(monkeypatch, tmp_path, tiny_folder, hp_file, capsys
     def cannot(*args, **kwargs):
         raise ValueError("no token covers the subject")
 
-    monkeypatch.setattr("romebatch.editor.compute_edit", cannot)
+    monkeypatch.setattr("romebatch.pipeline.compute_edit", cannot)
     code = run_main(
         monkeypatch,
         [

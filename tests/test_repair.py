@@ -15,6 +15,7 @@ import json
 import pytest
 from conftest import TINY_HPARAMS, tiny_loaded
 
+from romebatch import pipeline
 from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
@@ -123,7 +124,7 @@ def test_a_refused_repair_counts_toward_the_cap(tmp_path, bytelevel_tokenizer, m
         editor.apply(FACTS, checks=None)
         lost = [f.id for f in FACTS if not holds(editor.lm, f)]
         head = editor.head
-        monkeypatch.setattr(Editor, "_guard", lambda self, edit, weight: "refused by the test")
+        monkeypatch.setattr(pipeline, "norm_refusal", lambda edit, weight, hp, applied: "refused by the test")
         statuses = []
         while rows := editor.repair():
             statuses.append([(r.fact_id, r.status) for r in rows])
@@ -189,7 +190,8 @@ def test_standings_score_each_fact_once_with_its_latest_edit(tmp_path, bytelevel
 
 
 def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_path, bytelevel_tokenizer):
-    from romebatch.editor import REPAIR_PLAN, StopRequest
+    from romebatch.editor import StopRequest
+    from romebatch.repair import REPAIR_PLAN
 
     with editor_for(tmp_path, bytelevel_tokenizer, "whole") as editor:
         editor.apply(FACTS, checks=None)
@@ -212,7 +214,8 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
 
 
 def test_rollback_drops_a_pass_cut_short(tmp_path, bytelevel_tokenizer):
-    from romebatch.editor import REPAIR_PLAN, StopRequest
+    from romebatch.editor import StopRequest
+    from romebatch.repair import REPAIR_PLAN
 
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
         editor.apply(FACTS, checks=None)

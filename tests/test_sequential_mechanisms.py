@@ -78,7 +78,9 @@ def test_mpes_stops_at_the_first_step_the_target_is_the_argmax_everywhere(bytele
     # is deterministic, so `steps=k` is the trajectory's k-th point), judged independently.
     expected = None
     for k in range(cap + 1):
-        delta = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=k, **kwargs).delta
+        delta = (
+            V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=k, **kwargs).v_star - v_init
+        )
         if argmax_on_every_prompt(lm, delta):
             expected, expected_delta = k, delta
             break
@@ -87,9 +89,11 @@ def test_mpes_stops_at_the_first_step_the_target_is_the_argmax_everywhere(bytele
         lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap, stop_on_argmax=True, **kwargs
     )
     assert stopped.steps == expected
-    torch.testing.assert_close(stopped.delta, expected_delta, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stopped.v_star - v_init, expected_delta, atol=1e-6, rtol=0)
     assert not argmax_on_every_prompt(
-        lm, V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=expected - 1, **kwargs).delta
+        lm,
+        V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=expected - 1, **kwargs).v_star
+        - v_init,
     )
     # Without MPES the same run goes on to the cap.
     plain = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, steps=cap, **kwargs)

@@ -167,7 +167,7 @@ def test_apply_edit_meets_constraint_in_the_module(family, tokenizer_for):
 
     # A different key is moved by ΔW k, not by the constraint's full residual.
     other_key = torch.randn(d_ff, generator=gen).abs()
-    apply_edit(lm, edit, sign=-1)
+    apply_edit(lm, RankOneEdit(edit.layer, -edit.lam, edit.u, edit.denominator, edit.norm))  # W - Λ uᵀ
     torch.testing.assert_close(weight.detach(), before[name], rtol=0, atol=1e-5)
     v_other = current_value(lm, layer, other_key)
     apply_edit(lm, edit)

@@ -113,11 +113,3 @@ class Preserver:
         # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
         alpha = torch.linalg.lstsq(gram, a.T @ u[:, None]).solution
         return u - (solved @ alpha)[:, 0]
-
-    def state(self) -> bytes:
-        """The running state's bytes (what a rollback must restore exactly)."""
-        parts = [torch.stack(self.keys) if self.keys else torch.zeros(0)]
-        if self.matrix is not None:
-            parts.append(self.matrix)
-        parts.append(self.solved)
-        return b"".join(p.contiguous().numpy().tobytes() for p in parts)

@@ -86,12 +86,12 @@ def bound_norm(edit: RankOneEdit, weight: torch.Tensor, conv1d: bool, max_norm: 
     ), s
 
 
-def apply_edit(lm: LoadedModel, edit: RankOneEdit, sign: int = 1) -> None:
-    """W ← W + sign · Λ uᵀ in place: elementwise float32 arithmetic, so replay is byte-exact."""
+def apply_edit(lm: LoadedModel, edit: RankOneEdit) -> None:
+    """W ← W + Λ uᵀ in place: elementwise float32 arithmetic, so replay is byte-exact."""
     weight = lm.weight(edit.layer)
     with torch.no_grad():
         delta = edit.matrix(lm.adapter.conv1d).to(weight.device)
-        updated = weight.float() + delta if sign > 0 else weight.float() - delta
+        updated = weight.float() + delta
         weight.copy_(updated.to(weight.dtype))
 
 

@@ -44,7 +44,6 @@ ENGINES = ("cached", "exact")
 @dataclass
 class ValueResult:
     v_star: torch.Tensor  # (d_model,) float32: the value W must give k* after the edit
-    delta: torch.Tensor  # (d_model,) float32: v* − v_init
     steps: int  # Adam steps taken (early stopping makes this < v_steps)
     loss: float  # final total loss
     nll: float  # final mean target NLL over the prompts
@@ -270,4 +269,4 @@ def optimise_value(
             if norm > max_norm:
                 delta.mul_(max_norm / norm)
     delta = delta.detach().float()
-    return ValueResult(v_star=v_init.float() + delta, delta=delta, steps=step, loss=loss_value, nll=nll_value)
+    return ValueResult(v_star=v_init.float() + delta, steps=step, loss=loss_value, nll=nll_value)
