@@ -28,7 +28,7 @@ import torch
 from . import model_export
 from .applied_cache import AppliedCache
 from .errors import JournalDamagedError, UserError
-from .hparams import HParams
+from .hparams import REPAIR_EVERY, HParams
 from .ingredients import Ingredients
 from .journal import Journal
 from .journal_records import EditRecord
@@ -191,7 +191,7 @@ class Editor:
         stop: StopRequest | None = None,
         checks: Thresholds | None = Thresholds(),
         on_regression: str = "warn",
-        repair_every: int | None = None,
+        repair_every: int | None = REPAIR_EVERY,
         retry_rejected: bool = False,
     ) -> ApplyResult:
         """Apply each fact not yet in the journal as a sequential ROME edit, committing each.
@@ -200,7 +200,8 @@ class Editor:
         warns, rejects the edit (`on_regression="skip"`) or ends the run (`"stop"`),
         in the last two cases without committing the offending edit.
         `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
-        and once more at its end, if it applied any (None or 0: never).
+        and once more at its end, if it applied any (None or 0: never); the default is the
+        one `romebatch.apply` and the CLI use (`hparams.REPAIR_EVERY`).
         Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
         say); facts whose edit was rolled back are applied again.
         """

@@ -94,14 +94,14 @@ class Source:
         self.journal = root / "source"
         hp = HParams(**{**TINY_HPARAMS, "layer": LAYER})
         with Editor(self.journal, model=str(self.folder), hparams=hp, log=quiet) as editor:
-            assert [r.status for r in editor.apply(FACTS, checks=None).results] == ["applied"] * 3
+            assert [r.status for r in editor.apply(FACTS, checks=None, repair_every=0).results] == ["applied"] * 3
             editor.rollback(steps=1)
-            assert editor.apply(LATER[:1], checks=None).results[0].status == "applied"
+            assert editor.apply(LATER[:1], checks=None, repair_every=0).results[0].status == "applied"
         strict = hp.replace(guard_max_relative=1e-9)  # not an edit-defining setting: the guard refuses it
         with Editor(self.journal, model=str(self.folder), hparams=strict, log=quiet) as editor:
-            assert editor.apply(LATER[1:], checks=None).results[0].status == "rejected"
+            assert editor.apply(LATER[1:], checks=None, repair_every=0).results[0].status == "rejected"
         with Editor(self.journal, model=str(self.folder), log=quiet) as editor:
-            assert editor.apply([LAST], checks=None).results[0].status == "applied"
+            assert editor.apply([LAST], checks=None, repair_every=0).results[0].status == "applied"
             editor.journal.set_many({"repair_passes": [4]})
             self.head_hash = weight_hash(editor.lm.weight(LAYER))
         with Journal(self.journal) as j:
@@ -264,7 +264,7 @@ def test_wrong_base_and_wrong_state_are_refused_and_write_nothing(source, tmp_pa
     with Editor(
         elsewhere, model=str(source.folder), hparams=HParams(**{**TINY_HPARAMS, "layer": LAYER}), log=quiet
     ) as editor:
-        editor.apply([LAST], checks=None)
+        editor.apply([LAST], checks=None, repair_every=0)
     before = rows(elsewhere, "edits"), meta(elsewhere)
     with pytest.raises(UserError, match="is another state"):
         apply(source, [out], elsewhere)

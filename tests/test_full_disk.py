@@ -102,22 +102,22 @@ def head_hash(path) -> tuple[int, str]:
 def reference(tmp_path, lm):
     path = tmp_path / "reference"
     with editor(path, lm) as ed:
-        ed.apply(FACTS, checks=None)
+        ed.apply(FACTS, checks=None, repair_every=0)
     return head_hash(path)
 
 
 def test_an_edits_commit(disk, lm, reference):
     path = disk.root / "journal"
     with editor(path, lm) as ed:
-        ed.apply(FACTS[:1], checks=None)
+        ed.apply(FACTS[:1], checks=None, repair_every=0)
         disk.fill()
         with pytest.raises(UserError, match="could not commit the edit of fact f1") as error:
-            ed.apply(FACTS, checks=None)
+            ed.apply(FACTS, checks=None, repair_every=0)
         assert "\n" not in error.value.message and "resumes" in error.value.hint
         assert ed.head == 1
         disk.free()
         assert head_hash(path)[0] == 1
-        ed.apply(FACTS, checks=None)  # the same call again: it resumes
+        ed.apply(FACTS, checks=None, repair_every=0)  # the same call again: it resumes
     assert head_hash(path) == reference
 
 
@@ -127,11 +127,11 @@ def test_a_rejection_record(disk, lm):
         ed.prefixes(), ed.stats(ed.hparams.layer)
         disk.fill()
         with pytest.raises(UserError, match="could not write to journal"):
-            ed.apply(FACTS[:1], checks=None)
+            ed.apply(FACTS[:1], checks=None, repair_every=0)
         disk.free()
         with Journal(path) as j:
             assert j.rejections() == [] and audit(j.db) == []
-        result = ed.apply(FACTS[:1], checks=None)
+        result = ed.apply(FACTS[:1], checks=None, repair_every=0)
     assert [r.status for r in result.results] == ["rejected"]
     with Journal(path) as j:
         assert [r["fact_id"] for r in j.rejections()] == ["f0"]
@@ -144,7 +144,7 @@ def test_meta_writes_prefixes_and_a_repair_plan(disk, lm, reference):
         with pytest.raises(UserError, match="could not write to journal"):
             ed.prefixes()
         disk.free()
-        ed.apply(FACTS, checks=None)
+        ed.apply(FACTS, checks=None, repair_every=0)
         disk.fill()
         with pytest.raises(UserError, match="could not write to journal"):
             ed.repair()  # its plan is journaled before its first repair
@@ -198,7 +198,7 @@ def test_the_key_statistics_cache(disk, lm, reference, monkeypatch, tmp_path):
     messages = []
     path = tmp_path / "journal"  # the journal has room; the cache has none
     with Editor(path, lm=lm(), hparams=HParams(**TINY_HPARAMS), log=messages.append) as ed:
-        ed.apply(FACTS, checks=None)
+        ed.apply(FACTS, checks=None, repair_every=0)
     assert any("Could not cache the key statistics" in m for m in messages), messages
     assert head_hash(path) == reference
     assert not [p for p in (disk.root / "home").rglob("*") if p.is_file()], "a partial cache file was left"
@@ -207,7 +207,7 @@ def test_the_key_statistics_cache(disk, lm, reference, monkeypatch, tmp_path):
 def test_export(disk, lm, tmp_path):
     path = tmp_path / "journal"
     with editor(path, lm) as ed:
-        ed.apply(FACTS[:1], checks=None)
+        ed.apply(FACTS[:1], checks=None, repair_every=0)
         ed.export(disk.root / "earlier")  # fits: the tiny model is well under the disk's size
         disk.fill()
         out = disk.root / "out"

@@ -49,7 +49,7 @@ def editor(path, tok, seed=0, **kwargs):
 def journal(tmp_path, tok):
     path = tmp_path / "j"
     with editor(path, tok) as ed:
-        result = ed.apply(FACTS)
+        result = ed.apply(FACTS, repair_every=0)
     assert [r.seq for r in result.results] == [1, 2, 3, 4]
     return path
 
@@ -103,7 +103,7 @@ def test_a_tampered_hash_is_found(journal, tok):
 def test_an_edit_row_from_another_journal_is_found(journal, tok, tmp_path):
     other = tmp_path / "other"
     with editor(other, tok) as ed:
-        ed.apply([Fact(id="x", subject="The Louvre", prompt="{} is in", target_new="Oslo")])
+        ed.apply([Fact(id="x", subject="The Louvre", prompt="{} is in", target_new="Oslo")], repair_every=0)
     with sqlite3.connect(other / "journal.sqlite") as src:
         row = src.execute("SELECT * FROM edits WHERE seq = 1").fetchone()
     with sqlite3.connect(journal / "journal.sqlite") as db:

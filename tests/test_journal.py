@@ -459,7 +459,7 @@ class FirstRun:
 
         with Editor(directory, lm=lm, hparams=HParams(**TINY_HPARAMS), log=quiet) as editor:
             assert editor.hparams.layer == LAYER
-            self.result = editor.apply(FACTS, on_edit=on_edit)
+            self.result = editor.apply(FACTS, on_edit=on_edit, repair_every=0)
         with Journal(directory) as journal:
             self.rows = journal.edits()
             self.prefixes = journal.get("prefixes")
@@ -564,7 +564,9 @@ def test_branch_after_rollback_and_return_to_old_branch(first_run, tmp_path):
         # The rolled-back facts are pending again; the applied ones are not.
         assert [f.id for f in editor.pending(FACTS + NEW_FACTS)] == ["ben", "darrieux", "colosseum", "rocard"]
         result = editor.apply(
-            NEW_FACTS, on_edit=lambda r: branch.__setitem__(r.seq, editor.lm.weight(LAYER).detach().clone())
+            NEW_FACTS,
+            on_edit=lambda r: branch.__setitem__(r.seq, editor.lm.weight(LAYER).detach().clone()),
+            repair_every=0,
         )
         assert [(r.status, r.seq) for r in result.results] == [("applied", 5), ("applied", 6)]
         with Journal(directory) as reader:
@@ -602,7 +604,7 @@ def test_branch_after_rollback_and_return_to_old_branch(first_run, tmp_path):
 def test_recomputing_from_scratch_is_deterministic(first_run, tmp_path):
     """Crash-resume relies on this: the same facts on the same base give the same bytes."""
     with first_run.editor(tmp_path / "again", hparams=HParams(**TINY_HPARAMS)) as editor:
-        result = editor.apply(FACTS[:3])
+        result = editor.apply(FACTS[:3], repair_every=0)
         assert [r.seq for r in result.results] == [1, 2, 3]
         assert torch.equal(editor.lm.weight(LAYER), first_run.states[3])
     with Journal(tmp_path / "again") as reader:
@@ -615,7 +617,7 @@ def test_reapplying_rolled_back_facts_on_their_state(first_run, tmp_path):
     directory = first_run.copy(tmp_path)
     with first_run.editor(directory) as editor:
         editor.rollback(to=2)
-        result = editor.apply(FACTS)
+        result = editor.apply(FACTS, repair_every=0)
         assert [r.status for r in result.results] == ["already_applied", "already_applied", "applied", "applied"]
         assert torch.equal(editor.lm.weight(LAYER), first_run.states[4])
         head = editor.head
@@ -633,7 +635,7 @@ def test_reapplying_the_same_facts_writes_nothing(first_run, tmp_path):
     renamed = [Fact(id=f"other-{f.id}", subject=f.subject, prompt=f.prompt, target_new=f.target_new) for f in FACTS]
     with first_run.editor(directory, hparams=HParams(**TINY_HPARAMS)) as editor:
         for facts in (FACTS, renamed):
-            result = editor.apply(facts)
+            result = editor.apply(facts, repair_every=0)
             assert [r.status for r in result.results] == ["already_applied"] * 4
             assert result.head == 4 and result.count("applied") == 0
             assert all(r.seq is None for r in result.results)
@@ -724,14 +726,14 @@ def test_guard_rejects_and_records(first_run, tmp_path):
     strict = HParams(**{**TINY_HPARAMS, "guard_max_relative": 1e-9})
     lm = tiny_loaded("gpt2", first_run.tokenizer)
     with Editor(directory, lm=lm, hparams=strict, log=quiet) as editor:
-        result = editor.apply(FACTS)
+        result = editor.apply(FACTS, repair_every=0)
         assert [r.status for r in result.results] == ["rejected"] * 4
         assert all("exceeds" in r.reason for r in result.results)
         assert all(r.update_norm and r.update_norm > 0 and r.seq is None for r in result.results)
         assert editor.head == 0 and result.head == 0
         assert torch.equal(lm.weight(LAYER), first_run.states[0])
         # A second run does not retry (nor record) them again.
-        again = editor.apply(FACTS)
+        again = editor.apply(FACTS, repair_every=0)
         assert [r.status for r in again.results] == ["rejected"] * 4
         assert all("earlier run" in r.reason for r in again.results)
     with Journal(directory) as reader:

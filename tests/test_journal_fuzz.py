@@ -54,9 +54,9 @@ def pristine(tmp_path_factory, bytelevel_tokenizer):
     base = {name: tensor.clone() for name, tensor in lm.model.state_dict().items()}
     path = root / "journal"
     with Editor(path, lm=lm, hparams=HParams(**TINY_HPARAMS), log=lambda m: None) as editor:
-        editor.apply(FACTS[:3])
+        editor.apply(FACTS[:3], repair_every=0)
         editor.rollback(to=1)
-        editor.apply(FACTS[3:])  # a second branch: edit 4 on edit 1; 2 and 3 rolled back
+        editor.apply(FACTS[3:], repair_every=0)  # a second branch: edit 4 on edit 1; 2 and 3 rolled back
         editor.journal.record_rejection(FACTS[2], 1, "test rejection", 1.0, 0.5)
     # One self-contained file: no WAL beside it.
     db = sqlite3.connect(path / DB_NAME)
@@ -266,7 +266,7 @@ def test_a_swapped_fact_hash_no_longer_makes_a_resume_reapply(pristine, tmp_path
     assert any(p.startswith("edit 1: field fact_hash does not match") for p in report.problems), report.problems
     with check.editor(path) as editor:
         with pytest.raises(UserError, match="is damaged"):
-            editor.apply(FACTS[:1])
+            editor.apply(FACTS[:1], repair_every=0)
         assert editor.head == 4
 
 

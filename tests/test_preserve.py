@@ -97,7 +97,7 @@ def run(tmp_path, tokenizer, preserve: str, **extra):
         keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.lineage()]
         outputs.append([layer_output(lm, k) for k in keys])
 
-    result = editor.apply(FACTS, on_edit=on_edit, checks=None)
+    result = editor.apply(FACTS, on_edit=on_edit, checks=None, repair_every=0)
     assert [r.status for r in result.results] == ["applied"] * len(FACTS), [r.reason for r in result.results]
     return editor, outputs
 
@@ -147,19 +147,19 @@ def test_rollback_and_reopen_restore_the_running_state_byte_exactly(tmp_path, by
         def on_edit(row):
             states[row.seq] = state_bytes(editor.preserver(LAYER))
 
-        editor.apply(FACTS, on_edit=on_edit, checks=None)
+        editor.apply(FACTS, on_edit=on_edit, checks=None, repair_every=0)
         assert len(set(states.values())) == len(FACTS)  # the state really changes with each edit
         editor.rollback(to=2)
         assert state_bytes(editor.preserver(LAYER)) == states[2]
         # Re-applying the rolled-back facts rolls them forward: the state follows the head.
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         assert editor.head == 4 and state_bytes(editor.preserver(LAYER)) == states[4]
         editor.rollback(to=1)
     with Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), log=quiet) as reopened:
         assert reopened.hparams.preserve == preserve
         assert state_bytes(reopened.preserver(LAYER)) == states[1]
         # A new edit on the rolled-back state is computed from state 1, not state 4.
-        reopened.apply([FACTS[3]], checks=None)
+        reopened.apply([FACTS[3]], checks=None, repair_every=0)
         expected = Preserver(
             preserve, reopened.stats(LAYER).cholesky, reopened.preserver(LAYER).d_ff, reopened.hparams.preserve_weight
         )
@@ -172,7 +172,7 @@ def test_a_journal_keeps_the_method_it_was_started_with(tmp_path, bytelevel_toke
     with Editor(
         directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=HParams(**TINY_HPARAMS), log=quiet
     ) as editor:
-        editor.apply(FACTS[:1], checks=None)
+        editor.apply(FACTS[:1], checks=None, repair_every=0)
     with pytest.raises(UserError, match="preserve='none'"):
         Editor(
             directory,
@@ -207,7 +207,7 @@ def test_collapse_guard_rejects_a_disabling_edit_and_leaves_the_weights(tmp_path
     hp = HParams(**{**TINY_HPARAMS, "guard_max_relative": 1e9, "guard_nll_rise": 0.25, "prefixes": ((3, 8),)})
     before = weight_hash(lm.weight(LAYER))
     with Editor(tmp_path / "guarded", lm=lm, hparams=hp, log=quiet) as editor:
-        result = editor.apply(FACTS[:1], checks=None)
+        result = editor.apply(FACTS[:1], checks=None, repair_every=0)
         (row,) = result.results
         assert row.status == "rejected" and row.reason.startswith("collapse"), row.reason
         assert editor.head == 0 and editor.journal.rejections()[0]["reason"].startswith("collapse")
@@ -217,5 +217,5 @@ def test_collapse_guard_rejects_a_disabling_edit_and_leaves_the_weights(tmp_path
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
     reference = greedy_entropy(lm)
     with Editor(tmp_path / "unguarded", lm=lm, hparams=hp.replace(guard_nll_rise=0.0), log=quiet) as editor:
-        assert [r.status for r in editor.apply(FACTS[:1], checks=None).results] == ["applied"]
+        assert [r.status for r in editor.apply(FACTS[:1], checks=None, repair_every=0).results] == ["applied"]
         assert greedy_entropy(lm) < 0.5 * reference

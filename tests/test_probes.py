@@ -112,7 +112,9 @@ def test_a_harmful_fact_is_rejected_under_skip_and_leaves_no_trace(tmp_path, tok
         def on_edit(row):
             snapshots[row.fact_id] = (state(ed), ed.head)
 
-        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="skip", on_edit=on_edit)
+        result = ed.apply(
+            [GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="skip", on_edit=on_edit, repair_every=0
+        )
         good_1, harmful, good_2 = result.results
         assert (good_1.status, harmful.status, good_2.status) == ("applied", "rejected", "applied"), result.results
         assert not result.interrupted
@@ -149,13 +151,13 @@ def test_a_harmful_fact_is_rejected_under_skip_and_leaves_no_trace(tmp_path, tok
         assert report.ok, report.problems
 
         # A re-run does not try the rejected fact again.
-        again = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="skip")
+        again = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="skip", repair_every=0)
         assert [r.status for r in again.results] == ["already_applied", "rejected", "already_applied"]
 
 
 def test_under_warn_the_harmful_edit_is_applied_with_its_reason(tmp_path, tok):
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="warn")
+        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="warn", repair_every=0)
         assert [r.status for r in result.results] == ["applied"] * 3
         good_1, harmful, good_2 = result.results
         assert harmful.neighborhood_drop == 1.0
@@ -175,7 +177,9 @@ def test_under_stop_the_run_ends_at_the_harmful_edit(tmp_path, tok):
             if row.fact_id == "good-1":
                 before = state(ed)
 
-        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="stop", on_edit=on_edit)
+        result = ed.apply(
+            [GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="stop", on_edit=on_edit, repair_every=0
+        )
         assert result.interrupted
         assert [(r.fact_id, r.status) for r in result.results] == [("good-1", "applied"), ("harmful", "rejected")]
         assert result.results[1].reason.startswith("regression")
@@ -187,7 +191,7 @@ def test_under_stop_the_run_ends_at_the_harmful_edit(tmp_path, tok):
 
 def test_without_checks_the_harmful_edit_is_applied_silently(tmp_path, tok):
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply([HARMFUL], checks=None, on_regression="skip")
+        result = ed.apply([HARMFUL], checks=None, on_regression="skip", repair_every=0)
         (row,) = result.results
         assert row.status == "applied" and row.reason == ""
         assert row.neighborhood_drop is None and row.probe_regression is None and row.retention is None
@@ -205,7 +209,7 @@ RETENTION_ONLY = Thresholds(max_probe_regression=1.0, max_neighborhood_drop=1.0)
 
 def test_an_edit_that_undoes_an_earlier_one_is_reported_by_retention(tmp_path, tok):
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply([UNDONE, REDO], checks=RETENTION_ONLY, on_regression="warn")
+        result = ed.apply([UNDONE, REDO], checks=RETENTION_ONLY, on_regression="warn", repair_every=0)
         first, second = result.results
         assert first.status == second.status == "applied"
         assert first.success and second.success  # both took: the second one really undid the first
@@ -219,7 +223,7 @@ def test_an_edit_that_undoes_an_earlier_one_is_reported_by_retention(tmp_path, t
 
 def test_retention_holds_when_a_later_edit_leaves_the_earlier_one(tmp_path, tok):
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply([UNDONE, OTHER_PROMPT], checks=RETENTION_ONLY, on_regression="warn")
+        result = ed.apply([UNDONE, OTHER_PROMPT], checks=RETENTION_ONLY, on_regression="warn", repair_every=0)
         first, second = result.results
         assert first.success and second.status == "applied"
         assert p(ed.lm, UNDONE.text, UNDONE.target_new) > p(ed.lm, UNDONE.text, UNDONE.target_true)
@@ -228,7 +232,7 @@ def test_retention_holds_when_a_later_edit_leaves_the_earlier_one(tmp_path, tok)
 
 def test_under_skip_an_edit_that_undoes_an_earlier_one_is_rejected(tmp_path, tok):
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply([UNDONE, REDO], checks=RETENTION_ONLY, on_regression="skip")
+        result = ed.apply([UNDONE, REDO], checks=RETENTION_ONLY, on_regression="skip", repair_every=0)
         assert [r.status for r in result.results] == ["applied", "rejected"]
         assert result.results[1].retention == 0.0
         # The first edit still holds: the rejected one was undone.
@@ -363,7 +367,7 @@ def test_the_checked_facts_own_prompt_is_not_a_probe(tok, monkeypatch):
 def test_a_lone_fact_is_not_rejected_for_moving_its_own_prompt(tmp_path, tok):
     lone = make("lone", "The Eiffel Tower", "Spain", "Paris", neighborhood=())
     with editor(tmp_path / "j", tok) as ed:
-        (row,) = ed.apply([lone], checks=Thresholds(), on_regression="skip").results
+        (row,) = ed.apply([lone], checks=Thresholds(), on_regression="skip", repair_every=0).results
         assert row.p_true_after < 0.5 * row.p_true_before  # the edit moved its own prompt, as meant
         assert row.status == "applied", row.reason
 
@@ -383,6 +387,7 @@ def test_in_a_run_applied_facts_own_prompts_are_never_sampled(tmp_path, tok, mon
         result = ed.apply(
             facts,
             checks=Thresholds(probe_budget=1e6, max_probe_regression=1.0, min_retention=0.0, max_neighborhood_drop=1.0),
+            repair_every=0,
         )
     assert [r.status for r in result.results] == ["applied"] * 3
     assert len(seen) == 3  # one sample per edit
@@ -400,7 +405,7 @@ def test_in_a_run_applied_facts_own_prompts_are_never_sampled(tmp_path, tok, mon
 # ----------------------------------------------------------------------------- the journal's columns
 def test_the_journal_stores_the_probe_outcomes(tmp_path, tok):
     with editor(tmp_path / "j", tok) as ed:
-        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="warn")
+        result = ed.apply([GOOD_1, HARMFUL, GOOD_2], checks=NEIGHBOURHOOD_ONLY, on_regression="warn", repair_every=0)
         for row in result.results:
             record = ed.journal.edit(row.seq)
             assert record.neighborhood_drop == row.neighborhood_drop
@@ -411,7 +416,7 @@ def test_the_journal_stores_the_probe_outcomes(tmp_path, tok):
         assert ed.journal.edit(result.results[0].seq).retention is None  # no earlier edit
         assert ed.journal.edit(result.results[2].seq).retention is not None
         # Without checks the columns stay empty.
-        plain = ed.apply([make("plain", "The Eiffel Tower", "Spain", "Paris")], checks=None).results[0]
+        plain = ed.apply([make("plain", "The Eiffel Tower", "Spain", "Paris")], checks=None, repair_every=0).results[0]
     with sqlite3.connect(tmp_path / "j" / "journal.sqlite") as db:
         rows = db.execute(
             "SELECT fact_id, neighborhood_drop, probe_regression, retention, seconds_probes FROM edits ORDER BY seq"

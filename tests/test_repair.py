@@ -84,7 +84,7 @@ def tries(editor) -> dict[str, int]:
 
 def test_a_repair_pass_edits_again_exactly_the_facts_that_no_longer_hold(tmp_path, bytelevel_tokenizer):
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        result = editor.apply(FACTS, checks=None)
+        result = editor.apply(FACTS, checks=None, repair_every=0)
         assert [(r.status, r.success) for r in result.results] == [("applied", True)] * 4
         expected = [f.id for f in FACTS if not holds(editor.lm, f)]
         assert "eiffel" in expected and len(expected) >= 2  # the setup really undoes edits
@@ -108,7 +108,7 @@ def test_a_repair_pass_edits_again_exactly_the_facts_that_no_longer_hold(tmp_pat
 
 def test_passes_end_once_every_lost_fact_reaches_the_cap(tmp_path, bytelevel_tokenizer):
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         passes = 0
         while editor.repair():
             passes += 1
@@ -121,7 +121,7 @@ def test_passes_end_once_every_lost_fact_reaches_the_cap(tmp_path, bytelevel_tok
 
 def test_a_refused_repair_counts_toward_the_cap(tmp_path, bytelevel_tokenizer, monkeypatch):
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         lost = [f.id for f in FACTS if not holds(editor.lm, f)]
         head = editor.head
         monkeypatch.setattr(pipeline, "norm_refusal", lambda edit, weight, hp, applied: "refused by the test")
@@ -172,7 +172,7 @@ def test_standing_without_a_true_object_holds_while_it_keeps_half_its_probabilit
 
 def test_standings_score_each_fact_once_with_its_latest_edit(tmp_path, bytelevel_tokenizer):
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         editor.repair()
         found = standings(editor.lm, editor.journal.lineage())
         assert [s.fact.id for s in found] == [f.id for f in FACTS]
@@ -194,12 +194,12 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
     from romebatch.repair import REPAIR_PLAN
 
     with editor_for(tmp_path, bytelevel_tokenizer, "whole") as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         editor.repair()
         reference = [(r.fact_hash, r.weight_hash_after) for r in editor.journal.lineage()]
     assert len(reference) >= len(FACTS) + 2  # the pass makes at least two repairs to cut between
     with editor_for(tmp_path, bytelevel_tokenizer, "cut") as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         stop = StopRequest()
         rows = editor.repair(
             on_edit=lambda row: setattr(stop, "requested", True), stop=stop
@@ -218,7 +218,7 @@ def test_rollback_drops_a_pass_cut_short(tmp_path, bytelevel_tokenizer):
     from romebatch.repair import REPAIR_PLAN
 
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         stop = StopRequest()
         editor.repair(on_edit=lambda row: setattr(stop, "requested", True), stop=stop)
         assert editor.journal.get(REPAIR_PLAN) is not None
@@ -231,7 +231,7 @@ def test_log_marks_repairs_and_verify_scores_each_fact_once(tmp_path, bytelevel_
     from romebatch.specificity import score_head as verify
 
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         repaired = {r.seq for r in editor.repair()}
         report = verify(editor)
         assert [row.fact_id for row in report.rows] == [f.id for f in FACTS]
@@ -240,3 +240,28 @@ def test_log_marks_repairs_and_verify_scores_each_fact_once(tmp_path, bytelevel_
         assert [row.seq for row in report.rows] == [latest[f.id] for f in FACTS]
     logged = api.log(tmp_path / "journal")["edits"]
     assert {e["seq"] for e in logged if e["repair"]} == repaired and repaired
+
+
+def test_editor_apply_repairs_by_default_as_the_api_and_cli_do(tmp_path, bytelevel_tokenizer):
+    """One default for every entry point: Editor.apply, romebatch.apply and `apply --repair-every`."""
+    import inspect
+
+    from romebatch import api
+    from romebatch.cli_apply import apply as cli_apply
+    from romebatch.editor import Editor
+    from romebatch.hparams import REPAIR_EVERY
+
+    defaults = {
+        "Editor.apply": inspect.signature(Editor.apply).parameters["repair_every"].default,
+        "romebatch.apply": inspect.signature(api.apply).parameters["repair_every"].default,
+        "cli apply": inspect.signature(cli_apply).parameters["repair_every"].default,
+    }
+    assert set(defaults.values()) == {REPAIR_EVERY} and REPAIR_EVERY > 0, defaults
+    # With no repair_every, the end-of-run pass re-edits the facts that later edits undid.
+    with editor_for(tmp_path / "off", bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None, repair_every=0)
+        held_without = sum(holds(editor.lm, f) for f in FACTS)
+    with editor_for(tmp_path / "default", bytelevel_tokenizer) as editor:
+        result = editor.apply(FACTS, checks=None)
+        assert "eiffel" in [r.fact_id for r in result.results if r.status == "repaired"]
+        assert sum(holds(editor.lm, f) for f in FACTS) > held_without

@@ -36,7 +36,7 @@ def test_disk_full_during_a_commit_keeps_the_last_committed_edit(tmp_path, bytel
     from romebatch import journal as journal_module
 
     with editor(tmp_path / "j", bytelevel_tokenizer) as ed:
-        ed.apply(FACTS[:1], checks=None)
+        ed.apply(FACTS[:1], checks=None, repair_every=0)
         layer = ed.hparams.layer
         committed = weight_hash(ed.lm.weight(layer))
         real = journal_module.Journal.commit_edit
@@ -46,19 +46,19 @@ def test_disk_full_during_a_commit_keeps_the_last_committed_edit(tmp_path, bytel
 
         monkeypatch.setattr(journal_module.Journal, "commit_edit", full)
         with pytest.raises(UserError, match="nothing of it was written, the journal is at edit 1"):
-            ed.apply(FACTS[1:], checks=None)
+            ed.apply(FACTS[1:], checks=None, repair_every=0)
         # The in-memory model was not left with the uncommitted edit either.
         assert weight_hash(ed.lm.weight(layer)) == committed
         monkeypatch.setattr(journal_module.Journal, "commit_edit", real)
     with editor(tmp_path / "j", bytelevel_tokenizer) as ed:  # resumes where it stopped
         assert ed.head == 1
-        result = ed.apply(FACTS, checks=None)
+        result = ed.apply(FACTS, checks=None, repair_every=0)
         assert [r.status for r in result.results] == ["already_applied", "applied", "applied"]
 
 
 def test_disk_full_during_an_export_leaves_no_folder(tmp_path, bytelevel_tokenizer, monkeypatch):
     with editor(tmp_path / "j", bytelevel_tokenizer) as ed:
-        ed.apply(FACTS[:1], checks=None)
+        ed.apply(FACTS[:1], checks=None, repair_every=0)
         ed.export(tmp_path / "out")
         before = sorted(p.name for p in (tmp_path / "out").iterdir())
         saved = (tmp_path / "out" / "model.safetensors").read_bytes()
@@ -110,9 +110,9 @@ def test_no_code_path_unpickles():
 
 def test_export_force_replaces_atomically(tmp_path, bytelevel_tokenizer):
     with editor(tmp_path / "j", bytelevel_tokenizer) as ed:
-        ed.apply(FACTS[:1], checks=None)
+        ed.apply(FACTS[:1], checks=None, repair_every=0)
         ed.export(tmp_path / "out")
-        ed.apply(FACTS[1:2], checks=None)
+        ed.apply(FACTS[1:2], checks=None, repair_every=0)
         ed.export(tmp_path / "out", force=True)
         head_weight = ed.lm.weight(ed.hparams.layer).detach().clone()
     from safetensors.torch import load_file

@@ -107,7 +107,7 @@ def test_mpes_through_the_editor_takes_fewer_steps_and_the_edits_still_take(tmp_
         with Editor(
             tmp_path / f"j{mpes}", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp, log=quiet
         ) as editor:
-            result = editor.apply(MPES_FACTS, checks=None)
+            result = editor.apply(MPES_FACTS, checks=None, repair_every=0)
             steps[mpes] = [r.v_steps for r in result.results]
             assert all(r.status == "applied" for r in result.results), [r.reason for r in result.results]
             if mpes:
@@ -170,7 +170,7 @@ def test_null_space_edits_leave_preserved_keys_unchanged(tmp_path, bytelevel_tok
             keys = [torch.from_numpy(r.k_star.copy()) for r in editor.journal.lineage()]
             outputs.append([layer_output(lm, k) for k in keys])
 
-        result = editor.apply(FACTS, on_edit=on_edit, checks=None)
+        result = editor.apply(FACTS, on_edit=on_edit, checks=None, repair_every=0)
         assert all(r.status == "applied" for r in result.results), [r.reason for r in result.results]
         # The edits really write (W changes, and most raise their new object's probability).
         assert all(r.update_norm > 1e-2 for r in result.results)
@@ -187,7 +187,7 @@ def test_null_space_edits_leave_preserved_keys_unchanged(tmp_path, bytelevel_tok
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
     with Editor(tmp_path / "plain", lm=lm, hparams=HParams(**TINY_HPARAMS), log=quiet) as editor:
         before = [layer_output(lm, preserved[:, i]) for i in range(preserved.shape[1])]
-        editor.apply(FACTS, checks=None)
+        editor.apply(FACTS, checks=None, repair_every=0)
         moved = max(float((layer_output(lm, preserved[:, i]) - before[i]).abs().max()) for i in range(len(before)))
     assert moved > 1e-3
 
@@ -219,7 +219,10 @@ def test_norm_growth_bound_holds_through_a_sequential_run(tmp_path, bytelevel_to
         norms = []
         with Editor(tmp_path / f"j{growth}", lm=lm, hparams=hp, log=quiet) as editor:
             result = editor.apply(
-                FACTS, checks=None, on_edit=lambda row: norms.append(float(lm.weight(LAYER).double().norm()))
+                FACTS,
+                checks=None,
+                on_edit=lambda row: norms.append(float(lm.weight(LAYER).double().norm())),
+                repair_every=0,
             )
         return base, norms, result
 

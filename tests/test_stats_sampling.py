@@ -96,7 +96,7 @@ def test_an_edit_with_encyclopedic_statistics_takes_effect_and_replays_exactly(t
     hp = HParams(**{**TINY_HPARAMS, "stats_sampling": "encyclopedic"})
     with Editor(tmp_path / "journal", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp, log=quiet) as editor:
         new_before, true_before = answer_nll(editor.lm, [(fact.text, fact.target_new), (fact.text, fact.target_true)])
-        editor.apply([fact], checks=None)
+        editor.apply([fact], checks=None, repair_every=0)
         new_after, true_after = answer_nll(editor.lm, [(fact.text, fact.target_new), (fact.text, fact.target_true)])
         assert editor.hparams.stats_sampling == "encyclopedic"
         assert new_before > true_before and new_after < true_after  # the edit flipped the answer
@@ -113,7 +113,7 @@ def test_a_journal_from_before_encyclopedic_sampling_resumes_as_plain(tmp_path, 
     with Editor(
         directory, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "stats_sampling": "plain"}), log=quiet
     ) as editor:
-        editor.apply([FACT], checks=None)
+        editor.apply([FACT], checks=None, repair_every=0)
         stored = editor.journal.get("hparams")
         del stored["stats_sampling"]  # as a journal written before the option existed
         editor.journal.set_many({"hparams": stored})
@@ -138,7 +138,7 @@ def test_with_a_corpus_file_the_sampling_is_moot(tmp_path, bytelevel_tokenizer):
         hparams=HParams(**{**hp, "stats_sampling": "plain"}),
         log=quiet,
     ) as editor:
-        editor.apply([FACT], checks=None)
+        editor.apply([FACT], checks=None, repair_every=0)
     with Editor(
         directory,
         lm=tiny_loaded("gpt2", bytelevel_tokenizer),

@@ -69,7 +69,7 @@ def folder(tiny_folder):
 def test_a_warning_is_journaled_with_its_edit_and_in_the_results_table(tmp_path, folder):
     journal = tmp_path / "j"
     with Editor(journal, lm=load_model(str(folder), log=quiet), hparams=HParams(**TINY_HPARAMS), log=quiet) as ed:
-        result = ed.apply(FACTS, checks=NEIGHBOURHOOD_ONLY, on_regression="warn")
+        result = ed.apply(FACTS, checks=NEIGHBOURHOOD_ONLY, on_regression="warn", repair_every=0)
         good_1, harmful, good_2 = result.results
         assert [r.status for r in result.results] == ["applied"] * 3
         assert harmful.neighborhood_drop == 1.0 and harmful.warning.startswith("regression: ")
@@ -87,7 +87,7 @@ def test_a_warning_is_journaled_with_its_edit_and_in_the_results_table(tmp_path,
     # Rolled back and rolled forward again, the edit keeps its warning.
     with Editor(journal, lm=load_model(str(folder), log=quiet), log=quiet) as ed:
         ed.rollback(to=1)
-        again = ed.apply(FACTS, checks=None)
+        again = ed.apply(FACTS, checks=None, repair_every=0)
         assert [r.warning for r in again.results if r.fact_id == "harmful"] == [harmful.warning]
 
 
