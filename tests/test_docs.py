@@ -30,3 +30,22 @@ def test_readme_documents_every_exit_code():
     readme = (DOCS.parent / "README.md").read_text()
     for code, meaning in EXIT_CODES.items():
         assert f"| {code} | {meaning} |" in readme, code
+
+
+def test_architecture_doc_names_every_module_and_nothing_else():
+    """docs/architecture.md's module table is the package's module list (top-level modules and
+    packages; a package's own modules are its business)."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    package = root / "romebatch"
+    actual = {p.stem for p in package.glob("*.py")} | {
+        p.name for p in package.iterdir() if p.is_dir() and (p / "__init__.py").exists()
+    }
+    text = (root / "docs" / "architecture.md").read_text(encoding="utf-8")
+    table = text[text.index("## Modules") :]
+    named = set(re.findall(r"^\| `([\w]+)` \|", table, flags=re.M))
+    assert named == actual, {"not in the doc": sorted(actual - named), "not a module": sorted(named - actual)}
+    # Every module the prose names exists too.
+    for name in re.findall(r"`(\w+)\.py`", text):
+        assert name in actual, name
