@@ -5,6 +5,9 @@ parameter and the architecture), so it applies to exactly the weights it was mea
 a fine-tuned copy, another revision or a quantised conversion has another hash and falls
 back to the measured table or the published values. `apply` fills only what neither a flag
 nor an `--hparams` file set, and says where each default came from.
+
+Presets measured in `benchmarks/RESULTS.md` ship with the package (`presets_shipped.json`,
+the same layout); one the user tuned wins over a shipped one for the same weights.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from .hparams import MEASURED, HParams
 
 FIELDS = ("layer", "clamp_norm_factor")
 PRESETS = "presets.json"
+SHIPPED = Path(__file__).with_name("presets_shipped.json")
 
 
 def presets_path() -> Path:
@@ -58,20 +62,38 @@ def save_preset(lm, values: dict, source: dict | None = None) -> Path:
     return path
 
 
+def shipped_presets() -> dict:
+    """The presets that ship with romebatch, keyed by full model hash (measured in RESULTS.md)."""
+    return json.loads(SHIPPED.read_text(encoding="utf-8"))
+
+
 def load_preset(lm) -> dict | None:
-    """The preset of `lm`'s weights, or None (the model is hashed only when a presets file exists)."""
-    data = _read()
-    if not data:
+    """The preset of `lm`'s weights (the user's, else a shipped one), or None.
+
+    Hashing every weight costs a second or more, so the model is hashed only when the user
+    has a presets file or a shipped preset has the model's architecture and depth.
+    """
+    user = _read()
+    shipped = {
+        key: entry
+        for key, entry in shipped_presets().items()
+        if (entry.get("model_type"), entry.get("n_layers")) == (lm.config.model_type, lm.n_layers)
+    }
+    if not user and not shipped:
         return None
-    entry = data.get(lm.full_hash())
-    return entry if isinstance(entry, dict) and isinstance(entry.get("values"), dict) else None
+    key = lm.full_hash()
+    for data, origin in ((user, "preset"), (shipped, "shipped")):
+        entry = data.get(key)
+        if isinstance(entry, dict) and isinstance(entry.get("values"), dict):
+            return {**entry, "origin": origin}
+    return None
 
 
 def fill_defaults(hp: HParams, lm) -> tuple[HParams, dict[str, str]]:
     """`hp` with the preset's values where it leaves a field to the default, and each field's source.
 
     Sources: "flag" (a flag or --hparams file set it), "preset" (this model's tuned preset),
-    "measured" (hparams.MEASURED, the table measured in RESULTS.md) or "published" (depth/4
+    "shipped" (a preset measured in RESULTS.md and shipped with romebatch), "measured" (hparams.MEASURED, the table measured in RESULTS.md) or "published" (depth/4
     and the published clamp of 4).
     """
     preset = load_preset(lm) if any(getattr(hp, f) is None for f in FIELDS) else None
@@ -82,7 +104,7 @@ def fill_defaults(hp: HParams, lm) -> tuple[HParams, dict[str, str]]:
             sources[name] = "flag"
         elif preset is not None and preset["values"].get(name) is not None:
             changes[name] = preset["values"][name]
-            sources[name] = "preset"
+            sources[name] = preset["origin"]
         else:
             sources[name] = "measured" if name in measured else "published"
     return (hp.replace(**changes) if changes else hp), sources
@@ -92,6 +114,7 @@ def describe(resolved: HParams, sources: dict[str, str]) -> str:
     """One line: each default and where it came from."""
     where = {
         "preset": f"preset in {presets_path()}",
+        "shipped": "shipped preset, measured in benchmarks/RESULTS.md",
         "measured": "measured table, romebatch/hparams.py",
         "published": "published default",
         "flag": "flag or --hparams file",

