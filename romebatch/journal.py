@@ -58,9 +58,7 @@ class Journal(JournalReads):
         self.db_path = db_path = self.directory / DB_NAME
         self.write = write
         self._lock_file = None
-        # `db` is typed for an open journal (JournalReads); None only before it opens and after
-        # close(), where any read fails loudly instead of touching a closed connection.
-        self.db = None  # type: ignore[assignment]
+        self.db = None  # type: ignore[assignment]  # typed as open (JournalReads); None until then, and once closed
         _check_location(self.directory, db_path, create)
         if not db_path.exists():
             if not write:
