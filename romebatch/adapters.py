@@ -9,10 +9,14 @@ weight orientation, stated (GPT-2's Conv1D keeps the down-projection as (d_ff, d
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
-def adapter_for(model: torch.nn.Module, module_template: str | None = None) -> Adapter:
+def adapter_for(model: PreTrainedModel, module_template: str | None = None) -> Adapter:
     """The adapter for `model`; `module_template` ("path.{}.to.down_proj") covers the rest."""
     model_type = getattr(model.config, "model_type", "?")
     if module_template is not None:
@@ -127,7 +131,7 @@ def adapter_for(model: torch.nn.Module, module_template: str | None = None) -> A
     return _ADAPTERS[model_type]
 
 
-def _adapter_from_template(model: torch.nn.Module, template: str) -> Adapter:
+def _adapter_from_template(model: PreTrainedModel, template: str) -> Adapter:
     from transformers.pytorch_utils import Conv1D
 
     if template.count("{}") != 1:
@@ -160,6 +164,6 @@ def _adapter_from_template(model: torch.nn.Module, template: str) -> Adapter:
     )
 
 
-def _embed_name(model: torch.nn.Module) -> str:
+def _embed_name(model: PreTrainedModel) -> str:
     embeddings = model.get_input_embeddings()
     return next(name for name, module in model.named_modules() if module is embeddings)

@@ -214,6 +214,7 @@ def trace(
         **kwargs,
     )
     if facts_file is None:
+        assert prompt is not None and subject is not None  # refused above, before loading the model
         if subject not in prompt:
             raise UserError(f"--subject {subject!r} does not occur in --prompt")
         return trace_fact(

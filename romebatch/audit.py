@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from typing import Any
+from typing import Any, TypeGuard
 
 from . import integrity
 from .errors import ManifestError
@@ -203,7 +203,8 @@ def _check_fact(row: dict, where: str, problems: list[str]) -> None:
     from .manifest import fact_from_dict
 
     try:
-        fact = fact_from_dict(json.loads(row.get("fact_json")))
+        # A missing or non-text fact_json raises TypeError here, reported as an invalid fact.
+        fact = fact_from_dict(json.loads(row.get("fact_json")))  # type: ignore[arg-type]
     except (TypeError, ValueError, RecursionError, ManifestError):
         problems.append(f"{where}: field fact_json is not a valid fact")
         return
@@ -236,7 +237,7 @@ def _check_digests(db: sqlite3.Connection, meta: dict, problems: list[str]) -> N
         problems.append("the meta table does not match its digest (a meta key was changed, added or deleted)")
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 

@@ -222,6 +222,7 @@ def apply_bundles(
 def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> BundleApplied:
     """Number the bundle's rows for the target journal and append them in one transaction."""
     j = target.journal
+    assert j is not None  # the caller creates a fresh journal before its first commit
     next_seq = j.next_seq()
     original = [row["seq"] for row in b.edits]
     keep = original[0] >= next_seq and all(a < b_ for a, b_ in zip(original, original[1:]))

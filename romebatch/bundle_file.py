@@ -99,7 +99,8 @@ def _tables(rows: list[dict], exclude: frozenset, table: str, tensors: dict) -> 
             continue
         float32 = all(len(v) % 4 == 0 for v in values if isinstance(v, bytes))
         width = 4 if float32 else 1
-        spans, offset, parts = [], 0, []
+        spans: list[list[int] | None] = []
+        offset, parts = 0, []
         for value in values:
             if isinstance(value, bytes):
                 spans.append([offset, len(value) // width])

@@ -177,6 +177,7 @@ def _rows(table, tensors: dict, name: str, where: str) -> list[dict]:
             where,
             f"field {name}: column {column!r}: no tensor of its type",
         )
+        assert data is not None  # _expect raised otherwise
         raw = data.tobytes()
         width = 4 if blob["dtype"] == "F32" else 1
         for row, span in zip(rows, blob["spans"]):

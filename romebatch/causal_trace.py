@@ -15,12 +15,13 @@ rows whose window covers that layer. A fact costs a few batched passes, not one 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import torch
 
 from .hooks import Hook, attach
-from .lm import answer_ids, as_btd, encode, head_inputs, last_token_in_span, logits, make_batch, model_inputs
+from .lm import answer_ids, as_btd, decode, encode, head_inputs, last_token_in_span, logits, make_batch, model_inputs
 from .model import LoadedModel
 
 KINDS = ("hidden", "mlp", "attn")
@@ -74,7 +75,7 @@ class TraceResult:
 def embedding_std(lm: LoadedModel, sample: int = 2000, seed: int = 0) -> float:
     """Std of the token embeddings as the model feeds them in (Gemma scales them by √d)."""
     generator = torch.Generator().manual_seed(seed)
-    vocab = lm.model.get_input_embeddings().weight.shape[0]
+    vocab = cast(torch.Tensor, lm.model.get_input_embeddings().weight).shape[0]
     ids = torch.randint(0, vocab, (1, min(sample, vocab)), generator=generator).to(lm.device)
     embed = lm.model.get_submodule(lm.adapter.embed)
     with torch.inference_mode():
@@ -147,7 +148,7 @@ def _clean_states(setup: _Setup, kinds) -> dict[str, list[torch.Tensor]]:
     """Every layer's output of each kind on the clean prompt: kind -> [layer] (T, d)."""
     lm = setup.lm
     batch = make_batch([setup.ids], lm.pad_id, device=lm.device)
-    states = {kind: [None] * lm.n_layers for kind in kinds}
+    states: dict[str, list[torch.Tensor | None]] = {kind: [None] * lm.n_layers for kind in kinds}
     hooks = []
     for kind in kinds:
         for layer in range(lm.n_layers):
@@ -158,7 +159,7 @@ def _clean_states(setup: _Setup, kinds) -> dict[str, list[torch.Tensor]]:
             hooks.append(Hook(lm.name(MODULE_OF_KIND[kind], layer), keep))
     with torch.inference_mode(), attach(lm.model, hooks):
         lm.model(**model_inputs(lm, batch), use_cache=False)
-    return states
+    return cast("dict[str, list[torch.Tensor]]", states)  # every layer's hook ran: no None is left
 
 
 def _restore_hooks(setup: _Setup, kind: str, clean: list[torch.Tensor], cells: list[tuple[int, int]], window: int):
@@ -218,7 +219,7 @@ def trace_fact(
         prompt=prompt,
         subject=subject,
         answer=setup.answer,
-        tokens=[lm.tokenizer.decode([i]) for i in setup.ids],
+        tokens=[decode(lm.tokenizer, [i]) for i in setup.ids],
         subject_tokens=setup.subject_tokens,
         answer_id=setup.answer_id,
         p_clean=p_clean,
@@ -256,16 +257,14 @@ def restored_probability(
     setup = _Setup(lm, prompt, subject, answer, noise, samples, seed)
     batch = make_batch([setup.ids], lm.pad_id, device=lm.device)
     clean: dict[str, torch.Tensor] = {}
-    with (
-        torch.inference_mode(),
-        attach(
-            lm.model,
-            [
-                Hook(name, lambda x, name=name: clean.__setitem__(name, as_btd(x, batch)[0].detach().clone()))
-                for name in restore
-            ],
-        ),
-    ):
+    keep_hooks = []
+    for name in restore:
+
+        def keep(x, name=name):
+            clean[name] = as_btd(x, batch)[0].detach().clone()
+
+        keep_hooks.append(Hook(name, keep))
+    with torch.inference_mode(), attach(lm.model, keep_hooks):
         lm.model(**model_inputs(lm, batch), use_cache=False)
     hooks = []
     for name, positions in restore.items():

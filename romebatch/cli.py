@@ -102,7 +102,8 @@ def main() -> None:
             print(f"hint: {error.hint}", file=sys.stderr)
         sys.exit(2)
     except TyperException as error:  # usage errors: typer's vendored click exceptions
-        error.show()
+        # typer raises only its ClickException subclasses here, and they all have show().
+        error.show()  # type: ignore[attr-defined]
         sys.exit(getattr(error, "exit_code", 2) or 2)
     except RunEnded as ended:
         sys.exit(ended.code)

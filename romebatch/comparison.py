@@ -22,12 +22,13 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from .errors import UserError
-from .lm import encode
+from .lm import decode, encode, generate_ids
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
 from .scores import answer_nll
@@ -101,14 +102,15 @@ def greedy_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: in
     texts = []
     for prompt in prompts:
         ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)  # (1, T)
-        out = lm.model.generate(
+        out = generate_ids(
+            lm,
             ids,
             attention_mask=torch.ones_like(ids),
             do_sample=False,
             max_new_tokens=max_new_tokens,
             pad_token_id=lm.pad_id,
         )
-        texts.append(lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+        texts.append(decode(lm.tokenizer, out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
@@ -132,7 +134,8 @@ def _score(lm: LoadedModel, rows: list[PromptComparison], max_new_tokens: int) -
     texts = greedy_continuations(lm, [r.prompt for r in rows], max_new_tokens)
     # The same length-normalised probability as every score in romebatch (scores.answer_nll),
     # all pairs in one batched call.
-    pairs, index = [], {}
+    pairs: list[tuple[str, str]] = []
+    index: dict[tuple[int, str], int] = {}
     for i, r in enumerate(rows):
         for name, answer in (("new", r.target_new), ("true", r.target_true)):
             if answer:
@@ -148,8 +151,8 @@ def _score(lm: LoadedModel, rows: list[PromptComparison], max_new_tokens: int) -
 
 def compare(
     editor,
-    facts: list[Fact] = (),
-    prompts: list[str] = (),
+    facts: Sequence[Fact] = (),
+    prompts: Sequence[str] = (),
     *,
     at: int | None = None,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -193,8 +196,8 @@ def select_facts(
     journal,
     *,
     manifest_facts: list[Fact] | None = None,
-    fact_ids: list[str] = (),
-    prompts: list[str] = (),
+    fact_ids: Sequence[str] = (),
+    prompts: Sequence[str] = (),
     at: int | None = None,
     sample: int = DEFAULT_SAMPLE,
     seed: int = 0,

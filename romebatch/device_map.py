@@ -20,10 +20,14 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 _SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
@@ -115,7 +119,7 @@ def writable_weight(module: torch.nn.Module) -> torch.Tensor:
     """
     found = _offload_map(module, "weight")
     if found is None:
-        return module.weight
+        return cast(torch.Tensor, module.weight)  # nn.Module types attributes as Tensor | Module
     weights_map, key = found
     store, full_key = weights_map, key
     while hasattr(store, "dataset") and hasattr(store, "prefix"):  # accelerate's PrefixedDataset
@@ -149,7 +153,7 @@ def state_tensors(model: torch.nn.Module):
         yield name, tensor
 
 
-def input_device(model: torch.nn.Module) -> torch.device | None:
+def input_device(model: PreTrainedModel) -> torch.device | None:
     """Where a dispatched model's inputs go (its embeddings' execution device); None if not dispatched."""
     if not dispatched(model):
         return None

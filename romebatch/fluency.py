@@ -10,7 +10,7 @@ from statistics import fmean
 
 import torch
 
-from .lm import encode, make_batch
+from .lm import decode, encode, generate_ids, make_batch
 from .model import LoadedModel
 from .scores import nll_at
 
@@ -66,7 +66,8 @@ def generate(
         torch.manual_seed(seed)
         for prompt in prompts:
             ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)
-            out = lm.model.generate(
+            out = generate_ids(
+                lm,
                 ids,
                 attention_mask=torch.ones_like(ids),
                 do_sample=True,
@@ -74,7 +75,7 @@ def generate(
                 max_new_tokens=max_new_tokens,
                 pad_token_id=lm.pad_id,
             )
-            texts.append(lm.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+            texts.append(decode(lm.tokenizer, out[0, ids.shape[1] :], skip_special_tokens=True))
     return texts
 
 
@@ -97,7 +98,8 @@ def greedy_entropy(lm: LoadedModel, prompts=COLLAPSE_PROMPTS, max_new_tokens: in
     """
     encoded = [encode(lm.tokenizer, p).ids for p in prompts]
     batch = make_batch(encoded, lm.pad_id, side="left", device=lm.device)
-    out = lm.model.generate(
+    out = generate_ids(
+        lm,
         batch.input_ids,
         attention_mask=batch.attention_mask,
         do_sample=False,
@@ -106,5 +108,5 @@ def greedy_entropy(lm: LoadedModel, prompts=COLLAPSE_PROMPTS, max_new_tokens: in
         pad_token_id=lm.pad_id,
     )
     width = batch.input_ids.shape[1]
-    texts = [lm.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    texts = [decode(lm.tokenizer, row[width:], skip_special_tokens=True) for row in out]
     return fmean(ngram_entropy(text) for text in texts)

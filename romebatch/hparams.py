@@ -16,14 +16,21 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TypedDict
 
 from .errors import UserError, one_line
+
 
 # Measured defaults for models we ship or know, by (model_type, layers). The published clamp
 # lets δ leak into neighbouring subjects on Gemma-3-270M, a deeper layer loses NS, and under
 # sequential editing the drift grows with the size of each write, so the clamp is smaller
 # still: the measurements are in benchmarks/RESULTS.md, "Where the defaults come from".
-MEASURED = {("gemma3_text", 18): {"layer": 1, "clamp_norm_factor": 0.5}}
+class _Measured(TypedDict, total=False):
+    layer: int
+    clamp_norm_factor: float
+
+
+MEASURED: dict[tuple[str, int], _Measured] = {("gemma3_text", 18): {"layer": 1, "clamp_norm_factor": 0.5}}
 PUBLISHED_CLAMP = 4.0
 STATS_SAMPLINGS = ("plain", "encyclopedic")  # how the self-sampled statistics corpus starts (rome/stats.py)
 # A repair pass (romebatch/repair.py) after every this many edits and at the end of a run:

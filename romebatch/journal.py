@@ -58,7 +58,7 @@ class Journal(JournalReads):
         self.db_path = db_path = self.directory / DB_NAME
         self.write = write
         self._lock_file = None
-        self.db = None
+        self.db = None  # type: ignore[assignment]  # typed as open (JournalReads); None until then, and once closed
         _check_location(self.directory, db_path, create)
         if not db_path.exists():
             if not write:
@@ -111,7 +111,7 @@ class Journal(JournalReads):
     def close(self) -> None:
         if getattr(self, "db", None) is not None:
             self.db.close()
-            self.db = None
+            self.db = None  # type: ignore[assignment]  # closed: see __init__
         self._unlock()
 
     def __enter__(self):

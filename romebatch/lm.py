@@ -15,12 +15,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, cast
 
 import torch
 
 from .hooks import Hook, attach
 from .model import LoadedModel
+
+if TYPE_CHECKING:
+    from transformers import GenerationMixin, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -33,6 +36,20 @@ def encode(tokenizer, text: str) -> Encoded:
     """Token ids of `text` as the model sees it (BOS included when the model uses one)."""
     out = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     return Encoded(list(out["input_ids"]), [tuple(span) for span in out["offset_mapping"]])
+
+
+def decode(tokenizer: PreTrainedTokenizerBase, ids, skip_special_tokens: bool = False) -> str:
+    """The text of one sequence of ids (transformers types `decode` for batches too: str | list[str])."""
+    return cast(str, tokenizer.decode(ids, skip_special_tokens=skip_special_tokens))
+
+
+def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`model.generate(input_ids, **kwargs)`: the ids, prompt included, as one (B, T') tensor.
+
+    The causal-LM classes transformers loads all mix in GenerationMixin (PreTrainedModel alone
+    does not), and without return_dict_in_generate generate returns the tensor of ids.
+    """
+    return cast(torch.Tensor, cast("GenerationMixin", lm.model).generate(input_ids, **kwargs))
 
 
 def last_token_in_span(encoded: Encoded, start: int, end: int) -> int:

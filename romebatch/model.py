@@ -20,12 +20,16 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .adapters import Adapter, adapter_for
 from .errors import UserError
 from .home import romebatch_home
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 EMBEDDED = "embedded:gemma-3-270m"
 
@@ -35,8 +39,8 @@ EMBEDDED = "embedded:gemma-3-270m"
 class LoadedModel:
     """A model with everything romebatch needs to edit it."""
 
-    model: torch.nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
     adapter: Adapter
     spec: str  # what the user named: an id, a folder, a .gguf file, or EMBEDDED
     revision: str | None = None  # commit SHA of a hub snapshot, when known
@@ -62,7 +66,7 @@ class LoadedModel:
 
         return input_device(self.model) or next(self.model.parameters()).device
 
-    def weight(self, layer: int) -> torch.nn.Parameter:
+    def weight(self, layer: int) -> torch.Tensor:
         """The down-projection weight of `layer`, as stored (orientation in adapter.conv1d).
 
         Under a device map that offloads it, the CPU tensor forwards read it from (device_map.py).
@@ -114,7 +118,7 @@ class LoadedModel:
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data  # the array's buffer, as a memoryview
 
 
 def weight_hash(tensor: torch.Tensor) -> str:
@@ -182,7 +186,9 @@ def load_model(
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
     if not dispatch:  # a dispatched model stays where accelerate placed it
-        model.to(device)
+        # transformers wraps `to` with functools.wraps(nn.Module.to), so its stub reads as
+        # unbound (self first); the call is the ordinary bound one.
+        model.to(device)  # type: ignore[arg-type]
     model.eval()
     model.requires_grad_(False)  # ROME optimises a vector, never the weights
     return LoadedModel(
@@ -244,14 +250,13 @@ def _cached_hub_snapshot(repo_id: str) -> tuple[Path, str | None]:
     from huggingface_hub import snapshot_download
 
     try:
-        path = snapshot_download(repo_id, local_files_only=True)
+        snapshot = Path(snapshot_download(repo_id, local_files_only=True))
     except Exception as error:  # the hub client raises several types for "not cached"
         raise UserError(
             f"--model {repo_id}: not a folder, not a .gguf file, and not in the local Hugging Face cache",
             hint="download it once elsewhere, or pass a local folder",
         ) from error
-    path = Path(path)
-    return path, path.name  # snapshot folders are named after the commit SHA
+    return snapshot, snapshot.name  # snapshot folders are named after the commit SHA
 
 
 def embedded_model_folder(log: Callable[[str], None] = _stderr) -> Path:
@@ -301,9 +306,10 @@ def _convert_once(folder: Path, materialise_gguf, label: str, log) -> Path:
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
             gguf = materialise_gguf(Path(tmp))
             tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+            model: PreTrainedModel = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
             # save_pretrained refuses a model that still looks quantised.
-            model.hf_quantizer = None
+            # (from_pretrained sets hf_quantizer on the instance; PreTrainedModel does not declare it.)
+            model.hf_quantizer = None  # type: ignore[assignment]
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
             staging = Path(tmp) / "model"

@@ -140,6 +140,7 @@ def run_info(editor: Editor) -> dict:
 def edit_window(editor: Editor, layer: int | None = None) -> list[int]:
     """The layers a run edits: `layer` (default: the hparams') and the next spread_layers - 1."""
     layer = editor.hparams.layer if layer is None else layer
+    assert layer is not None  # an Editor's hparams are resolved (opening.init_or_check): layer is set
     spread = editor.hparams.spread_layers
     if not 0 <= layer <= editor.lm.n_layers - spread:
         raise UserError(
@@ -267,6 +268,7 @@ def apply_one(
     committing = clock()
     commit(editor, fact, record, row, weight, before, probes, meta)
     if preserver is not None:
+        assert record.k_star is not None  # set from k_star just above
         preserver.add(torch.from_numpy(record.k_star.copy()))  # the stored float32 key, as a rebuild reads it
         editor.ingredients.preservers[layer] = (editor.head, preserver)
     done = clock()

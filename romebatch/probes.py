@@ -65,28 +65,28 @@ class RegressionProbes:
 
     def capture_base(self) -> None:
         """Score the probe set (and each fact's neighbourhood against its o*) on the base model."""
-        pairs, owners = [], []
+        pairs: list[tuple[str, str]] = []
+        owners: list[tuple[str, str, str, str]] = []  # (kind, fact hash, probe prompt, its answer)
         for fact in self.facts.values():
             for n in fact.neighborhood:
                 pairs += [(n.prompt, n.answer), (n.prompt, fact.target_new)]
-                owners.append(("neighbor", fact.hash, n))
+                owners.append(("neighbor", fact.hash, n.prompt, n.answer))
             if fact.target_true:
                 pairs.append((fact.text, fact.target_true))
-                owners.append(("own", fact.hash, None))
+                owners.append(("own", fact.hash, fact.text, fact.target_true))
         started = time.perf_counter()
         nll = answer_nll(self.lm, pairs) if pairs else []
         if pairs:
             self._seconds_per_pair = (time.perf_counter() - started) / len(pairs)
         i = 0
-        for kind, fact_hash, neighbor in owners:
+        for kind, fact_hash, prompt, answer in owners:
             if kind == "neighbor":
                 expected, competitor = nll[i], nll[i + 1]
                 i += 2
                 self._neighborhood_base.setdefault(fact_hash, []).append(expected < competitor)
-                self._probes.append(_Probe(neighbor.prompt, neighbor.answer, math.exp(-expected)))
+                self._probes.append(_Probe(prompt, answer, math.exp(-expected)))
             else:
-                fact = self.facts[fact_hash]
-                self._probes.append(_Probe(fact.text, fact.target_true, math.exp(-nll[i]), own_of=fact_hash))
+                self._probes.append(_Probe(prompt, answer, math.exp(-nll[i]), own_of=fact_hash))
                 i += 1
 
     def check(self, fact: Fact, earlier: list[dict], edit_seconds: float) -> ProbeOutcome:

@@ -72,7 +72,8 @@ def standings(
         latest[record.fact_hash] = record
         edits[record.fact_hash] = edits.get(record.fact_hash, 0) + 1
     facts = [fact_from_dict(json.loads(r.fact_json)) for r in latest.values()]
-    pairs, index = [], []
+    pairs: list[tuple[str, str]] = []
+    index: list[tuple[int, int | None]] = []  # (P(new) pair, P(true) pair when target_true is known)
     for fact in facts:
         index.append((len(pairs), len(pairs) + 1 if fact.target_true is not None else None))
         pairs.append((fact.text, fact.target_new))

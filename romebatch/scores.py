@@ -102,29 +102,33 @@ def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> lis
     """Score each fact's edit prompt, paraphrases and neighbourhood, all in one batched pass."""
     pairs: list[tuple[str, str]] = []
 
-    def ask(prompt: str, answer: str | None) -> int | None:
-        if answer is None:
-            return None
+    def ask(prompt: str, answer: str) -> int:
         pairs.append((prompt, answer))
         return len(pairs) - 1
+
+    def ask_if(prompt: str, answer: str | None) -> int | None:  # target_true may be unknown
+        return None if answer is None else ask(prompt, answer)
 
     plan = []
     for fact in facts:
         plan.append(
             (
                 ask(fact.text, fact.target_new),
-                ask(fact.text, fact.target_true),
-                [(ask(p, fact.target_new), ask(p, fact.target_true)) for p in fact.paraphrases],
+                ask_if(fact.text, fact.target_true),
+                [(ask(p, fact.target_new), ask_if(p, fact.target_true)) for p in fact.paraphrases],
                 [(ask(n.prompt, n.answer), ask(n.prompt, fact.target_new)) for n in fact.neighborhood],
             )
         )
     nll = answer_nll(lm, pairs, batch_size)
 
-    def p(index: int | None) -> float | None:
-        return None if index is None else math.exp(-nll[index])
+    def p(index: int) -> float:
+        return math.exp(-nll[index])
+
+    def p_if(index: int | None) -> float | None:
+        return None if index is None else p(index)
 
     return [
-        FactScores(p(new), p(true), [(p(a), p(b)) for a, b in para], [(p(a), p(b)) for a, b in neigh])
+        FactScores(p(new), p_if(true), [(p(a), p_if(b)) for a, b in para], [(p(a), p(b)) for a, b in neigh])
         for new, true, para, neigh in plan
     ]
 

@@ -135,7 +135,7 @@ def score_head(
     if es is not None and es < 100.0 * t.min_efficacy:
         report.problems.append(f"efficacy {es:.1f}% is below {100.0 * t.min_efficacy:g}%")
     ranked = sorted(
-        (r for r in rows if (r.neighborhood_drop or 0) > 0), key=lambda r: r.neighborhood_drop, reverse=True
+        (r for r in rows if (r.neighborhood_drop or 0) > 0), key=lambda r: r.neighborhood_drop or 0, reverse=True
     )
     report.worst = ranked[:5]
     return report

@@ -123,10 +123,10 @@ def tune(
     seq_facts = with_relation_neighbours(order)[sample : sample + seq_edits] if held_out else grid_facts[:seq_edits]
     results_path = Path(results) if results else None
     done = _read_results(results_path) if results_path else []
-    for row in done:
-        if row.get("model_hash") not in (None, model_hash):
+    for stored in done:
+        if stored.get("model_hash") not in (None, model_hash):
             raise UserError(
-                f"{results_path}: written for another model ({row['model_hash'][:19]}…)",
+                f"{results_path}: written for another model ({stored['model_hash'][:19]}…)",
                 hint="give another --results file",
             )
     # Rows measured with other hyper-parameters, or on another sample, are not reused.

@@ -124,21 +124,21 @@ def with_relation_neighbours(facts: list[Fact], per_fact: int = NEIGHBOURS_PER_F
     The relation is the prompt template; a neighbour's answer is its own true object (the
     prompt must keep it after the edit), as in CounterFact's construction.
     """
-    by_relation: dict[str, list[Fact]] = {}
+    by_relation: dict[str, list[tuple[Fact, str]]] = {}  # each fact with its (known) true object
     for fact in facts:
         if fact.target_true is not None:
-            by_relation.setdefault(fact.prompt, []).append(fact)
+            by_relation.setdefault(fact.prompt, []).append((fact, fact.target_true))
     out = []
     for fact in facts:
         if fact.neighborhood:
             out.append(fact)
             continue
         others = [
-            o
-            for o in by_relation.get(fact.prompt, [])
-            if o.subject != fact.subject and o.target_true != fact.target_new
+            (o, true)
+            for o, true in by_relation.get(fact.prompt, [])
+            if o.subject != fact.subject and true != fact.target_new
         ][:per_fact]
-        out.append(replace(fact, neighborhood=tuple(Neighbor(o.text, o.target_true) for o in others)))
+        out.append(replace(fact, neighborhood=tuple(Neighbor(o.text, true) for o, true in others)))
     return out
 
 

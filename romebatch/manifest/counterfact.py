@@ -36,7 +36,7 @@ def adapt_counterfact(record: Any, chk: Checker) -> Fact | None:
         neighborhood = []
     neighbors = (
         Probes(neighborhood, "neighborhood_prompts"),
-        Probes([target_true] * len(neighborhood), labels.target_true, numbered=False),
+        Probes([] if target_true is None else [target_true] * len(neighborhood), labels.target_true, numbered=False),
     )
     return make_fact(
         chk,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..hooks import Hook, attach
-from ..lm import as_btd, encode, head_inputs, logits, make_batch, model_inputs, subject_last_index
+from ..lm import as_btd, decode, encode, head_inputs, logits, make_batch, model_inputs, subject_last_index
 from ..model import LoadedModel
 
 PREFIX_SEEDS = ("The", "Therefore", "Because", "I", "You")  # as the original code
@@ -38,7 +38,7 @@ def sample_prefixes(lm: LoadedModel, spec=((5, 10), (10, 10)), top_k: int = 5, s
                     probs = top.values.softmax(-1).cpu()
                     choice = int(torch.multinomial(probs, 1, generator=generator))
                     ids = ids + [int(top.indices[choice])]
-            text = start + lm.tokenizer.decode(ids[prompt_len:], skip_special_tokens=True)
+            text = start + decode(lm.tokenizer, ids[prompt_len:], skip_special_tokens=True)
             # Braces would be read as template slots; the original code blanks them too.
             text = text.replace("{", " ").replace("}", " ").strip()
             prefixes.append(text + ". ")

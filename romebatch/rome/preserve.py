@@ -58,7 +58,7 @@ class Preserver:
         self.keys: list[torch.Tensor] = []
         self.matrix = self.base.clone() if self.method == "covariance" else None
         self.solved = torch.zeros(self.d_ff, 0, dtype=torch.float64)  # C⁻¹ K, for nullspace
-        self._factor = self.base_cholesky
+        self._factor: torch.Tensor | None = self.base_cholesky
         for key in keys:
             self.add(key)
 
@@ -69,6 +69,7 @@ class Preserver:
         if self.method == "covariance":
             # λ times C's own curvature along k: λ = 1 counts the earlier edit as much as the
             # whole corpus does in its direction, on any model and at any layer.
+            assert self.matrix is not None  # rebuild() makes it for the covariance method
             norm_sq = float(k @ k)
             along = float(k @ self.base @ k) / norm_sq
             self.matrix.add_(torch.outer(k, k), alpha=self.weight * along / norm_sq)

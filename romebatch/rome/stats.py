@@ -31,7 +31,7 @@ import torch
 from ..errors import UserError
 from ..home import romebatch_home
 from ..hooks import Hook, attach
-from ..lm import as_btd, make_batch, model_inputs
+from ..lm import as_btd, generate_ids, make_batch, model_inputs
 from ..model import LoadedModel
 
 STATS_VERSION = 1  # bump when the computation changes: old cache files are then ignored
@@ -218,7 +218,8 @@ def sample_corpus(
             batch = make_batch(prompts, lm.pad_id, side="left", device=lm.device)
             width = batch.input_ids.shape[1]
             new = max(length - width, 1)  # an opener longer than the length still gets a token
-            out = lm.model.generate(
+            out = generate_ids(
+                lm,
                 batch.input_ids,
                 attention_mask=batch.attention_mask,
                 do_sample=True,

@@ -13,6 +13,7 @@ described by (Λ, u): d_model + d_ff numbers, which is what the journal stores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -99,7 +100,7 @@ def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tenso
     """What the down-projection outputs for `key` now (bias included): (d_model,) float32."""
     module = lm.module("down_proj", layer)
     with torch.inference_mode():
-        return module(key.to(lm.device, module.weight.dtype)[None])[0].float()
+        return module(key.to(lm.device, cast(torch.Tensor, module.weight).dtype)[None])[0].float()
 
 
 def compute_edit(

@@ -66,7 +66,11 @@ def build_rows(lm: LoadedModel, template: str, subject: str, target: str, prefix
     tok = lm.tokenizer
     target_ids = answer_ids(tok, template.replace("{}", subject, 1), target)
     m = len(target_ids)
-    sequences, lookups, read_rows, read_cols, targets = [], [], [], [], []
+    sequences: list[list[int]] = []
+    lookups: list[int] = []
+    read_rows: list[int] = []
+    read_cols: list[int] = []
+    targets: list[int] = []
     # Rewrite prompts: prefix + prompt + all target tokens but the last (teacher forcing).
     for prefix in ["", *prefixes]:
         encoded, subject_index = subject_last_index(tok, template, subject, prefix)
@@ -172,7 +176,9 @@ def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
         # Only the keys and values are needed: stop before the LM head.
         with torch.no_grad(), attach(lm.model, [Hook(lm.lm_head_name, lambda x: None, on="input", stop=True)]):
             lm.model(**inputs)
-        kept = [(layer_cache.keys, layer_cache.values) for layer_cache in cache.layers]
+        # The families adapters.py supports are attention-only: every layer caches keys and
+        # values (transformers' union also has linear-attention layers, which cache neither).
+        kept = [(layer_cache.keys, layer_cache.values) for layer_cache in cache.layers]  # type: ignore[union-attr]
     after_ids, after_pos = after_ids.to(device), after_pos.to(device)
 
     def forward(delta):
