@@ -275,8 +275,6 @@ def edit(
     journaled like any other: `log`, `compare`, `rollback` and `export` see it.
     """
     from .manifest import fact_from_dict
-    from .model import load_model
-    from .preflight import check_facts_for_model
 
     record = {"subject": subject, "prompt": prompt, "target_new": target_new, "source": "romebatch.edit"}
     if target_true is not None:
@@ -287,19 +285,19 @@ def edit(
         import dataclasses
 
         fact = dataclasses.replace(fact, id="edit-" + fact.hash.split(":")[-1][:8])
-    kwargs = {"log": log} if log else {}
-    stored = _journal_meta(journal)
-    lm = load_model(
-        model or stored.get("model"),
+    one = Manifest(path="romebatch.edit", format="jsonl", facts=[fact], duplicates_dropped=0)
+    # Exactly `apply` on a manifest of one fact, with no repair pass after it.
+    result = apply(
+        one,
+        journal=journal,
+        model=model,
         device=device,
-        dtype=dtype or stored.get("dtype") or "float32",
-        module_template=stored.get("module_template"),
-        **kwargs,
+        dtype=dtype,
+        hparams=hparams,
+        checks=checks,
+        repair_every=0,
+        log=log,
     )
-    check_facts_for_model(lm, [fact], max((n for n, _ in (hparams or HParams()).prefixes), default=0))
-    with Editor(journal, lm=lm, hparams=hparams, **kwargs) as editor:
-        # One fact per call: no repair pass after it, as before `Editor.apply` repaired by default.
-        result = editor.apply([fact], checks=checks, repair_every=0)
     return result.results[0]
 
 
