@@ -49,7 +49,6 @@ def record(i: int, parent: int, rng) -> EditRecord:
     return EditRecord(
         seq=0,
         parent=parent,
-        status="applied",
         fact_id=f"f{i}",
         fact_hash=f"h{i}",
         fact_json=json.dumps(fact),

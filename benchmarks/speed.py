@@ -151,7 +151,6 @@ def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
                 record = EditRecord(
                     seq=0,
                     parent=ed.head,
-                    status="applied",
                     fact_id=f"synthetic-{i}",
                     fact_hash=f"h{i}",
                     fact_json=json.dumps({"id": f"synthetic-{i}", "subject": "s", "prompt": "{} p", "target_new": "t"}),

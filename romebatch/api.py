@@ -241,7 +241,7 @@ def rerun_counts(facts, journal: str | Path) -> dict:
         return {"applied": 0, "rejected": 0, "rolled_back": 0}
     with Journal(journal) as j:
         applied, rejected = j.applied_hashes(), j.rejected_hashes()
-        rolled = {h for (h,) in j.db.execute("SELECT fact_hash FROM edits WHERE status = 'rolled_back'")}
+        rolled = j.rolled_back_hashes()
         rolled -= applied | rejected  # a rejection on the path still keeps a rolled-back fact out
     hashes = [f.hash for f in facts]
     return {

@@ -52,6 +52,7 @@ def _log_all(journal: str | Path) -> dict:
             if fact_hash in seen:
                 repairs.add(seq)
             seen.add(fact_hash)
+        status = j.status()
         return {
             "journal": str(j.directory),
             "head": j.head,
@@ -61,7 +62,7 @@ def _log_all(journal: str | Path) -> dict:
                 {
                     "seq": r.seq,
                     "parent": r.parent,
-                    "status": r.status,
+                    "status": status[r.seq],
                     "repair": r.seq in repairs,
                     "fact_id": r.fact_id,
                     "subject": r.fact["subject"],

@@ -228,13 +228,10 @@ def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> 
     keep = original[0] >= next_seq and all(a < b_ for a, b_ in zip(original, original[1:]))
     seqs = original if keep else list(range(next_seq, next_seq + len(original)))
     mapping = {b.start["seq"]: target.head, **dict(zip(original, seqs))}
-    has_status = "status" in j.columns("edits")
     edits, parent = [], target.head
     for row, seq in zip(b.edits, seqs):
         values = {c: v for c, v in row.items() if c not in ("seq", "parent")}
         values = {"seq": seq, "parent": parent, **values}
-        if has_status:
-            values["status"] = "applied"  # on the head's path, as every appended edit is
         edits.append(values)
         parent = seq
     # The same rejection can be in two bundles (at the state where one ends and the next begins).

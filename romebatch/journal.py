@@ -147,7 +147,6 @@ class Journal(JournalReads):
         values["lam"] = vector_blob(record.lam)
         values["u"] = vector_blob(record.u)
         values["k_star"] = vector_blob(record.k_star) if record.k_star is not None else None
-        values["status"] = "applied"
         values["created_at"] = values["created_at"] or now()
         with self._transaction():
             if self.head != record.parent:
@@ -206,26 +205,21 @@ class Journal(JournalReads):
             )
 
     def move_head(self, seq: int, meta: dict | None = None) -> None:
-        """Make `seq` the head (0 = base); edits off its path are marked rolled back, not deleted."""
+        """Make `seq` the head (0 = base); edits off its path stay, rolled back (derived from the path)."""
         if seq:
             self.edit(seq)  # exists?
         with self._transaction():
             self.set("head", seq)
             self._set_all(meta)
-            self._mark_statuses()
-
-    def _mark_statuses(self) -> None:
-        on_path = self.chain()  # the seqs only: loading every edit's vectors here made rollbacks O(N) in blobs
-        self.db.execute("UPDATE edits SET status = 'rolled_back'")
-        for part in chunks(sorted(on_path)):
-            self.db.execute(f"UPDATE edits SET status = 'applied' WHERE seq IN ({placeholders(part)})", part)
 
     def prune(self) -> int:
         """Delete edits that are not on the path to the head; returns how many."""
         with self._transaction():
-            cursor = self.db.execute("DELETE FROM edits WHERE status = 'rolled_back'")
+            off_path = sorted(set(self.all_seqs()) - set(self.chain()))
+            for part in chunks(off_path):
+                self.db.execute(f"DELETE FROM edits WHERE seq IN ({placeholders(part)})", part)
             self.set(integrity.EDITS_DIGEST, integrity.table_digest(self.db, "edits", "seq"))
-        return cursor.rowcount
+        return len(off_path)
 
     def append_rows(self, edits: list[dict], rejections: list[dict], meta: dict | None, *, parent: int) -> None:
         """Append edits and rejections made elsewhere, and set `meta`, in one transaction.

@@ -106,20 +106,38 @@ class JournalReads:
         ).fetchone()
         return record_from_row(row, self.directory) if row else None
 
+    def all_seqs(self) -> list[int]:
+        return [row[0] for row in self.db.execute("SELECT seq FROM edits ORDER BY seq")]
+
+    def status(self, head: int | None = None) -> dict[int, str]:
+        """Every edit's status, derived from the tree: 'applied' on the path to `head`, else
+        'rolled_back' (SQL readers get the same from the `edit_status` view)."""
+        on_path = set(self.chain(head))
+        return {seq: "applied" if seq in on_path else "rolled_back" for seq in self.all_seqs()}
+
     def applied_summaries(self) -> list[dict]:
         """Applied edits without their vectors, oldest first: cheap enough to read after every edit."""
-        return [
-            dict(row)
-            for row in self.db.execute(
-                "SELECT seq, fact_json, update_norm, p_new_after, p_true_after FROM edits WHERE status = 'applied' ORDER BY seq"
+        chain = self.chain()
+        rows: dict[int, dict] = {}
+        for part in chunks(chain):
+            query = (
+                "SELECT seq, fact_json, update_norm, p_new_after, p_true_after FROM edits "
+                f"WHERE seq IN ({placeholders(part)})"
             )
-        ]
+            rows.update({row[0]: dict(row) for row in self.db.execute(query, part)})
+        return [rows[seq] for seq in sorted(chain)]
 
     def applied_hashes(self) -> set[str]:
-        return {row[0] for row in self.db.execute("SELECT fact_hash FROM edits WHERE status = 'applied'")}
+        """The facts of the edits on the head's path."""
+        return {fact_hash for _, fact_hash in self.lineage_facts()}
+
+    def rolled_back_hashes(self) -> set[str]:
+        """The facts of the edits off the head's path."""
+        on_path = set(self.chain())
+        return {h for seq, h in self.db.execute("SELECT seq, fact_hash FROM edits") if seq not in on_path}
 
     def rejected_hashes(self) -> set[str]:
-        path = {0} | {row[0] for row in self.db.execute("SELECT seq FROM edits WHERE status = 'applied'")}
+        path = {0} | set(self.chain())
         return {h for h, parent in self.db.execute("SELECT fact_hash, parent FROM rejections") if parent in path}
 
     def settled_hashes(self) -> set[str]:

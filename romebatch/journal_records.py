@@ -42,7 +42,6 @@ def blob_vector(blob: bytes) -> np.ndarray:
 class EditRecord:
     seq: int
     parent: int
-    status: str
     fact_id: str
     fact_hash: str
     fact_json: str
@@ -93,6 +92,7 @@ EDIT_COLUMNS = [f for f in EditRecord.__dataclass_fields__]
 
 def record_from_row(row: sqlite3.Row, where: object = "journal") -> EditRecord:
     values = dict(row)
+    values.pop("status", None)  # stored by journals before m006, which a reader opens unmigrated
     for column in ("lam", "u", "k_star"):
         if values.get(column) is None and column == "k_star":
             continue

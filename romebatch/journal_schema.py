@@ -18,7 +18,7 @@ from . import integrity
 from .errors import JournalDamagedError
 
 # The journal layout this romebatch writes; a journal from a newer one is refused, not guessed at.
-FORMAT = 2
+FORMAT = 3
 
 
 def m001_initial(db: sqlite3.Connection) -> None:
@@ -83,7 +83,7 @@ def m004_row_hashes(db: sqlite3.Connection) -> None:
         have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
         if "row_hash" not in have:
             db.execute(f"ALTER TABLE {table} ADD COLUMN row_hash TEXT")
-    db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (json.dumps(FORMAT),))
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (json.dumps(2),))  # the format it made
     integrity.hash_all_rows(db)
 
 
@@ -95,28 +95,59 @@ def m005_warning_column(db: sqlite3.Connection) -> None:
         db.execute("ALTER TABLE edits ADD COLUMN warning TEXT")
 
 
+# Whether an edit is on the head's path follows from `parent` and meta `head`; m006 stops
+# storing it (a stored copy had to be rewritten on every head move) and offers this view to
+# SQL readers. UNION, not UNION ALL, so a damaged journal's parent cycle ends the recursion.
+EDIT_STATUS_VIEW = """
+        CREATE VIEW IF NOT EXISTS edit_status AS
+        WITH RECURSIVE path(seq) AS (
+            SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'head'
+            UNION
+            SELECT edits.parent FROM edits JOIN path ON edits.seq = path.seq WHERE edits.parent < edits.seq
+        )
+        SELECT seq, CASE WHEN seq IN (SELECT seq FROM path) THEN 'applied' ELSE 'rolled_back' END AS status
+        FROM edits"""
+
+
+def m006_derived_status(db: sqlite3.Connection) -> None:
+    """`edits.status` is derived, not stored: the column goes, the `edit_status` view replaces it."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(edits)")}
+    if "status" in have:
+        db.execute("ALTER TABLE edits DROP COLUMN status")
+    db.execute(EDIT_STATUS_VIEW)
+    db.execute("INSERT OR REPLACE INTO meta VALUES ('format', ?)", (json.dumps(3),))  # the format it makes
+    # Row hashes never covered `status`, so only meta's digest changes (the new 'format').
+    db.execute(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)", (integrity.META_DIGEST, json.dumps(integrity.meta_digest(db)))
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_initial,
     m002_probe_columns,
     m003_key_column,
     m004_row_hashes,
     m005_warning_column,
+    m006_derived_status,
 ]
 _KNOWN: dict[tuple[str, ...], dict[str, set[str]]] = {}
 
 
 def known_columns() -> dict[str, set[str]]:
     """Every column a journal of this version may have, by table: what the migrations make
-    (run once on an in-memory database), so a new migration needs no second list. A column
-    outside this means a newer romebatch wrote the journal."""
+    after each step (run once on an in-memory database), so a new migration needs no second
+    list and a journal a reader opens unmigrated (`status` before m006) is still known. A
+    column outside this means a newer romebatch wrote the journal."""
     key = tuple(m.__name__ for m in MIGRATIONS)
     if key not in _KNOWN:
         db = sqlite3.connect(":memory:", isolation_level=None)
         db.row_factory = sqlite3.Row
-        migrate(db)
-        _KNOWN[key] = {
-            table: {row[1] for row in db.execute(f"PRAGMA table_info({table})")} for table in ("edits", "rejections")
-        }
+        known: dict[str, set[str]] = {"edits": set(), "rejections": set()}
+        for migration in MIGRATIONS:
+            migration(db)
+            for table, columns in known.items():
+                columns.update(row[1] for row in db.execute(f"PRAGMA table_info({table})"))
+        _KNOWN[key] = known
         db.close()
     return _KNOWN[key]
 

@@ -238,7 +238,6 @@ def apply_one(
     record = EditRecord(
         seq=0,
         parent=editor.head,
-        status="applied",
         fact_id=fact.id,
         fact_hash=fact.hash,
         fact_json=json.dumps(fact.to_dict()),

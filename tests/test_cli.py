@@ -69,7 +69,6 @@ def write_journal(directory: Path, fact_hashes: list[str], head: int | None = No
                 EditRecord(
                     seq=0,
                     parent=i - 1,
-                    status="applied",
                     fact_id=f"id{i}",
                     fact_hash=fact_hash,
                     fact_json=json.dumps(

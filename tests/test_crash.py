@@ -175,7 +175,8 @@ def journal_path(directory: Path) -> list[tuple[str, str]] | None:
         rows = {
             seq: (parent, status, fact, before, after)
             for seq, parent, status, fact, before, after in db.execute(
-                "SELECT seq, parent, status, fact_hash, weight_hash_before, weight_hash_after FROM edits"
+                "SELECT seq, parent, status, fact_hash, weight_hash_before, weight_hash_after "
+                "FROM edits JOIN edit_status USING (seq)"
             )
         }
     finally:

@@ -48,7 +48,6 @@ def journal(tmp_path):
                 EditRecord(
                     seq=0,
                     parent=seq - 1,
-                    status="applied",
                     fact_id=f"id{seq}",
                     fact_hash=hashes[seq - 1],
                     fact_json=json.dumps(

@@ -90,7 +90,7 @@ def test_apply_export_rollback_on_the_embedded_model(home, tmp_path):
     # Re-running the manifest on the base state re-applies by rolling forward: same bytes as before.
     run(["apply", str(manifest), "--journal", "j"], home, tmp_path)
     with sqlite3.connect(tmp_path / "j" / "journal.sqlite") as db:
-        statuses = db.execute("SELECT status FROM edits ORDER BY seq").fetchall()
+        statuses = db.execute("SELECT status FROM edit_status ORDER BY seq").fetchall()
     assert [s for (s,) in statuses] == ["applied", "applied"]
 
 

@@ -38,7 +38,6 @@ EXPECTED_SCHEMA = {
     "edits": [
         "seq",
         "parent",
-        "status",
         "fact_id",
         "fact_hash",
         "fact_json",
@@ -89,7 +88,14 @@ EXPECTED_SCHEMA = {
 }
 
 
-MIGRATION_NAMES = ["m001_initial", "m002_probe_columns", "m003_key_column", "m004_row_hashes", "m005_warning_column"]
+MIGRATION_NAMES = [
+    "m001_initial",
+    "m002_probe_columns",
+    "m003_key_column",
+    "m004_row_hashes",
+    "m005_warning_column",
+    "m006_derived_status",
+]
 
 
 def columns(db: sqlite3.Connection, table: str) -> list[str]:
@@ -108,7 +114,6 @@ def synthetic(parent: int, n: int, d_model: int = 4, d_ff: int = 8) -> EditRecor
     return EditRecord(
         seq=0,
         parent=parent,
-        status="applied",
         fact_id=f"f{n}",
         fact_hash=f"sha256:fact{n}",
         fact_json=json.dumps(fact),
@@ -126,7 +131,10 @@ def synthetic(parent: int, n: int, d_model: int = 4, d_ff: int = 8) -> EditRecor
 
 
 def statuses(journal: Journal) -> dict[int, str]:
-    return {r.seq: r.status for r in journal.edits()}
+    """Each edit's status, derived twice: in Python from the tree, and by the SQL view."""
+    derived = journal.status()
+    assert dict(journal.db.execute("SELECT seq, status FROM edit_status").fetchall()) == derived
+    return derived
 
 
 def test_blank_journal_reaches_the_schema(tmp_path):
@@ -178,8 +186,9 @@ def test_an_m001_journal_with_edits_upgrades_and_still_rolls_back(tmp_path):
     old_columns = [c for c in columns(db, "edits") if c != "seq"]
     for n, parent in ((1, 0), (2, 1)):
         rec = synthetic(parent, n)
-        values = {c: getattr(rec, c) for c in old_columns}
+        values = {c: getattr(rec, c, None) for c in old_columns}
         values.update(lam=rec.lam.astype("<f4").tobytes(), u=rec.u.astype("<f4").tobytes(), created_at="2025-01-01")
+        values["status"] = "applied"  # stored by journals before m006
         db.execute(
             f"INSERT INTO edits ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})", list(values.values())
         )
@@ -198,6 +207,44 @@ def test_an_m001_journal_with_edits_upgrades_and_still_rolls_back(tmp_path):
         assert statuses(journal) == {1: "applied", 2: "rolled_back"}
         assert journal.commit_edit(synthetic(1, 3)) == 3
         assert [r.seq for r in journal.lineage()] == [1, 3]
+
+
+def test_a_stored_status_column_is_dropped_and_derived(tmp_path):
+    """A format-2 journal stored each edit's status; a reader derives it from the tree (even
+    where the stored copy is stale), and a writer drops the column, keeping every row hash."""
+    from romebatch.audit import audit
+
+    directory = tmp_path / "J"
+    with Journal(directory, write=True, create=True) as journal:
+        for n, parent in ((1, 0), (2, 1), (3, 2)):
+            journal.commit_edit(synthetic(parent, n))
+        journal.move_head(1)
+        journal.commit_edit(synthetic(1, 4))  # a branch: 2 and 3 are off the path to 4
+        hashes = dict(journal.db.execute("SELECT seq, row_hash FROM edits").fetchall())
+    # Rebuild it as format 2 left it: the column back, filled as m001-m005 kept it, no view.
+    db = sqlite3.connect(str(directory / DB_NAME), isolation_level=None)
+    db.execute("DROP VIEW edit_status")
+    db.execute("ALTER TABLE edits ADD COLUMN status TEXT NOT NULL DEFAULT 'applied'")
+    db.execute("UPDATE edits SET status = 'rolled_back' WHERE seq IN (2, 3)")
+    db.execute("DELETE FROM _migrations WHERE name = 'm006_derived_status'")
+    db.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+    db.close()
+
+    with Journal(directory) as reader:  # readers never migrate
+        assert "status" in reader.columns("edits")
+        assert reader.status() == {1: "applied", 2: "rolled_back", 3: "rolled_back", 4: "applied"}
+        assert [r.seq for r in reader.lineage()] == [1, 4]
+    with Journal(directory, write=True) as journal:
+        assert "status" not in journal.columns("edits")
+        assert journal.get("format") == 3
+        assert statuses(journal) == {1: "applied", 2: "rolled_back", 3: "rolled_back", 4: "applied"}
+        assert dict(journal.db.execute("SELECT seq, row_hash FROM edits").fetchall()) == hashes
+        journal.move_head(3)  # one meta write moves every status
+        assert statuses(journal) == {1: "applied", 2: "applied", 3: "applied", 4: "rolled_back"}
+        assert journal.prune() == 1
+        assert statuses(journal) == {1: "applied", 2: "applied", 3: "applied"}
+        # The synthetic rows carry made-up fact hashes; nothing else may be wrong.
+        assert [p for p in audit(journal.db) if "field fact_hash" not in p] == []
 
 
 def test_missing_and_corrupt_journals_are_user_errors(tmp_path):
@@ -302,7 +349,9 @@ def test_blobs_and_fields_round_trip_exactly(tmp_path):
         "v_loss",
     ):
         assert getattr(back, name) == getattr(rec, name), name
-    assert back.status == "applied" and back.created_at
+    assert back.created_at
+    with Journal(tmp_path / "J") as journal:
+        assert statuses(journal)[seq] == "applied"
     assert back.fact["subject"] == "S1"
 
 
@@ -462,6 +511,7 @@ class FirstRun:
             self.result = editor.apply(FACTS, on_edit=on_edit, repair_every=0)
         with Journal(directory) as journal:
             self.rows = journal.edits()
+            self.statuses = statuses(journal)
             self.prefixes = journal.get("prefixes")
 
     def copy(self, tmp_path: Path) -> Path:
@@ -493,7 +543,7 @@ def test_first_run_records_every_state(first_run):
     assert [r.seq for r in first_run.reported] == [1, 2, 3, 4]
     assert [r.fact_id for r in first_run.reported] == [f.id for f in FACTS]
     rows = first_run.rows
-    assert [(r.seq, r.parent, r.status) for r in rows] == [
+    assert [(r.seq, r.parent, first_run.statuses[r.seq]) for r in rows] == [
         (1, 0, "applied"),
         (2, 1, "applied"),
         (3, 2, "applied"),
@@ -625,7 +675,7 @@ def test_reapplying_rolled_back_facts_on_their_state(first_run, tmp_path):
         path = reader.lineage()
         assert [r.fact_hash for r in path] == [f.hash for f in FACTS]
         assert path[-1].seq == head and path[-1].weight_hash_after == first_run.hashes[4]
-        assert all(r.status == "applied" for r in path)
+        assert set(statuses(reader).values()) == {"applied"}
 
 
 def test_reapplying_the_same_facts_writes_nothing(first_run, tmp_path):

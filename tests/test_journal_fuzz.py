@@ -292,7 +292,7 @@ def test_a_parent_cycle_is_named_not_looped(pristine, tmp_path):
         ("UPDATE meta SET value = '\"abc\"' WHERE key = 'head'", "meta key 'head'"),
         ("UPDATE meta SET value = '{not json' WHERE key = 'hparams'", "meta key 'hparams': not valid JSON"),
         ("UPDATE edits SET lam = x'0102030405' WHERE seq = 2", "edit 2: field lam is not a float32 vector"),
-        ("UPDATE edits SET status = 'applied' WHERE seq = 2", "edit 2: field status is 'applied'"),
+        ("DROP VIEW edit_status", "the schema of view edit_status is missing"),
         ("UPDATE edits SET layer = 2 WHERE seq = 4", "edit 4: its fields do not match its row hash"),
         ("UPDATE edits SET fact_id = 'other' WHERE seq = 4", "edit 4: field fact_id"),
         ("DELETE FROM edits WHERE seq = 3", "the edits table does not match its digest"),

@@ -46,7 +46,6 @@ def journal(tmp_path):
                 EditRecord(
                     seq=0,
                     parent=i - 1,
-                    status="applied",
                     fact_id=f"id{i}",
                     fact_hash="sha256:3" if i == 7 else f"sha256:{i}",  # edit 7 edits edit 3's fact again: a repair
                     fact_json=json.dumps(fact),

@@ -100,7 +100,7 @@ def test_m005_adds_the_column_to_an_older_journal(tmp_path):
     with Journal(tmp_path / "old", write=True) as j:
         assert "warning" in {r[1] for r in j.db.execute("PRAGMA table_info(edits)")}
         names = [r[0] for r in j.db.execute("SELECT name FROM _migrations")]
-        assert names[-1] == "m005_warning_column"
+        assert "m005_warning_column" in names
 
 
 def _apply_cli(tmp_path, folder, *root):
