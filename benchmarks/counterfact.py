@@ -9,7 +9,8 @@
 
 Sequential mode is a romebatch journal (benchmarks/runs/<tag>-journal): re-running the
 command resumes it. It is scored at the end on every fact (ES/PS/NS and the magnitudes)
-and for fluency (GE, generations from the first 20 edit prompts), beside the unedited row.
+and for fluency (GE, generations from the first 20 edit prompts), beside the unedited row;
+the rows are written to benchmarks/runs/<tag>.json.
 
 Each (config, record) result is appended to a JSONL file under benchmarks/runs/ as soon
 as it is computed, so an interrupted run resumes where it stopped. The unedited model's
@@ -251,6 +252,8 @@ def sequential(args) -> None:
             **magnitudes(scores),
             "GE": fluency(editor.lm, fluency_prompts),
         }
+    # The scored rows are the run's record: the journal stays out of git, this file is committed.
+    (out_dir / f"{args.tag}.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(f"\n{'row':<26} {'n':>4} {'ES':>6} {'PS':>6} {'NS':>6} {'S':>6} {'EM':>6} {'PM':>6} {'NM':>6} {'GE':>6}")
     for name, r in rows.items():
         print(
