@@ -9,7 +9,7 @@ weight orientation, stated (GPT-2's Conv1D keeps the down-projection as (d_ff, d
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -48,70 +48,46 @@ def register(adapter: Adapter) -> Adapter:
     return adapter
 
 
-register(
-    Adapter(
-        family="gpt2",
-        model_types=("gpt2",),
-        down_proj="transformer.h.{}.mlp.c_proj",
-        layer="transformer.h.{}",
-        mlp="transformer.h.{}.mlp",
-        attn="transformer.h.{}.attn",
-        embed="transformer.wte",
-        conv1d=True,
-        n_layers_attr="n_layer",
-    )
+def _built_in(
+    family: str,
+    model_types: tuple[str, ...],
+    blocks: str,
+    parts: tuple[str, str, str],
+    embed: str,
+    **options: Any,
+) -> None:
+    """A built-in family whose per-layer modules sit below `blocks.{layer}`.
+
+    `parts` is (down-projection, MLP output, attention output), each relative to the block.
+    """
+    block = blocks + ".{}"
+    down_proj, mlp, attn = (f"{block}.{part}" for part in parts)
+    options.setdefault("conv1d", False)
+    register(Adapter(family, model_types, down_proj=down_proj, layer=block, mlp=mlp, attn=attn, embed=embed, **options))
+
+
+# The table. A family that is a variant of one here needs only its model_type added.
+_built_in(
+    "gpt2",
+    ("gpt2",),
+    "transformer.h",
+    ("mlp.c_proj", "mlp", "attn"),
+    "transformer.wte",
+    conv1d=True,
+    n_layers_attr="n_layer",
 )
-register(
-    Adapter(
-        family="gptj",
-        model_types=("gptj",),
-        down_proj="transformer.h.{}.mlp.fc_out",
-        layer="transformer.h.{}",
-        mlp="transformer.h.{}.mlp",
-        attn="transformer.h.{}.attn",
-        embed="transformer.wte",
-        conv1d=False,
-        n_layers_attr="n_layer",
-    )
+_built_in("gptj", ("gptj",), "transformer.h", ("mlp.fc_out", "mlp", "attn"), "transformer.wte", n_layers_attr="n_layer")
+_built_in("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("mlp.dense_4h_to_h", "mlp", "attention"), "gpt_neox.embed_in")
+_built_in(
+    "llama",
+    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+    "model.layers",
+    ("mlp.down_proj", "mlp", "self_attn"),
+    "model.embed_tokens",
+    v_steps=25,
 )
-register(
-    Adapter(
-        family="gpt_neox",
-        model_types=("gpt_neox",),
-        down_proj="gpt_neox.layers.{}.mlp.dense_4h_to_h",
-        layer="gpt_neox.layers.{}",
-        mlp="gpt_neox.layers.{}.mlp",
-        attn="gpt_neox.layers.{}.attention",
-        embed="gpt_neox.embed_in",
-        conv1d=False,
-    )
-)
-register(
-    Adapter(
-        family="llama",
-        model_types=("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
-        down_proj="model.layers.{}.mlp.down_proj",
-        layer="model.layers.{}",
-        mlp="model.layers.{}.mlp",
-        attn="model.layers.{}.self_attn",
-        embed="model.embed_tokens",
-        conv1d=False,
-        v_steps=25,
-    )
-)
-register(
-    Adapter(
-        family="opt",
-        model_types=("opt",),
-        # OPT has no MLP module: fc2 is the down-projection and its output is the MLP output.
-        down_proj="model.decoder.layers.{}.fc2",
-        layer="model.decoder.layers.{}",
-        mlp="model.decoder.layers.{}.fc2",
-        attn="model.decoder.layers.{}.self_attn",
-        embed="model.decoder.embed_tokens",
-        conv1d=False,
-    )
-)
+# OPT has no MLP module: fc2 is the down-projection and its output is the MLP output.
+_built_in("opt", ("opt",), "model.decoder.layers", ("fc2", "fc2", "self_attn"), "model.decoder.embed_tokens")
 
 
 def supported_model_types() -> list[str]:
