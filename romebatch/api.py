@@ -176,6 +176,8 @@ def export_adapter(
     device: str = "cpu",
     force: bool = False,
     log=None,
+    device_map=None,
+    max_memory=None,
 ):
     """Write the journal's head as a PEFT LoRA adapter folder (romebatch/lora.py); returns its AdapterReport.
 
@@ -184,7 +186,7 @@ def export_adapter(
     """
     from .lora import write_adapter
 
-    kwargs = {"log": log} if log else {}
+    kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         provenance = editor.provenance()
         return write_adapter(

@@ -243,6 +243,8 @@ def compare(
     model: str | None = None,
     device: str = "cpu",
     log=None,
+    device_map=None,
+    max_memory=None,
 ):
     """Base model vs journal state `at` (default: the head), prompt by prompt; see `romebatch.comparison`.
 
@@ -274,7 +276,7 @@ def compare(
             sample=DEFAULT_SAMPLE if sample is None else sample,
             seed=seed,
         )
-    kwargs = {"log": log} if log else {}
+    kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         report = run_compare(
             editor,

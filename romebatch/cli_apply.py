@@ -14,24 +14,20 @@ import typer
 
 from .cli_options import (
     DEFAULT_JOURNAL,
-    DeviceMapOpt,
-    DeviceOpt,
     Dtype,
     DtypeOpt,
     FormatOpt,
     JournalOpt,
     JsonOpt,
-    MaxMemoryOpt,
-    ModelOpt,
     OnRegression,
     ResultsOpt,
     RunEnded,
-    check_device,
     console,
     emit_json,
     manifest_arg,
     say,
     value_of,
+    with_loading,
 )
 from .cli_settings import CHECKS_PANEL, SETTINGS_PANEL, SetOpt, hparams_from, option_name, with_settings
 from .hparams import REPAIR_EVERY
@@ -42,6 +38,7 @@ HparamsFileOpt = Annotated[
 
 
 @with_settings
+@with_loading
 def apply(
     manifest: Annotated[
         Path,
@@ -51,7 +48,7 @@ def apply(
         ),
     ],
     journal: JournalOpt = DEFAULT_JOURNAL,
-    model: ModelOpt = None,
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     manifest_format: FormatOpt = None,
     limit: Annotated[int | None, typer.Option(help="Apply only the first N facts of the manifest.")] = None,
     results: ResultsOpt = None,
@@ -61,7 +58,6 @@ def apply(
     repair_every: Annotated[
         int, typer.Option(help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")
     ] = REPAIR_EVERY,
-    device: DeviceOpt = "cpu",
     dtype: Annotated[
         Dtype | None,
         typer.Option(
@@ -78,8 +74,6 @@ def apply(
         bool, typer.Option("--dry-run", help="Validate and list pending edits; change nothing.")
     ] = False,
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
     hparams: HparamsFileOpt = None,
     sets: SetOpt = None,
     on_regression: Annotated[
@@ -104,12 +98,11 @@ def apply(
     from .errors import UserError, one_line
 
     if manifest.suffix == SUFFIX and manifest_format is None:
-        return _apply_bundle(manifest, journal, model, device, dry_run, json_out)
+        return _apply_bundle(manifest, journal, loading or {}, dry_run, json_out)
     from .manifest import load_manifest
     from .report import check_results_path
 
     settings, thresholds = dict(settings or {}), dict(thresholds or {})
-    check_device(device)
     check_results_path(results)
     layer = settings.get("layer")
     if layer is not None and layer != "auto":
@@ -141,11 +134,9 @@ def apply(
         result = api.apply(
             loaded,
             journal=journal,
-            model=model,
             layer=layer,
             limit=limit,
             hparams=hp,
-            device=device,
             dtype=value_of(dtype),
             module_template=module_template,
             results=results,
@@ -154,9 +145,7 @@ def apply(
             repair_every=repair_every,
             on_edit=progress.on_edit,
             stats_progress=progress.on_stats,
-            log=say,
-            device_map=device_map,
-            max_memory=max_memory,
+            **(loading or {}),
             retry_rejected=retry_rejected,
             on_stage=progress.on_stage,
         )
@@ -208,11 +197,17 @@ def _dry_run(manifest: Path, loaded, journal: Path, layer, retry_rejected: bool,
         say(f"  {row['id']}: {row['prompt'].replace('{}', row['subject'])} -> {row['target_new']}")
 
 
-def _apply_bundle(path: Path, journal: Path, model, device: str, dry_run: bool, json_out: bool) -> None:
+def _apply_bundle(path: Path, journal: Path, loading: dict, dry_run: bool, json_out: bool) -> None:
     """`apply BUNDLE`: a bundle's edits are appended as they are, not recomputed (romebatch/bundle_file.py)."""
     from . import api
+    from .errors import UserError
 
-    done = api.apply_bundle(path, journal=journal, model=model, device=device, dry_run=dry_run, log=say)
+    if loading.get("device_map") is not None or loading.get("max_memory") is not None:
+        # A bundle is verified by replaying it on the whole model in memory: refused, not ignored.
+        raise UserError(f"{path}: --device-map and --max-memory are not used when applying a bundle; drop them")
+    done = api.apply_bundle(
+        path, journal=journal, model=loading.get("model"), device=loading.get("device", "cpu"), dry_run=dry_run, log=say
+    )
     if json_out:
         emit_json(done.summary())
     elif done.already:
@@ -229,12 +224,13 @@ def _apply_bundle(path: Path, journal: Path, model, device: str, dry_run: bool, 
         )
 
 
+@with_loading
 def tune(
     manifest: Annotated[
         Path, typer.Argument(help="Facts to tune on: .csv, .yaml, .jsonl, or CounterFact / zsRE .json ('-': stdin).")
     ],
     manifest_format: FormatOpt = None,
-    model: ModelOpt = None,
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     sample: Annotated[int, typer.Option(help="Facts edited one at a time over the grid (a seeded sample).")] = 30,
     seed: Annotated[int, typer.Option(help="Seed of the sample.")] = 0,
     clamps: Annotated[str, typer.Option(help="Comma-separated clamp factors to try.")] = "0.5,1,2,4",
@@ -246,11 +242,8 @@ def tune(
         Path | None, typer.Option(help="Results JSONL: every measurement is appended; re-running resumes from it.")
     ] = Path("romebatch-tune.jsonl"),
     no_save: Annotated[bool, typer.Option("--no-save", help="Print the table; save no preset.")] = False,
-    device: DeviceOpt = "cpu",
     dtype: DtypeOpt = Dtype.float32,
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
     sets: SetOpt = None,
 ):
     """Measure the edit layer and clamp on your facts; save them as this model's preset for `apply`."""
@@ -258,14 +251,12 @@ def tune(
     from .errors import UserError
     from .report import render_tune
 
-    check_device(device)
     try:
         clamp_values = tuple(float(x) for x in clamps.split(","))
     except ValueError:
         raise UserError(f"--clamps {clamps!r}: give comma-separated numbers such as 0.5,1,2,4") from None
     result = tuning.tune(
         manifest_arg(manifest, manifest_format),
-        model=model,
         sample=sample,
         seed=seed,
         clamps=clamp_values,
@@ -275,11 +266,8 @@ def tune(
         hparams=hparams_from(hparams, sets=sets),
         results=results,
         save=not no_save,
-        device=device,
         dtype=value_of(dtype),
-        device_map=device_map,
-        max_memory=max_memory,
-        log=say,
+        **(loading or {}),
     )
     if json_out:
         emit_json(result.summary())

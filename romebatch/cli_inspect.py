@@ -3,25 +3,21 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .cli_options import (
     DEFAULT_JOURNAL,
-    DeviceMapOpt,
-    DeviceOpt,
     FormatOpt,
     JournalOpt,
     JsonOpt,
-    MaxMemoryOpt,
-    ModelOpt,
     ResultsOpt,
-    check_device,
     console,
     emit_json,
     manifest_arg,
     say,
+    with_loading,
 )
 
 
@@ -56,6 +52,7 @@ def log_(
         render(console(), data)
 
 
+@with_loading
 def verify(
     journal: JournalOpt = DEFAULT_JOURNAL,
     manifest: Annotated[
@@ -68,18 +65,14 @@ def verify(
     ] = 0.9,
     min_efficacy: Annotated[float, typer.Option(help="Share (0..1) of applied facts whose new object must win.")] = 0.0,
     results: ResultsOpt = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
 ):
     """Specificity regression of the journal's head against the base model. Exit 1 on regression."""
     from . import api
     from .report import check_results_path, render_verify
     from .specificity import VerifyThresholds
 
-    check_device(device)
     check_results_path(results)
     thresholds = VerifyThresholds(max_ns_drop=max_ns_drop, min_retention=min_retention, min_efficacy=min_efficacy)
     report = api.verify(
@@ -87,11 +80,7 @@ def verify(
         manifest=manifest_arg(manifest, manifest_format),
         thresholds=thresholds,
         results=results,
-        model=model,
-        device=device,
-        log=say,
-        device_map=device_map,
-        max_memory=max_memory,
+        **(loading or {}),
     )
     if json_out:
         emit_json(report.summary())
@@ -101,6 +90,7 @@ def verify(
         raise typer.Exit(1)
 
 
+@with_loading
 def trace(
     prompt: Annotated[str | None, typer.Option(help="The prompt, subject included.")] = None,
     subject: Annotated[str | None, typer.Option(help="The subject whose embeddings are corrupted.")] = None,
@@ -119,7 +109,7 @@ def trace(
     samples: Annotated[int, typer.Option(help="Noise samples per cell.")] = 10,
     noise: Annotated[float, typer.Option(help="Noise scale, in embedding standard deviations.")] = 3.0,
     window: Annotated[int, typer.Option(help="Layers restored together for MLP and attention.")] = 10,
-    model: ModelOpt = None,
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     journal: Annotated[
         Path,
         typer.Option(
@@ -129,10 +119,7 @@ def trace(
             help="Journal whose model to trace when --model is not given (if it exists).",
         ),
     ] = DEFAULT_JOURNAL,
-    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
 ):
     """Causal tracing (ROME §2): where a fact lives, and which layer to edit."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -142,28 +129,15 @@ def trace(
     from .plots import render_trace, save_average_png, save_trace_png
     from .report import check_results_path
 
-    check_device(device)
     check_results_path(results)
     if out is not None and (out.suffix.lower() != ".png" or not out.parent.is_dir()):
         raise UserError(f"--out {out}: give a .png file name in an existing folder")
     if samples < 1 or window < 1 or not noise > 0 or (limit is not None and limit < 1):
         raise UserError("--samples, --window and --limit must be at least 1, and --noise positive")
     screen = console()
+    settings: dict[str, Any] = {"journal": journal, "samples": samples, "noise": noise, "window": window}
     if facts is None:
-        result = api.trace(
-            prompt,
-            subject,
-            answer,
-            model=model,
-            journal=journal,
-            device=device,
-            samples=samples,
-            noise=noise,
-            window=window,
-            log=say,
-            device_map=device_map,
-            max_memory=max_memory,
-        )
+        result = api.trace(prompt, subject, answer, **settings, **(loading or {}))
         rows = result.to_rows()
         if out:
             save_trace_png(result, out)
@@ -195,15 +169,8 @@ def trace(
             effect, layer, traced = api.trace(
                 facts_file=manifest_arg(facts, manifest_format),
                 limit=limit,
-                model=model,
-                journal=journal,
-                device=device,
-                samples=samples,
-                noise=noise,
-                window=window,
-                log=say,
-                device_map=device_map,
-                max_memory=max_memory,
+                **settings,
+                **(loading or {}),
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
         rows = [row for r in traced for row in r.to_rows()]
@@ -229,19 +196,16 @@ def trace(
         say(f"wrote {out}")
 
 
+@with_loading
 def check(
     journal: JournalOpt = DEFAULT_JOURNAL,
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
 ):
     """Verify the journal: base model identity and every edit's hashes, by replay. Exit 1 if damaged."""
     from . import api
 
-    check_device(device)
-    report = api.check(journal, model=model, device=device, log=say, device_map=device_map, max_memory=max_memory)
+    report = api.check(journal, **(loading or {}))
     if json_out:
         emit_json(
             {
@@ -272,6 +236,7 @@ def check(
         raise typer.Exit(1)
 
 
+@with_loading
 def compare(
     journal: JournalOpt = DEFAULT_JOURNAL,
     facts: Annotated[
@@ -292,8 +257,7 @@ def compare(
     ] = 5,
     seed: Annotated[int, typer.Option(help="Seed of that sample.")] = 0,
     results: Annotated[Path | None, typer.Option(help="Write the comparison table (.parquet or .csv).")] = None,
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     json_out: JsonOpt = False,
 ):
     """Base model vs a journal state, prompt by prompt: greedy continuation, P(new), P(true).
@@ -314,9 +278,7 @@ def compare(
         sample=sample,
         seed=seed,
         results=results,
-        model=model,
-        device=device,
-        log=say,
+        **(loading or {}),
     )
     if json_out:
         emit_json(report.summary())

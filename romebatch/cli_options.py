@@ -8,6 +8,8 @@ goes to stdout. Nothing here imports torch.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import sys
@@ -148,6 +150,36 @@ def say(message: str) -> None:
 
 def emit_json(data) -> None:
     sys.stdout.write(json.dumps(data, default=str) + "\n")
+
+
+def with_loading(command):
+    """`command` with the options that say which model to load and where (`--model`,
+    `--device`, `--device-map`, `--max-memory`), declared here once. They stand where the
+    command declares its `loading` parameter, which receives them as the keyword arguments
+    every api call that loads a model takes (its progress lines going to `say`). The device
+    is checked before the command runs."""
+    own = list(inspect.signature(command, eval_str=True).parameters.values())
+    at = [p.name for p in own].index("loading")
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    generated = [
+        inspect.Parameter("model", keyword, annotation=ModelOpt, default=None),
+        inspect.Parameter("device", keyword, annotation=DeviceOpt, default="cpu"),
+        inspect.Parameter("device_map", keyword, annotation=DeviceMapOpt, default=None),
+        inspect.Parameter("max_memory", keyword, annotation=MaxMemoryOpt, default=None),
+    ]
+    parameters = (
+        [p.replace(kind=keyword) for p in own[:at]] + generated + [p.replace(kind=keyword) for p in own[at + 1 :]]
+    )
+
+    @functools.wraps(command)
+    def wrapper(**given):
+        check_device(given["device"])
+        loading = {p.name: given.pop(p.name) for p in generated}
+        return command(**given, loading={**loading, "log": say})
+
+    wrapper.__signature__ = inspect.Signature(parameters)
+    wrapper.__annotations__ = {p.name: p.annotation for p in parameters}
+    return wrapper
 
 
 def check_device(device: str) -> None:

@@ -9,17 +9,13 @@ import typer
 
 from .cli_options import (
     DEFAULT_JOURNAL,
-    DeviceMapOpt,
-    DeviceOpt,
     Dtype,
     JournalOpt,
     JsonOpt,
-    MaxMemoryOpt,
-    ModelOpt,
-    check_device,
     emit_json,
     say,
     value_of,
+    with_loading,
 )
 
 
@@ -47,6 +43,7 @@ def bundle_(
         )
 
 
+@with_loading
 def rollback(
     journal: JournalOpt = DEFAULT_JOURNAL,
     to: Annotated[int | None, typer.Option("--to", help="Make edit N the head (0 = base).")] = None,
@@ -54,16 +51,12 @@ def rollback(
     fact: Annotated[str | None, typer.Option("--fact", help="Go back to just before this fact's edit.")] = None,
     base: Annotated[bool, typer.Option("--base", help="Go back to the unedited model.")] = False,
     prune: Annotated[bool, typer.Option("--prune", help="Delete the rolled-back edits for good.")] = False,
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
 ):
     """Move the journal's head to another state, rebuilt by replay and checked byte for byte."""
     from . import api
 
-    check_device(device)
     head = api.rollback(
         journal,
         to=to,
@@ -71,11 +64,7 @@ def rollback(
         fact=fact,
         base=base or None,
         prune=prune,
-        model=model,
-        device=device,
-        log=say,
-        device_map=device_map,
-        max_memory=max_memory,
+        **(loading or {}),
     )
     if json_out:
         emit_json({"journal": str(journal), "head": head})
@@ -83,11 +72,11 @@ def rollback(
         say(f"journal {journal}: head is now {head}" + (" (the base model)" if head == 0 else ""))
 
 
+@with_loading
 def export(
     outdir: Annotated[Path | None, typer.Argument(help="Folder to write the edited model to.")] = None,
     journal: JournalOpt = DEFAULT_JOURNAL,
-    model: ModelOpt = None,
-    device: DeviceOpt = "cpu",
+    loading: dict | None = None,  # --model, --device, --device-map, --max-memory (with_loading)
     force: Annotated[
         bool, typer.Option("--force", help="Replace a non-empty OUTDIR (or an existing adapter).")
     ] = False,
@@ -110,8 +99,6 @@ def export(
         ),
     ] = None,
     json_out: JsonOpt = False,
-    device_map: DeviceMapOpt = None,
-    max_memory: MaxMemoryOpt = None,
 ):
     """Write the head state as a normal model folder (safetensors, config, tokenizer, provenance, model card)."""
     from . import api
@@ -121,9 +108,7 @@ def export(
 
         if adapter is None or outdir is not None:
             raise UserError("give either OUTDIR (a full model) or --adapter DIR [--rank R] (a LoRA adapter)")
-        report = api.export_adapter(
-            adapter, journal=journal, rank=rank, model=model, device=device, force=force, log=say
-        )
+        report = api.export_adapter(adapter, journal=journal, rank=rank, force=force, **(loading or {}))
         if json_out:
             emit_json({"journal": str(journal), **report.summary()})
         else:
@@ -137,18 +122,7 @@ def export(
         from .errors import UserError
 
         raise UserError("give OUTDIR, the folder to write the edited model to (or --adapter DIR)")
-    check_device(device)
-    path = api.export(
-        outdir,
-        journal=journal,
-        model=model,
-        device=device,
-        force=force,
-        dtype=value_of(dtype),
-        log=say,
-        device_map=device_map,
-        max_memory=max_memory,
-    )
+    path = api.export(outdir, journal=journal, force=force, dtype=value_of(dtype), **(loading or {}))
     if json_out:
         emit_json({"journal": str(journal), "export": str(path)})
     else:

@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,10 @@ def load_model(
         )
     except (OSError, ValueError) as error:
         raise UserError(f"--model {spec}: cannot load it ({str(error).splitlines()[0]})") from error
-    if not dispatch:  # a dispatched model stays where accelerate placed it
+    if dispatch:  # said, so that a placement that was asked for is seen to be taken
+        placed = Counter(str(where) for where in getattr(model, "hf_device_map", {}).values())
+        log("device map: " + ", ".join(f"{count} module(s) on {where}" for where, count in sorted(placed.items())))
+    else:  # a dispatched model stays where accelerate placed it
         # transformers wraps `to` with functools.wraps(nn.Module.to), so its stub reads as
         # unbound (self first); the call is the ordinary bound one.
         model.to(device)  # type: ignore[arg-type]

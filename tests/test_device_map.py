@@ -131,7 +131,8 @@ def test_max_memory_without_device_map_is_refused(tiny_folder):
 
 
 def test_cli_commands_take_a_device_map(tmp_path, tiny_folder, monkeypatch):
-    """apply, check, rollback and export through the CLI with layers on disk: the journal checks clean."""
+    """apply, check, compare, export and rollback through the CLI with layers on disk: the journal checks
+    clean, and compare and the LoRA export give what they give on the whole model."""
     import yaml
     from typer.testing import CliRunner
 
@@ -155,5 +156,18 @@ def test_cli_commands_take_a_device_map(tmp_path, tiny_folder, monkeypatch):
     assert json.loads(done.stdout.strip().splitlines()[-1])["applied"] == 1
     done = runner.invoke(app, ["check", "--json", *common])
     assert done.exit_code == 0 and json.loads(done.stdout.strip().splitlines()[-1])["ok"] is True, done.output
+    # compare and the LoRA export read the same numbers and write the same bytes with layers on disk.
+    for placement in ([], common):
+        done = runner.invoke(app, ["compare", "--json", *placement])
+        assert done.exit_code == 0, done.output
+        compared = json.loads(done.stdout.strip().splitlines()[-1])
+        assert ("module(s) on disk" in done.stderr) == bool(placement), done.stderr
+        if not placement:
+            whole = compared
+        done = runner.invoke(app, ["export", "--adapter", f"lora{len(placement)}", "--json", *placement])
+        assert done.exit_code == 0, done.output
+    assert compared == whole and any(r["p_new_state"] > r["p_new_base"] for r in compared["rows"]), compared
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert sha(tmp_path / "lora0" / name) == sha(tmp_path / "lora2" / name)
     done = runner.invoke(app, ["rollback", "--base", "--json", *common])
     assert done.exit_code == 0 and json.loads(done.stdout.strip().splitlines()[-1])["head"] == 0, done.output
