@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .errors import UserError
-from .lm import decode, encode, generate_ids
+from .lm import continue_prompt
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
 from .scores import answer_nll
@@ -99,19 +99,7 @@ def greedy_continuations(lm: LoadedModel, prompts: list[str], max_new_tokens: in
     One at a time, not batched: no padding, so nothing depends on how a family handles a
     padded batch, and the text is what `model.generate` gives for that prompt alone.
     """
-    texts = []
-    for prompt in prompts:
-        ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)  # (1, T)
-        out = generate_ids(
-            lm,
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=lm.pad_id,
-        )
-        texts.append(decode(lm.tokenizer, out[0, ids.shape[1] :], skip_special_tokens=True))
-    return texts
+    return [continue_prompt(lm, prompt, do_sample=False, max_new_tokens=max_new_tokens) for prompt in prompts]
 
 
 def plan_rows(facts: list[Fact], prompts: list[str]) -> list[PromptComparison]:

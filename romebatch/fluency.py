@@ -10,7 +10,7 @@ from statistics import fmean
 
 import torch
 
-from .lm import decode, encode, generate_ids, make_batch
+from .lm import continue_prompt, decode, encode, generate_ids, make_batch
 from .model import LoadedModel
 from .scores import nll_at
 
@@ -65,17 +65,7 @@ def generate(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         for prompt in prompts:
-            ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)
-            out = generate_ids(
-                lm,
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=True,
-                top_k=top_k,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=lm.pad_id,
-            )
-            texts.append(decode(lm.tokenizer, out[0, ids.shape[1] :], skip_special_tokens=True))
+            texts.append(continue_prompt(lm, prompt, do_sample=True, top_k=top_k, max_new_tokens=max_new_tokens))
     return texts
 
 

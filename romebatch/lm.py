@@ -52,6 +52,17 @@ def generate_ids(lm: LoadedModel, input_ids: torch.Tensor, **kwargs) -> torch.Te
     return cast(torch.Tensor, cast("GenerationMixin", lm.model).generate(input_ids, **kwargs))
 
 
+def continue_prompt(lm: LoadedModel, prompt: str, **generation) -> str:
+    """What `model.generate(**generation)` adds to `prompt` alone, special tokens dropped.
+
+    One prompt at a time, not batched: no padding, so nothing depends on how a family
+    handles a padded batch.
+    """
+    ids = torch.tensor([encode(lm.tokenizer, prompt).ids], device=lm.device)  # (1, T)
+    out = generate_ids(lm, ids, attention_mask=torch.ones_like(ids), pad_token_id=lm.pad_id, **generation)
+    return decode(lm.tokenizer, out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def last_token_in_span(encoded: Encoded, start: int, end: int) -> int:
     """Index of the last token overlapping characters [start, end) of the text.
 
