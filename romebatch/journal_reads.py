@@ -7,12 +7,12 @@ writes.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from pathlib import Path
 
 from .errors import JournalDamagedError, UserError
 from .journal_records import EditRecord, chunks, placeholders, record_from_row
+from .journal_schema import read_meta
 
 
 class JournalReads:
@@ -22,16 +22,7 @@ class JournalReads:
 
     # -- meta --------------------------------------------------------------------------
     def get(self, key: str, default=None):
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        if row is None:
-            return default
-        try:
-            return json.loads(row[0])
-        except (TypeError, ValueError, RecursionError):
-            raise JournalDamagedError(
-                f"{self.db_path}: meta key {key!r} is not valid JSON",
-                hint="run `romebatch check` to see all the damage",
-            ) from None
+        return read_meta(self.db, key, self.db_path, default)
 
     @property
     def initialised(self) -> bool:

@@ -234,13 +234,18 @@ def _tables(db: sqlite3.Connection) -> set[str]:
 
 def _format(db: sqlite3.Connection, where: Path) -> object:
     """meta's 'format' key (1 when absent: journals before m004 did not write it)."""
-    row = db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+    return read_meta(db, "format", where, default=1)
+
+
+def read_meta(db: sqlite3.Connection, key: str, where: Path, default=None):
+    """meta[key], decoded; a value that is not JSON is damage, named with the file `where`."""
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     if row is None:
-        return 1
+        return default
     try:
         return json.loads(row[0])
     except (TypeError, ValueError, RecursionError):
         raise JournalDamagedError(
-            f"{where}: meta key 'format' is not valid JSON",
+            f"{where}: meta key {key!r} is not valid JSON",
             hint="run `romebatch check` to see all the damage",
         ) from None
