@@ -28,7 +28,7 @@ import torch
 from . import model_export
 from .applied_cache import AppliedCache
 from .errors import JournalDamagedError, UserError
-from .hparams import REPAIR_EVERY, HParams
+from .hparams import HParams
 from .ingredients import Ingredients
 from .journal import Journal
 from .journal_records import EditRecord
@@ -37,7 +37,6 @@ from .model import LoadedModel, _stderr, load_model, weight_hash
 from .opening import check_every_edit, edit_of, init_or_check
 from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, stop_on_signals
 from .pipeline import edit_window, run
-from .probes import Thresholds
 from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, run_pass
 from .rome import KeyStats, apply_edit
 from .rome.preserve import Preserver
@@ -182,40 +181,8 @@ class Editor:
     def pending(self, facts: list[Fact]) -> list[Fact]:
         return pending_facts(facts, self.journal)
 
-    def apply(
-        self,
-        facts: list[Fact],
-        *,
-        layer: int | None = None,
-        on_edit: Callable[[FactResult], None] | None = None,
-        stop: StopRequest | None = None,
-        checks: Thresholds | None = Thresholds(),
-        on_regression: str = "warn",
-        repair_every: int | None = REPAIR_EVERY,
-        retry_rejected: bool = False,
-    ) -> ApplyResult:
-        """Apply each fact not yet in the journal as a sequential ROME edit, committing each.
-
-        `checks` runs the regression probes after every edit (None: off); a failed check
-        warns, rejects the edit (`on_regression="skip"`) or ends the run (`"stop"`),
-        in the last two cases without committing the offending edit.
-        `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
-        and once more at its end, if it applied any (None or 0: never); the default is the
-        one `romebatch.apply` and the CLI use (`hparams.REPAIR_EVERY`).
-        Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
-        say); facts whose edit was rolled back are applied again.
-        """
-        return run(
-            self,
-            facts,
-            layer=layer,
-            on_edit=on_edit,
-            stop=stop,
-            checks=checks,
-            on_regression=on_regression,
-            repair_every=repair_every,
-            retry_rejected=retry_rejected,
-        )
+    # The apply loop is pipeline.run; bound here, `editor.apply(facts, ...)` calls it on this editor.
+    apply = run
 
     def repair(
         self,

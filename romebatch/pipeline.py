@@ -16,6 +16,7 @@ import torch
 
 from .errors import JournalWriteError, UserError
 from .guards import collapse_refusal, max_weight_norm, norm_refusal
+from .hparams import REPAIR_EVERY
 from .journal_records import EditRecord
 from .manifest import Fact
 from .model import weight_hash
@@ -37,15 +38,25 @@ def run(
     editor: Editor,
     facts: list[Fact],
     *,
-    layer: int | None,
-    on_edit: Callable[[FactResult], None] | None,
-    stop: StopRequest | None,
-    checks: Thresholds | None,
-    on_regression: str,
-    repair_every: int | None,
-    retry_rejected: bool,
+    layer: int | None = None,
+    on_edit: Callable[[FactResult], None] | None = None,
+    stop: StopRequest | None = None,
+    checks: Thresholds | None = Thresholds(),
+    on_regression: str = "warn",
+    repair_every: int | None = REPAIR_EVERY,
+    retry_rejected: bool = False,
 ) -> ApplyResult:
-    """`Editor.apply` (its docstring says what the options do)."""
+    """`Editor.apply`: apply each fact not yet in the journal as a sequential ROME edit, committing each.
+
+    `checks` runs the regression probes after every edit (None: off); a failed check
+    warns, rejects the edit (`on_regression="skip"`) or ends the run (`"stop"`),
+    in the last two cases without committing the offending edit.
+    `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
+    and once more at its end, if it applied any (None or 0: never); the default is the
+    one `romebatch.apply` and the CLI use (`hparams.REPAIR_EVERY`).
+    Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
+    say); facts whose edit was rolled back are applied again.
+    """
     from .editor import refuse_damaged
 
     if on_regression not in ("warn", "skip", "stop"):
