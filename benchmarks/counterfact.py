@@ -162,11 +162,7 @@ def main() -> None:
             lm,
             layers,
             base_hash,
-            n_tokens=hp0.stats_tokens,
-            seq_len=hp0.stats_seq_len,
-            seed=hp0.seed,
-            corpus=hp0.stats_corpus,
-            sampling=hp0.stats_sampling,
+            **hp0.stats_options(),
             log=print,
         )
         if hp0.mom2 != "identity"

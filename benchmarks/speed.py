@@ -216,11 +216,7 @@ def main() -> None:
         lm,
         [hp.layer],
         lm.base_hash(),
-        n_tokens=hp.stats_tokens,
-        seq_len=hp.stats_seq_len,
-        seed=hp.seed,
-        corpus=hp.stats_corpus,
-        sampling=hp.stats_sampling,
+        **hp.stats_options(),
         log=lambda m: None,
     )
     out["stats_cached_seconds"] = time.perf_counter() - t
@@ -233,11 +229,7 @@ def main() -> None:
                 lm,
                 [hp.layer],
                 lm.base_hash(),
-                n_tokens=hp.stats_tokens,
-                seq_len=hp.stats_seq_len,
-                seed=hp.seed,
-                corpus=hp.stats_corpus,
-                sampling=hp.stats_sampling,
+                **hp.stats_options(),
                 log=lambda m: None,
             )
             out["stats_cold_seconds"] = time.perf_counter() - t

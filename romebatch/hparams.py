@@ -205,6 +205,18 @@ class HParams:
             del data["stats_sampling"]
         return data
 
+    def stats_options(self) -> dict:
+        """The keyword arguments of `rome.load_or_compute_stats` that these settings define.
+
+        Stated once here, so every caller samples the same statistics for the same settings."""
+        return {
+            "n_tokens": self.stats_tokens,
+            "seq_len": self.stats_seq_len,
+            "seed": self.seed,
+            "corpus": self.stats_corpus,
+            "sampling": self.stats_sampling,
+        }
+
     def replace(self, **changes) -> HParams:
         hp = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
         hp.validate()

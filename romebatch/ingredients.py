@@ -49,11 +49,7 @@ class Ingredients:
                     editor.lm,
                     [layer],
                     editor.base_hash,
-                    n_tokens=hp.stats_tokens,
-                    seq_len=hp.stats_seq_len,
-                    seed=hp.seed,
-                    corpus=hp.stats_corpus,
-                    sampling=hp.stats_sampling,
+                    **hp.stats_options(),
                     log=editor.log,
                     progress=progress or editor.stats_progress,
                 )

@@ -191,11 +191,7 @@ def tune(
                 lm,
                 pending,
                 lm.base_hash(),
-                n_tokens=hp0.stats_tokens,
-                seq_len=hp0.stats_seq_len,
-                seed=hp0.seed,
-                corpus=hp0.stats_corpus,
-                sampling=hp0.stats_sampling,
+                **hp0.stats_options(),
                 log=log,
             )
             for layer_stats in stats.values():
