@@ -10,16 +10,31 @@ from typing import Any
 
 import yaml
 
-from romebatch.errors import UserError, located, one_line
+from romebatch.errors import UserError, located
 
 from .reading import DuplicateKey, FileProblem, Input, fact_list, numbered, value_problem
 
 
 def yaml_records(src: Input) -> Iterator[tuple[int, Any]]:
-    text = src.read_text()
     path = src.name
+    return numbered(fact_list(path, _parse(src.read_text(), path), "YAML manifest"))
+
+
+def manifest_yaml(path: str) -> Any:
+    """A YAML file read the way manifests are (regular file, size cap, duplicate keys refused).
+
+    Raises UserError naming the file (and line) for every problem.
+    """
     try:
-        doc = _safe_yaml(text)
+        return _parse(Input(path).read_text(), path)
+    except FileProblem as e:
+        raise UserError(e.line) from None
+
+
+def _parse(text: str, path: str) -> Any:
+    """The document, or FileProblem with one located line for whatever stops the parse."""
+    try:
+        return _safe_yaml(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
@@ -31,31 +46,6 @@ def yaml_records(src: Input) -> Iterator[tuple[int, Any]]:
         raise FileProblem(located(path, e.line, str(e.key), "appears twice in one mapping")) from None
     except ValueError as e:  # an integer of thousands of digits, say
         raise FileProblem(located(path, None, None, f"invalid YAML: {value_problem(e)}")) from None
-    return numbered(fact_list(path, doc, "YAML manifest"))
-
-
-def manifest_yaml(path: str) -> Any:
-    """A YAML file read the way manifests are (regular file, size cap, duplicate keys refused).
-
-    Raises UserError naming the file (and line) for every problem.
-    """
-    try:
-        text = Input(path).read_text()
-    except FileProblem as e:
-        raise UserError(e.line) from None
-    try:
-        return _safe_yaml(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        what = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise UserError(located(path, line, None, f"invalid YAML: {what}")) from None
-    except RecursionError:
-        raise UserError(located(path, None, None, "invalid YAML: nested too deeply")) from None
-    except DuplicateKey as e:
-        raise UserError(located(path, e.line, one_line(str(e.key)), "appears twice in one mapping")) from None
-    except ValueError as e:
-        raise UserError(located(path, None, None, f"invalid YAML: {value_problem(e)}")) from None
 
 
 def _safe_yaml(text: str) -> Any:
