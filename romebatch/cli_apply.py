@@ -135,7 +135,6 @@ def apply(
             loaded,
             journal=journal,
             layer=layer,
-            limit=limit,
             hparams=hp,
             dtype=value_of(dtype),
             module_template=module_template,

@@ -13,11 +13,16 @@ described by (Λ, u): d_model + d_ff numbers, which is what the journal stores.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..model import LoadedModel
+
+if TYPE_CHECKING:
+    from .preserve import Preserver
+    from .stats import KeyStats
+    from .values import ValueResult
 
 
 @dataclass
@@ -104,18 +109,18 @@ def current_value(lm: LoadedModel, layer: int, key: torch.Tensor) -> torch.Tenso
 
 
 def compute_edit(
-    lm,
-    layer,
-    fact_template,
-    subject,
-    target,
-    prefixes,
-    stats,
-    hp,
+    lm: LoadedModel,
+    layer: int,
+    fact_template: str,
+    subject: str,
+    target: str,
+    prefixes: list[str],
+    stats: KeyStats | None,
+    hp,  # HParams, resolved; rome/ does not import the layers above it
     timings: dict | None = None,
-    preserver=None,
+    preserver: Preserver | None = None,
     max_weight_norm: float | None = None,
-):
+) -> tuple[RankOneEdit, torch.Tensor, ValueResult]:
     """k*, v* and the update for one fact; the model is unchanged when this returns.
 
     Returns (edit, k_star, value). `timings`, if given, receives seconds_key and seconds_value.
