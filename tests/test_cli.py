@@ -181,7 +181,7 @@ def test_apply_passes_every_option(tmp_path, monkeypatch, fake_apply):
     assert manifest.path == "facts.csv" and [f.id for f in manifest.facts] == ["needle", "ben"]  # --limit 2
     assert kwargs["journal"] == Path("J")
     assert kwargs["model"] == "some/model"
-    assert kwargs["layer"] == 2 and kwargs["limit"] == 2
+    assert kwargs["layer"] == 2 and "limit" not in kwargs  # applied once, to the manifest above
     assert kwargs["results"] == Path("out.csv")
     assert kwargs["device"] == "cuda" and kwargs["dtype"] == "bfloat16"
     assert kwargs["module_template"] == "a.{}.b"
@@ -209,7 +209,7 @@ def test_apply_without_hparams_lets_the_journal_keep_its_own(tmp_path, monkeypat
     ((args, kwargs),) = fake_apply.calls
     assert kwargs["hparams"] is None
     assert kwargs["journal"] == Path("romebatch.journal")
-    assert kwargs["model"] is None and kwargs["layer"] is None and kwargs["limit"] is None
+    assert kwargs["model"] is None and kwargs["layer"] is None and "limit" not in kwargs
     assert kwargs["device"] == "cpu" and kwargs["dtype"] is None  # None: the journal's own dtype
     # The human report goes to stderr, stdout stays clean.
     assert result.stdout.strip() == ""
