@@ -124,6 +124,10 @@ class HParams:
     # Bound on the edited matrix's growth: an edit that would make ‖W‖_F exceed
     # (1 + norm_growth_max) · ‖W_base‖_F is scaled down to reach the bound exactly. 0: off.
     norm_growth_max: float = 0.0
+    # The soft form of that bound (ENCORE's norm constraint as a penalty, rome/preserve.py):
+    # each u also minimises μ · mean(diag C) times the growth of ‖W‖²_F it causes, so edits
+    # still take but choose the direction that grows W least (and may shrink it). 0: off.
+    norm_penalty: float = 0.0
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
     NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")

@@ -66,7 +66,7 @@ class Ingredients:
     def preserver(self, layer: int) -> Preserver | None:
         """The sequential-stability method's state for `layer` at the current head."""
         editor, hp = self.editor, self.editor.hparams
-        if hp.preserve == "none" and not hp.preserve_top_k:
+        if hp.preserve == "none" and not hp.preserve_top_k and not hp.norm_penalty:
             return None
         cached = self.preservers.get(layer)
         if cached is None or cached[0] != editor.head:
@@ -77,7 +77,12 @@ class Ingredients:
                 cached[1]
                 if cached
                 else Preserver(
-                    hp.preserve, stats.cholesky if stats else None, d_ff, hp.preserve_weight, hp.preserve_top_k
+                    hp.preserve,
+                    stats.cholesky if stats else None,
+                    d_ff,
+                    hp.preserve_weight,
+                    hp.preserve_top_k,
+                    hp.norm_penalty,
                 )
             )
             keys = []

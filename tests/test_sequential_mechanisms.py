@@ -6,6 +6,8 @@
 - Soft null space (`preserve_top_k`): u ⟂ C's top-k eigenvectors, so W k is unchanged for
   keys in their span (and, with "nullspace", for earlier edits' keys) through the Editor.
 - Norm bound (`norm_growth_max`): ‖W‖_F never exceeds (1 + g) ‖W_base‖_F, and it bites.
+- Norm penalty (`norm_penalty`): u solves the penalised problem (checked against a dense KKT
+  solve), and through the Editor ‖W‖_F grows less while every edit still reaches its v*.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from romebatch.lm import answer_ids, subject_last_index
 from romebatch.manifest import Fact
 from romebatch.rome import values as V
 from romebatch.rome.preserve import Preserver
-from romebatch.rome.update import RankOneEdit, bound_norm
+from romebatch.rome.update import RankOneEdit, bound_norm, current_value, growth_pull
 
 # The subject ends the prompt, so δ reaches the next-token logits on a random tiny model.
 TEMPLATE, SUBJECT, TARGET = "It is in {}", "the city", "Seattle"
@@ -237,11 +239,94 @@ def test_norm_growth_bound_holds_through_a_sequential_run(tmp_path, bytelevel_to
     assert result.results[0].status == "applied"  # ... and the first edits are whole
 
 
+# ---------------------------------------------------------------------------- norm penalty
+@pytest.mark.parametrize(
+    "method,top_k", [("none", 0), ("none", 3), ("covariance", 3), ("nullspace", 0), ("nullspace", 3)]
+)
+def test_norm_penalty_u_solves_the_penalised_problem(method, top_k):
+    d_model, d, n, mu = 5, 12, 2, 0.7
+    c = random_spd(d, 1)
+    g = torch.Generator().manual_seed(9)
+    keys = [torch.randn(d, generator=g, dtype=torch.float64) for _ in range(n)]
+    k_star = torch.randn(d, generator=g, dtype=torch.float64)
+    w = torch.randn(d_model, d, generator=g, dtype=torch.float64)
+    r = torch.randn(d_model, generator=g, dtype=torch.float64)
+    pres = Preserver(method, torch.linalg.cholesky(c), d, 7.0, top_k=top_k, norm_penalty=mu)
+    pres.rebuild(keys)
+    u = pres.u(k_star, growth_pull(w.float(), False, r))
+    # The reference: the objective written out, ‖ΔW‖²_M + μ'(‖W + ΔW‖²_F − ‖W‖²_F) for ΔW = r uᵀ
+    # with uᵀk* = 1, solved as one dense KKT system (no Cholesky, no pull, no shared code).
+    m = c + 1e-12 * torch.eye(d, dtype=torch.float64)
+    if method == "covariance":
+        for key in keys:
+            unit = key / key.norm()
+            m = m + 7.0 * (unit @ c @ unit) * torch.outer(unit, unit)
+    scale = mu * float(c.diagonal().mean())
+    w32 = w.float().double()  # the pull is computed from the weight as stored
+    hessian = 2 * (r @ r) * (m + scale * torch.eye(d, dtype=torch.float64))
+    linear = 2 * scale * (w32.T @ r)
+    cons = [k_star[:, None]]
+    if top_k:
+        cons.append(torch.linalg.eigh(c)[1][:, -top_k:])
+    if method == "nullspace":
+        cons.append(torch.stack(keys, dim=1))
+    b = torch.cat(cons, dim=1)
+    targets = torch.zeros(b.shape[1], dtype=torch.float64)
+    targets[0] = 1.0
+    size = d + b.shape[1]
+    kkt = torch.zeros(size, size, dtype=torch.float64)
+    kkt[:d, :d], kkt[:d, d:], kkt[d:, :d] = hessian, b, b.T
+    expected = torch.linalg.solve(kkt, torch.cat([-linear, targets]))[:d]
+    torch.testing.assert_close(u / float(u @ k_star), expected, rtol=1e-6, atol=1e-9)
+    # The penalty changes the answer: without it u is another direction.
+    plain = Preserver(method, torch.linalg.cholesky(c), d, 7.0, top_k=top_k)
+    plain.rebuild(keys)
+    other = plain.u(k_star)
+    assert float((other / float(other @ k_star) - expected).abs().max()) > 1e-3
+
+
+def test_norm_penalty_needs_the_pull():
+    c = random_spd(6, 2)
+    with pytest.raises(ValueError, match="pull"):
+        Preserver("none", torch.linalg.cholesky(c), 6, norm_penalty=1.0).u(torch.ones(6, dtype=torch.float64))
+
+
+def test_norm_penalty_grows_the_weight_less_and_every_edit_still_takes(tmp_path, bytelevel_tokenizer):
+    def run(mu):
+        lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+        base = float(lm.weight(LAYER).double().norm())
+        hp = HParams(**{**TINY_HPARAMS, "norm_penalty": mu})
+        with Editor(tmp_path / f"j{mu}", lm=lm, hparams=hp, log=quiet) as editor:
+            first = []  # the first edit's key and the layer's output there, right after it
+
+            def on_edit(row):
+                if not first:
+                    k = torch.from_numpy(editor.journal.lineage()[-1].k_star.copy())
+                    first.extend([k, current_value(lm, LAYER, k).double()])
+
+            result = editor.apply(FACTS, checks=None, on_edit=on_edit, repair_every=0)
+        return base, float(lm.weight(LAYER).double().norm()), result, first
+
+    base, plain, plain_result, (k_plain, v_plain) = run(0.0)
+    _, penalised, result, (k_pen, v_pen) = run(1.0)
+    assert all(r.status == "applied" for r in result.results), [r.reason for r in result.results]
+    assert penalised - base < 0.8 * (plain - base)  # a real cut in the growth ...
+    # ... while the first edit (same base weights, so the same k* and v*) writes the same v*
+    # at its key by another u, and the edits raise their new objects as often as plain ROME's.
+    torch.testing.assert_close(k_pen, k_plain)
+    torch.testing.assert_close(v_pen, v_plain, rtol=1e-4, atol=1e-4)
+    won = sum(r.p_new_after > r.p_new_before for r in result.results)
+    assert won >= 3 and won >= sum(r.p_new_after > r.p_new_before for r in plain_result.results) - 1
+    assert result.results[0].update_norm != pytest.approx(plain_result.results[0].update_norm, rel=1e-3)
+
+
 def test_new_options_are_checked():
     with pytest.raises(UserError, match="preserve_top_k"):
         HParams(preserve_top_k=-1).validate()
     with pytest.raises(UserError, match="norm_growth_max"):
         HParams(norm_growth_max=-0.1).validate()
+    with pytest.raises(UserError, match="norm_penalty"):
+        HParams(norm_penalty=float("nan")).validate()
     with pytest.raises(UserError, match="v_stop_argmax"):
         HParams(v_stop_argmax="yes").validate()
     assert HParams().defining()["v_stop_argmax"] is False  # off by default

@@ -21,6 +21,18 @@ eigenvectors and M the method's matrix (C, or C + λ Σ k_p k_pᵀ), u = M⁻¹(
 Aᵀu = 0, A = U (and the earlier keys too for "nullspace"): the u of least ‖ΔW K‖ that
 moves no key in span(A). For M = C this is exactly (I − U Uᵀ) C⁻¹ k*.
 
+ENCORE's bound on the edited matrix's norm, made a penalty (`norm_penalty` μ), for any method:
+u minimises the method's ‖ΔW K‖² plus μ' times the growth ‖W + ΔW‖²_F − ‖W‖²_F it causes,
+μ' = μ · mean(diag C) so μ means the same on any model. With ΔW = r uᵀ (r = v* − W k*, uᵀk* = 1)
+the growth is 2 rᵀW u + ‖r‖² ‖u‖², so per unit ‖r‖² the problem is
+
+    min uᵀ(M + μ'I) u + 2 μ' gᵀu   subject to kᵀu = 1 (and Aᵀu = 0),   g = Wᵀr / ‖r‖²
+
+a quadratic with linear constraints, solved in closed form: u = M'⁻¹(B β − μ' g) with
+B = [k*, A] and β from the constraints. The update stays rank one and still meets
+Ŵ k* = v* exactly, so, unlike a hard bound, it never leaves an edit undone: it only chooses
+the u that grows ‖W‖_F least for the damage it does to other keys, and may shrink W along r.
+
 The running state is a pure function of the keys of the edits on the journal's current
 path, in order: `rebuild` recomputes it from them after a rollback, with the same float64
 arithmetic in the same order as the edits were made, so it is byte-identical.
@@ -36,7 +48,15 @@ METHODS = ("none", "covariance", "nullspace")
 class Preserver:
     """The running state of one layer's method: which u a new k* gets."""
 
-    def __init__(self, method: str, cholesky: torch.Tensor | None, d_ff: int, weight: float = 10.0, top_k: int = 0):
+    def __init__(
+        self,
+        method: str,
+        cholesky: torch.Tensor | None,
+        d_ff: int,
+        weight: float = 10.0,
+        top_k: int = 0,
+        norm_penalty: float = 0.0,
+    ):
         if method not in METHODS:
             raise ValueError(f"preserve method must be one of {METHODS}, got {method!r}")
         self.method = method
@@ -46,6 +66,13 @@ class Preserver:
             cholesky = torch.eye(d_ff, dtype=torch.float64)
         self.base_cholesky = cholesky.double()
         self.base = self.base_cholesky @ self.base_cholesky.T  # C (+ ridge), float64
+        self.curvature = self.base  # C itself: what "covariance" weighs an earlier key against
+        self.norm_penalty = float(norm_penalty)
+        self.penalty_scale = self.norm_penalty * float(self.base.diagonal().mean())  # μ'
+        if self.penalty_scale:
+            # The metric every method solves in becomes M + μ'I: ‖ΔW‖_F² joins ‖ΔW K‖².
+            self.base = self.base + self.penalty_scale * torch.eye(d_ff, dtype=torch.float64)
+            self.base_cholesky = torch.linalg.cholesky(self.base)
         self.top_k = min(int(top_k), d_ff)
         self.principal = torch.zeros(d_ff, 0, dtype=torch.float64)  # U: C's top-k eigenvectors
         if self.top_k:
@@ -71,22 +98,26 @@ class Preserver:
             # whole corpus does in its direction, on any model and at any layer.
             assert self.matrix is not None  # rebuild() makes it for the covariance method
             norm_sq = float(k @ k)
-            along = float(k @ self.base @ k) / norm_sq
+            along = float(k @ self.curvature @ k) / norm_sq
             self.matrix.add_(torch.outer(k, k), alpha=self.weight * along / norm_sq)
             self._factor = None  # refactor lazily: only the next edit needs it
         elif self.method == "nullspace":
             solved = torch.cholesky_solve(k[:, None], self.base_cholesky)
             self.solved = torch.cat([self.solved, solved], dim=1)
 
-    def u(self, k_star: torch.Tensor) -> torch.Tensor:
-        """u for a new key, float64 (d_ff,)."""
+    def u(self, k_star: torch.Tensor, pull: torch.Tensor | None = None) -> torch.Tensor:
+        """u for a new key, float64 (d_ff,).
+
+        `pull` is g = Wᵀr / ‖r‖² (`rome.update.growth_pull`), which the norm penalty needs."""
         k = k_star.detach().double().cpu().reshape(-1)
+        if self.penalty_scale:
+            if pull is None:
+                raise ValueError("a norm penalty needs the edit's pull Wᵀr / ‖r‖²")
+            return self._penalised(k, pull.detach().double().cpu().reshape(-1))
         if self.top_k:
             return self._constrained(k)
         if self.method == "covariance":
-            if self._factor is None:
-                self._factor = torch.linalg.cholesky(self.matrix)
-            return torch.cholesky_solve(k[:, None], self._factor)[:, 0]
+            return torch.cholesky_solve(k[:, None], self._metric_factor())[:, 0]
         u = torch.cholesky_solve(k[:, None], self.base_cholesky)[:, 0]
         if self.method == "nullspace" and self.keys:
             keys = torch.stack(self.keys, dim=1)  # (d_ff, n)
@@ -98,12 +129,7 @@ class Preserver:
 
     def _constrained(self, k: torch.Tensor) -> torch.Tensor:
         """u = M⁻¹(k − A α) with Aᵀu = 0: A is C's top-k directions (and, for nullspace, the earlier keys)."""
-        if self.method == "covariance":
-            if self._factor is None:
-                self._factor = torch.linalg.cholesky(self.matrix)
-            factor = self._factor
-        else:
-            factor = self.base_cholesky
+        factor = self._metric_factor()
         u = torch.cholesky_solve(k[:, None], factor)[:, 0]
         a = self.principal
         solved = torch.cholesky_solve(a, factor)  # M⁻¹ U
@@ -114,3 +140,26 @@ class Preserver:
         # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
         alpha = torch.linalg.lstsq(gram, a.T @ u[:, None]).solution
         return u - (solved @ alpha)[:, 0]
+
+    def _metric_factor(self) -> torch.Tensor:
+        if self.method == "covariance":
+            if self._factor is None:
+                self._factor = torch.linalg.cholesky(self.matrix)
+            return self._factor
+        return self.base_cholesky
+
+    def _penalised(self, k: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
+        """argmin uᵀM'u + 2μ' gᵀu with kᵀu = 1 and Aᵀu = 0, scaled so uᵀk = kᵀM'⁻¹k as plain ROME's."""
+        factor = self._metric_factor()
+        b = torch.cat([k[:, None], self.principal], dim=1)
+        solved = torch.cholesky_solve(b, factor)  # M'⁻¹ [k, U]
+        if self.method == "nullspace" and self.keys:
+            b = torch.cat([b, torch.stack(self.keys, dim=1)], dim=1)
+            solved = torch.cat([solved, self.solved], dim=1)
+        shifted = torch.cholesky_solve(self.penalty_scale * pull[:, None], factor)  # M'⁻¹ μ' g
+        targets = torch.zeros(b.shape[1], 1, dtype=torch.float64)
+        targets[0] = 1.0
+        # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
+        beta = torch.linalg.lstsq(b.T @ solved, targets + b.T @ shifted).solution
+        u = (solved @ beta - shifted)[:, 0]
+        return u * float(k @ solved[:, 0])

@@ -92,6 +92,16 @@ def bound_norm(edit: RankOneEdit, weight: torch.Tensor, conv1d: bool, max_norm: 
     ), s
 
 
+def growth_pull(weight: torch.Tensor, conv1d: bool, residual: torch.Tensor) -> torch.Tensor:
+    """g = Wᵀr / ‖r‖², float64 (d_ff,): how an update r uᵀ's u moves ‖W + r uᵀ‖²_F linearly.
+
+    ‖W + r uᵀ‖² − ‖W‖² = 2 ‖r‖² gᵀu + ‖r‖² ‖u‖², what the norm penalty (rome/preserve.py) weighs."""
+    r = residual.detach().double().cpu().reshape(-1)
+    w = weight.detach().double().cpu()
+    pulled = w @ r if conv1d else w.T @ r  # Conv1D stores W as (d_ff, d_model)
+    return pulled / float(r @ r)
+
+
 def apply_edit(lm: LoadedModel, edit: RankOneEdit) -> None:
     """W ← W + Λ uᵀ in place: elementwise float32 arithmetic, so replay is byte-exact."""
     weight = lm.weight(edit.layer)
@@ -156,7 +166,12 @@ def compute_edit(
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)
-    u = preserver.u(k_star) if preserver is not None else None
+    u = None
+    if preserver is not None:
+        pull = None
+        if preserver.penalty_scale:
+            pull = growth_pull(lm.weight(layer), lm.adapter.conv1d, value.v_star - v_init)
+        u = preserver.u(k_star, pull)
     edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None, u)
     if max_weight_norm is not None:
         edit, scale = bound_norm(edit, lm.weight(layer), lm.adapter.conv1d, max_weight_norm)
