@@ -110,6 +110,43 @@ FLUENCY_PROMPTS = [
 ]
 
 
+KNOWN = ROOT.parent / "shared" / "data" / "known_1000.json"
+GE_SEEDS = range(8)
+
+
+def unedited_known_facts() -> list[dict]:
+    """The known facts (ROME's known_1000) whose subject is no CounterFact record's subject:
+    none of them is edited by any run here, up to all 10,000 records, so the set is fixed."""
+    edited = {r["subject"] for r in json.loads(DATA.read_text())}
+    return [k for k in json.loads(KNOWN.read_text()) if k["subject"] not in edited]
+
+
+def general_prompts(n: int = 50) -> list[str]:
+    """GE's prompts: n of those known facts' prompts, evenly spaced (text about unedited subjects)."""
+    known = unedited_known_facts()
+    return [known[i * len(known) // n]["prompt"] for i in range(n)]
+
+
+def general(lm) -> dict:
+    """What the edits do not target: GE over 50 prompts x 8 seeds, and the known facts' accuracy.
+
+    GE50 is the mean over seeds of each seed's GE (one batch of the 50 prompts a seed);
+    GE50_sd their spread. `known` is zsRE's token accuracy of the true attribute after
+    each unedited known fact's prompt, in percent."""
+    from statistics import fmean, stdev
+
+    from romebatch.fluency import fluency_seeds
+    from romebatch.zsre_scores import token_accuracy
+
+    per_seed = fluency_seeds(lm, general_prompts(), GE_SEEDS)
+    known = unedited_known_facts()
+    accuracy = token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known])
+    return {"GE50": fmean(per_seed), "GE50_sd": stdev(per_seed), "known": 100 * fmean(accuracy), "known_n": len(known)}
+
+
+GENERAL_KEYS = ("GE50", "GE50_sd", "known", "known_n")
+
+
 def domain_corpus(first: int = 8000, evaluated: int = 3000) -> Path:
     """CounterFact-style text for the `domain` method's C, disjoint from what is scored.
 
@@ -151,12 +188,22 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
+# Set from the command line (main): the extra readings every checkpoint takes.
+GENERAL = False  # --general: GE over 50 prompts x 8 seeds and the known facts (`general`)
+LONG_RETENTION: tuple[int, ...] = ()  # --retention-also 1000: ES of the first 1,000 edits too
+
+
 def score(lm, facts, applied: list, sample: int, n_retention: int = 100) -> dict:
     chosen = [applied[i] for i in sample_indices(len(applied), sample)]
     row = {**summarize(score_facts(lm, chosen))}
     first = applied[:n_retention]
     row["retention"] = summarize(score_facts(lm, first))["ES"] if first else None
+    for n in LONG_RETENTION:
+        if len(applied) >= n:
+            row[f"retention{n}"] = summarize(score_facts(lm, applied[:n]))["ES"]
     row["GE"] = fluency(lm, FLUENCY_PROMPTS)
+    if GENERAL:
+        row.update(general(lm))
     return row
 
 
@@ -225,12 +272,20 @@ def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
 
 
 def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
+    global GENERAL
     out = RUNS / "seq-unedited.jsonl"
     done = {r["edits"] for r in read_jsonl(out)}
     for k in list(range(every, upto + 1, every)) + ([upto] if upto % every else []):
         if k in done:
             continue
-        row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample)}
+        measured, GENERAL = GENERAL, False  # the base model's general reading does not vary with k
+        try:
+            row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample)}
+        finally:
+            GENERAL = measured
+        if GENERAL:
+            earlier = [r for r in read_jsonl(out) if "GE50" in r]
+            row.update({key: earlier[0][key] for key in GENERAL_KEYS} if earlier else general(lm))
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -306,7 +361,7 @@ def report(methods: list[str]) -> None:
 
 
 def main() -> None:
-    global RUNS
+    global RUNS, GENERAL, LONG_RETENTION
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="edits per method")
     ap.add_argument("--every", type=int, default=100, help="checkpoint interval")
@@ -315,8 +370,12 @@ def main() -> None:
     ap.add_argument("--start", type=int, default=0)
     ap.add_argument("--report", action="store_true", help="only print the table and write the plot")
     ap.add_argument("--runs", type=Path, default=RUNS, help="where journals and checkpoints go")
+    ap.add_argument("--general", action="store_true", help="GE over 50 prompts x 8 seeds, and known-facts accuracy")
+    ap.add_argument("--retention-also", default="", help="e.g. 1000: ES of the first 1,000 edits at each checkpoint")
     args = ap.parse_args()
     RUNS = args.runs
+    GENERAL = args.general
+    LONG_RETENTION = tuple(int(n) for n in args.retention_also.split(",") if n)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

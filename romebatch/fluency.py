@@ -74,6 +74,41 @@ def fluency(lm: LoadedModel, prompts: list[str], max_new_tokens: int = 100, seed
     return 100.0 * fmean(ngram_entropy(text) for text in generate(lm, prompts, max_new_tokens, seed=seed))
 
 
+@torch.inference_mode()
+def generate_batch(
+    lm: LoadedModel,
+    prompts: list[str],
+    max_new_tokens: int = 100,
+    top_k: int = 5,
+    seed: int | None = 0,
+) -> list[str]:
+    """One continuation per prompt from one left-padded batch: seeded top-k samples, or greedy
+    with `seed=None`. Many prompts cost about one prompt's steps, not one each."""
+    encoded = [encode(lm.tokenizer, p).ids for p in prompts]
+    batch = make_batch(encoded, lm.pad_id, side="left", device=lm.device)
+    sampling = {"do_sample": True, "top_k": top_k} if seed is not None else {"do_sample": False}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed or 0)
+        out = generate_ids(
+            lm,
+            batch.input_ids,
+            attention_mask=batch.attention_mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=lm.pad_id,
+            **sampling,
+        )
+    width = batch.input_ids.shape[1]
+    return [decode(lm.tokenizer, row[width:], skip_special_tokens=True) for row in out]
+
+
+def fluency_seeds(lm: LoadedModel, prompts: list[str], seeds, max_new_tokens: int = 100) -> list[float]:
+    """GE of every prompt under each seed (one batch a seed): a reading with its own spread."""
+    return [
+        100.0 * fmean(ngram_entropy(text) for text in generate_batch(lm, prompts, max_new_tokens, seed=seed))
+        for seed in seeds
+    ]
+
+
 COLLAPSE_PROMPTS = ("The", "In the summer of", "My favourite")
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from conftest import FAMILIES, tiny_loaded
 
-from romebatch.fluency import fluency, generate, ngram_entropy
+from romebatch.fluency import fluency, fluency_seeds, generate, generate_batch, ngram_entropy
+from romebatch.lm import continue_prompt
 from romebatch.manifest import Fact, Neighbor
 from romebatch.scores import answer_nll, magnitudes, score_facts, summarize
 from romebatch.zsre_scores import token_accuracy
@@ -368,6 +369,26 @@ def test_fluency_is_100_times_the_mean_entropy_of_seeded_generations(bytelevel_t
     assert fluency(lm, prompts, max_new_tokens=12, seed=3) == pytest.approx(
         100.0 * fmean(ngram_entropy(t) for t in texts)
     )
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_generation_continues_each_prompt_as_it_would_alone(family, tokenizer_for):
+    # Greedy, so the one-prompt-at-a-time path (no padding at all) is the reference: a
+    # padded batch that leaked pad tokens or shifted positions would continue differently.
+    lm = tiny_loaded(family, tokenizer_for(family))
+    prompts = ["The Space Needle is in the city of", "Big Ben", "A river"]
+    alone = [continue_prompt(lm, p, do_sample=False, max_new_tokens=8) for p in prompts]
+    assert generate_batch(lm, prompts, max_new_tokens=8, seed=None) == alone
+
+
+def test_fluency_seeds_are_reproducible_and_differ_between_seeds(bytelevel_tokenizer):
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    prompts = ["The Space Needle is", "Big Ben is located in", "A"]
+    first = fluency_seeds(lm, prompts, seeds=range(3), max_new_tokens=16)
+    assert first == fluency_seeds(lm, prompts, seeds=range(3), max_new_tokens=16)
+    assert len(set(first)) > 1  # each seed samples other text
+    texts = generate_batch(lm, prompts, max_new_tokens=16, seed=1)
+    assert first[1] == pytest.approx(100.0 * fmean(ngram_entropy(t) for t in texts))
 
 
 # ----------------------------------------------------------------------------- zsRE token accuracy
