@@ -15,10 +15,14 @@ regression probes off as in sequential.py), then scores all of them:
 - median Adam steps and median seconds of the first edit of each fact, rejected / failed
   edits, repairs, and how far ‖W‖_F of the edited layer grew over the base.
 
-Variants (VARIANTS below): `default` (romebatch as it ships), `nullspace` (u ⟂ C's top-64
-principal directions and the earlier edits' keys: AlphaEdit-style), `mpes` (most-probable
-early stopping of v*), `norm` (‖W‖_F at most (1 + g) ‖W_base‖_F; g from --norm-growth, or by
-default half the growth the default variant reached over the same records), `all`.
+Variants (VARIANTS below): `default` (romebatch as it ships), `mpes` (most-probable early
+stopping of v*), `nullspace` (AlphaEdit's sequential form: u ⟂ C's top-64 principal
+directions, the earlier edits' keys a soft term in C; the exact form, u ⟂ every earlier key,
+runs out of directions once the edits near d_ff = 2,048 and costs O(N²), so it cannot be a
+default for 3,000 edits and more: `nullspace-exact` keeps it for comparison), `norm` (the
+soft norm bound `norm_penalty`, μ from benchmarks/norm_penalty.py), `all` (the three
+together), and `norm-hard` (the hard bound `norm_growth_max`: g from --norm-growth, or half
+the growth the default variant reached over the same records).
 
 Journals go to --work (outside the repository: never commit them); one line per edit and
 one per scored variant go to benchmarks/runs/ablation.jsonl, so the same command resumes
@@ -52,13 +56,18 @@ from romebatch.scores import score_facts, summarize  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "runs" / "ablation.jsonl"
 TOP_K = 64  # of Gemma-3-270M's 2,048 key dimensions: a soft null space
+NULL_SPACE = {"preserve": "covariance", "preserve_top_k": TOP_K}
+NORM_PENALTY = 0.01  # μ, from benchmarks/norm_penalty.py (RESULTS.md, "Issue 20: the soft norm bound")
 VARIANTS = {
     "default": {},
     "mpes": {"v_stop_argmax": True},
-    "nullspace": {"preserve": "nullspace", "preserve_top_k": TOP_K},
-    "all": {"preserve": "nullspace", "preserve_top_k": TOP_K, "v_stop_argmax": True, "norm_growth_max": "auto"},
-    "norm": {"norm_growth_max": "auto"},
+    "nullspace": NULL_SPACE,
+    "norm": {"norm_penalty": NORM_PENALTY},
+    "all": {**NULL_SPACE, "v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
+    "nullspace-exact": {"preserve": "nullspace", "preserve_top_k": TOP_K},
+    "norm-hard": {"norm_growth_max": "auto"},
 }
+DEFAULT_ORDER = ("default", "mpes", "nullspace", "norm", "all")
 
 
 def norm_growth(lm, editor: Editor) -> float:
@@ -194,7 +203,7 @@ def main() -> None:
     global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=500, help="CounterFact records, edited from 0 by every variant")
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_ORDER), help=f"any of {', '.join(VARIANTS)}")
     ap.add_argument("--retention", type=int, default=100, help="retention reads the first this many edits")
     ap.add_argument("--norm-growth", type=float, default=None, help="g of the norm variants (default: auto)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/romebatch-ablation"), help="journals (never commit)")
