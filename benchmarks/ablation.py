@@ -11,7 +11,10 @@ regression probes off as in sequential.py), then scores all of them:
 
 - ES / PS / NS over every edited fact, and NS minus the unedited model's NS on the same facts;
 - retention: ES of the first --retention edits, now;
-- GE: generation entropy of sequential.py's 10 fixed prompts (one seed: a noisy reading);
+- GE: generation entropy of sequential.py's 10 fixed prompts (one seed: a noisy reading),
+  and (a "general" line) GE over 50 prompts x 8 seeds, the accuracy on the known facts whose
+  subjects no run edits, and the drift of the edited layer's output on typical keys
+  (sequential.general, drift below);
 - median Adam steps and median seconds of the first edit of each fact, rejected / failed
   edits, repairs, and how far ‖W‖_F of the edited layer grew over the base.
 
@@ -44,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from sequential import DATA, FLUENCY_PROMPTS, read_jsonl  # noqa: E402
+from sequential import DATA, FLUENCY_PROMPTS, general, read_jsonl  # noqa: E402
 
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
@@ -90,9 +93,38 @@ def resolve_variant(name: str, n: int, growth: float | None) -> dict:
     return params
 
 
+def recorded(kind: str, name: str, n: int) -> bool:
+    return any(r.get("kind") == kind and r["variant"] == name and r["n"] == n for r in read_jsonl(OUT))
+
+
+def drift(lm, editor: Editor) -> float:
+    """How far the edited layer's output moved on typical keys, relative to its size:
+    ‖(W − W_base) L‖_F / ‖W_base L‖_F with C = L Lᵀ, the RMS over the key statistics' corpus."""
+    layer = editor.hparams.layer
+    chol = editor.ingredients.stats(layer).cholesky.double()
+    base, now = editor._base(layer).double(), lm.weight(layer).double()
+    if lm.adapter.conv1d:
+        base, now = base.T, now.T
+    return float(((now - base) @ chol).norm() / (base @ chol).norm())
+
+
+def record_general(lm, name: str, n: int, editor: Editor | None = None) -> None:
+    """GE over 50 prompts x 8 seeds, the unedited known facts and the drift, at the model's current state."""
+    if not recorded("general", name, n):
+        row = {"kind": "general", "variant": name, "n": n, **general(lm), "drift": drift(lm, editor) if editor else 0.0}
+        with OUT.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
 def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
-    rows = read_jsonl(OUT)
-    if any(r.get("kind") == "scored" and r["variant"] == name and r["n"] == args.n for r in rows):
+    if recorded("scored", name, args.n):
+        if not recorded("general", name, args.n):  # scored before the general readings existed
+            params = resolve_variant(name, args.n, args.norm_growth)
+            with Editor(args.work / f"ablation-{name}-n{args.n}-journal", lm=lm, hparams=HParams(**params)) as editor:
+                try:
+                    record_general(lm, name, args.n, editor)  # opening replayed the model to the head
+                finally:
+                    editor.replay(0, verify=False)
         return
     params = resolve_variant(name, args.n, args.norm_growth)
     with Editor(
@@ -157,12 +189,14 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
             with OUT.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
+            record_general(lm, name, args.n, editor)
         finally:
             editor.replay(0, verify=False)  # the next variant starts from the base weights
 
 
 def unedited(lm, facts, n: int) -> None:
-    if any(r.get("kind") == "scored" and r["variant"] == "unedited" and r["n"] == n for r in read_jsonl(OUT)):
+    if recorded("scored", "unedited", n):
+        record_general(lm, "unedited", n)
         return
     row = {
         "kind": "scored",
@@ -173,29 +207,36 @@ def unedited(lm, facts, n: int) -> None:
     }
     with OUT.open("a") as f:
         f.write(json.dumps(row) + "\n")
+    record_general(lm, "unedited", n)
 
 
 def report(n: int | None) -> None:
-    rows = [r for r in read_jsonl(OUT) if r.get("kind") == "scored" and (n is None or r["n"] == n)]
+    every = read_jsonl(OUT)
+    rows = [r for r in every if r.get("kind") == "scored" and (n is None or r["n"] == n)]
+    extra = {(r["variant"], r["n"]): r for r in every if r.get("kind") == "general"}
     base = {r["n"]: r for r in rows if r["variant"] == "unedited"}
     print(
-        "| variant | n | ES | PS | NS | NS − unedited | retention | GE | median steps | mean steps "
-        "| median s/edit | repairs | rejected | max ‖ΔW‖ | ‖W‖ growth |"
+        "| variant | n | ES | PS | NS | NS − unedited | retention | GE (10 prompts) | GE (50 × 8 seeds) | known facts "
+        "| drift | median steps | mean steps | median s/edit | repairs | rejected | max ‖ΔW‖ | ‖W‖ growth |"
     )
-    print("| --- |" + " ---: |" * 14)
+    print("| --- |" + " ---: |" * 17)
     for r in rows:
+        g = extra.get((r["variant"], r["n"]))
+        ge50 = f"{g['GE50']:.1f} ± {g['GE50_sd']:.1f}" if g else "-"
+        known = f"{g['known']:.1f}" if g else "-"
+        drifted = f"{g['drift']:.3f}" if g else "-"
         if r["variant"] == "unedited":
             print(
                 f"| unedited | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | - | - | {r['GE']:.1f} "
-                "| - | - | - | - | - | - | - |"
+                f"| {ge50} | {known} | - | - | - | - | - | - | - | - |"
             )
             continue
         ns = f"{r['NS'] - base[r['n']]['NS']:+.1f}" if r["n"] in base else "-"
         print(
             f"| {r['variant']} | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | {ns} "
-            f"| {r['retention']:.1f} | {r['GE']:.1f} | {r['median_steps']:g} | {r['mean_steps']:.1f} "
-            f"| {r['median_seconds']:.1f} | {r['repairs']} | {r['rejected']} | {r['max_update_norm']:.3f} "
-            f"| {100 * r['norm_growth']:.2f}% |"
+            f"| {r['retention']:.1f} | {r['GE']:.1f} | {ge50} | {known} | {drifted} | {r['median_steps']:g} "
+            f"| {r['mean_steps']:.1f} | {r['median_seconds']:.1f} | {r['repairs']} | {r['rejected']} "
+            f"| {r['max_update_norm']:.3f} | {100 * r['norm_growth']:.2f}% |"
         )
 
 
