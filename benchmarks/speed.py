@@ -18,10 +18,13 @@ Measured, in this order and in one process so that the ratios share the machine'
    with the default regression probes on: per-edit wall time split by phase (from
    FactResult.timings), Adam steps, edits per minute;
 4. with --exact N, the same edits with `exact_protocol` (the plain path) for comparison;
-5. journal replay of 1,000 edits (synthetic rank-one edits of realistic size and norm,
+5. with --depths, the default configuration's edits (probes on, repair passes on) on a
+   journal already 100 and 3,000 edits deep (synthetic held facts below them), and a repair
+   pass over each whole path: whether the cost of an edit grows with the journal;
+6. journal replay of 1,000 edits (synthetic rank-one edits of realistic size and norm,
    committed through the journal, replayed and hash-checked by `Editor.replay`);
-6. `verify` throughput (prompts scored per second);
-7. peak RSS of `romebatch apply` on 5 facts in its own process, against the model's
+7. `verify` throughput (prompts scored per second);
+8. peak RSS of `romebatch apply` on 5 facts in its own process, against the model's
    float32 size.
 
 Journals go to a temporary folder; nothing under benchmarks/ is written but --json.
@@ -30,6 +33,7 @@ Journals go to a temporary folder; nothing under benchmarks/ is written but --js
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -44,6 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.hparams import HParams, resolve  # noqa: E402
 from romebatch.journal_records import EditRecord  # noqa: E402
@@ -52,6 +57,7 @@ from romebatch.model import load_model, weight_hash  # noqa: E402
 from romebatch.probes import Thresholds  # noqa: E402
 from romebatch.rome import values as V  # noqa: E402
 from romebatch.rome.update import RankOneEdit, apply_edit  # noqa: E402
+from romebatch.scores import score_facts  # noqa: E402
 from romebatch.specificity import score_head  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
@@ -176,6 +182,91 @@ def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
     return {"edits": n_edits, "replay_seconds": seconds, "commit_median": statistics.median(commit_times)}
 
 
+def held_facts(lm, start: int, count: int) -> list:
+    """CounterFact records turned round (the true object as the new one), kept where the base
+    model already prefers it: facts that hold, so a repair pass scores each one (two sequences,
+    as for a real edit) and re-edits none."""
+    candidates = [
+        dataclasses.replace(f, id=f"held-{f.id}", target_new=f.target_true, target_true=f.target_new)
+        for f in load_manifest(DATA, skip_invalid=True).facts[start : start + 2 * count]
+        if f.target_true
+    ]
+    scores = score_facts(lm, candidates)
+    held = [f for f, s in zip(candidates, scores) if s.efficacy]
+    if len(held) < count:
+        raise SystemExit(f"only {len(held)} held facts in records {start}..{start + 2 * count}; lower the depth")
+    return held[:count]
+
+
+def depth_run(lm, hp: HParams, facts, filler: list, depth: int, typical_norm: float) -> dict:
+    """Real edits (default probes on, repair passes as shipped) on a journal already `depth` deep.
+
+    The first `depth` edits are synthetic: rank-one updates of norm 1e-6 (the model is
+    unchanged for every purpose but the hashes) of held facts, each with its key, so every
+    per-edit read of the journal (guards, probes, a preserver's keys, repair passes) sees a
+    journal of that size. Their rows record `typical_norm` as the update norm, so the norm
+    guard compares a new edit with a run's typical edit, as it would in a real run. Per-edit medians from the edits themselves; a repair pass over the
+    whole path is timed separately, and `amortised` adds its share per REPAIR_EVERY edits."""
+    generator = torch.Generator().manual_seed(depth)
+    layer = hp.layer
+    d_model, d_ff = lm.config.hidden_size, lm.module("down_proj", layer).in_features
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        Editor(Path(tmp) / "journal", lm=lm, hparams=hp, log=lambda m: None) as ed,
+    ):
+        ed.prefixes()
+        ed.stats(layer)
+        ed._base(layer)
+        weight = lm.weight(layer)
+        for fact in filler[:depth]:
+            lam, u = torch.randn(d_model, generator=generator), torch.randn(d_ff, generator=generator)
+            scale = (1e-6 / float(lam.norm() * u.norm())) ** 0.5
+            edit = RankOneEdit(layer, lam * scale, u * scale, 1.0, 1e-6)
+            before = weight_hash(weight)
+            apply_edit(lm, edit)
+            ed.journal.commit_edit(
+                EditRecord(
+                    seq=0,
+                    parent=ed.head,
+                    fact_id=fact.id,
+                    fact_hash=fact.hash,
+                    fact_json=json.dumps(fact.to_dict()),
+                    layer=layer,
+                    weight_name=lm.name("down_proj", layer),
+                    lam=edit.lam.numpy(),
+                    u=edit.u.numpy(),
+                    update_norm=typical_norm,
+                    denominator=1.0,
+                    weight_hash_before=before,
+                    weight_hash_after=weight_hash(weight),
+                    p_new_after=0.5,
+                    k_star=torch.randn(d_ff, generator=generator).numpy(),
+                )
+            )
+        t = time.perf_counter()
+        result = ed.apply(facts, checks=Thresholds(), repair_every=REPAIR_EVERY)
+        wall = time.perf_counter() - t
+        rows = [r for r in result.results if r.status == "applied"]
+        t = time.perf_counter()
+        repaired = ed.repair()  # the whole path scored once more: a pass at this depth
+        pass_seconds = time.perf_counter() - t
+        ed.replay(0, verify=False)
+    median = statistics.median(r.timings["total"] for r in rows) if rows else float("nan")
+    return {
+        "depth": depth,
+        "n": len(rows),
+        "median_seconds": median,
+        "wall_per_edit": wall / max(len(facts), 1),
+        "repair_pass_seconds": pass_seconds,
+        "repaired_in_pass": len(repaired),
+        "amortised": median + pass_seconds / REPAIR_EVERY,
+        "steps": statistics.median(r.v_steps for r in rows) if rows else float("nan"),
+        "phases": {phase: statistics.median(r.timings.get(phase, 0.0) for r in rows) for phase in PHASES}
+        if rows
+        else {},
+    }
+
+
 def save(path: Path | None, out: dict) -> None:
     """Write what is measured so far: a crash late in the run keeps the earlier numbers."""
     if path:
@@ -191,6 +282,8 @@ def main() -> None:
     ap.add_argument("--cold-stats", action="store_true", help="also time key statistics computed from scratch")
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    ap.add_argument("--depths", default="100,3000", help="journal depths to time edits at ('' to skip)")
+    ap.add_argument("--filler-start", type=int, default=4000, help="first record of the held facts under the depth")
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -265,6 +358,22 @@ def main() -> None:
             flush=True,
         )
 
+    if args.depths:
+        depths = [int(d) for d in args.depths.split(",")]
+        filler = held_facts(lm, args.filler_start, max(depths))
+        out["depths"] = []
+        for depth in depths:
+            row = depth_run(lm, hp, facts, filler, depth, statistics.median(norms))
+            row["median_U"] = row["median_seconds"] / u
+            row["amortised_U"] = row["amortised"] / u
+            out["depths"].append(row)
+            save(args.json, out)
+            print(
+                f"at depth {depth}: {row['median_seconds']:.2f}s per edit = {row['median_U']:.2f} U; "
+                f"a repair pass {row['repair_pass_seconds']:.1f}s; amortised {row['amortised_U']:.2f} U",
+                flush=True,
+            )
+
     out["replay"] = replay_benchmark(lm, hp.layer, args.replay, norm=statistics.median(norms))
     print(f"replay of {args.replay} edits: {out['replay']['replay_seconds']:.2f}s", flush=True)
 
@@ -307,6 +416,18 @@ def report(out: dict) -> None:
     print(
         f"replay of {r['edits']} edits: {r['replay_seconds']:.2f} s (commit of a synthetic edit {r['commit_median'] * 1000:.1f} ms)"
     )
+    for d in out.get("depths", []):
+        print(
+            f"at journal depth {d['depth']:>5}: {d['median_seconds']:.2f} s per edit = {d['median_U']:.2f} U "
+            f"({d['steps']:.0f} steps); repair pass over the path {d['repair_pass_seconds']:.1f} s; "
+            f"with its share per {REPAIR_EVERY} edits {d['amortised_U']:.2f} U"
+        )
+    if len(out.get("depths", [])) > 1:
+        first, last = out["depths"][0], out["depths"][-1]
+        print(
+            f"depth {last['depth']} against {first['depth']}: per edit x{last['median_seconds'] / first['median_seconds']:.3f}, "
+            f"amortised x{last['amortised'] / first['amortised']:.3f}"
+        )
     print(f"verify: {out['verify_prompts_per_second']:.0f} (prompt, answer) pairs scored per second")
     print(
         f"one-off: model load {out['load_seconds']:.1f} s, prefixes {out['prefix_seconds']:.1f} s, "
