@@ -11,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .applied_cache import held_when_applied
-from .errors import EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION
+from .errors import EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, one_line
 
 Log = Callable[[str], None]
 
@@ -112,6 +112,11 @@ class CheckReport:
     problems: list[str]
     last_good: int  # the last edit on the head's path before the first damaged one
     structural: bool = False  # the file itself is damaged: found without replay, no state to go back to
+
+    def __post_init__(self):
+        # Each problem is one printed line whatever produced it: SQLite's own messages
+        # (integrity_check) and text read from a damaged file may hold newlines.
+        self.problems = [one_line(p) for p in self.problems]
 
     @property
     def ok(self) -> bool:

@@ -324,3 +324,13 @@ def test_a_journal_from_a_newer_romebatch_or_without_its_tables_is_refused(prist
     # Refused before migrating: a writer left the newer journal as it was.
     with sqlite3.connect(path / DB_NAME) as db:
         assert "row_hash" in {r[1] for r in db.execute("PRAGMA table_info(edits)")}
+
+
+def test_every_check_problem_is_one_line_whatever_its_source():
+    # SQLite's integrity_check can report "*** in database main ***\nMultiple uses for byte …"
+    # (a real page-damage message this suite's fuzzing met): a report prints one line a problem.
+    from romebatch.outcomes import CheckReport
+
+    report = CheckReport("j", 0, 0, ["the SQLite file is damaged (*** in database main ***\nMultiple uses)"], 0)
+    assert len(report.problems) == 1 and "\n" not in report.problems[0]
+    assert "Multiple uses" in report.problems[0]
