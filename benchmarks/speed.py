@@ -138,6 +138,29 @@ def phase_table(rows, u: float) -> dict:
     return out
 
 
+def synthetic_record(ed, lm, edit: RankOneEdit, fact_id: str, fact_hash: str, fact: dict, norm: float, **extra):
+    """Apply a synthetic `edit` and return its journal row (hashes before and after), not yet committed."""
+    weight = lm.weight(edit.layer)
+    before = weight_hash(weight)
+    apply_edit(lm, edit)
+    return EditRecord(
+        seq=0,
+        parent=ed.head,
+        fact_id=fact_id,
+        fact_hash=fact_hash,
+        fact_json=json.dumps(fact),
+        layer=edit.layer,
+        weight_name=lm.name("down_proj", edit.layer),
+        lam=edit.lam.numpy(),
+        u=edit.u.numpy(),
+        update_norm=norm,
+        denominator=1.0,
+        weight_hash_before=before,
+        weight_hash_after=weight_hash(weight),
+        **extra,
+    )
+
+
 def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
     """Commit `n_edits` synthetic rank-one edits of norm ~`norm`, then time a full replay."""
     generator = torch.Generator().manual_seed(0)
@@ -152,23 +175,8 @@ def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
                 u = torch.randn(d_ff, generator=generator)
                 scale = (norm / float(lam.norm() * u.norm())) ** 0.5
                 edit = RankOneEdit(layer, lam * scale, u * scale, 1.0, norm)
-                before = weight_hash(weight)
-                apply_edit(lm, edit)
-                record = EditRecord(
-                    seq=0,
-                    parent=ed.head,
-                    fact_id=f"synthetic-{i}",
-                    fact_hash=f"h{i}",
-                    fact_json=json.dumps({"id": f"synthetic-{i}", "subject": "s", "prompt": "{} p", "target_new": "t"}),
-                    layer=layer,
-                    weight_name=lm.name("down_proj", layer),
-                    lam=edit.lam.numpy(),
-                    u=edit.u.numpy(),
-                    update_norm=norm,
-                    denominator=1.0,
-                    weight_hash_before=before,
-                    weight_hash_after=weight_hash(weight),
-                )
+                fact = {"id": f"synthetic-{i}", "subject": "s", "prompt": "{} p", "target_new": "t"}
+                record = synthetic_record(ed, lm, edit, f"synthetic-{i}", f"h{i}", fact, norm)
                 t = time.perf_counter()
                 ed.journal.commit_edit(record)
                 commit_times.append(time.perf_counter() - t)
@@ -217,32 +225,15 @@ def depth_run(lm, hp: HParams, facts, filler: list, depth: int, typical_norm: fl
         ed.prefixes()
         ed.stats(layer)
         ed._base(layer)
-        weight = lm.weight(layer)
         for fact in filler[:depth]:
             lam, u = torch.randn(d_model, generator=generator), torch.randn(d_ff, generator=generator)
             scale = (1e-6 / float(lam.norm() * u.norm())) ** 0.5
             edit = RankOneEdit(layer, lam * scale, u * scale, 1.0, 1e-6)
-            before = weight_hash(weight)
-            apply_edit(lm, edit)
-            ed.journal.commit_edit(
-                EditRecord(
-                    seq=0,
-                    parent=ed.head,
-                    fact_id=fact.id,
-                    fact_hash=fact.hash,
-                    fact_json=json.dumps(fact.to_dict()),
-                    layer=layer,
-                    weight_name=lm.name("down_proj", layer),
-                    lam=edit.lam.numpy(),
-                    u=edit.u.numpy(),
-                    update_norm=typical_norm,
-                    denominator=1.0,
-                    weight_hash_before=before,
-                    weight_hash_after=weight_hash(weight),
-                    p_new_after=0.5,
-                    k_star=torch.randn(d_ff, generator=generator).numpy(),
-                )
+            key = torch.randn(d_ff, generator=generator).numpy()
+            record = synthetic_record(
+                ed, lm, edit, fact.id, fact.hash, fact.to_dict(), typical_norm, p_new_after=0.5, k_star=key
             )
+            ed.journal.commit_edit(record)
         t = time.perf_counter()
         result = ed.apply(facts, checks=Thresholds(), repair_every=REPAIR_EVERY)
         wall = time.perf_counter() - t
