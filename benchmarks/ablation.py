@@ -210,8 +210,29 @@ def unedited(lm, facts, n: int) -> None:
     record_general(lm, "unedited", n)
 
 
+def progress(every: list[dict]) -> None:
+    """Variants still editing: their edits so far, compared on the facts every one has reached."""
+    edits: dict[str, dict[str, dict]] = {}
+    for r in every:
+        if r.get("kind") == "edit" and r["status"] == "applied":
+            edits.setdefault(r["variant"], {}).setdefault(r["fact"], r)  # a fact's first edit
+    if not edits:
+        return
+    common = set.intersection(*(set(e) for e in edits.values()))
+    print(f"\nedits so far; steps and seconds over the {len(common)} facts every variant has edited:")
+    print("| variant | facts edited | mean steps | median steps | median s/edit |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, by_fact in edits.items():
+        rows = [by_fact[f] for f in common]
+        print(
+            f"| {name} | {len(by_fact)} | {statistics.fmean(r['steps'] for r in rows):.1f} "
+            f"| {statistics.median(r['steps'] for r in rows):g} | {statistics.median(r['seconds'] for r in rows):.1f} |"
+        )
+
+
 def report(n: int | None) -> None:
     every = read_jsonl(OUT)
+    progress(every)
     rows = [r for r in every if r.get("kind") == "scored" and (n is None or r["n"] == n)]
     extra = {(r["variant"], r["n"]): r for r in every if r.get("kind") == "general"}
     base = {r["n"]: r for r in rows if r["variant"] == "unedited"}
