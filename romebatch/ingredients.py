@@ -92,7 +92,8 @@ class Ingredients:
                 if record.k_star is None:
                     raise UserError(
                         f"journal {editor.journal.directory}: edit {record.seq} has no stored key, which "
-                        f"--preserve {hp.preserve} needs",
+                        f"these settings need (preserve {hp.preserve}, preserve_top_k {hp.preserve_top_k}, "
+                        f"norm_penalty {hp.norm_penalty:g})",
                         hint="start a new journal with --journal",
                     )
                 keys.append(torch.from_numpy(record.k_star.copy()))
