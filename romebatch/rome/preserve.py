@@ -131,15 +131,20 @@ class Preserver:
         """u = M⁻¹(k − A α) with Aᵀu = 0: A is C's top-k directions (and, for nullspace, the earlier keys)."""
         factor = self._metric_factor()
         u = torch.cholesky_solve(k[:, None], factor)[:, 0]
+        a, solved = self._constraints(factor)
+        gram = a.T @ solved
+        # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
+        alpha = torch.linalg.lstsq(gram, a.T @ u[:, None]).solution
+        return u - (solved @ alpha)[:, 0]
+
+    def _constraints(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, the directions u must be orthogonal to (C's top k; for nullspace, the earlier keys too), and M⁻¹A."""
         a = self.principal
         solved = torch.cholesky_solve(a, factor)  # M⁻¹ U
         if self.method == "nullspace" and self.keys:
             a = torch.cat([a, torch.stack(self.keys, dim=1)], dim=1)
             solved = torch.cat([solved, self.solved], dim=1)
-        gram = a.T @ solved
-        # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
-        alpha = torch.linalg.lstsq(gram, a.T @ u[:, None]).solution
-        return u - (solved @ alpha)[:, 0]
+        return a, solved
 
     def _metric_factor(self) -> torch.Tensor:
         if self.method == "covariance":
@@ -151,11 +156,9 @@ class Preserver:
     def _penalised(self, k: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
         """argmin uᵀM'u + 2μ' gᵀu with kᵀu = 1 and Aᵀu = 0, scaled so uᵀk = kᵀM'⁻¹k as plain ROME's."""
         factor = self._metric_factor()
-        b = torch.cat([k[:, None], self.principal], dim=1)
-        solved = torch.cholesky_solve(b, factor)  # M'⁻¹ [k, U]
-        if self.method == "nullspace" and self.keys:
-            b = torch.cat([b, torch.stack(self.keys, dim=1)], dim=1)
-            solved = torch.cat([solved, self.solved], dim=1)
+        a, solved_a = self._constraints(factor)
+        b = torch.cat([k[:, None], a], dim=1)  # B = [k*, A]
+        solved = torch.cat([torch.cholesky_solve(k[:, None], factor), solved_a], dim=1)  # M'⁻¹ B
         shifted = torch.cholesky_solve(self.penalty_scale * pull[:, None], factor)  # M'⁻¹ μ' g
         targets = torch.zeros(b.shape[1], 1, dtype=torch.float64)
         targets[0] = 1.0
