@@ -121,9 +121,8 @@ def unedited_known_facts() -> list[dict]:
     return [k for k in json.loads(KNOWN.read_text()) if k["subject"] not in edited]
 
 
-def general_prompts(n: int = 50) -> list[str]:
-    """GE's prompts: n of those known facts' prompts, evenly spaced (text about unedited subjects)."""
-    known = unedited_known_facts()
+def general_prompts(known: list[dict], n: int = 50) -> list[str]:
+    """GE's prompts: n of the unedited known facts' prompts, evenly spaced (text about unedited subjects)."""
     return [known[i * len(known) // n]["prompt"] for i in range(n)]
 
 
@@ -138,8 +137,8 @@ def general(lm) -> dict:
     from romebatch.fluency import fluency_seeds
     from romebatch.zsre_scores import token_accuracy
 
-    per_seed = fluency_seeds(lm, general_prompts(), GE_SEEDS)
     known = unedited_known_facts()
+    per_seed = fluency_seeds(lm, general_prompts(known), GE_SEEDS)
     accuracy = token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known])
     return {"GE50": fmean(per_seed), "GE50_sd": stdev(per_seed), "known": 100 * fmean(accuracy), "known_n": len(known)}
 
@@ -193,7 +192,8 @@ GENERAL = False  # --general: GE over 50 prompts x 8 seeds and the known facts (
 LONG_RETENTION: tuple[int, ...] = ()  # --retention-also 1000: ES of the first 1,000 edits too
 
 
-def score(lm, facts, applied: list, sample: int, n_retention: int = 100) -> dict:
+def score(lm, facts, applied: list, sample: int, n_retention: int = 100, with_general: bool | None = None) -> dict:
+    """The checkpoint's readings; `with_general` (default: --general) adds `general`."""
     chosen = [applied[i] for i in sample_indices(len(applied), sample)]
     row = {**summarize(score_facts(lm, chosen))}
     first = applied[:n_retention]
@@ -202,7 +202,7 @@ def score(lm, facts, applied: list, sample: int, n_retention: int = 100) -> dict
         if len(applied) >= n:
             row[f"retention{n}"] = summarize(score_facts(lm, applied[:n]))["ES"]
     row["GE"] = fluency(lm, FLUENCY_PROMPTS)
-    if GENERAL:
+    if GENERAL if with_general is None else with_general:
         row.update(general(lm))
     return row
 
@@ -272,17 +272,13 @@ def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
 
 
 def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
-    global GENERAL
     out = RUNS / "seq-unedited.jsonl"
     done = {r["edits"] for r in read_jsonl(out)}
     for k in list(range(every, upto + 1, every)) + ([upto] if upto % every else []):
         if k in done:
             continue
-        measured, GENERAL = GENERAL, False  # the base model's general reading does not vary with k
-        try:
-            row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample)}
-        finally:
-            GENERAL = measured
+        # The base model's general reading does not vary with k: taken once, then copied.
+        row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample, with_general=False)}
         if GENERAL:
             earlier = [r for r in read_jsonl(out) if "GE50" in r]
             row.update({key: earlier[0][key] for key in GENERAL_KEYS} if earlier else general(lm))
