@@ -138,6 +138,14 @@ def phase_table(rows, u: float) -> dict:
     return out
 
 
+def random_edit(layer: int, d_model: int, d_ff: int, norm: float, generator: torch.Generator) -> RankOneEdit:
+    """A random rank-one edit with ‖Λ uᵀ‖_F = `norm`, its norm split evenly between Λ and u."""
+    lam = torch.randn(d_model, generator=generator)
+    u = torch.randn(d_ff, generator=generator)
+    scale = (norm / float(lam.norm() * u.norm())) ** 0.5
+    return RankOneEdit(layer, lam * scale, u * scale, 1.0, norm)
+
+
 def synthetic_record(ed, lm, edit: RankOneEdit, fact_id: str, fact_hash: str, fact: dict, norm: float, **extra):
     """Apply a synthetic `edit` and return its journal row (hashes before and after), not yet committed."""
     weight = lm.weight(edit.layer)
@@ -171,10 +179,7 @@ def replay_benchmark(lm, layer: int, n_edits: int, norm: float) -> dict:
             weight = lm.weight(layer)
             commit_times = []
             for i in range(n_edits):
-                lam = torch.randn(d_model, generator=generator)
-                u = torch.randn(d_ff, generator=generator)
-                scale = (norm / float(lam.norm() * u.norm())) ** 0.5
-                edit = RankOneEdit(layer, lam * scale, u * scale, 1.0, norm)
+                edit = random_edit(layer, d_model, d_ff, norm, generator)
                 fact = {"id": f"synthetic-{i}", "subject": "s", "prompt": "{} p", "target_new": "t"}
                 record = synthetic_record(ed, lm, edit, f"synthetic-{i}", f"h{i}", fact, norm)
                 t = time.perf_counter()
@@ -213,8 +218,9 @@ def depth_run(lm, hp: HParams, facts, filler: list, depth: int, typical_norm: fl
     unchanged for every purpose but the hashes) of held facts, each with its key, so every
     per-edit read of the journal (guards, probes, a preserver's keys, repair passes) sees a
     journal of that size. Their rows record `typical_norm` as the update norm, so the norm
-    guard compares a new edit with a run's typical edit, as it would in a real run. Per-edit medians from the edits themselves; a repair pass over the
-    whole path is timed separately, and `amortised` adds its share per REPAIR_EVERY edits."""
+    guard compares a new edit with a run's typical edit, as it would in a real run.
+    Per-edit medians come from the edits themselves; a repair pass over the whole path is
+    timed separately, and `amortised` adds its share per REPAIR_EVERY edits."""
     generator = torch.Generator().manual_seed(depth)
     layer = hp.layer
     d_model, d_ff = lm.config.hidden_size, lm.module("down_proj", layer).in_features
@@ -226,9 +232,7 @@ def depth_run(lm, hp: HParams, facts, filler: list, depth: int, typical_norm: fl
         ed.stats(layer)
         ed._base(layer)
         for fact in filler[:depth]:
-            lam, u = torch.randn(d_model, generator=generator), torch.randn(d_ff, generator=generator)
-            scale = (1e-6 / float(lam.norm() * u.norm())) ** 0.5
-            edit = RankOneEdit(layer, lam * scale, u * scale, 1.0, 1e-6)
+            edit = random_edit(layer, d_model, d_ff, 1e-6, generator)
             key = torch.randn(d_ff, generator=generator).numpy()
             record = synthetic_record(
                 ed, lm, edit, fact.id, fact.hash, fact.to_dict(), typical_norm, p_new_after=0.5, k_star=key
