@@ -24,7 +24,7 @@ from romebatch.lm import answer_ids, subject_last_index
 from romebatch.manifest import Fact
 from romebatch.rome import values as V
 from romebatch.rome.preserve import Preserver
-from romebatch.rome.update import RankOneEdit, bound_norm, current_value, growth_pull
+from romebatch.rome.update import RankOneEdit, bound_norm, current_value, growth_pull, rank_one_update
 
 # The subject ends the prompt, so δ reaches the next-token logits on a random tiny model.
 TEMPLATE, SUBJECT, TARGET = "It is in {}", "the city", "Seattle"
@@ -283,6 +283,23 @@ def test_norm_penalty_u_solves_the_penalised_problem(method, top_k):
     plain.rebuild(keys)
     other = plain.u(k_star)
     assert float((other / float(other @ k_star) - expected).abs().max()) > 1e-3
+
+
+def test_norm_penalty_with_nothing_to_write_gives_a_finite_u_and_no_change():
+    # MPES stops at step 0 when the target is already the argmax: v* = v(k*), r = 0. Plain
+    # ROME then writes ΔW = 0; the penalised u must not turn 0/0 into NaN (a refused edit).
+    d_model, d = 5, 12
+    c = random_spd(d, 3)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(d_model, d, generator=g)
+    k_star = torch.randn(d, generator=g, dtype=torch.float64)
+    v = torch.randn(d_model, generator=g)
+    pull = growth_pull(w, False, v - v)
+    assert torch.equal(pull, torch.zeros(d, dtype=torch.float64))
+    u = Preserver("none", torch.linalg.cholesky(c), d, norm_penalty=1.0).u(k_star, pull)
+    assert torch.isfinite(u).all() and float(u @ k_star) > 0
+    edit = rank_one_update(LAYER, k_star, v, v, torch.linalg.cholesky(c), u)
+    assert edit.norm == 0.0 and torch.isfinite(edit.u).all()
 
 
 def test_norm_penalty_needs_the_pull():

@@ -95,11 +95,13 @@ def bound_norm(edit: RankOneEdit, weight: torch.Tensor, conv1d: bool, max_norm: 
 def growth_pull(weight: torch.Tensor, conv1d: bool, residual: torch.Tensor) -> torch.Tensor:
     """g = Wᵀr / ‖r‖², float64 (d_ff,): how an update r uᵀ's u moves ‖W + r uᵀ‖²_F linearly.
 
-    ‖W + r uᵀ‖² − ‖W‖² = 2 ‖r‖² gᵀu + ‖r‖² ‖u‖², what the norm penalty (rome/preserve.py) weighs."""
+    ‖W + r uᵀ‖² − ‖W‖² = 2 ‖r‖² gᵀu + ‖r‖² ‖u‖², what the norm penalty (rome/preserve.py) weighs.
+    r = 0 (v* already reached at step 0, as MPES can stop) writes nothing whatever u is: g = 0."""
     r = residual.detach().double().cpu().reshape(-1)
     w = weight.detach().double().cpu()
     pulled = w @ r if conv1d else w.T @ r  # Conv1D stores W as (d_ff, d_model)
-    return pulled / float(r @ r)
+    size = float(r @ r)
+    return pulled / size if size else torch.zeros_like(pulled)
 
 
 def apply_edit(lm: LoadedModel, edit: RankOneEdit) -> None:
