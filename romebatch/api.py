@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
-from .hparams import REPAIR_EVERY, HParams
+from .hparams import REPAIR_EVERY, REPAIR_SPAN, HParams
 from .journal import Journal, reads_journal
 from .manifest import Manifest, load_manifest
 from .probes import Thresholds
@@ -30,6 +30,7 @@ def apply(
     checks=DEFAULT_CHECKS,
     on_regression: str = "warn",
     repair_every: int | None = REPAIR_EVERY,
+    repair_span: int | None = REPAIR_SPAN,
     on_edit=None,
     stats_progress=None,
     log=None,
@@ -81,6 +82,7 @@ def apply(
                 checks=checks,
                 on_regression=on_regression,
                 repair_every=repair_every,
+                repair_span=repair_span,
                 retry_rejected=retry_rejected,
             )
     if results:

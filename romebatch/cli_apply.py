@@ -30,7 +30,7 @@ from .cli_options import (
     with_loading,
 )
 from .cli_settings import CHECKS_PANEL, SETTINGS_PANEL, SetOpt, hparams_from, option_name, with_settings
-from .hparams import REPAIR_EVERY
+from .hparams import REPAIR_EVERY, REPAIR_SPAN
 
 HparamsFileOpt = Annotated[
     Path | None, typer.Option("--hparams", help="YAML file of hyper-parameters.", rich_help_panel=SETTINGS_PANEL)
@@ -58,6 +58,12 @@ def apply(
     repair_every: Annotated[
         int, typer.Option(help="Every N edits and at the end, edit again the facts that no longer hold (0: never).")
     ] = REPAIR_EVERY,
+    repair_span: Annotated[
+        int,
+        typer.Option(
+            help="A repair pass checks at most N facts, in rotation over the journal's path (0: all of them)."
+        ),
+    ] = REPAIR_SPAN,
     dtype: Annotated[
         Dtype | None,
         typer.Option(
@@ -114,6 +120,8 @@ def apply(
         raise UserError(f"--limit {limit}: give zero or more facts")
     if repair_every < 0:
         raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
+    if repair_span < 0:
+        raise UserError(f"--repair-span {repair_span}: give a number of facts, or 0 to check them all")
     for name, value in thresholds.items():
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{option_name(name)} {value}: give a share between 0 and 1")
@@ -142,6 +150,7 @@ def apply(
             checks=checks,
             on_regression=value_of(on_regression),
             repair_every=repair_every,
+            repair_span=repair_span,
             on_edit=progress.on_edit,
             stats_progress=progress.on_stats,
             **(loading or {}),

@@ -37,7 +37,7 @@ from .model import LoadedModel, _stderr, load_model, weight_hash
 from .opening import check_every_edit, edit_of, init_or_check
 from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, stop_on_signals
 from .pipeline import edit_window, run
-from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, run_pass
+from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, REPAIR_SPAN, run_pass
 from .rome import KeyStats, apply_edit
 from .rome.preserve import Preserver
 
@@ -191,14 +191,16 @@ class Editor:
         max_edits: int = MAX_EDITS_PER_FACT,
         on_edit: Callable[[FactResult], None] | None = None,
         stop: StopRequest | None = None,
+        span: int | None = REPAIR_SPAN,
     ) -> list[FactResult]:
         """Edit again, on the current weights, every fact on the head's path that no longer holds.
 
         Later edits wear earlier ones down (romebatch/repair.py); each fact is edited at most
         `max_edits` times on a path. A repair is an ordinary edit (guards on, no probes), with
         status "repaired"; a pass a crash or Ctrl-C cut short is finished by the next run.
+        A pass checks at most `span` facts, in rotation over the path (0 or None: all).
         """
-        return run_pass(self, window or edit_window(self), max_edits, on_edit, stop)
+        return run_pass(self, window or edit_window(self), max_edits, on_edit, stop, span)
 
     def stage(self, name: str, fact_id: str | None = None) -> None:
         if self.on_stage is not None:

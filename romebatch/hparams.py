@@ -37,6 +37,11 @@ STATS_SAMPLINGS = ("plain", "encyclopedic")  # how the self-sampled statistics c
 # often enough that worn edits come back, rarely enough to cost little of the edits' time
 # (benchmarks/RESULTS.md, "Where the defaults come from"). 0 or None: never.
 REPAIR_EVERY = 100
+# How many facts on the path one repair pass checks, in rotation (0 or None: every fact). A
+# pass costs a fixed share of each edit however deep the journal is, and every fact is still
+# checked once every ceil(N / REPAIR_SPAN) passes; up to this many facts a pass checks them
+# all, as every pass before this bound did (benchmarks/RESULTS.md, "Where the defaults come from").
+REPAIR_SPAN = 1000
 
 
 def _option(default, help: str):

@@ -16,7 +16,7 @@ import torch
 
 from .errors import JournalWriteError, UserError
 from .guards import collapse_refusal, max_weight_norm, norm_refusal
-from .hparams import REPAIR_EVERY
+from .hparams import REPAIR_EVERY, REPAIR_SPAN
 from .journal_records import EditRecord
 from .manifest import Fact
 from .model import weight_hash
@@ -45,6 +45,7 @@ def run(
     on_regression: str = "warn",
     repair_every: int | None = REPAIR_EVERY,
     retry_rejected: bool = False,
+    repair_span: int | None = REPAIR_SPAN,
 ) -> ApplyResult:
     """`Editor.apply`: apply each fact not yet in the journal as a sequential ROME edit, committing each.
 
@@ -53,7 +54,8 @@ def run(
     in the last two cases without committing the offending edit.
     `repair_every` N runs a repair pass (`repair`) after every N edits this run applies
     and once more at its end, if it applied any (None or 0: never); the default is the
-    one `romebatch.apply` and the CLI use (`hparams.REPAIR_EVERY`).
+    one `romebatch.apply` and the CLI use (`hparams.REPAIR_EVERY`). A pass checks at most
+    `repair_span` facts, in rotation over the path (None or 0: all; `hparams.REPAIR_SPAN`).
     Facts rejected in an earlier run are skipped unless `retry_rejected` (new thresholds,
     say); facts whose edit was rolled back are applied again.
     """
@@ -63,6 +65,8 @@ def run(
         raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
     if repair_every is not None and repair_every < 0:
         raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
+    if repair_span is not None and repair_span < 0:
+        raise UserError(f"--repair-span {repair_span}: give a number of facts, or 0 to check them all")
     journal = editor.journal
     refuse_damaged(journal)
     started = time.perf_counter()
@@ -95,7 +99,7 @@ def run(
                 probes.capture_base()
 
     def repair() -> list[FactResult]:
-        return editor.repair(window, on_edit=on_edit, stop=stop)
+        return editor.repair(window, on_edit=on_edit, stop=stop, span=repair_span)
 
     since_repair = edits_since_pass(journal) if repair_every else 0
     if repair_every and (pending_plan(journal) is not None or since_repair >= repair_every):

@@ -10,6 +10,9 @@ journal entry for the same fact (guards included), so replay, rollback and expor
 like any other edit.
 
 A pass runs after every `REPAIR_EVERY` first edits of facts and once at the end of a run.
+It checks at most `REPAIR_SPAN` facts, in rotation over the path (oldest first, then
+round again from where the last pass stopped), so its cost does not grow with the journal
+while every fact is still checked once every ceil(N / span) passes.
 Its plan (which facts, from which state, how far it got) is journaled before its first
 repair, in the same transaction as each repair's outcome, so a pass that a crash or Ctrl-C
 cut short is finished, not planned afresh, by the next run.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 from math import exp
 from typing import TYPE_CHECKING
 
-from .hparams import REPAIR_EVERY  # noqa: F401 (declared once, with every other default)
+from .hparams import REPAIR_EVERY, REPAIR_SPAN  # noqa: F401 (declared once, with every other default)
 from .journal import Journal
 from .journal_records import EditRecord
 from .manifest import Fact, fact_from_dict
@@ -34,9 +37,11 @@ if TYPE_CHECKING:
     from .editor import Editor
     from .outcomes import FactResult, StopRequest
 
-# Journal meta keys: the plan of the pass in progress, and the heads at which passes ended.
+# Journal meta keys: the plan of the pass in progress, the heads at which passes ended, and
+# the fact (by hash) the next bounded pass starts its rotation at.
 REPAIR_PLAN = "repair_plan"
 REPAIR_MARKS = "repair_passes"
+REPAIR_CURSOR = "repair_cursor"
 
 # Edits of one fact on a path, the first included: a fact the method cannot make hold
 # (or keep holding) is not edited again and again, each time leaking into the others.
@@ -58,20 +63,41 @@ class Standing:
         return edit_holds(self.p_new, self.p_true, self.record.p_new_after)
 
 
+def in_span(path: list[EditRecord], cursor: str | None, span: int | None) -> tuple[set[str] | None, str | None]:
+    """The fact hashes a pass checks (None: all of them) and the cursor for the next pass.
+
+    The distinct facts of `path` in the order of their first edit form a ring; a pass takes
+    `span` of them from `cursor` on (from the oldest when `cursor` is not on the path, after
+    a rollback say), and the next pass starts where it stopped. Facts edited since join the
+    ring's end, so the rotation reaches them after the older ones it has not checked.
+    """
+    ring = list(dict.fromkeys(record.fact_hash for record in path))
+    if not span or len(ring) <= span:
+        return None, None
+    start = ring.index(cursor) if cursor in ring else 0
+    return {ring[(start + i) % len(ring)] for i in range(span)}, ring[(start + span) % len(ring)]
+
+
 def standings(
-    lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None, batch_size: int = 32
+    lm: LoadedModel,
+    path: list[EditRecord],
+    rejected: dict[str, int] | None = None,
+    batch_size: int = 32,
+    only: set[str] | None = None,
 ) -> list[Standing]:
     """Score every distinct fact on `path` (oldest first) on its own prompt, on the current weights.
 
     `rejected` counts, per fact hash, the edits of it a guard refused on states of the path:
     they count as tries, or a repair the guard always refuses would be tried forever.
+    `only` limits the scoring to those fact hashes (a bounded pass, `in_span`).
     """
     latest: dict[str, EditRecord] = {}
     edits: dict[str, int] = dict(rejected or {})
     for record in path:
         latest[record.fact_hash] = record
         edits[record.fact_hash] = edits.get(record.fact_hash, 0) + 1
-    facts = [fact_from_dict(json.loads(r.fact_json)) for r in latest.values()]
+    chosen = [r for h, r in latest.items() if only is None or h in only]
+    facts = [fact_from_dict(json.loads(r.fact_json)) for r in chosen]
     pairs: list[tuple[str, str]] = []
     index: list[tuple[int, int | None]] = []  # (P(new) pair, P(true) pair when target_true is known)
     for fact in facts:
@@ -87,10 +113,14 @@ def standings(
 
 
 def to_repair(
-    lm: LoadedModel, path: list[EditRecord], rejected: dict[str, int] | None = None, max_edits: int = MAX_EDITS_PER_FACT
+    lm: LoadedModel,
+    path: list[EditRecord],
+    rejected: dict[str, int] | None = None,
+    max_edits: int = MAX_EDITS_PER_FACT,
+    only: set[str] | None = None,
 ) -> list[Standing]:
-    """The facts on `path` that no longer hold and may still be edited again, oldest first."""
-    return [s for s in standings(lm, path, rejected) if not s.holds and s.edits < max_edits]
+    """The facts on `path` (of `only`, if given) that no longer hold and may still be edited again, oldest first."""
+    return [s for s in standings(lm, path, rejected, only=only) if not s.holds and s.edits < max_edits]
 
 
 def why_lost(standing: Standing) -> str:
@@ -177,6 +207,7 @@ def run_pass(
     max_edits: int = MAX_EDITS_PER_FACT,
     on_edit: Callable[[FactResult], None] | None = None,
     stop: StopRequest | None = None,
+    span: int | None = REPAIR_SPAN,
 ) -> list[FactResult]:
     """One repair pass (or the rest of a journaled one): `Editor.repair`."""
     from .pipeline import apply_one, next_layer
@@ -185,8 +216,12 @@ def run_pass(
     plan = pending_plan(journal)
     if plan is None:
         editor.stage("repair scoring")
-        lost = to_repair(editor.lm, journal.lineage(), rejected_on_path(journal), max_edits)
-        journal.set_many(RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta())
+        path = journal.lineage()
+        checked, cursor = in_span(path, journal.get(REPAIR_CURSOR), span)
+        lost = to_repair(editor.lm, path, rejected_on_path(journal), max_edits, only=checked)
+        # The cursor moves in the plan's transaction: a resumed pass neither skips nor repeats a slice.
+        plan_meta = RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta()
+        journal.set_many({**plan_meta, REPAIR_CURSOR: cursor})
         plan = RepairPlan.load(journal)
         assert plan is not None
     rows: list[FactResult] = []

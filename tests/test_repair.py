@@ -249,14 +249,16 @@ def test_editor_apply_repairs_by_default_as_the_api_and_cli_do(tmp_path, bytelev
     from romebatch import api
     from romebatch.cli_apply import apply as cli_apply
     from romebatch.editor import Editor
-    from romebatch.hparams import REPAIR_EVERY
+    from romebatch.hparams import REPAIR_EVERY, REPAIR_SPAN
 
-    defaults = {
-        "Editor.apply": inspect.signature(Editor.apply).parameters["repair_every"].default,
-        "romebatch.apply": inspect.signature(api.apply).parameters["repair_every"].default,
-        "cli apply": inspect.signature(cli_apply).parameters["repair_every"].default,
-    }
-    assert set(defaults.values()) == {REPAIR_EVERY} and REPAIR_EVERY > 0, defaults
+    for name, default in (("repair_every", REPAIR_EVERY), ("repair_span", REPAIR_SPAN)):
+        defaults = {
+            "Editor.apply": inspect.signature(Editor.apply).parameters[name].default,
+            "romebatch.apply": inspect.signature(api.apply).parameters[name].default,
+            "cli apply": inspect.signature(cli_apply).parameters[name].default,
+        }
+        assert set(defaults.values()) == {default} and default > 0, (name, defaults)
+    assert inspect.signature(Editor.repair).parameters["span"].default == REPAIR_SPAN
     # With no repair_every, the end-of-run pass re-edits the facts that later edits undid.
     with editor_for(tmp_path / "off", bytelevel_tokenizer) as editor:
         editor.apply(FACTS, checks=None, repair_every=0)
@@ -265,3 +267,76 @@ def test_editor_apply_repairs_by_default_as_the_api_and_cli_do(tmp_path, bytelev
         result = editor.apply(FACTS, checks=None)
         assert "eiffel" in [r.fact_id for r in result.results if r.status == "repaired"]
         assert sum(holds(editor.lm, f) for f in FACTS) > held_without
+
+
+def _record(fact_hash: str) -> EditRecord:
+    record = EditRecord.__new__(EditRecord)
+    record.fact_hash = fact_hash
+    return record
+
+
+def test_in_span_takes_span_facts_round_the_ring_of_first_edits():
+    from romebatch.repair import in_span
+
+    path = [_record(h) for h in "abcab" + "de"]  # a and b repaired: the ring is a b c d e
+    assert in_span(path, None, 0) == (None, None) and in_span(path, "c", 5) == (None, None)
+    cursor, seen = None, []
+    for _ in range(3):
+        checked, cursor = in_span(path, cursor, 2)
+        seen.append((checked, cursor))
+    assert seen == [({"a", "b"}, "c"), ({"c", "d"}, "e"), ({"e", "a"}, "b")]
+    assert in_span(path, "gone", 2) == ({"a", "b"}, "c")  # not on the path (rolled back): from the oldest
+
+
+def test_a_bounded_pass_repairs_only_the_lost_facts_of_its_slice(tmp_path, bytelevel_tokenizer):
+    from romebatch.repair import REPAIR_CURSOR
+
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None, repair_every=0)
+        ring = [f.id for f in FACTS]
+        for first in (0, 2, 0):  # span 2 of 4 facts: the slices alternate
+            slice_ids = ring[first : first + 2]
+            expected = [
+                f.id for f in FACTS if f.id in slice_ids and not holds(editor.lm, f) and tries(editor)[f.id] < 3
+            ]
+            rows = editor.repair(span=2)
+            assert [r.fact_id for r in rows] == expected
+            assert first or "eiffel" in expected  # the setup loses the first fact (and two others)
+            next_id = ring[(first + 2) % 4]
+            assert editor.journal.get(REPAIR_CURSOR) == next(f.hash for f in FACTS if f.id == next_id)
+        # A pass over the whole path forgets the cursor: the next bounded one starts at the oldest.
+        editor.repair(span=0)
+        assert editor.journal.get(REPAIR_CURSOR) is None
+
+
+def test_a_bounded_pass_cut_short_resumes_its_slice_without_moving_on(tmp_path, bytelevel_tokenizer):
+    from romebatch.editor import StopRequest
+    from romebatch.repair import REPAIR_CURSOR, REPAIR_PLAN
+
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None, repair_every=0)
+        lost = [f.id for f in FACTS[:3] if not holds(editor.lm, f)]
+        assert len(lost) >= 2, lost  # two repairs in the slice, to cut between
+        stop = StopRequest()
+        rows = editor.repair(span=3, on_edit=lambda row: setattr(stop, "requested", True), stop=stop)
+        assert [r.fact_id for r in rows] == lost[:1]
+        cursor = editor.journal.get(REPAIR_CURSOR)
+        assert cursor == FACTS[3].hash and editor.journal.get(REPAIR_PLAN)["done"] == 1
+        rest = editor.repair(span=3)  # finishes the journaled plan; it does not plan the next slice
+        assert [r.fact_id for r in rest] == lost[1:] and editor.journal.get(REPAIR_CURSOR) == cursor
+
+
+def test_apply_passes_its_repair_span_on_and_refuses_a_negative_one(tmp_path, bytelevel_tokenizer, monkeypatch):
+    spans = []
+    original = Editor.repair
+
+    def recording(self, *args, **kwargs):
+        spans.append(kwargs.get("span"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Editor, "repair", recording)
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None, repair_every=2, repair_span=1)
+        assert spans and set(spans) == {1}
+        with pytest.raises(UserError, match="--repair-span -1"):
+            editor.apply(FACTS, checks=None, repair_span=-1)
