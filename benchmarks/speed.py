@@ -48,6 +48,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from romebatch.cli_settings import hparams_from  # noqa: E402
 from romebatch.editor import Editor  # noqa: E402
 from romebatch.hparams import REPAIR_EVERY, REPAIR_SPAN, HParams, resolve  # noqa: E402
 from romebatch.journal_records import EditRecord  # noqa: E402
@@ -280,6 +281,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--depths", default="100,3000", help="journal depths to time edits at ('' to skip)")
     ap.add_argument("--filler-start", type=int, default=4000, help="first record of the held facts under the depth")
+    ap.add_argument(
+        "--set", nargs="*", default=[], help="hyper-parameters name=value over the default (a candidate default)"
+    )
     args = ap.parse_args()
 
     torch.manual_seed(0)
@@ -292,7 +296,8 @@ def main() -> None:
     out["load_seconds"] = time.perf_counter() - t
     n_params = sum(p.numel() for p in lm.model.parameters())
     out["model_fp32_mib"] = n_params * 4 / 2**20
-    hp = resolve(HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+    hp = resolve(hparams_from(None, sets=args.set) or HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+    out["hparams_set"] = args.set
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
 
     from romebatch.rome import load_or_compute_stats, sample_prefixes
