@@ -35,10 +35,12 @@ where it stopped and re-running a finished variant only re-reads it.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -194,7 +196,25 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
             editor.replay(0, verify=False)  # the next variant starts from the base weights
 
 
+@contextmanager
+def only_one_at_a_time(path: Path):
+    """An exclusive lock beside `path`: queues started together (one per core) read the
+    unedited model once, the second waiting for the first's rows instead of repeating its
+    ~20-minute general reading."""
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def unedited(lm, facts, n: int) -> None:
+    with only_one_at_a_time(OUT):
+        _unedited(lm, facts, n)
+
+
+def _unedited(lm, facts, n: int) -> None:
     if recorded("scored", "unedited", n):
         record_general(lm, "unedited", n)
         return
