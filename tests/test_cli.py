@@ -235,6 +235,22 @@ def test_apply_with_bad_manifest_never_calls_the_library(tmp_path, monkeypatch, 
     assert not Path("J").exists()
 
 
+def test_apply_repair_options_reach_the_library_and_a_negative_span_is_refused(
+    tmp_path, monkeypatch, capsys, fake_apply
+):
+    from test_conventions import main_exit
+
+    monkeypatch.chdir(tmp_path)
+    Path("facts.csv").write_text(GOOD_CSV)
+    result = runner().invoke(app, ["apply", "facts.csv", "--journal", "J", "--repair-span", "250"])
+    assert result.exit_code == 0, result.output
+    ((_, kwargs),) = fake_apply.calls
+    assert kwargs["repair_span"] == 250
+    code, err = main_exit(monkeypatch, capsys, "apply", "facts.csv", "--journal", "K", "--repair-span", "-1")
+    assert code == 2 and len(fake_apply.calls) == 1 and not Path("K").exists()
+    assert err.strip().splitlines() == ["error: --repair-span -1: give a number of facts, or 0 to check them all"]
+
+
 # ----------------------------------------------------------------------------- rollback / export / log
 @pytest.fixture
 def fake_rollback(monkeypatch):

@@ -209,6 +209,7 @@ def gen_bad_option(rng, folder, n):
             ["--device", "tpu"],
             ["--min-retention", "90"],
             ["--repair-every", "-1"],
+            ["--repair-span", "-5"],
             ["--preserve", "sometimes"],
             ["--limit", "-2"],
         ]
