@@ -202,11 +202,8 @@ def only_one_at_a_time(path: Path):
     unedited model once, the second waiting for the first's rows instead of repeating its
     ~20-minute general reading."""
     with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        fcntl.flock(handle, fcntl.LOCK_EX)  # closing the file releases it
+        yield
 
 
 def unedited(lm, facts, n: int) -> None:
