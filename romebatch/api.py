@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
-from .hparams import REPAIR_EVERY, REPAIR_SPAN, HParams
+from .hparams import REPAIR_EVERY, REPAIR_SPAN, HParams, check_repair_options
 from .journal import Journal, reads_journal
 from .manifest import Manifest, load_manifest
 from .probes import Thresholds
@@ -50,6 +50,7 @@ def apply(
 
     if on_regression not in ("warn", "skip", "stop"):
         raise UserError(f"on_regression {on_regression!r}: choose warn, skip or stop")
+    check_repair_options(repair_every, repair_span)  # before the journal is created
     check_results_path(results)
     facts = load_manifest(manifest, limit=limit).facts
     kwargs = {"log": log} if log else {}

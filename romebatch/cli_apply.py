@@ -30,7 +30,7 @@ from .cli_options import (
     with_loading,
 )
 from .cli_settings import CHECKS_PANEL, SETTINGS_PANEL, SetOpt, hparams_from, option_name, with_settings
-from .hparams import REPAIR_EVERY, REPAIR_SPAN
+from .hparams import REPAIR_EVERY, REPAIR_SPAN, check_repair_options
 
 HparamsFileOpt = Annotated[
     Path | None, typer.Option("--hparams", help="YAML file of hyper-parameters.", rich_help_panel=SETTINGS_PANEL)
@@ -118,10 +118,7 @@ def apply(
     settings["layer"] = layer if isinstance(layer, int) else None  # 'auto' is resolved by api.apply
     if limit is not None and limit < 0:
         raise UserError(f"--limit {limit}: give zero or more facts")
-    if repair_every < 0:
-        raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
-    if repair_span < 0:
-        raise UserError(f"--repair-span {repair_span}: give a number of facts, or 0 to check them all")
+    check_repair_options(repair_every, repair_span)
     for name, value in thresholds.items():
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{option_name(name)} {value}: give a share between 0 and 1")

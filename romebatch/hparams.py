@@ -300,6 +300,14 @@ def resolve(hp: HParams, model_type: str, n_layers: int, adapter_v_steps: int) -
     return dataclasses.replace(hp, layer=layer, v_steps=hp.v_steps or adapter_v_steps, clamp_norm_factor=clamp)
 
 
+def check_repair_options(repair_every: int | None, repair_span: int | None) -> None:
+    """`apply`'s repair settings (romebatch/repair.py): counts, 0 (or None) turning each off."""
+    if repair_every is not None and repair_every < 0:
+        raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
+    if repair_span is not None and repair_span < 0:
+        raise UserError(f"--repair-span {repair_span}: give a number of facts, or 0 to check them all")
+
+
 def check_share(option: str, value: float) -> None:
     """A threshold that is a share of prompts, probes or edits must lie in 0..1."""
     if not 0.0 <= value <= 1.0:

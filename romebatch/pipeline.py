@@ -16,7 +16,7 @@ import torch
 
 from .errors import JournalWriteError, UserError
 from .guards import collapse_refusal, max_weight_norm, norm_refusal
-from .hparams import REPAIR_EVERY, REPAIR_SPAN
+from .hparams import REPAIR_EVERY, REPAIR_SPAN, check_repair_options
 from .journal_records import EditRecord
 from .manifest import Fact
 from .model import weight_hash
@@ -63,10 +63,7 @@ def run(
 
     if on_regression not in ("warn", "skip", "stop"):
         raise UserError(f"--on-regression {on_regression!r}: choose warn, skip or stop")
-    if repair_every is not None and repair_every < 0:
-        raise UserError(f"--repair-every {repair_every}: give a number of edits, or 0 for no repairs")
-    if repair_span is not None and repair_span < 0:
-        raise UserError(f"--repair-span {repair_span}: give a number of facts, or 0 to check them all")
+    check_repair_options(repair_every, repair_span)
     journal = editor.journal
     refuse_damaged(journal)
     started = time.perf_counter()

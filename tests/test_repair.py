@@ -340,3 +340,14 @@ def test_apply_passes_its_repair_span_on_and_refuses_a_negative_one(tmp_path, by
         assert spans and set(spans) == {1}
         with pytest.raises(UserError, match="--repair-span -1"):
             editor.apply(FACTS, checks=None, repair_span=-1)
+
+
+def test_romebatch_apply_refuses_bad_repair_settings_before_it_writes(tmp_path):
+    from romebatch import api
+
+    manifest = tmp_path / "facts.csv"
+    manifest.write_text("id,subject,prompt,target_new\na,The Louvre,{} is in,Oslo\n")
+    for setting in ({"repair_span": -1}, {"repair_every": -3}):
+        with pytest.raises(UserError, match="--repair-(span -1|every -3): give a number"):
+            api.apply(manifest, journal=tmp_path / "J", model="never-loaded", **setting)
+        assert not (tmp_path / "J").exists()
