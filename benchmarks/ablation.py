@@ -27,9 +27,21 @@ soft norm bound `norm_penalty`, μ from benchmarks/norm_penalty.py), `all` (the 
 together), and `norm-hard` (the hard bound `norm_growth_max`: g from --norm-growth, or half
 the growth the default variant reached over the same records).
 
+Also `topk64` and `covariance` (the two halves of `nullspace` apart), `nullspace-256` (a
+harder projection) and `mpes-norm` (MPES with the norm penalty).
+
 Journals go to --work (outside the repository: never commit them); one line per edit and
 one per scored variant go to benchmarks/runs/ablation.jsonl, so the same command resumes
-where it stopped and re-running a finished variant only re-reads it.
+where it stopped and re-running a finished variant only re-reads it. A run longer than a
+session (every session starts on a fresh machine) takes `--work benchmarks/runs --bundles`:
+its journal is then kept in git as bundles (benchmarks/bundles.py) and rebuilt from them.
+
+    python benchmarks/ablation.py --n 500 --checkpoints 100,150,250 --device cuda  # scored on the way too
+    python benchmarks/ablation.py --variants mpes-norm --work benchmarks/runs --bundles --deadline 3000
+
+`--checkpoints` also scores each variant when it reaches those numbers of facts (the known
+facts and the drift with it; GE over 50 prompts only at --n), `--deadline` stops editing
+cleanly after that many seconds. benchmarks/device_run.sh runs it on a lent GPU machine.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ import fcntl
 import json
 import statistics
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -49,12 +62,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from sequential import DATA, FLUENCY_PROMPTS, general, read_jsonl  # noqa: E402
+import bundles  # noqa: E402
+from sequential import DATA, FLUENCY_PROMPTS, general, read_jsonl, unedited_known_facts  # noqa: E402
 
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
+from romebatch.journal import DB_NAME  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
@@ -71,6 +86,15 @@ VARIANTS = {
     "all": {**NULL_SPACE, "v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
     "nullspace-exact": {"preserve": "nullspace", "preserve_top_k": TOP_K},
     "norm-hard": {"norm_growth_max": "auto"},
+    # The two halves of `nullspace` apart, and a harder projection: which one keeps the
+    # known facts (the unedited subjects') that the default loses.
+    "topk64": {"preserve_top_k": TOP_K},
+    "covariance": {"preserve": "covariance"},
+    "nullspace-256": {"preserve": "covariance", "preserve_top_k": 256},
+    # The candidate from the 150-edit reading on the GPU (RESULTS.md, "Issue 20, session 17"):
+    # MPES's fewer steps and the norm penalty's smaller growth, without the covariance term
+    # that cost known facts there.
+    "mpes-norm": {"v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
 }
 DEFAULT_ORDER = ("default", "mpes", "nullspace", "norm", "all")
 
@@ -103,8 +127,8 @@ def drift(lm, editor: Editor) -> float:
     """How far the edited layer's output moved on typical keys, relative to its size:
     ‖(W − W_base) L‖_F / ‖W_base L‖_F with C = L Lᵀ, the RMS over the key statistics' corpus."""
     layer = editor.hparams.layer
-    chol = editor.ingredients.stats(layer).cholesky.double()
-    base, now = editor._base(layer).double(), lm.weight(layer).double()
+    chol = editor.ingredients.stats(layer).cholesky.double().cpu()
+    base, now = editor._base(layer).double().cpu(), lm.weight(layer).double().cpu()
     if lm.adapter.conv1d:
         base, now = base.T, now.T
     return float(((now - base) @ chol).norm() / (base @ chol).norm())
@@ -118,40 +142,108 @@ def record_general(lm, name: str, n: int, editor: Editor | None = None) -> None:
             f.write(json.dumps(row) + "\n")
 
 
+def score_row(lm, editor: Editor, facts, name: str, n: int, params: dict, args) -> dict:
+    """The scored line of the model as it is now: every fact whose first edit is on the path."""
+    path = editor.journal.lineage()
+    first = {}
+    for record in path:
+        first.setdefault(record.fact_hash, record)  # each fact's first edit on the path
+    by_hash = {f.hash: f for f in facts}
+    applied = [by_hash[h] for h in first if h in by_hash]
+    retained = [by_hash[h] for h in list(first)[: args.retention] if h in by_hash]
+    return {
+        "kind": "scored",
+        "variant": name,
+        "n": n,
+        "of": args.n,  # the run this line was read from: an intermediate checkpoint has n < of
+        "hparams": params,
+        **summarize(score_facts(lm, applied)),
+        "retention": summarize(score_facts(lm, retained))["ES"],
+        "GE": fluency(lm, FLUENCY_PROMPTS),
+        "applied": len(applied),
+        "repairs": len(path) - len(first),
+        "rejected": len(editor.journal.rejections()),
+        "median_steps": statistics.median(r.v_steps for r in first.values()),
+        "mean_steps": statistics.fmean(r.v_steps for r in first.values()),
+        "median_seconds": statistics.median(r.seconds_total for r in first.values()),
+        "max_update_norm": max(r.update_norm for r in path),
+        "norm_growth": norm_growth(lm, editor),
+    }
+
+
+def write_row(row: dict) -> None:
+    with OUT.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def known_row(lm, editor: Editor, name: str, n: int) -> dict:
+    """The cheap half of the general line, for checkpoints: the known facts' accuracy and the drift."""
+    from statistics import fmean
+
+    from romebatch.zsre_scores import token_accuracy
+
+    known = unedited_known_facts()
+    accuracy = token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known])
+    return {"kind": "known", "variant": name, "n": n, "known": 100 * fmean(accuracy), "drift": drift(lm, editor)}
+
+
 def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
+    journal = args.work / f"ablation-{name}-n{args.n}-journal"
+    if not args.bundles:
+        return _run_variant(lm, name, facts, args, stop, journal)
+    # A run longer than a session: its journal lives as bundles in git (benchmarks/bundles.py),
+    # rebuilt (every edit verified by replay) before it resumes and extended when it stops.
+    bundles.restore(journal, lm)
+    try:
+        _run_variant(lm, name, facts, args, stop, journal)
+    finally:
+        if (journal / DB_NAME).exists():
+            bundles.pack(journal)
+
+
+def _run_variant(lm, name: str, facts, args, stop: StopRequest, journal: Path) -> None:
     if recorded("scored", name, args.n):
         if not recorded("general", name, args.n):  # scored before the general readings existed
             params = resolve_variant(name, args.n, args.norm_growth)
-            with Editor(args.work / f"ablation-{name}-n{args.n}-journal", lm=lm, hparams=HParams(**params)) as editor:
+            with Editor(journal, lm=lm, hparams=HParams(**params)) as editor:
                 try:
                     record_general(lm, name, args.n, editor)  # opening replayed the model to the head
                 finally:
                     editor.replay(0, verify=False)
         return
     params = resolve_variant(name, args.n, args.norm_growth)
-    with Editor(
-        args.work / f"ablation-{name}-n{args.n}-journal", lm=lm, hparams=HParams(**params), log=print
-    ) as editor:
+    with Editor(journal, lm=lm, hparams=HParams(**params), log=print) as editor:
         try:
+            # Checkpoints are read inside the run, right after the fact that reaches them, so
+            # a run with checkpoints edits exactly as one without (no extra end-of-run repair).
+            edited = {r.fact_hash for r in editor.journal.lineage()}
+            by_id = {f.id: f.hash for f in facts}
+            due = sorted(c for c in args.checkpoints if c < args.n and not recorded("scored", name, c))
+            if len(edited) in args.checkpoints and not recorded("known", name, len(edited)):
+                write_row(known_row(lm, editor, name, len(edited)))  # a run stopped at its checkpoint
 
             def on_edit(row) -> None:
-                with OUT.open("a") as f:
-                    f.write(
-                        json.dumps(
-                            {
-                                "kind": "edit",
-                                "variant": name,
-                                "n": args.n,
-                                "fact": row.fact_id,
-                                "status": row.status,
-                                "steps": row.v_steps,
-                                "seconds": row.seconds,
-                                "norm": row.update_norm,
-                                "reason": row.reason[:200],
-                            }
-                        )
-                        + "\n"
-                    )
+                write_row(
+                    {
+                        "kind": "edit",
+                        "variant": name,
+                        "n": args.n,
+                        "fact": row.fact_id,
+                        "status": row.status,
+                        "steps": row.v_steps,
+                        "seconds": row.seconds,
+                        "norm": row.update_norm,
+                        "reason": row.reason[:200],
+                    }
+                )
+                if row.status == "applied":
+                    edited.add(by_id.get(row.fact_id))
+                while due and len(edited) >= due[0]:
+                    checkpoint = due.pop(0)
+                    scored = score_row(lm, editor, facts, name, checkpoint, params, args)
+                    write_row(scored)
+                    write_row(known_row(lm, editor, name, checkpoint))
+                    print(json.dumps(scored), flush=True)
 
             started = time.perf_counter()
             result = editor.apply(facts, checks=None, stop=stop, repair_every=REPAIR_EVERY, on_edit=on_edit)
@@ -163,33 +255,8 @@ def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
             )
             if stop or editor.pending(facts):
                 raise SystemExit(f"[{name}] stopped; the same command resumes")
-            path = editor.journal.lineage()
-            first = {}
-            for record in path:
-                first.setdefault(record.fact_hash, record)  # each fact's first edit on the path
-            by_hash = {f.hash: f for f in facts}
-            applied = [by_hash[h] for h in first if h in by_hash]
-            scores = score_facts(lm, applied)
-            retained = [by_hash[h] for h in list(first)[: args.retention] if h in by_hash]
-            row = {
-                "kind": "scored",
-                "variant": name,
-                "n": args.n,
-                "hparams": params,
-                **summarize(scores),
-                "retention": summarize(score_facts(lm, retained))["ES"],
-                "GE": fluency(lm, FLUENCY_PROMPTS),
-                "applied": len(applied),
-                "repairs": len(path) - len(first),
-                "rejected": len(editor.journal.rejections()),
-                "median_steps": statistics.median(r.v_steps for r in first.values()),
-                "mean_steps": statistics.fmean(r.v_steps for r in first.values()),
-                "median_seconds": statistics.median(r.seconds_total for r in first.values()),
-                "max_update_norm": max(r.update_norm for r in path),
-                "norm_growth": norm_growth(lm, editor),
-            }
-            with OUT.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            row = score_row(lm, editor, facts, name, args.n, params, args)
+            write_row(row)
             print(json.dumps(row), flush=True)
             record_general(lm, name, args.n, editor)
         finally:
@@ -206,25 +273,19 @@ def only_one_at_a_time(path: Path):
         yield
 
 
-def unedited(lm, facts, n: int) -> None:
+def unedited(lm, facts, n: int, general_line: bool = True) -> None:
     with only_one_at_a_time(OUT):
-        _unedited(lm, facts, n)
+        _unedited(lm, facts, n, general_line)
 
 
-def _unedited(lm, facts, n: int) -> None:
-    if recorded("scored", "unedited", n):
+def _unedited(lm, facts, n: int, general_line: bool) -> None:
+    if not recorded("scored", "unedited", n):
+        # GE does not depend on n for the unedited model: read once, reused for every n.
+        earlier = [r["GE"] for r in read_jsonl(OUT) if r.get("kind") == "scored" and r["variant"] == "unedited"]
+        ge = earlier[0] if earlier else fluency(lm, FLUENCY_PROMPTS)
+        write_row({"kind": "scored", "variant": "unedited", "n": n, **summarize(score_facts(lm, facts)), "GE": ge})
+    if general_line:
         record_general(lm, "unedited", n)
-        return
-    row = {
-        "kind": "scored",
-        "variant": "unedited",
-        "n": n,
-        **summarize(score_facts(lm, facts)),
-        "GE": fluency(lm, FLUENCY_PROMPTS),
-    }
-    with OUT.open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    record_general(lm, "unedited", n)
 
 
 def progress(every: list[dict]) -> None:
@@ -252,6 +313,7 @@ def report(n: int | None) -> None:
     progress(every)
     rows = [r for r in every if r.get("kind") == "scored" and (n is None or r["n"] == n)]
     extra = {(r["variant"], r["n"]): r for r in every if r.get("kind") == "general"}
+    cheap = {(r["variant"], r["n"]): r for r in every if r.get("kind") == "known"}
     base = {r["n"]: r for r in rows if r["variant"] == "unedited"}
     print(
         "| variant | n | ES | PS | NS | NS − unedited | retention | GE (10 prompts) | GE (50 × 8 seeds) | known facts "
@@ -261,8 +323,9 @@ def report(n: int | None) -> None:
     for r in rows:
         g = extra.get((r["variant"], r["n"]))
         ge50 = f"{g['GE50']:.1f} ± {g['GE50_sd']:.1f}" if g else "-"
-        known = f"{g['known']:.1f}" if g else "-"
-        drifted = f"{g['drift']:.3f}" if g else "-"
+        k = g or cheap.get((r["variant"], r["n"]))  # a checkpoint has the known facts and drift alone
+        known = f"{k['known']:.1f}" if k else "-"
+        drifted = f"{k['drift']:.3f}" if k else "-"
         if r["variant"] == "unedited":
             print(
                 f"| unedited | {r['n']} | {r['ES']:.1f} | {r['PS']:.1f} | {r['NS']:.1f} | - | - | {r['GE']:.1f} "
@@ -287,8 +350,15 @@ def main() -> None:
     ap.add_argument("--norm-growth", type=float, default=None, help="g of the norm variants (default: auto)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/romebatch-ablation"), help="journals (never commit)")
     ap.add_argument("--out", type=Path, default=Path(OUT), help="the resumable jsonl")
+    ap.add_argument(
+        "--checkpoints", default="", help="also score at these numbers of facts, e.g. 250 (no general line)"
+    )
+    ap.add_argument("--deadline", type=float, default=None, help="stop editing cleanly after this many seconds")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (float32 on either)")
+    ap.add_argument("--bundles", action="store_true", help="keep each journal as bundles beside it (a --work in git)")
     ap.add_argument("--report", action="store_true")
     args = ap.parse_args()
+    args.checkpoints = [int(c) for c in args.checkpoints.split(",") if c]
     OUT = args.out
     if args.report:
         return report(None)
@@ -300,10 +370,17 @@ def main() -> None:
     torch.manual_seed(0)
     args.work.mkdir(parents=True, exist_ok=True)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    lm = load_model()
+    lm = load_model(device=args.device)
     facts = load_manifest(DATA, skip_invalid=True).facts[: args.n]
     unedited(lm, facts, args.n)
+    for checkpoint in args.checkpoints:
+        unedited(lm, facts[:checkpoint], checkpoint, general_line=False)
     stop = StopRequest()
+    if args.deadline is not None:
+        # Like a SIGTERM at the deadline: the edit in progress finishes and is journaled.
+        timer = threading.Timer(args.deadline, lambda: setattr(stop, "requested", True))
+        timer.daemon = True
+        timer.start()
     with stop_on_signals(stop, print):
         for name in names:
             run_variant(lm, name, facts, args, stop)

@@ -51,3 +51,25 @@ def test_apply_rollback_replay_on_cuda(tmp_path, bytelevel_tokenizer, preserve):
         assert weight_hash(lm.weight(1)) == base
         editor.replay(2)
         assert weight_hash(lm.weight(1)) == head
+
+
+# Issue 20's mechanisms together, with repair passes, on the Gemma-3 path: every tensor they
+# touch (C's eigenvectors, the earlier keys, the norm pull, the argmax stop) lives on the CPU
+# in float64 or on the model's device, and a mix-up shows only on a real GPU.
+SEQUENTIAL = {"preserve": "covariance", "preserve_top_k": 4, "norm_penalty": 0.01, "v_stop_argmax": True}
+
+
+def test_sequential_mechanisms_on_cuda(tmp_path, tokenizer_for):
+    lm = on_cuda("gemma3_text", tokenizer_for("gemma3_text"))
+    base = weight_hash(lm.weight(1))
+    with Editor(
+        tmp_path / "journal", lm=lm, hparams=HParams(**{**TINY_HPARAMS, **SEQUENTIAL}), log=lambda m: None
+    ) as editor:
+        result = editor.apply(FACTS, checks=None, repair_every=1)
+        assert {r.status for r in result.results} <= {"applied", "repaired"}
+        head, state = weight_hash(lm.weight(1)), editor.head
+        assert head != base
+        editor.rollback(base=True)
+        assert weight_hash(lm.weight(1)) == base
+        editor.replay(state)
+        assert weight_hash(lm.weight(1)) == head
