@@ -40,8 +40,13 @@ ablation)
   work=/root/ablation
   mkdir -p "$work"
   out="$OUT/ablation.jsonl"
-  # The unedited model's rows at n=500 (CPU, float32) seed the file, so no process repeats them.
-  [ -s .dev/prev/ablation.jsonl ] && cp .dev/prev/ablation.jsonl "$out" || grep "\"variant\": \"unedited\"" benchmarks/runs/ablation-n500.jsonl | head -2 > "$out"
+  # $OUT is emptied before every call: a resumed run carries the last call's rows as .dev/prev.
+  # A first run is seeded with the unedited rows at n=500 (CPU, float32), which no process repeats.
+  if [ -s .dev/prev/ablation.jsonl ]; then
+    cp .dev/prev/ablation.jsonl "$out"
+  else
+    grep '"variant": "unedited"' benchmarks/runs/ablation-n500.jsonl | head -2 > "$out"
+  fi
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv -l 30 > "$work/gpu.csv" 2>&1 &
   monitor=$!
   pids=()
