@@ -63,7 +63,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bundles  # noqa: E402
-from sequential import DATA, FLUENCY_PROMPTS, general, read_jsonl, unedited_known_facts  # noqa: E402
+from sequential import DATA, FLUENCY_PROMPTS, general, known_accuracy, read_jsonl  # noqa: E402
 
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
@@ -137,9 +137,9 @@ def drift(lm, editor: Editor) -> float:
 def record_general(lm, name: str, n: int, editor: Editor | None = None) -> None:
     """GE over 50 prompts x 8 seeds, the unedited known facts and the drift, at the model's current state."""
     if not recorded("general", name, n):
-        row = {"kind": "general", "variant": name, "n": n, **general(lm), "drift": drift(lm, editor) if editor else 0.0}
-        with OUT.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        write_row(
+            {"kind": "general", "variant": name, "n": n, **general(lm), "drift": drift(lm, editor) if editor else 0.0}
+        )
 
 
 def score_row(lm, editor: Editor, facts, name: str, n: int, params: dict, args) -> dict:
@@ -178,13 +178,7 @@ def write_row(row: dict) -> None:
 
 def known_row(lm, editor: Editor, name: str, n: int) -> dict:
     """The cheap half of the general line, for checkpoints: the known facts' accuracy and the drift."""
-    from statistics import fmean
-
-    from romebatch.zsre_scores import token_accuracy
-
-    known = unedited_known_facts()
-    accuracy = token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known])
-    return {"kind": "known", "variant": name, "n": n, "known": 100 * fmean(accuracy), "drift": drift(lm, editor)}
+    return {"kind": "known", "variant": name, "n": n, "known": known_accuracy(lm), "drift": drift(lm, editor)}
 
 
 def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:

@@ -135,12 +135,25 @@ def general(lm) -> dict:
     from statistics import fmean, stdev
 
     from romebatch.fluency import fluency_seeds
-    from romebatch.zsre_scores import token_accuracy
 
     known = unedited_known_facts()
     per_seed = fluency_seeds(lm, general_prompts(known), GE_SEEDS)
-    accuracy = token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known])
-    return {"GE50": fmean(per_seed), "GE50_sd": stdev(per_seed), "known": 100 * fmean(accuracy), "known_n": len(known)}
+    return {
+        "GE50": fmean(per_seed),
+        "GE50_sd": stdev(per_seed),
+        "known": known_accuracy(lm, known),
+        "known_n": len(known),
+    }
+
+
+def known_accuracy(lm, known: list[dict] | None = None) -> float:
+    """zsRE's token accuracy of the true attribute after each unedited known fact's prompt, in percent."""
+    from statistics import fmean
+
+    from romebatch.zsre_scores import token_accuracy
+
+    known = unedited_known_facts() if known is None else known
+    return 100 * fmean(token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known]))
 
 
 GENERAL_KEYS = ("GE50", "GE50_sd", "known", "known_n")
