@@ -8,7 +8,8 @@ Each method's run is a romebatch journal (benchmarks/runs/seq-<method>-journal) 
 checkpoint a line of benchmarks/runs/seq-<method>.jsonl, so killing the command loses at
 most the edit in flight: the same command resumes every run where it stopped. Journals are
 not tracked in git; the default run's is kept as bundles (benchmarks/bundles.py), from
-which it is rebuilt before it resumes. Methods
+which it is rebuilt before it resumes (`--bundles` starts them for a run that has none, and a
+stopped run packs its new edits before it exits). Methods
 advance in turns of one checkpoint interval, so an interrupted session leaves all of them
 at comparable depths.
 
@@ -52,6 +53,7 @@ from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
+from romebatch.journal import DB_NAME  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
@@ -203,6 +205,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # Set from the command line (main): the extra readings every checkpoint takes.
 GENERAL = False  # --general: GE over 50 prompts x 8 seeds and the known facts (`general`)
 LONG_RETENTION: tuple[int, ...] = ()  # --retention-also 1000: ES of the first 1,000 edits too
+KEEP_BUNDLES = False  # --bundles: keep every run's journal as bundles, also one that has none yet
 
 
 def score(lm, facts, applied: list, sample: int, n_retention: int = 100, with_general: bool | None = None) -> dict:
@@ -226,6 +229,16 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
     done = {r["edits"] for r in read_jsonl(out)}
     journal = RUNS / f"seq-{name}-journal"
     bundles.restore(journal, lm)  # a run kept as bundles in git (benchmarks/bundles.py): rebuild its journal
+    try:
+        _run_method(lm, name, facts, upto, every, sample, stop, journal, out, done)
+    finally:
+        # Also when stopped between checkpoints: a session's machine does not outlive it, so
+        # edits not yet in bundles would be lost with the journal. Bundles are never rewritten.
+        if (journal / DB_NAME).exists() and (KEEP_BUNDLES or bundles.bundle_paths(journal)):
+            bundles.pack(journal)
+
+
+def _run_method(lm, name, facts, upto, every, sample, stop, journal: Path, out: Path, done: set) -> None:
     with Editor(journal, lm=lm, hparams=HParams(**METHODS[name]), log=print) as editor:
         try:
             pending = editor.pending(facts[:upto])
@@ -249,16 +262,56 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
             checkpoint(lm, editor, name, facts, processed, sample, out)
         finally:
             editor.replay(0, verify=False)  # the next method starts from the base weights
-    if bundles.bundle_paths(journal):
-        bundles.pack(journal)  # new bundles for the new edits; the old ones are never rewritten
 
 
-def checkpoint(lm, editor, name, facts, k, sample, out: Path) -> None:
+def state_after(journal, k: int) -> int:
+    """The seq of the state in which the head's run had processed (applied or rejected) its
+    first k facts, the repairs that followed the k-th included: a checkpoint's state."""
+    rejected_after: dict[int, list[str]] = {}  # a rejection leaves the head where it was
+    for r in journal.rejections():
+        rejected_after.setdefault(r["parent"], []).append(r["fact_hash"])
+    events = [(0, h) for h in rejected_after.get(0, [])]
+    for seq, fact_hash in journal.lineage_facts():
+        events += [(seq, fact_hash)] + [(seq, h) for h in rejected_after.get(seq, [])]
+    seen: set[str] = set()
+    state = 0
+    for seq, fact_hash in events:
+        if fact_hash not in seen:
+            if len(seen) >= k:
+                return state  # the (k+1)-th fact begins here
+            seen.add(fact_hash)
+        state = seq
+    return state  # k reaches past the run: its head
+
+
+def backfill(lm, name: str, facts, every: int, sample: int) -> None:
+    """Read the checkpoints below a run's depth that it never recorded (a run begun by another
+    script: the default's first 500 edits are benchmarks/ablation.py's candidate run), each
+    at the state the run was in then, replayed from the journal."""
+    out = RUNS / f"seq-{name}.jsonl"
+    done = {r["edits"] for r in read_jsonl(out)}
+    journal = RUNS / f"seq-{name}-journal"
+    bundles.restore(journal, lm)
+    with Editor(journal, lm=lm, hparams=HParams(**METHODS[name]), log=print) as editor:
+        try:
+            processed = len(facts) - len(editor.pending(facts))
+            for k in range(every, processed, every):
+                if k not in done:
+                    state = state_after(editor.journal, k)
+                    editor.replay(state, verify=False)
+                    checkpoint(lm, editor, name, facts, k, sample, out, head=state)
+        finally:
+            editor.replay(0, verify=False)
+
+
+def checkpoint(lm, editor, name, facts, k, sample, out: Path, head: int | None = None) -> None:
+    """Score the model as it is now, which is state `head` (default: the journal's head)."""
     by_hash = {f.hash: f for f in facts}
-    path = editor.journal.lineage()
+    path = editor.journal.lineage(head)
     # In the order first edited; a repaired fact has more than one edit on the path.
     applied = [by_hash[h] for h in dict.fromkeys(r.fact_hash for r in path) if h in by_hash]
-    rejections = editor.journal.rejections()
+    on_path = {0, *(r.seq for r in path)}
+    rejections = [r for r in editor.journal.rejections() if r["parent"] in on_path]
     seconds = sorted(r.seconds_total for r in path if r.seconds_total)
     t = time.perf_counter()
     row = {
@@ -370,7 +423,7 @@ def report(methods: list[str]) -> None:
 
 
 def main() -> None:
-    global RUNS, GENERAL, LONG_RETENTION
+    global RUNS, GENERAL, LONG_RETENTION, KEEP_BUNDLES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="edits per method")
     ap.add_argument("--every", type=int, default=100, help="checkpoint interval")
@@ -381,8 +434,11 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=RUNS, help="where journals and checkpoints go")
     ap.add_argument("--general", action="store_true", help="GE over 50 prompts x 8 seeds, and known-facts accuracy")
     ap.add_argument("--retention-also", default="", help="e.g. 1000: ES of the first 1,000 edits at each checkpoint")
+    ap.add_argument("--bundles", action="store_true", help="keep the journals as bundles in git, from the first edit")
+    ap.add_argument("--backfill", action="store_true", help="only read the checkpoints a run skipped, then stop")
     args = ap.parse_args()
     RUNS = args.runs
+    KEEP_BUNDLES = args.bundles
     GENERAL = args.general
     LONG_RETENTION = tuple(int(n) for n in args.retention_also.split(",") if n)
     methods = args.methods.split(",")
@@ -398,6 +454,10 @@ def main() -> None:
     lm = load_model()
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
     stop = StopRequest()  # Ctrl-C / SIGTERM: finish the edit in flight, then exit
+    if args.backfill:
+        for name in methods:
+            backfill(lm, name, facts, args.every, args.sample)
+        return report(methods)
     with stop_on_signals(stop, print):
         advance(lm, methods, facts, args, stop)
     report(methods)

@@ -49,8 +49,7 @@ class _Target:
 def _defining(hparams: dict, where: str) -> dict:
     from .hparams import HParams
 
-    # Journals written before these options existed made plain edits with plainly sampled C.
-    hp = HParams.from_dict({"preserve": "none", "stats_sampling": "plain", **hparams}, source=where)
+    hp = HParams.from_record(hparams, source=where)
     return {k: v for k, v in hp.defining().items() if k != "layer"}
 
 

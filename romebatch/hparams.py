@@ -169,6 +169,13 @@ class HParams:
         hp.validate(source)
         return hp
 
+    @classmethod
+    def from_record(cls, data: dict, source: str) -> HParams:
+        """The hyper-parameters a journal or bundle recorded. A record written before a field
+        existed made its edits without it, so a missing field is read as RECORDED_BEFORE says,
+        not as today's default (which may have changed since)."""
+        return cls.from_dict({**RECORDED_BEFORE, **data}, source=source)
+
     def validate(self, source: str = "hparams") -> None:
         """Every field's type and range, from its annotation: NaN, infinity, a bool for a number,
         a negative count or a huge integer are refused with the field's name."""
@@ -254,6 +261,18 @@ def load_hparams(path: str | Path) -> HParams:
 
 # Range rules on top of each field's type (HParams.validate): these must be above zero; every
 # other number must be zero or more.
+# What every edit made before these fields existed was made with: plain edits, C from
+# plainly sampled text, no sequential-stability mechanism. A record that lacks one of them
+# means this value, whatever the field's default is now.
+RECORDED_BEFORE = {
+    "preserve": "none",
+    "stats_sampling": "plain",
+    "preserve_top_k": 0,
+    "norm_growth_max": 0.0,
+    "v_stop_argmax": False,
+    "norm_penalty": 0.0,
+}
+
 POSITIVE = frozenset(
     {
         "v_lr",

@@ -63,12 +63,7 @@ def init_or_check(
             f"but {lm.spec} has different weights ({base_hash[:19]}…)",
             hint="open it with its own base model, or start a new journal with --journal",
         )
-    # Journals written before sequential-stability methods and encyclopedic sampling
-    # existed made plain edits with C from plainly sampled text.
-    stored = HParams.from_dict(
-        {"preserve": "none", "stats_sampling": "plain", **journal.get("hparams")},
-        source=f"journal {journal.directory}",
-    )
+    stored = HParams.from_record(journal.get("hparams"), source=f"journal {journal.directory}")
     if hparams is None:
         return stored
     # An edit is defined by these: changing one mid-journal would make edits incomparable.

@@ -347,3 +347,39 @@ def test_new_options_are_checked():
     with pytest.raises(UserError, match="v_stop_argmax"):
         HParams(v_stop_argmax="yes").validate()
     assert HParams().defining()["v_stop_argmax"] is False  # off by default
+
+
+def test_a_record_from_before_the_mechanisms_resumes_without_them(tmp_path, bytelevel_tokenizer):
+    """A journal or bundle written before these fields existed made its edits without them: it
+    is read as written (all off), whatever the defaults are now, and refuses to mix with edits
+    made with them."""
+    from romebatch.bundle_apply import apply_bundles
+    from romebatch.bundle_file import write_bundle
+    from romebatch.bundle_read import read_bundle
+
+    def lm():  # each editor loads the base model afresh (an open editor leaves its edits in place)
+        return tiny_loaded("gpt2", bytelevel_tokenizer)
+
+    mechanisms = ("v_stop_argmax", "norm_penalty", "preserve_top_k", "norm_growth_max")
+    old = tmp_path / "old"
+    with Editor(old, lm=lm(), hparams=HParams(**TINY_HPARAMS), log=quiet) as editor:
+        editor.apply(FACTS[:1], checks=None, repair_every=0)
+        stored = editor.journal.get("hparams")
+        for key in mechanisms:
+            del stored[key]  # as a journal written before they existed
+        editor.journal.set_many({"hparams": stored})
+    with Editor(old, lm=lm(), log=quiet) as editor:
+        assert [getattr(editor.hparams, key) for key in mechanisms] == [False, 0.0, 0, 0.0]
+    with pytest.raises(UserError, match="v_stop_argmax=False"):
+        Editor(old, lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "v_stop_argmax": True}), log=quiet)
+
+    bundle = tmp_path / "old.rbundle"
+    write_bundle(old, bundle, first=1, last=1)
+    assert not set(mechanisms) & set(read_bundle(bundle).meta["hparams"])
+    apply_bundles([bundle], tmp_path / "copy", lm=lm())  # into a new journal: read as written
+    with Editor(tmp_path / "copy", lm=lm(), log=quiet) as editor:
+        assert editor.head == 1 and [getattr(editor.hparams, key) for key in mechanisms] == [False, 0.0, 0, 0.0]
+    with Editor(tmp_path / "mpes", lm=lm(), hparams=HParams(**{**TINY_HPARAMS, "norm_penalty": 0.01}), log=quiet):
+        pass
+    with pytest.raises(UserError, match="norm_penalty"):
+        apply_bundles([bundle], tmp_path / "mpes", lm=lm())
