@@ -18,7 +18,7 @@ regression probes off as in sequential.py), then scores all of them:
 - median Adam steps and median seconds of the first edit of each fact, rejected / failed
   edits, repairs, and how far ‖W‖_F of the edited layer grew over the base.
 
-Variants (VARIANTS below): `default` (romebatch as it ships), `mpes` (most-probable early
+Variants (VARIANTS below): `default` (romebatch as it shipped until session 18), `mpes` (most-probable early
 stopping of v*), `nullspace` (AlphaEdit's sequential form: u ⟂ C's top-64 principal
 directions, the earlier edits' keys a soft term in C; the exact form, u ⟂ every earlier key,
 runs out of directions once the edits near d_ff = 2,048 and costs O(N²), so it cannot be a
@@ -28,7 +28,9 @@ together), and `norm-hard` (the hard bound `norm_growth_max`: g from --norm-grow
 the growth the default variant reached over the same records).
 
 Also `topk64` and `covariance` (the two halves of `nullspace` apart), `nullspace-256` (a
-harder projection) and `mpes-norm` (MPES with the norm penalty).
+harder projection) and `mpes-norm` (MPES with the norm penalty: romebatch's default since
+session 18, so its 500-record journal goes on as benchmarks/sequential.py's `default` run,
+its bundles moved to benchmarks/runs/seq-default-bundles).
 
 Journals go to --work (outside the repository: never commit them); one line per edit and
 one per scored variant go to benchmarks/runs/ablation.jsonl, so the same command resumes
@@ -78,22 +80,26 @@ OUT = ROOT / "benchmarks" / "runs" / "ablation.jsonl"
 TOP_K = 64  # of Gemma-3-270M's 2,048 key dimensions: a soft null space
 NULL_SPACE = {"preserve": "covariance", "preserve_top_k": TOP_K}
 NORM_PENALTY = 0.01  # μ, from benchmarks/norm_penalty.py (RESULTS.md, "Issue 20: the soft norm bound")
+# What `default` meant when these variants were measured (romebatch's defaults until
+# session 18, when mpes-norm became the default): every variant states it, so each one's
+# journal keeps resuming and its rows keep their meaning whatever the defaults are now.
+BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0}
 VARIANTS = {
-    "default": {},
-    "mpes": {"v_stop_argmax": True},
-    "nullspace": NULL_SPACE,
-    "norm": {"norm_penalty": NORM_PENALTY},
+    "default": BEFORE,
+    "mpes": {**BEFORE, "v_stop_argmax": True},
+    "nullspace": {**BEFORE, **NULL_SPACE},
+    "norm": {**BEFORE, "norm_penalty": NORM_PENALTY},
     "all": {**NULL_SPACE, "v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
-    "nullspace-exact": {"preserve": "nullspace", "preserve_top_k": TOP_K},
-    "norm-hard": {"norm_growth_max": "auto"},
+    "nullspace-exact": {**BEFORE, "preserve": "nullspace", "preserve_top_k": TOP_K},
+    "norm-hard": {**BEFORE, "norm_growth_max": "auto"},
     # The two halves of `nullspace` apart, and a harder projection: which one keeps the
     # known facts (the unedited subjects') that the default loses.
-    "topk64": {"preserve_top_k": TOP_K},
-    "covariance": {"preserve": "covariance"},
-    "nullspace-256": {"preserve": "covariance", "preserve_top_k": 256},
+    "topk64": {**BEFORE, "preserve_top_k": TOP_K},
+    "covariance": {**BEFORE, "preserve": "covariance"},
+    "nullspace-256": {**BEFORE, "preserve": "covariance", "preserve_top_k": 256},
     # The candidate from the 150-edit reading on the GPU (RESULTS.md, "Issue 20, session 17"):
     # MPES's fewer steps and the norm penalty's smaller growth, without the covariance term
-    # that cost known facts there.
+    # that cost known facts there. romebatch's default since session 18.
     "mpes-norm": {"v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
 }
 DEFAULT_ORDER = ("default", "mpes", "nullspace", "norm", "all")

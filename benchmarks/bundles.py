@@ -1,7 +1,7 @@
 """Benchmark journals kept in git as bundles, not as SQLite files (romebatch/bundle_file.py).
 
-    python benchmarks/bundles.py pack benchmarks/runs/seq-default-journal      # bundle edits not yet bundled
-    python benchmarks/bundles.py restore benchmarks/runs/seq-default-journal   # rebuild journal.sqlite from them
+    python benchmarks/bundles.py pack benchmarks/runs/seq-default-s5-journal      # bundle edits not yet bundled
+    python benchmarks/bundles.py restore benchmarks/runs/seq-default-s5-journal   # rebuild journal.sqlite from them
 
 A run's journal, `benchmarks/runs/<run>-journal/journal.sqlite`, is not tracked: every
 resumed run rewrote all 40 MB of it. Its bundles are: `benchmarks/runs/<run>-bundles/

@@ -1,6 +1,6 @@
 """ES / PS / NS over every fact a journal had edited by chosen depths, edited and unedited.
 
-    python benchmarks/full_scores.py benchmarks/runs/seq-default-journal --at 600,1000,1100
+    python benchmarks/full_scores.py benchmarks/runs/seq-default-s5-journal --at 600,1000,1100
 
 sequential.py's checkpoints score an evenly spaced sample of 200 facts. CounterFact records
 have one neighbourhood prompt each, so a checkpoint's NS rests on 200 prompts and swings by

@@ -1,6 +1,6 @@
 """GE (generation entropy) with its sampling noise: several seeds at chosen depths of journals.
 
-    python benchmarks/ge.py benchmarks/runs/seq-default-journal benchmarks/runs/seq-none-journal --at 0,1000
+    python benchmarks/ge.py benchmarks/runs/seq-default-s5-journal benchmarks/runs/seq-none-journal --at 0,1000
 
 One GE (sequential.py's checkpoint column) is the mean n-gram entropy of 10 sampled
 100-token continuations, one seed. On the unedited model, seeds 0-6 gave 592-630 (standard

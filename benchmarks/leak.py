@@ -17,6 +17,12 @@ and N edits' leaks add up. This reads a journal (no edit is recomputed) and prin
   reproduces the sequential run's own checkpoint exactly: each edit's Λ uᵀ is in the
   journal) and the spread of the neighbourhood prompts' log-odds log P(true) − log P(new)
   against the base model's;
+- with --joint, the drift of the least-leaking update that makes the same writes at every
+  edited fact's key as the summed edits do, ΔW* = D (KᵀC⁻¹K)⁻¹ KᵀC⁻¹ with D = ΔW K: the
+  most that re-solving the edits so far jointly (MEMIT's batch solve over the whole history)
+  could take off the drift, as a ratio to the sequential sum's;
+- with --known, the accuracy on the known facts whose subjects no run edits
+  (benchmarks/sequential.py's `known`), with the summed edits on the base weights;
 - with --recompute-u CORPUS, the same for a counterfactual: every edit keeps its write
   v* − W k* at its own key, but through u = C⁻¹k* with C from CORPUS. (v* is not
   re-optimised on the states this would have produced, so it is an estimate.)
@@ -95,6 +101,8 @@ def main() -> None:
         help="at the end, the log-odds spread when the summed edit acts only at some positions of each "
         "neighbourhood prompt: its last token, the tokens before it, capitalised words (names)",
     )
+    ap.add_argument("--joint", action="store_true", help="also the drift of the joint least-leaking update")
+    ap.add_argument("--known", action="store_true", help="also the known facts' accuracy at each report")
     args = ap.parse_args()
 
     journal = Journal(args.journal)
@@ -154,7 +162,13 @@ def main() -> None:
         f"{args.journal}: {len(path)} edits; held-out keys: {', '.join(f'layer {k}: {len(v)}' for k, v in held.items())}"
         + (f"; u recomputed from C of {args.recompute_u}" if args.recompute_u else "")
     )
-    print(f"{'edits':>6} {'drift':>7}" + ("    ES    PS    NS  Δlog-odds std" if args.score else ""))
+    print(
+        f"{'edits':>6} {'drift':>7}"
+        + ("    ES    PS    NS  Δlog-odds std" if args.score else "")
+        + ("  joint/sequential" if args.joint else "")
+        + ("  known" if args.known else "")
+    )
+    keys: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in weights}  # each edited fact's k*
     for i, record in enumerate(path, 1):
         lam = torch.from_numpy(record.lam.copy()).double()
         u = torch.from_numpy(record.u.copy()).double()
@@ -173,16 +187,24 @@ def main() -> None:
         elif args.recompute_u:
             sys.exit(f"{args.journal}: edit {record.seq} has no stored key; --recompute-u needs it")
         total[layer] += torch.outer(lam, u)
+        if record.k_star is not None:
+            keys[layer][record.fact_hash] = torch.from_numpy(record.k_star.copy()).double()  # a repair: the same key
         if i % args.every == 0 or i == len(path):
-            drifts = [
-                float((H @ total[m].T).pow(2).sum(1).mean().sqrt() / (H @ weights[m].T).pow(2).sum(1).mean().sqrt())
-                for m, H in held.items()
-            ]
+            drifts = [held_drift(H, total[m], weights[m]) for m, H in held.items()]
             line = f"{i:>6} {' '.join(f'{d:.3f}' for d in drifts):>7}"
             if args.score:
                 line += score_with(
                     lm, weights, total, facts[:i], base_log_odds[: sum(len(f.neighborhood) for f in facts[:i])]
                 )
+            if args.joint:
+                ratios = [
+                    held_drift(H, joint_update(total[m], keys[m], stats[m], hp["ridge"]), weights[m]) / drift
+                    for (m, H), drift in zip(held.items(), drifts)
+                    if keys[m]
+                ]
+                line += f"  {' '.join(f'{r:.3f}' for r in ratios):>16}"
+            if args.known:
+                line += f"  {known_with(lm, weights, total):5.1f}"
             print(line, flush=True)
     if args.by_position:
         by_position(lm, total, facts)
@@ -190,6 +212,36 @@ def main() -> None:
         print(f"write ‖v* − W k*‖ / ‖W k*‖ (10th / 50th / 90th percentile): {quantiles(rel_write)}")
         print(f"leak per unit of write, predicted from C:          {quantiles(leak_pred)}")
         print(f"leak per unit of write, measured on held-out keys: {quantiles(leak_held)}")
+
+
+def held_drift(held: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> float:
+    """RMS of ΔW k over the held-out keys, relative to the RMS of W k."""
+    return float((held @ delta.T).pow(2).sum(1).mean().sqrt() / (held @ weight.T).pow(2).sum(1).mean().sqrt())
+
+
+def joint_update(total: torch.Tensor, keys: dict[str, torch.Tensor], mom2: torch.Tensor, ridge: float):
+    """The update of least leak tr(ΔW C ΔWᵀ) with ΔW k = total k at every edited key: the
+    edits' writes kept exactly, re-solved together (C regularised as the edits' own u)."""
+    K = torch.stack(list(keys.values()), 1)  # (d_ff, n)
+    c = mom2 + ridge * mom2.diagonal().mean() * torch.eye(len(mom2), dtype=mom2.dtype)
+    cik = torch.linalg.solve(c, K)
+    return (total @ K) @ torch.linalg.solve(K.T @ cik, cik.T)
+
+
+def known_with(lm, weights, total) -> float:
+    """The known facts' accuracy (benchmarks/sequential.py) with base + total in the model, then the base put back."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from sequential import known_accuracy
+
+    originals = {m: lm.weight(m).detach().clone() for m in weights}
+    try:
+        for m, w in weights.items():
+            edited = (w + total[m]).float()
+            lm.weight(m).data.copy_(edited.T if lm.adapter.conv1d else edited)
+        return known_accuracy(lm)
+    finally:
+        for m, w in originals.items():
+            lm.weight(m).data.copy_(w)
 
 
 @torch.inference_mode()

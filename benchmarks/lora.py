@@ -1,7 +1,7 @@
 """A journal's state as PEFT LoRA adapters (exact and `--rank R`) against the state itself.
 
     python benchmarks/lora.py JOURNAL --manifest examples/facts.csv             # the 24-fact example
-    python benchmarks/lora.py benchmarks/runs/seq-default-journal --at 1000 --ranks 256,64,16 \\
+    python benchmarks/lora.py benchmarks/runs/seq-default-s5-journal --at 1000 --ranks 256,64,16 \\
         --manifest ../shared/data/counterfact-edit-10k.json --sample 200
 
 The journal is copied to a temporary folder (and there rolled back to the state once `--at`

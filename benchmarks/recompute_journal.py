@@ -23,7 +23,7 @@ torch.manual_seed(0)
 b = read_bundle(
     sys.argv[3]
     if len(sys.argv) > 3
-    else str(Path(__file__).resolve().parent / "runs" / "seq-default-bundles" / "00001-00090.rbundle")
+    else str(Path(__file__).resolve().parent / "runs" / "seq-default-s5-bundles" / "00001-00090.rbundle")
 )
 rows = b.edits[:N]
 assert [r["seq"] for r in rows] == list(range(1, N + 1)) and all(r["parent"] == r["seq"] - 1 for r in rows)

@@ -13,7 +13,8 @@ stopped run packs its new edits before it exits). Methods
 advance in turns of one checkpoint interval, so an interrupted session leaves all of them
 at comparable depths.
 
-Methods (METHODS below): `default` (romebatch as it ships), plain ROME (`none`) and the
+Methods (METHODS below): `default` (romebatch as it ships; `default-s5` the default of
+sessions 5-17, without MPES and the norm penalty), plain ROME (`none`) and the
 other `--preserve` methods, `window` (`--spread-layers 3`),
 and variants of plain ROME that test what benchmarks/leak.py found drives NS down over many
 edits: a smaller write (`clamp0.75`), key statistics from CounterFact-style text held out
@@ -66,13 +67,19 @@ RUNS = ROOT / "benchmarks" / "runs"
 # The configuration every method of sessions 1-3 was measured with (layer 1, clamp 1.5, C
 # from 10k tokens sampled plainly from <bos>), pinned so a change of romebatch's defaults
 # never changes a baseline or stops its journal from resuming.
-PLAIN = {"preserve": "none", "clamp_norm_factor": 1.5, "stats_tokens": 10_000, "stats_sampling": "plain"}
+# No sequential-stability mechanism: what every method below but `default` was measured without.
+BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0}
+PLAIN = {**BEFORE, "preserve": "none", "clamp_norm_factor": 1.5, "stats_tokens": 10_000, "stats_sampling": "plain"}
 METHODS = {
     # romebatch as it ships: HParams() resolved for the model (see romebatch/hparams.py):
-    # since session 5, clamp 0.5 and encyclopedic C (its journal began as "default-clamp0.5").
+    # since session 18, the session-5 default with MPES and the norm penalty. Its first 500
+    # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).
     "default": {},
+    # The session-5..17 default: clamp 0.5 and encyclopedic C (its journal began as
+    # "default-clamp0.5", and was this file's `default` to 1,950 edits).
+    "default-s5": BEFORE,
     # The session-4 default, clamp 0.75 (NS 8.5 below unedited by 400 edits; stopped at 422).
-    "default-s4": {"clamp_norm_factor": 0.75},
+    "default-s4": {**BEFORE, "clamp_norm_factor": 0.75},
     "none": PLAIN,  # plain sequential ROME
     "covariance": {**PLAIN, "preserve": "covariance"},
     "nullspace": {**PLAIN, "preserve": "nullspace"},
@@ -91,13 +98,13 @@ METHODS = {
     # The default with the earlier edits' keys protected: retention and ES fall as later
     # edits overwrite earlier ones, and a smaller write shrinks an edit's margin and its leak
     # alike, so the clamp alone cannot hold them (at 500 edits: ES 93.5, retention 88).
-    "default-covariance": {"preserve": "covariance"},
+    "default-covariance": {**BEFORE, "preserve": "covariance"},
 }
 # Repair passes (romebatch/repair.py) are part of `romebatch apply` as it ships since
 # session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
-# default runs them; its journal ran without them up to edit 602, so its first pass, at 602,
-# repaired what those edits had lost.
-REPAIRS = {"default": REPAIR_EVERY}
+# defaults run them; `default-s5`'s journal ran without them up to edit 602, so its first
+# pass, at 602, repaired what those edits had lost.
+REPAIRS = {"default": REPAIR_EVERY, "default-s5": REPAIR_EVERY}
 FLUENCY_PROMPTS = [
     "The city of",
     "My favourite food is",
@@ -204,6 +211,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 # Set from the command line (main): the extra readings every checkpoint takes.
 GENERAL = False  # --general: GE over 50 prompts x 8 seeds and the known facts (`general`)
+GENERAL_EVERY = 0  # --general-every 500: that reading only at checkpoints that are multiples of it
 LONG_RETENTION: tuple[int, ...] = ()  # --retention-also 1000: ES of the first 1,000 edits too
 KEEP_BUNDLES = False  # --bundles: keep every run's journal as bundles, also one that has none yet
 
@@ -323,7 +331,7 @@ def checkpoint(lm, editor, name, facts, k, sample, out: Path, head: int | None =
         "collapse_rejections": sum(r["reason"].startswith("collapse") for r in rejections),
         "max_update_norm": max((r.update_norm for r in path), default=0.0),
         "median_seconds": seconds[len(seconds) // 2] if seconds else None,
-        **score(lm, facts, applied, sample),
+        **score(lm, facts, applied, sample, with_general=GENERAL or bool(GENERAL_EVERY and k % GENERAL_EVERY == 0)),
     }
     row["score_seconds"] = time.perf_counter() - t
     with out.open("a") as f:
@@ -345,7 +353,7 @@ def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
             continue
         # The base model's general reading does not vary with k: taken once, then copied.
         row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample, with_general=False)}
-        if GENERAL:
+        if GENERAL or GENERAL_EVERY:
             earlier = [r for r in read_jsonl(out) if "GE50" in r]
             row.update({key: earlier[0][key] for key in GENERAL_KEYS} if earlier else general(lm))
         with out.open("a") as f:
@@ -423,7 +431,7 @@ def report(methods: list[str]) -> None:
 
 
 def main() -> None:
-    global RUNS, GENERAL, LONG_RETENTION, KEEP_BUNDLES
+    global RUNS, GENERAL, GENERAL_EVERY, LONG_RETENTION, KEEP_BUNDLES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="edits per method")
     ap.add_argument("--every", type=int, default=100, help="checkpoint interval")
@@ -433,6 +441,9 @@ def main() -> None:
     ap.add_argument("--report", action="store_true", help="only print the table and write the plot")
     ap.add_argument("--runs", type=Path, default=RUNS, help="where journals and checkpoints go")
     ap.add_argument("--general", action="store_true", help="GE over 50 prompts x 8 seeds, and known-facts accuracy")
+    ap.add_argument(
+        "--general-every", type=int, default=0, help="the --general reading only at multiples of this many edits"
+    )
     ap.add_argument("--retention-also", default="", help="e.g. 1000: ES of the first 1,000 edits at each checkpoint")
     ap.add_argument("--bundles", action="store_true", help="keep the journals as bundles in git, from the first edit")
     ap.add_argument("--backfill", action="store_true", help="only read the checkpoints a run skipped, then stop")
@@ -440,6 +451,7 @@ def main() -> None:
     RUNS = args.runs
     KEEP_BUNDLES = args.bundles
     GENERAL = args.general
+    GENERAL_EVERY = args.general_every
     LONG_RETENTION = tuple(int(n) for n in args.retention_also.split(",") if n)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]
@@ -467,9 +479,10 @@ def advance(lm, methods: list[str], facts, args, stop: StopRequest) -> None:
     while True:
         progress = False
         for name in methods:
-            before = {r["edits"] for r in read_jsonl(RUNS / f"seq-{name}.jsonl")}
+            # Rows, not depths: a run redone from edit 0 re-reads depths an earlier run recorded.
+            before = len(read_jsonl(RUNS / f"seq-{name}.jsonl"))
             run_method(lm, name, facts, args.n, args.every, args.sample, stop)
-            progress |= {r["edits"] for r in read_jsonl(RUNS / f"seq-{name}.jsonl")} != before
+            progress |= len(read_jsonl(RUNS / f"seq-{name}.jsonl")) != before
         deepest = max((r["edits"] for m in methods for r in read_jsonl(RUNS / f"seq-{m}.jsonl")), default=0)
         unedited(lm, facts, deepest, args.every, args.sample)
         if not progress:

@@ -116,11 +116,13 @@ class HParams:
     exact_protocol: bool = _option(
         False, "Optimise v* the plain way (all tokens, all layers, full logits): slower, same result."
     )
-    # Toward 10,000 sequential edits (issue 20; each off by default, so journals written before
-    # they existed keep their meaning). MPES (ENCORE's most-probable early stopping): stop
+    # Toward 10,000 sequential edits (issue 20). Records written before these fields existed
+    # read them as off (RECORDED_BEFORE). MPES (ENCORE's most-probable early stopping): stop
     # optimising v* at the first step where the target's first token is the argmax on every
-    # rewrite prompt.
-    v_stop_argmax: bool = False
+    # rewrite prompt. On by default with norm_penalty: the pair edits in fewer steps and grows
+    # W less than either alone, with the same scores (benchmarks/RESULTS.md, "Where the
+    # defaults come from").
+    v_stop_argmax: bool = True
     # AlphaEdit-style soft null space: keep u orthogonal to the top-k principal directions of
     # C (the directions typical keys occupy), so W k moves little for typical keys; with
     # preserve "nullspace" the earlier edits' keys join the constrained set, with
@@ -131,8 +133,9 @@ class HParams:
     norm_growth_max: float = 0.0
     # The soft form of that bound (ENCORE's norm constraint as a penalty, rome/preserve.py):
     # each u also minimises μ · mean(diag C) times the growth of ‖W‖²_F it causes, so edits
-    # still take but choose the direction that grows W least (and may shrink it). 0: off.
-    norm_penalty: float = 0.0
+    # still take but choose the direction that grows W least (and may shrink it). 0: off;
+    # μ from benchmarks/norm_penalty.py.
+    norm_penalty: float = 0.01
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
     NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")

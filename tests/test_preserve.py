@@ -160,8 +160,14 @@ def test_rollback_and_reopen_restore_the_running_state_byte_exactly(tmp_path, by
         assert state_bytes(reopened.preserver(LAYER)) == states[1]
         # A new edit on the rolled-back state is computed from state 1, not state 4.
         reopened.apply([FACTS[3]], checks=None, repair_every=0)
+        hp = reopened.hparams
         expected = Preserver(
-            preserve, reopened.stats(LAYER).cholesky, reopened.preserver(LAYER).d_ff, reopened.hparams.preserve_weight
+            preserve,
+            reopened.stats(LAYER).cholesky,
+            reopened.preserver(LAYER).d_ff,
+            hp.preserve_weight,
+            hp.preserve_top_k,
+            hp.norm_penalty,
         )
         expected.rebuild([torch.from_numpy(r.k_star.copy()) for r in reopened.journal.lineage()])
         assert state_bytes(reopened.preserver(LAYER)) == state_bytes(expected)
