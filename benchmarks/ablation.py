@@ -18,8 +18,8 @@ regression probes off as in sequential.py), then scores all of them:
 - median Adam steps and median seconds of the first edit of each fact, rejected / failed
   edits, repairs, and how far ‖W‖_F of the edited layer grew over the base.
 
-Variants (VARIANTS below): `default` (romebatch as it shipped until session 18), `mpes` (most-probable early
-stopping of v*), `nullspace` (AlphaEdit's sequential form: u ⟂ C's top-64 principal
+Variants (VARIANTS below): `default` (romebatch as it shipped until session 18), `mpes`
+(most-probable early stopping of v*), `nullspace` (AlphaEdit's sequential form: u ⟂ C's top-64 principal
 directions, the earlier edits' keys a soft term in C; the exact form, u ⟂ every earlier key,
 runs out of directions once the edits near d_ff = 2,048 and costs O(N²), so it cannot be a
 default for 3,000 edits and more: `nullspace-exact` keeps it for comparison), `norm` (the
@@ -55,7 +55,7 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -65,13 +65,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bundles  # noqa: E402
-from sequential import DATA, FLUENCY_PROMPTS, general, known_accuracy, read_jsonl  # noqa: E402
+from sequential import BEFORE, DATA, FLUENCY_PROMPTS, general, known_accuracy, read_jsonl  # noqa: E402
 
 from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
-from romebatch.journal import DB_NAME  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
@@ -80,10 +79,9 @@ OUT = ROOT / "benchmarks" / "runs" / "ablation.jsonl"
 TOP_K = 64  # of Gemma-3-270M's 2,048 key dimensions: a soft null space
 NULL_SPACE = {"preserve": "covariance", "preserve_top_k": TOP_K}
 NORM_PENALTY = 0.01  # μ, from benchmarks/norm_penalty.py (RESULTS.md, "Issue 20: the soft norm bound")
-# What `default` meant when these variants were measured (romebatch's defaults until
-# session 18, when mpes-norm became the default): every variant states it, so each one's
-# journal keeps resuming and its rows keep their meaning whatever the defaults are now.
-BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0}
+# Every variant states what `default` meant when it was measured (BEFORE: romebatch's
+# defaults until session 18, when mpes-norm became the default), so each one's journal keeps
+# resuming and its rows keep their meaning whatever the defaults are now.
 VARIANTS = {
     "default": BEFORE,
     "mpes": {**BEFORE, "v_stop_argmax": True},
@@ -189,16 +187,9 @@ def known_row(lm, editor: Editor, name: str, n: int) -> dict:
 
 def run_variant(lm, name: str, facts, args, stop: StopRequest) -> None:
     journal = args.work / f"ablation-{name}-n{args.n}-journal"
-    if not args.bundles:
-        return _run_variant(lm, name, facts, args, stop, journal)
-    # A run longer than a session: its journal lives as bundles in git (benchmarks/bundles.py),
-    # rebuilt (every edit verified by replay) before it resumes and extended when it stops.
-    bundles.restore(journal, lm)
-    try:
+    # A run longer than a session: its journal lives as bundles in git (benchmarks/bundles.py).
+    with bundles.kept(journal, lm, start=True) if args.bundles else nullcontext():
         _run_variant(lm, name, facts, args, stop, journal)
-    finally:
-        if (journal / DB_NAME).exists():
-            bundles.pack(journal)
 
 
 def _run_variant(lm, name: str, facts, args, stop: StopRequest, journal: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +91,19 @@ def restore(journal: Path, lm=None, model: str | None = None, log=print) -> int:
     added = sum(d.edits for d in done)
     log(f"{journal}: {added} edits restored, head {done[-1].head}")
     return added
+
+
+@contextmanager
+def kept(journal: Path, lm, start: bool = False):
+    """A run whose journal lives as bundles: rebuilt from them (every edit verified by replay)
+    before it resumes, and its new edits packed after it, also when it stops or fails (a
+    session's machine does not outlive it). `start`: begin bundles for a run that has none."""
+    restore(journal, lm)
+    try:
+        yield
+    finally:
+        if (journal / DB_NAME).exists() and (start or bundle_paths(journal)):
+            pack(journal)
 
 
 def main() -> None:

@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -233,12 +234,19 @@ def known_with(lm, weights, total) -> float:
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from sequential import known_accuracy
 
+    with summed_edits(lm, weights, total):
+        return known_accuracy(lm)
+
+
+@contextmanager
+def summed_edits(lm, weights, total):
+    """The model with base + total at every edited layer, then the base put back."""
     originals = {m: lm.weight(m).detach().clone() for m in weights}
     try:
         for m, w in weights.items():
             edited = (w + total[m]).float()
             lm.weight(m).data.copy_(edited.T if lm.adapter.conv1d else edited)
-        return known_accuracy(lm)
+        yield
     finally:
         for m, w in originals.items():
             lm.weight(m).data.copy_(w)
@@ -305,17 +313,10 @@ def by_position(lm, total: dict[int, torch.Tensor], facts) -> None:
 
 def score_with(lm, weights, total, facts, base_log_odds) -> str:
     """Scores of `facts` with base + total written into the model, then the base put back."""
-    originals = {m: lm.weight(m).detach().clone() for m in weights}
-    try:
-        for m, w in weights.items():
-            edited = (w + total[m]).float()
-            lm.weight(m).data.copy_(edited.T if lm.adapter.conv1d else edited)
+    with summed_edits(lm, weights, total):
         scores = score_facts(lm, facts)
-        summary = summarize(scores)
-        spread = float(np.std(neighbour_log_odds(scores) - base_log_odds))
-    finally:
-        for m, w in originals.items():
-            lm.weight(m).data.copy_(w)
+    summary = summarize(scores)
+    spread = float(np.std(neighbour_log_odds(scores) - base_log_odds))
     return f" {summary['ES']:5.1f} {summary['PS']:5.1f} {summary['NS']:5.1f} {spread:14.2f}"
 
 

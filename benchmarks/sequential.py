@@ -54,7 +54,6 @@ from romebatch.api import REPAIR_EVERY  # noqa: E402
 from romebatch.editor import Editor, StopRequest, stop_on_signals  # noqa: E402
 from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
-from romebatch.journal import DB_NAME  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
@@ -236,14 +235,8 @@ def run_method(lm, name: str, facts, upto: int, every: int, sample: int, stop: S
     out = RUNS / f"seq-{name}.jsonl"
     done = {r["edits"] for r in read_jsonl(out)}
     journal = RUNS / f"seq-{name}-journal"
-    bundles.restore(journal, lm)  # a run kept as bundles in git (benchmarks/bundles.py): rebuild its journal
-    try:
+    with bundles.kept(journal, lm, start=KEEP_BUNDLES):  # a run kept as bundles in git, if it has them
         _run_method(lm, name, facts, upto, every, sample, stop, journal, out, done)
-    finally:
-        # Also when stopped between checkpoints: a session's machine does not outlive it, so
-        # edits not yet in bundles would be lost with the journal. Bundles are never rewritten.
-        if (journal / DB_NAME).exists() and (KEEP_BUNDLES or bundles.bundle_paths(journal)):
-            bundles.pack(journal)
 
 
 def _run_method(lm, name, facts, upto, every, sample, stop, journal: Path, out: Path, done: set) -> None:

@@ -262,8 +262,6 @@ def load_hparams(path: str | Path) -> HParams:
     return HParams.from_dict(data, source=str(path))
 
 
-# Range rules on top of each field's type (HParams.validate): these must be above zero; every
-# other number must be zero or more.
 # What every edit made before these fields existed was made with: plain edits, C from
 # plainly sampled text, no sequential-stability mechanism. A record that lacks one of them
 # means this value, whatever the field's default is now.
@@ -276,6 +274,8 @@ RECORDED_BEFORE = {
     "norm_penalty": 0.0,
 }
 
+# Range rules on top of each field's type (HParams.validate): these must be above zero; every
+# other number must be zero or more.
 POSITIVE = frozenset(
     {
         "v_lr",
