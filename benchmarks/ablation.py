@@ -87,7 +87,7 @@ VARIANTS = {
     "mpes": {**BEFORE, "v_stop_argmax": True},
     "nullspace": {**BEFORE, **NULL_SPACE},
     "norm": {**BEFORE, "norm_penalty": NORM_PENALTY},
-    "all": {**NULL_SPACE, "v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
+    "all": {**BEFORE, **NULL_SPACE, "v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
     "nullspace-exact": {**BEFORE, "preserve": "nullspace", "preserve_top_k": TOP_K},
     "norm-hard": {**BEFORE, "norm_growth_max": "auto"},
     # The two halves of `nullspace` apart, and a harder projection: which one keeps the
@@ -97,8 +97,9 @@ VARIANTS = {
     "nullspace-256": {**BEFORE, "preserve": "covariance", "preserve_top_k": 256},
     # The candidate from the 150-edit reading on the GPU (RESULTS.md, "Issue 20, session 17"):
     # MPES's fewer steps and the norm penalty's smaller growth, without the covariance term
-    # that cost known facts there. romebatch's default since session 18.
-    "mpes-norm": {"v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
+    # that cost known facts there. romebatch's default in session 18 (since session 19 with
+    # the prompt key written in full, which BEFORE turns off).
+    "mpes-norm": {**BEFORE, "v_stop_argmax": True, "norm_penalty": NORM_PENALTY},
 }
 DEFAULT_ORDER = ("default", "mpes", "nullspace", "norm", "all")
 

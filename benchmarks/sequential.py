@@ -67,13 +67,16 @@ RUNS = ROOT / "benchmarks" / "runs"
 # from 10k tokens sampled plainly from <bos>), pinned so a change of romebatch's defaults
 # never changes a baseline or stops its journal from resuming.
 # No sequential-stability mechanism: what every method below but `default` was measured without.
-BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0}
+BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0, "write_prompt_key": False}
 PLAIN = {**BEFORE, "preserve": "none", "clamp_norm_factor": 1.5, "stats_tokens": 10_000, "stats_sampling": "plain"}
 METHODS = {
     # romebatch as it ships: HParams() resolved for the model (see romebatch/hparams.py):
-    # since session 18, the session-5 default with MPES and the norm penalty. Its first 500
-    # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).
+    # since session 19, MPES, the norm penalty and the prompt key written in full. Begun from
+    # edit 0 in session 19.
     "default": {},
+    # The session-18 default (MPES and the norm penalty, u from k* alone). Its first 500
+    # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).
+    "default-s18": {"write_prompt_key": False},
     # The session-5..17 default: clamp 0.5 and encyclopedic C (its journal began as
     # "default-clamp0.5", and was this file's `default` to 1,950 edits).
     "default-s5": BEFORE,
@@ -103,7 +106,7 @@ METHODS = {
 # session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
 # defaults run them; `default-s5`'s journal ran without them up to edit 602, so its first
 # pass, at 602, repaired what those edits had lost.
-REPAIRS = {"default": REPAIR_EVERY, "default-s5": REPAIR_EVERY}
+REPAIRS = {"default": REPAIR_EVERY, "default-s18": REPAIR_EVERY, "default-s5": REPAIR_EVERY}
 FLUENCY_PROMPTS = [
     "The city of",
     "My favourite food is",
@@ -211,6 +214,7 @@ def read_jsonl(path: Path) -> list[dict]:
 # Set from the command line (main): the extra readings every checkpoint takes.
 GENERAL = False  # --general: GE over 50 prompts x 8 seeds and the known facts (`general`)
 GENERAL_EVERY = 0  # --general-every 500: that reading only at checkpoints that are multiples of it
+KNOWN_EVERY = 0  # --known-every 100: the known facts' accuracy alone (no GE50) at multiples of it
 LONG_RETENTION: tuple[int, ...] = ()  # --retention-also 1000: ES of the first 1,000 edits too
 KEEP_BUNDLES = False  # --bundles: keep every run's journal as bundles, also one that has none yet
 
@@ -326,6 +330,8 @@ def checkpoint(lm, editor, name, facts, k, sample, out: Path, head: int | None =
         "median_seconds": seconds[len(seconds) // 2] if seconds else None,
         **score(lm, facts, applied, sample, with_general=GENERAL or bool(GENERAL_EVERY and k % GENERAL_EVERY == 0)),
     }
+    if "known" not in row and KNOWN_EVERY and k % KNOWN_EVERY == 0:
+        row["known"] = known_accuracy(lm)
     row["score_seconds"] = time.perf_counter() - t
     with out.open("a") as f:
         f.write(json.dumps(row) + "\n")
@@ -349,6 +355,9 @@ def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
         if GENERAL or GENERAL_EVERY:
             earlier = [r for r in read_jsonl(out) if "GE50" in r]
             row.update({key: earlier[0][key] for key in GENERAL_KEYS} if earlier else general(lm))
+        elif KNOWN_EVERY:
+            earlier = [r for r in read_jsonl(out) if "known" in r]
+            row["known"] = earlier[0]["known"] if earlier else known_accuracy(lm)
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
@@ -424,7 +433,7 @@ def report(methods: list[str]) -> None:
 
 
 def main() -> None:
-    global RUNS, GENERAL, GENERAL_EVERY, LONG_RETENTION, KEEP_BUNDLES
+    global RUNS, GENERAL, GENERAL_EVERY, KNOWN_EVERY, LONG_RETENTION, KEEP_BUNDLES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1000, help="edits per method")
     ap.add_argument("--every", type=int, default=100, help="checkpoint interval")
@@ -437,6 +446,9 @@ def main() -> None:
     ap.add_argument(
         "--general-every", type=int, default=0, help="the --general reading only at multiples of this many edits"
     )
+    ap.add_argument(
+        "--known-every", type=int, default=0, help="the known facts' accuracy alone at multiples of this many edits"
+    )
     ap.add_argument("--retention-also", default="", help="e.g. 1000: ES of the first 1,000 edits at each checkpoint")
     ap.add_argument("--bundles", action="store_true", help="keep the journals as bundles in git, from the first edit")
     ap.add_argument("--backfill", action="store_true", help="only read the checkpoints a run skipped, then stop")
@@ -445,6 +457,7 @@ def main() -> None:
     KEEP_BUNDLES = args.bundles
     GENERAL = args.general
     GENERAL_EVERY = args.general_every
+    KNOWN_EVERY = args.known_every
     LONG_RETENTION = tuple(int(n) for n in args.retention_also.split(",") if n)
     methods = args.methods.split(",")
     unknown = [m for m in methods if m not in METHODS]

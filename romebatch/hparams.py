@@ -136,6 +136,13 @@ class HParams:
     # still take but choose the direction that grows W least (and may shrink it). 0: off;
     # μ from benchmarks/norm_penalty.py.
     norm_penalty: float = 0.01
+    # The edit prompt's own key gets the whole write (rome/preserve.py, `level_direction`):
+    # u also meets uᵀk_prompt = uᵀk*. k* is the mean over the prompt and its context
+    # prefixes; where a subject opens its prompt, its key there can sit far from that mean
+    # and an edit wrote a fifth of δ or less where the prompt reads it, failing on the very
+    # prompt it was asked to change, repairs included (benchmarks/RESULTS.md, "Where the
+    # defaults come from"). False: the published update, u from k* alone.
+    write_prompt_key: bool = True
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
     NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")
@@ -272,6 +279,7 @@ RECORDED_BEFORE = {
     "norm_growth_max": 0.0,
     "v_stop_argmax": False,
     "norm_penalty": 0.0,
+    "write_prompt_key": False,
 }
 
 # Range rules on top of each field's type (HParams.validate): these must be above zero; every

@@ -195,12 +195,17 @@ def test_edited_layer_maps_k_star_to_v_star(edited):
 
 
 def test_edit_matches_closed_form_from_key_statistics(edited):
-    # ROME §3.1 computed here with a plain linear solve: u = (C + ridge·mean(diag C)·I)⁻¹ k*,
-    # Λ = (v* − (W k* + b)) / (uᵀ k*).
+    # ROME §3.1 computed here with plain linear solves: u = (C + ridge·mean(diag C)·I)⁻¹ k*,
+    # made to give the bare prompt's own key k_p the same write (the default write_prompt_key:
+    # u = C⁻¹(k* − α d), dᵀu = 0, d = k_p − k*), Λ = (v* − (W k* + b)) / (uᵀ k*).
+    assert edited.hp.write_prompt_key
     c = edited.stats.mom2.double()
     c = c + edited.hp.ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=torch.float64)
     k = edited.k_star.double()
-    u = torch.linalg.solve(c, k)
+    d = prompt_keys(edited)[0].double() - k
+    plain, along = torch.linalg.solve(c, k), torch.linalg.solve(c, d)
+    u = plain - along * (d @ plain) / (d @ along)
+    assert abs(float(edited.edit.u.double() @ (k + d)) / float(edited.edit.u.double() @ k) - 1) < 1e-4
     lam = (edited.value.v_star.double() - edited.v_current.double()) / (u @ k)
     assert torch.allclose(edited.edit.u.double(), u, rtol=1e-4, atol=1e-6 * float(u.abs().max()))
     assert torch.allclose(edited.edit.lam.double(), lam, rtol=1e-4, atol=1e-6 * float(lam.abs().max()))
@@ -214,10 +219,10 @@ def test_edit_matches_closed_form_from_key_statistics(edited):
     assert torch.allclose(edited.v_current.double(), v0, atol=1e-4, rtol=1e-5)
 
 
-def test_k_star_is_mean_key_over_bare_and_prefixed_prompts(edited):
-    # Reference: each prompt run alone, the key read with a plain PyTorch pre-hook, then averaged.
+def prompt_keys(edited) -> list[torch.Tensor]:
+    """The key at the subject's last token of the bare prompt, then of each prefixed prompt:
+    each prompt run alone, the key read with a plain PyTorch pre-hook."""
     lm = edited.lm
-    assert len(edited.prefixes) == sum(count for _, count in edited.hp.prefixes)
     module = lm.module("down_proj", edited.layer)
     keys = []
     for prefix in ["", *edited.prefixes]:
@@ -230,7 +235,12 @@ def test_k_star_is_mean_key_over_bare_and_prefixed_prompts(edited):
         finally:
             handle.remove()
         keys.append(seen[0].reshape(len(encoded.ids), -1)[index])  # OPT flattens to (B*T, d_ff)
-    reference = torch.stack(keys).mean(dim=0)
+    return keys
+
+
+def test_k_star_is_mean_key_over_bare_and_prefixed_prompts(edited):
+    assert len(edited.prefixes) == sum(count for _, count in edited.hp.prefixes)
+    reference = torch.stack(prompt_keys(edited)).mean(dim=0)
     assert torch.allclose(edited.k_star, reference, atol=1e-5, rtol=1e-5)
 
 

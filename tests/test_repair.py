@@ -58,11 +58,12 @@ def quiet(message: str) -> None:
     pass
 
 
-# The scenario below was built for plain rank-one updates: the norm penalty (on by default)
-# picks each u to grow W least, and on this 32-dimensional model that changes which facts the
-# later edits undo and whether a repair outlasts the next one (tests/test_sequential_mechanisms.py
-# tests the penalty; MPES, also on by default, leaves this scenario as it was).
-NO_NORM_PENALTY = {"norm_penalty": 0.0}
+# The scenario below was built for plain rank-one updates: the norm penalty and the levelled
+# prompt key (both on by default) each pick another u, and on this 32-dimensional model that
+# changes which facts the later edits undo and whether a repair outlasts the next one
+# (tests/test_sequential_mechanisms.py and tests/test_prompt_key.py test them; MPES, also on
+# by default, leaves this scenario as it was).
+PLAIN_UPDATES = {"norm_penalty": 0.0, "write_prompt_key": False}
 
 
 def editor_for(tmp_path, tokenizer, name="journal", **extra):
@@ -70,7 +71,7 @@ def editor_for(tmp_path, tokenizer, name="journal", **extra):
     return Editor(
         tmp_path / name,
         lm=tiny_loaded("gpt2", tokenizer, seed=1),
-        hparams=HParams(**{**TINY_HPARAMS, **NO_NORM_PENALTY, **extra}),
+        hparams=HParams(**{**TINY_HPARAMS, **PLAIN_UPDATES, **extra}),
         log=quiet,
     )
 

@@ -69,7 +69,16 @@ def keys_at(lm: LoadedModel, layer: int, sequences: list[list[int]], indices: li
     return captured[0]
 
 
+def compute_keys(
+    lm: LoadedModel, layer: int, template: str, subject: str, prefixes: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(k*, the edit prompt's own key), each (d_ff,) float32: the mean key at the subject's last
+    token over the bare and prefixed prompts, and the key there in the bare prompt alone."""
+    sequences, indices = context_prompts(lm, template, subject, prefixes)
+    keys = keys_at(lm, layer, sequences, indices)
+    return keys.mean(dim=0), keys[0]
+
+
 def compute_key(lm: LoadedModel, layer: int, template: str, subject: str, prefixes: list[str]) -> torch.Tensor:
     """k*: mean key at the subject's last token over the bare and prefixed prompts, (d_ff,) float32."""
-    sequences, indices = context_prompts(lm, template, subject, prefixes)
-    return keys_at(lm, layer, sequences, indices).mean(dim=0)
+    return compute_keys(lm, layer, template, subject, prefixes)[0]

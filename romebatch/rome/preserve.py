@@ -33,6 +33,15 @@ B = [k*, A] and β from the constraints. The update stays rank one and still mee
 Ŵ k* = v* exactly, so, unlike a hard bound, it never leaves an edit undone: it only chooses
 the u that grows ‖W‖_F least for the damage it does to other keys, and may shrink W along r.
 
+Any method can also make the edit reach the edit prompt's own key in full (`prompt_key` in
+`u`): k* is the mean key over the bare prompt and its context prefixes, and an edit writes
+Λ uᵀk at a key k, so the prompt itself receives uᵀk_p / uᵀk* of the write. That share is
+about 1 for most facts, but where the subject opens its prompt its key can sit far from the
+contexts' mean and receive a fifth of the write or less: the edit then fails on the very
+prompt it was asked to change, and every repair of it fails the same way
+(benchmarks/RESULTS.md, "Issue 20, session 19"). The constraint uᵀ(k_p − k*) = 0 joins A, so
+uᵀk_p = uᵀk*: the prompt gets the whole write v* − W k*, the contexts' mean is unchanged.
+
 The running state is a pure function of the keys of the edits on the journal's current
 path, in order: `rebuild` recomputes it from them after a rollback, with the same float64
 arithmetic in the same order as the edits were made, so it is byte-identical.
@@ -105,17 +114,21 @@ class Preserver:
             solved = torch.cholesky_solve(k[:, None], self.base_cholesky)
             self.solved = torch.cat([self.solved, solved], dim=1)
 
-    def u(self, k_star: torch.Tensor, pull: torch.Tensor | None = None) -> torch.Tensor:
+    def u(
+        self, k_star: torch.Tensor, pull: torch.Tensor | None = None, prompt_key: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """u for a new key, float64 (d_ff,).
 
-        `pull` is g = Wᵀr / ‖r‖² (`rome.update.growth_pull`), which the norm penalty needs."""
+        `pull` is g = Wᵀr / ‖r‖² (`rome.update.growth_pull`), which the norm penalty needs.
+        `prompt_key`, if given, is the edit prompt's own key: u then also meets uᵀk_p = uᵀk*."""
         k = k_star.detach().double().cpu().reshape(-1)
+        level = level_direction(k, prompt_key)
         if self.penalty_scale:
             if pull is None:
                 raise ValueError("a norm penalty needs the edit's pull Wᵀr / ‖r‖²")
-            return self._penalised(k, pull.detach().double().cpu().reshape(-1))
-        if self.top_k:
-            return self._constrained(k)
+            return self._penalised(k, pull.detach().double().cpu().reshape(-1), level)
+        if self.top_k or level.shape[1]:
+            return self._constrained(k, level)
         if self.method == "covariance":
             return torch.cholesky_solve(k[:, None], self._metric_factor())[:, 0]
         u = torch.cholesky_solve(k[:, None], self.base_cholesky)[:, 0]
@@ -127,23 +140,28 @@ class Preserver:
             u = u - (self.solved @ alpha)[:, 0]
         return u
 
-    def _constrained(self, k: torch.Tensor) -> torch.Tensor:
-        """u = M⁻¹(k − A α) with Aᵀu = 0: A is C's top-k directions (and, for nullspace, the earlier keys)."""
+    def _constrained(self, k: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
+        """u = M⁻¹(k − A α) with Aᵀu = 0: A is C's top-k directions (and, for nullspace, the
+        earlier keys; and k_p − k*, when the prompt key is levelled)."""
         factor = self._metric_factor()
         u = torch.cholesky_solve(k[:, None], factor)[:, 0]
-        a, solved = self._constraints(factor)
+        a, solved = self._constraints(factor, level)
         gram = a.T @ solved
         # lstsq, not solve: near-parallel keys make the Gram singular (as in u above).
         alpha = torch.linalg.lstsq(gram, a.T @ u[:, None]).solution
         return u - (solved @ alpha)[:, 0]
 
-    def _constraints(self, factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A, the directions u must be orthogonal to (C's top k; for nullspace, the earlier keys too), and M⁻¹A."""
+    def _constraints(self, factor: torch.Tensor, level: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A, the directions u must be orthogonal to (C's top k; for nullspace, the earlier keys
+        too; `level`, k_p − k* or nothing), and M⁻¹A."""
         a = self.principal
         solved = torch.cholesky_solve(a, factor)  # M⁻¹ U
         if self.method == "nullspace" and self.keys:
             a = torch.cat([a, torch.stack(self.keys, dim=1)], dim=1)
             solved = torch.cat([solved, self.solved], dim=1)
+        if level.shape[1]:
+            a = torch.cat([a, level], dim=1)
+            solved = torch.cat([solved, torch.cholesky_solve(level, factor)], dim=1)
         return a, solved
 
     def _metric_factor(self) -> torch.Tensor:
@@ -153,10 +171,10 @@ class Preserver:
             return self._factor
         return self.base_cholesky
 
-    def _penalised(self, k: torch.Tensor, pull: torch.Tensor) -> torch.Tensor:
+    def _penalised(self, k: torch.Tensor, pull: torch.Tensor, level: torch.Tensor) -> torch.Tensor:
         """argmin uᵀM'u + 2μ' gᵀu with kᵀu = 1 and Aᵀu = 0, scaled so uᵀk = kᵀM'⁻¹k as plain ROME's."""
         factor = self._metric_factor()
-        a, solved_a = self._constraints(factor)
+        a, solved_a = self._constraints(factor, level)
         b = torch.cat([k[:, None], a], dim=1)  # B = [k*, A]
         solved = torch.cat([torch.cholesky_solve(k[:, None], factor), solved_a], dim=1)  # M'⁻¹ B
         shifted = torch.cholesky_solve(self.penalty_scale * pull[:, None], factor)  # M'⁻¹ μ' g
@@ -166,3 +184,39 @@ class Preserver:
         beta = torch.linalg.lstsq(b.T @ solved, targets + b.T @ shifted).solution
         u = (solved @ beta - shifted)[:, 0]
         return u * float(k @ solved[:, 0])
+
+
+# Below this |cosine| between k_p − k* and k*, levelling would ask uᵀk* = 0 of an edit whose
+# prompt key is (nearly) a multiple of k*: no u meets both, so the prompt key is left alone.
+PARALLEL = 0.999
+
+
+def level_direction(k_star: torch.Tensor, prompt_key: torch.Tensor | None) -> torch.Tensor:
+    """k_p − k* as one column (d_ff, 1), float64; no column when there is nothing to level:
+    no prompt key, the prompt key equal to k* (no context prefixes), or parallel to it."""
+    empty = torch.zeros(len(k_star), 0, dtype=torch.float64)
+    if prompt_key is None:
+        return empty
+    d = prompt_key.detach().double().cpu().reshape(-1) - k_star
+    size = float(d.norm())
+    if size <= 1e-6 * float(k_star.norm()) or abs(float(d @ k_star)) >= PARALLEL * size * float(k_star.norm()):
+        return empty
+    return d[:, None]
+
+
+def levelled_u(k_star: torch.Tensor, prompt_key: torch.Tensor, cholesky: torch.Tensor | None) -> torch.Tensor | None:
+    """Plain ROME's u = C⁻¹k* made to meet uᵀk_p = uᵀk* too, when no method needs a Preserver:
+    u = C⁻¹(k* − α d) with dᵀu = 0, d = k_p − k*; float64 (d_ff,). None when there is nothing
+    to level (`level_direction`): the caller then uses C⁻¹k* as it is."""
+    k = k_star.detach().double().cpu().reshape(-1)
+    level = level_direction(k, prompt_key)
+    if not level.shape[1]:
+        return None
+    if cholesky is None:  # mom2 = identity: C = I
+        u, solved = k, level[:, 0]
+    else:
+        factor = cholesky.double().cpu()
+        u = torch.cholesky_solve(k[:, None], factor)[:, 0]
+        solved = torch.cholesky_solve(level, factor)[:, 0]
+    d = level[:, 0]
+    return u - solved * (float(d @ u) / float(d @ solved))

@@ -136,16 +136,17 @@ def compute_edit(
     """k*, v* and the update for one fact; the model is unchanged when this returns.
 
     Returns (edit, k_star, value). `timings`, if given, receives seconds_key and seconds_value.
-    `preserver` (rome/preserve.py), if given, chooses u from k* instead of C⁻¹k*.
+    `preserver` (rome/preserve.py), if given, chooses u from k* instead of C⁻¹k*; with
+    `hp.write_prompt_key`, u also gives the edit prompt's own key the whole write.
     `max_weight_norm`, if given, scales the update so ‖W‖_F stays within it (`bound_norm`).
     """
     import time
 
-    from .keys import compute_key
+    from .keys import compute_keys
     from .values import optimise_value
 
     started = time.perf_counter()
-    k_star = compute_key(lm, layer, fact_template, subject, prefixes)
+    k_star, prompt_key = compute_keys(lm, layer, fact_template, subject, prefixes)
     v_init = current_value(lm, layer, k_star)
     keyed = time.perf_counter()
     value = optimise_value(
@@ -173,7 +174,11 @@ def compute_edit(
         pull = None
         if preserver.penalty_scale:
             pull = growth_pull(lm.weight(layer), lm.adapter.conv1d, value.v_star - v_init)
-        u = preserver.u(k_star, pull)
+        u = preserver.u(k_star, pull, prompt_key if hp.write_prompt_key else None)
+    elif hp.write_prompt_key:
+        from .preserve import levelled_u
+
+        u = levelled_u(k_star, prompt_key, stats.cholesky if stats else None)
     edit = rank_one_update(layer, k_star, value.v_star, v_init, stats.cholesky if stats else None, u)
     if max_weight_norm is not None:
         edit, scale = bound_norm(edit, lm.weight(layer), lm.adapter.conv1d, max_weight_norm)
