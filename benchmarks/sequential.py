@@ -74,6 +74,9 @@ METHODS = {
     # since session 19, MPES, the norm penalty and the prompt key written in full. Begun from
     # edit 0 in session 19.
     "default": {},
+    # The default with each δ cut to 1.25 times the smallest share of it that still takes
+    # (`v_shrink`): smaller writes, in the hope of less drift (session 19's experiment).
+    "shrink": {"v_shrink": 1.25},
     # The session-18 default (MPES and the norm penalty, u from k* alone). Its first 500
     # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).
     "default-s18": {"write_prompt_key": False},
@@ -106,7 +109,7 @@ METHODS = {
 # session 6: every REPAIR_EVERY edits, facts that no longer hold are edited again. Only the
 # defaults run them; `default-s5`'s journal ran without them up to edit 602, so its first
 # pass, at 602, repaired what those edits had lost.
-REPAIRS = {"default": REPAIR_EVERY, "default-s18": REPAIR_EVERY, "default-s5": REPAIR_EVERY}
+REPAIRS = {"default": REPAIR_EVERY, "shrink": REPAIR_EVERY, "default-s18": REPAIR_EVERY, "default-s5": REPAIR_EVERY}
 FLUENCY_PROMPTS = [
     "The city of",
     "My favourite food is",

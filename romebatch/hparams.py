@@ -143,6 +143,10 @@ class HParams:
     # prompt it was asked to change, repairs included (benchmarks/RESULTS.md, "Where the
     # defaults come from"). False: the published update, u from k* alone.
     write_prompt_key: bool = True
+    # With MPES: scale the δ found to this many times the smallest share of it that still
+    # takes (rome/values.py, `shrink`), at most all of it: smaller writes leak less. 0: off.
+    # An option under measurement (benchmarks/RESULTS.md), off by default.
+    v_shrink: float = 0.0
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
     NON_DEFINING = ("guard_factor", "guard_min_edits", "guard_max_relative", "guard_nll_rise", "exact_protocol")
@@ -280,6 +284,7 @@ RECORDED_BEFORE = {
     "v_stop_argmax": False,
     "norm_penalty": 0.0,
     "write_prompt_key": False,
+    "v_shrink": 0.0,
 }
 
 # Range rules on top of each field's type (HParams.validate): these must be above zero; every

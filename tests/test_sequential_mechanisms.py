@@ -102,6 +102,26 @@ def test_mpes_stops_at_the_first_step_the_target_is_the_argmax_everywhere(bytele
     assert plain.steps == cap
 
 
+def test_shrink_keeps_the_smallest_share_of_delta_that_still_takes(bytelevel_tokenizer):
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    v_init = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(lr=0.5, clamp_norm_factor=20.0, loss_stop=0.0, steps=30, stop_on_argmax=True)
+    found = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, **kwargs)
+    delta = found.v_star - v_init
+    shrunk = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, shrink=1.0, **kwargs)
+    assert shrunk.steps == found.steps and 0 < shrunk.share < 1  # the same δ, then less of it
+    torch.testing.assert_close(shrunk.v_star - v_init, shrunk.share * delta, atol=1e-6, rtol=1e-5)
+    # Judged by the plain per-prompt reference: the share kept takes, one bisection step less does not.
+    assert argmax_on_every_prompt(lm, shrunk.share * delta)
+    assert not argmax_on_every_prompt(lm, (shrunk.share - 2**-V.SHRINK_BISECTIONS) * delta)
+    # Headroom multiplies the share, never past the whole δ.
+    roomy = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, shrink=1.5, **kwargs)
+    assert roomy.share == pytest.approx(min(1.0, 1.5 * shrunk.share))
+    whole = V.optimise_value(lm, LAYER, TEMPLATE, SUBJECT, TARGET, PREFIXES, v_init, shrink=1e6, **kwargs)
+    assert whole.share == 1.0
+    torch.testing.assert_close(whole.v_star, found.v_star)
+
+
 def test_mpes_through_the_editor_takes_fewer_steps_and_the_edits_still_take(tmp_path, bytelevel_tokenizer):
     steps = {}
     for mpes in (False, True):

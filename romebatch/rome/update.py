@@ -166,6 +166,7 @@ def compute_edit(
         clamp_norm_factor=hp.clamp_norm_factor,
         engine="exact" if hp.exact_protocol else "cached",
         stop_on_argmax=hp.v_stop_argmax,
+        shrink=hp.v_shrink,
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)

@@ -47,6 +47,7 @@ class ValueResult:
     steps: int  # Adam steps taken (early stopping makes this < v_steps)
     loss: float  # final total loss
     nll: float  # final mean target NLL over the prompts
+    share: float = 1.0  # the share of the optimised δ kept (`shrink`): v* = v_init + share · δ
 
 
 @dataclass
@@ -228,6 +229,7 @@ def optimise_value(
     clamp_norm_factor: float = 4.0,
     engine: str = "cached",
     stop_on_argmax: bool = False,
+    shrink: float = 0.0,
 ) -> ValueResult:
     """Optimise δ; `stop_on_argmax` adds most-probable early stopping (MPES, ENCORE).
 
@@ -235,6 +237,12 @@ def optimise_value(
     most probable next token on every rewrite prompt: the edit then already takes, and
     driving the NLL further down only over-fits (and costs steps). The check reads the
     logits the step computed anyway, so it costs nothing.
+
+    `shrink` h > 0 (with MPES, once it stops): Adam's first steps reach the clamp at once, so
+    the δ found is often larger than the edit needs, and every write leaks in proportion to
+    its size. δ is scaled to h times the smallest share s of it that still takes (MPES's
+    criterion, bisection to 1/32 with forward passes only), never above all of it: v* =
+    v_init + min(1, h·s) δ. h > 1 leaves later edits a margin to wear down.
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
@@ -253,6 +261,7 @@ def optimise_value(
     max_norm = clamp_norm_factor * v_init.norm()
     init_norm_sq = v_init.norm() ** 2
     step = 0
+    reached = False
     loss_value = nll_value = float("nan")
     for step in range(1, steps + 1):
         optimiser.zero_grad()
@@ -264,7 +273,7 @@ def optimise_value(
         penalty = weight_decay * delta.norm() / init_norm_sq
         loss = nll + kl_factor * kl + penalty
         loss_value, nll_value = loss.item(), nll.item()
-        reached = stop_on_argmax and bool((logp[first_token].argmax(-1) == targets[first_token]).all())
+        reached = stop_on_argmax and takes(logp, first_token, targets)
         if reached or (nll_value if stop_on == "nll" else loss_value) < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break
@@ -275,4 +284,31 @@ def optimise_value(
             if norm > max_norm:
                 delta.mul_(max_norm / norm)
     delta = delta.detach().float()
-    return ValueResult(v_star=v_init.float() + delta, steps=step, loss=loss_value, nll=nll_value)
+    share = 1.0
+    if shrink and reached:
+        share = min(1.0, shrink * smallest_share(forward, delta, first_token, targets))
+        delta = delta * share
+    return ValueResult(v_star=v_init.float() + delta, steps=step, loss=loss_value, nll=nll_value, share=share)
+
+
+def takes(logits: torch.Tensor, first_token: torch.Tensor, targets: torch.Tensor) -> bool:
+    """MPES's criterion on a forward pass's reads: the target's first token is the argmax on every rewrite prompt."""
+    return bool((logits[first_token].argmax(-1) == targets[first_token]).all())
+
+
+SHRINK_BISECTIONS = 5  # the smallest share is found to 1/32
+
+
+@torch.no_grad()
+def smallest_share(
+    forward: Forward, delta: torch.Tensor, first_token, targets, iterations: int = SHRINK_BISECTIONS
+) -> float:
+    """The smallest s in (0, 1], to 2^-iterations, at which s·δ still `takes`, for a δ that takes."""
+    low, high = 0.0, 1.0
+    for _ in range(iterations):
+        middle = (low + high) / 2
+        if takes(forward(middle * delta), first_token, targets):
+            high = middle
+        else:
+            low = middle
+    return high
