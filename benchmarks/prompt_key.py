@@ -30,12 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from sequential import DATA  # noqa: E402
+from single_edits import setup  # noqa: E402
 
-from romebatch.hparams import HParams, resolve  # noqa: E402
-from romebatch.manifest import load_manifest  # noqa: E402
-from romebatch.model import load_model  # noqa: E402
-from romebatch.rome import apply_edit, load_or_compute_stats, sample_prefixes  # noqa: E402
+from romebatch.rome import apply_edit  # noqa: E402
 from romebatch.rome.keys import compute_keys  # noqa: E402
 from romebatch.rome.preserve import Preserver  # noqa: E402
 from romebatch.rome.update import current_value, growth_pull, rank_one_update  # noqa: E402
@@ -53,15 +50,8 @@ def main() -> None:
     ap.add_argument("--low-max", type=int, default=40, help="at most this many facts with ρ < 0.5 edited")
     ap.add_argument("--out", type=Path, help="one JSON line per fact (appended)")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    lm = load_model()
-    hp = resolve(HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
-    layer = hp.layer
-    facts = load_manifest(DATA, skip_invalid=True).facts[args.skip : args.skip + args.n]
-    prefixes = sample_prefixes(lm, hp.prefixes, hp.prefix_top_k, hp.seed)
-    stats = load_or_compute_stats(lm, [layer], lm.base_hash(), **hp.stats_options())[layer].factor(hp.ridge)
-    chol = stats.cholesky.double()
-    c = chol @ chol.T
+    s = setup(args.skip, args.n)
+    lm, hp, layer, facts, prefixes, chol, c = s.lm, s.hp, s.layer, s.facts, s.prefixes, s.chol, s.c
     weight = lm.weight(layer)
     d_ff = weight.shape[1]
     preserver = Preserver("none", chol, d_ff, norm_penalty=hp.norm_penalty)

@@ -205,3 +205,47 @@ TINY_HPARAMS = dict(
     guard_nll_rise=0.0,
     stats_sampling="plain",
 )
+
+
+def random_spd(d: int, seed: int) -> torch.Tensor:
+    """A random symmetric positive-definite d x d matrix with a spread of eigenvalues (a stand-in for C), float64."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 3 * d, dtype=torch.float64)
+    return a @ a.T / (3 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def kkt_u(hessian: torch.Tensor, linear: torch.Tensor, constraints: torch.Tensor, targets: torch.Tensor):
+    """argmin ½ uᵀHu + lᵀu subject to Bᵀu = t, as one dense linear solve (a reference for rome/preserve.py)."""
+    d, n = constraints.shape
+    kkt = torch.zeros(d + n, d + n, dtype=torch.float64)
+    kkt[:d, :d], kkt[:d, d:], kkt[d:, :d] = hessian, constraints, constraints.T
+    return torch.linalg.solve(kkt, torch.cat([-linear, targets]))[:d]
+
+
+def dense_u(method, c, keys, k_star, top_k, mu, w, r, levelled_to=None, weight=7.0):
+    """The u a Preserver(method, C, weight, top_k, norm_penalty=mu) should give, scaled to uᵀk* = 1:
+    its objective written out, ‖ΔW‖²_M + μ'(‖W + ΔW‖²_F − ‖W‖²_F) for ΔW = r uᵀ (M = C, plus
+    the earlier keys' weighted terms for "covariance"), under uᵀk* = 1, u ⟂ C's top-k
+    eigenvectors, u ⟂ the earlier keys for "nullspace", and uᵀ(k_p − k*) = 0 when
+    `levelled_to` is the prompt key k_p: one dense KKT solve (no Cholesky, no pull, no shared code)."""
+    d = len(k_star)
+    m = c + 1e-12 * torch.eye(d, dtype=torch.float64)
+    if method == "covariance":
+        for key in keys:
+            unit = key / key.norm()
+            m = m + weight * (unit @ c @ unit) * torch.outer(unit, unit)
+    scale = mu * float(c.diagonal().mean())
+    w32 = w.float().double()  # the pull is computed from the weight as stored
+    hessian = 2 * (r @ r) * (m + scale * torch.eye(d, dtype=torch.float64))
+    linear = 2 * scale * (w32.T @ r)
+    cons = [k_star[:, None]]
+    if levelled_to is not None:
+        cons.append((levelled_to - k_star)[:, None])
+    if top_k:
+        cons.append(torch.linalg.eigh(c)[1][:, -top_k:])
+    if method == "nullspace":
+        cons.append(torch.stack(keys, dim=1))
+    b = torch.cat(cons, dim=1)
+    targets = torch.zeros(b.shape[1], dtype=torch.float64)
+    targets[0] = 1.0
+    return kkt_u(hessian, linear, b, targets)

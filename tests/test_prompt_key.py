@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_HPARAMS, tiny_loaded
+from conftest import TINY_HPARAMS, dense_u, kkt_u, random_spd, tiny_loaded
 
 from romebatch.editor import Editor
 from romebatch.hooks import Hook, attach
@@ -22,20 +22,6 @@ from romebatch.rome.preserve import Preserver, level_direction, levelled_u
 from romebatch.rome.update import growth_pull
 
 LAYER = 1
-
-
-def random_spd(d: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 3 * d, dtype=torch.float64)
-    return a @ a.T / (3 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
-
-
-def kkt_u(hessian, linear, constraints, targets):
-    """argmin ½ uᵀHu + lᵀu subject to Bᵀu = t, as one dense linear solve."""
-    d, n = constraints.shape
-    kkt = torch.zeros(d + n, d + n, dtype=torch.float64)
-    kkt[:d, :d], kkt[:d, d:], kkt[d:, :d] = hessian, constraints, constraints.T
-    return torch.linalg.solve(kkt, torch.cat([-linear, targets]))[:d]
 
 
 @pytest.mark.parametrize(
@@ -58,23 +44,7 @@ def test_levelled_u_solves_the_constrained_problem(method, top_k, mu):
     # The prompt key gets exactly what k* gets ...
     assert float(u @ k_prompt) == pytest.approx(float(u @ k_star), rel=1e-9)
     # ... and u is the optimum of the method's objective under that one more constraint.
-    m = c.clone()
-    if method == "covariance":
-        for key in keys:
-            unit = key / key.norm()
-            m = m + 7.0 * (unit @ c @ unit) * torch.outer(unit, unit)
-    scale = mu * float(c.diagonal().mean())
-    hessian = 2 * (r @ r) * (m + scale * torch.eye(d, dtype=torch.float64))
-    linear = 2 * scale * (w.float().double().T @ r)
-    cons = [k_star[:, None], (k_prompt - k_star)[:, None]]
-    if top_k:
-        cons.append(torch.linalg.eigh(c)[1][:, -top_k:])
-    if method == "nullspace":
-        cons.append(torch.stack(keys, dim=1))
-    b = torch.cat(cons, dim=1)
-    targets = torch.zeros(b.shape[1], dtype=torch.float64)
-    targets[0] = 1.0
-    expected = kkt_u(hessian, linear, b, targets)
+    expected = dense_u(method, c, keys, k_star, top_k, mu, w, r, levelled_to=k_prompt)
     torch.testing.assert_close(u / float(u @ k_star), expected, rtol=1e-6, atol=1e-9)
     # Without the prompt key the same method gives another u, one that misses the prompt.
     other = pres.u(k_star, pull)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_HPARAMS, tiny_loaded
+from conftest import TINY_HPARAMS, dense_u, random_spd, tiny_loaded
 
 from romebatch.editor import Editor
 from romebatch.errors import UserError
@@ -138,12 +138,6 @@ def test_mpes_through_the_editor_takes_fewer_steps_and_the_edits_still_take(tmp_
 
 
 # ------------------------------------------------------------------------------ null space
-def random_spd(d: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3.0, 3 * d, dtype=torch.float64)
-    return a @ a.T / (3 * d) + 0.1 * torch.eye(d, dtype=torch.float64)
-
-
 @pytest.mark.parametrize("method", ["none", "covariance", "nullspace"])
 def test_top_k_projection_matches_an_independent_solution(method):
     d, k, n = 12, 3, 2
@@ -274,29 +268,7 @@ def test_norm_penalty_u_solves_the_penalised_problem(method, top_k):
     pres = Preserver(method, torch.linalg.cholesky(c), d, 7.0, top_k=top_k, norm_penalty=mu)
     pres.rebuild(keys)
     u = pres.u(k_star, growth_pull(w.float(), False, r))
-    # The reference: the objective written out, ‖ΔW‖²_M + μ'(‖W + ΔW‖²_F − ‖W‖²_F) for ΔW = r uᵀ
-    # with uᵀk* = 1, solved as one dense KKT system (no Cholesky, no pull, no shared code).
-    m = c + 1e-12 * torch.eye(d, dtype=torch.float64)
-    if method == "covariance":
-        for key in keys:
-            unit = key / key.norm()
-            m = m + 7.0 * (unit @ c @ unit) * torch.outer(unit, unit)
-    scale = mu * float(c.diagonal().mean())
-    w32 = w.float().double()  # the pull is computed from the weight as stored
-    hessian = 2 * (r @ r) * (m + scale * torch.eye(d, dtype=torch.float64))
-    linear = 2 * scale * (w32.T @ r)
-    cons = [k_star[:, None]]
-    if top_k:
-        cons.append(torch.linalg.eigh(c)[1][:, -top_k:])
-    if method == "nullspace":
-        cons.append(torch.stack(keys, dim=1))
-    b = torch.cat(cons, dim=1)
-    targets = torch.zeros(b.shape[1], dtype=torch.float64)
-    targets[0] = 1.0
-    size = d + b.shape[1]
-    kkt = torch.zeros(size, size, dtype=torch.float64)
-    kkt[:d, :d], kkt[:d, d:], kkt[d:, :d] = hessian, b, b.T
-    expected = torch.linalg.solve(kkt, torch.cat([-linear, targets]))[:d]
+    expected = dense_u(method, c, keys, k_star, top_k, mu, w, r)  # the objective, one dense KKT solve
     torch.testing.assert_close(u / float(u @ k_star), expected, rtol=1e-6, atol=1e-9)
     # The penalty changes the answer: without it u is another direction.
     plain = Preserver(method, torch.linalg.cholesky(c), d, 7.0, top_k=top_k)
