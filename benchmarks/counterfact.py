@@ -181,7 +181,17 @@ def main() -> None:
                     continue
                 weight = lm.weight(layer).detach().clone()
                 t = time.perf_counter()
-                edit, _, value = compute_edit(lm, layer, fact.prompt, fact.subject, fact.target_new, prefixes, st, hp)
+                edit, _, value = compute_edit(
+                    lm,
+                    layer,
+                    fact.prompt,
+                    fact.subject,
+                    fact.target_new,
+                    prefixes,
+                    st,
+                    hp,
+                    target_true=fact.target_true,
+                )
                 seconds = time.perf_counter() - t
                 apply_edit(lm, edit)
                 extra = {"seconds": seconds, "steps": value.steps, "norm": edit.norm, "denominator": edit.denominator}

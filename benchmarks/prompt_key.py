@@ -1,6 +1,7 @@
 """How much of each write reaches the edit prompt itself, with and without `write_prompt_key`.
 
     python benchmarks/prompt_key.py --n 1000 --skip 3000 --sample 40 --low-max 40
+    python benchmarks/prompt_key.py --journal benchmarks/runs/seq-default-s18-journal  # a run's own edits
 
 An edit ΔW = Λ uᵀ writes Λ (uᵀk) at a key k. k* is the mean key over the bare prompt and
 its context prefixes, so the prompt itself receives the share ρ = uᵀk_p / uᵀk* of the write
@@ -14,6 +15,10 @@ default's norm penalty included) and each edit applied alone and scored:
 - ES / PS / NS, over all facts and over those low-ρ facts;
 - the damage to typical keys, ‖ΔW‖²_C, as a median ratio levelled / published (how much
   more each edit leaks for reaching its prompt), and the growth of ‖W‖²_F each way.
+
+With --journal, nothing is edited: the share ρ each edit of the journal gave its own prompt
+(its stored u and k*, the prompt's key read from the base model: the edited layer's input
+does not depend on its own weights), for the edits that took when made and those that did not.
 """
 
 from __future__ import annotations
@@ -49,7 +54,10 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=40, help="facts with ρ ≥ 0.5 edited and scored")
     ap.add_argument("--low-max", type=int, default=40, help="at most this many facts with ρ < 0.5 edited")
     ap.add_argument("--out", type=Path, help="one JSON line per fact (appended)")
+    ap.add_argument("--journal", type=Path, help="only read ρ of this journal's edits")
     args = ap.parse_args()
+    if args.journal:
+        return journal_shares(args.journal)
     s = setup(args.skip, args.n)
     lm, hp, layer, facts, prefixes, chol, c = s.lm, s.hp, s.layer, s.facts, s.prefixes, s.chol, s.c
     weight = lm.weight(layer)
@@ -81,6 +89,7 @@ def main() -> None:
             lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, stop_on=hp.v_stop_on,
             kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
             stop_on_argmax=hp.v_stop_argmax,
+            true_target=fact.target_true if hp.v_stop_beats_true else None,
         )  # fmt: skip
         pull = growth_pull(weight, False, value.v_star - v_init)
         row = {"id": fact.id, "steps": value.steps}
@@ -108,6 +117,34 @@ def main() -> None:
             flush=True,
         )
     report(rows)
+
+
+def journal_shares(directory: Path) -> None:
+    """ρ of every edit on a journal's path, split by whether it took (P(new) > P(true)) when made."""
+    from romebatch.journal import Journal
+    from romebatch.manifest import fact_from_dict
+    from romebatch.model import load_model
+
+    torch.set_num_threads(1)
+    lm = load_model()
+    prefixes_none: list[str] = []  # the bare prompt alone: its key is the prompt key
+    took: dict[bool, list[float]] = {True: [], False: []}
+    with Journal(directory) as journal:
+        path = journal.lineage()
+    for record in path:
+        fact = fact_from_dict(record.fact)
+        _, k_prompt = compute_keys(lm, record.layer, fact.prompt, fact.subject, prefixes_none)
+        u, k = torch.from_numpy(record.u.copy()).double(), torch.from_numpy(record.k_star.copy()).double()
+        if record.p_true_after is not None:
+            took[record.p_new_after > record.p_true_after].append(float(u @ k_prompt.double() / (u @ k)))
+    for label, key in (("took", True), ("did not take", False)):
+        values = sorted(took[key])
+        if values:
+            print(
+                f"{label}: {len(values)} edits; ρ 10th / 50th / 90th percentile {values[len(values) // 10]:.3f} / "
+                f"{values[len(values) // 2]:.3f} / {values[9 * len(values) // 10]:.3f}; "
+                f"{sum(v < LOW for v in values)} below {LOW}"
+            )
 
 
 def report(rows: list[dict]) -> None:

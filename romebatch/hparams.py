@@ -123,6 +123,11 @@ class HParams:
     # W less than either alone, with the same scores (benchmarks/RESULTS.md, "Where the
     # defaults come from").
     v_stop_argmax: bool = True
+    # MPES also asks the new object to beat the true one on the edit prompt as efficacy reads
+    # it (length-normalised), when the fact names its true object (rome/values.py, Takes):
+    # with the first token alone, a multi-token true object ("San Francisco") could keep the
+    # lead after MPES stopped, and a repair pass could not move it (MPES stops it at step 0).
+    v_stop_beats_true: bool = True
     # AlphaEdit-style soft null space: keep u orthogonal to the top-k principal directions of
     # C (the directions typical keys occupy), so W k moves little for typical keys; with
     # preserve "nullspace" the earlier edits' keys join the constrained set, with
@@ -285,6 +290,7 @@ RECORDED_BEFORE = {
     "norm_penalty": 0.0,
     "write_prompt_key": False,
     "v_shrink": 0.0,
+    "v_stop_beats_true": False,
 }
 
 # Range rules on top of each field's type (HParams.validate): these must be above zero; every

@@ -208,6 +208,7 @@ def apply_one(
             timings,
             preserver,
             max_weight_norm(base, hp),
+            target_true=fact.target_true,
         )
     except (ValueError, RuntimeError) as error:  # e.g. a subject no token covers
         row.reason = f"could not compute the edit: {error}"

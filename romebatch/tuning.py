@@ -220,6 +220,7 @@ def tune(
                         prefixes,
                         stats.get(setting.layer),
                         hp,
+                        target_true=fact.target_true,
                     )
                     apply_edit(lm, edit)
                     try:

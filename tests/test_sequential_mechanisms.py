@@ -102,6 +102,60 @@ def test_mpes_stops_at_the_first_step_the_target_is_the_argmax_everywhere(bytele
     assert plain.steps == cap
 
 
+def test_mpes_reads_the_true_object_as_efficacy_does(bytelevel_tokenizer):
+    """The true object's row scores exactly what efficacy scores (scores.answer_nll on the prompt),
+    and the criterion needs both the argmax on every prompt and the new object ahead."""
+    from romebatch.scores import answer_nll
+
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    true = "Tokyo and Berlin"  # several tokens: the case the first token alone misreads
+    rows = V.build_rows(lm, TEMPLATE, SUBJECT, TARGET, PREFIXES, true)
+    assert len(rows.true_targets) > 1 and len(rows.sequences) == len(PREFIXES) + 3
+    logp = V.cached_forward(lm, LAYER, rows)(None).float().log_softmax(-1)
+    prompt = TEMPLATE.replace("{}", SUBJECT)
+    want_new, want_true = answer_nll(lm, [(prompt, TARGET), (prompt, true)])
+    m, reads = rows.answer_len, len(rows.targets)
+    got_new = -logp[:m].gather(1, torch.tensor(rows.targets[:m])[:, None]).mean()
+    got_true = -logp[reads : reads + len(rows.true_targets)].gather(1, torch.tensor(rows.true_targets)[:, None]).mean()
+    assert float(got_new) == pytest.approx(want_new, abs=1e-4)
+    assert float(got_true) == pytest.approx(want_true, abs=1e-4)
+    # The decision, on read log-probabilities set by hand: the first tokens all argmax, then
+    # the new object ahead of the true one on the bare prompt, or not.
+    takes = V.Takes(rows, "cpu")
+    first = [i * m for i in range(rows.n_prompts)]
+    flat = torch.full((len(rows.read_rows), lm.config.vocab_size), -20.0)
+    flat[torch.arange(reads), torch.tensor(rows.targets)] = -1.0  # every target token likely
+    flat[torch.arange(reads, reads + len(rows.true_targets)), torch.tensor(rows.true_targets)] = -0.5
+    assert not takes(flat)  # argmax everywhere, but the true object reads likelier
+    flat[torch.arange(reads, reads + len(rows.true_targets)), torch.tensor(rows.true_targets)] = -2.0
+    assert takes(flat)
+    flat[first[-1], rows.targets[first[-1]]] = -30.0  # one prompt's first token no longer the argmax
+    assert not takes(flat)
+    # Without the true object's rows the first tokens decide alone, as ENCORE's check.
+    plain = V.Takes(V.build_rows(lm, TEMPLATE, SUBJECT, TARGET, PREFIXES), "cpu")
+    flat[first[-1], rows.targets[first[-1]]] = -1.0
+    assert plain(torch.cat([flat[:reads], flat[-1:]]))
+
+
+@pytest.mark.parametrize("beats_true", [True, False])
+def test_apply_and_repairs_hand_mpes_the_true_object(tmp_path, bytelevel_tokenizer, monkeypatch, beats_true):
+    seen = []
+    real = V.optimise_value
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("true_target"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(V, "optimise_value", spy)
+    facts = [Fact(id="a", subject="the city", prompt="It is in {}", target_new="Seattle", target_true="Rome"),
+             Fact(id="b", subject="the tower", prompt="It is in {}", target_new="Tokyo")]  # fmt: skip
+    hp = HParams(**{**TINY_HPARAMS, "v_stop_beats_true": beats_true})
+    with Editor(tmp_path / "j", lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp, log=quiet) as editor:
+        editor.apply(facts, checks=None, repair_every=0)
+    assert seen == (["Rome", None] if beats_true else [None, None])
+    assert HParams.from_record({}, source="old").v_stop_beats_true is False  # older journals: off
+
+
 def test_shrink_keeps_the_smallest_share_of_delta_that_still_takes(bytelevel_tokenizer):
     lm = tiny_loaded("gpt2", bytelevel_tokenizer)
     v_init = torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(1))

@@ -132,6 +132,7 @@ def compute_edit(
     timings: dict | None = None,
     preserver: Preserver | None = None,
     max_weight_norm: float | None = None,
+    target_true: str | None = None,
 ) -> tuple[RankOneEdit, torch.Tensor, ValueResult]:
     """k*, v* and the update for one fact; the model is unchanged when this returns.
 
@@ -139,6 +140,8 @@ def compute_edit(
     `preserver` (rome/preserve.py), if given, chooses u from k* instead of C⁻¹k*; with
     `hp.write_prompt_key`, u also gives the edit prompt's own key the whole write.
     `max_weight_norm`, if given, scales the update so ‖W‖_F stays within it (`bound_norm`).
+    `target_true`, the fact's true object if known, is what MPES compares the target against
+    (with `hp.v_stop_beats_true`).
     """
     import time
 
@@ -167,6 +170,7 @@ def compute_edit(
         engine="exact" if hp.exact_protocol else "cached",
         stop_on_argmax=hp.v_stop_argmax,
         shrink=hp.v_shrink,
+        true_target=target_true if hp.v_stop_beats_true else None,
     )
     if timings is not None:
         timings.update(seconds_key=keyed - started, seconds_value=time.perf_counter() - keyed)

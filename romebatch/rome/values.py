@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,20 +52,27 @@ class ValueResult:
 
 @dataclass
 class Rows:
-    """The optimisation batch as token lists: N rewrite prompts, then the essence prompt."""
+    """The optimisation batch as token lists: N rewrite prompts, the bare prompt followed by
+    the true object (only when MPES compares the two), then the essence prompt."""
 
     sequences: list[list[int]]
     subject_index: list[int]  # the subject's last token in each sequence
-    read_rows: list[int]  # logits read at (read_rows[i], read_cols[i]); the essence row last
+    # Logits are read at (read_rows[i], read_cols[i]): the N·m rewrite reads, then the true
+    # object's reads (none unless compared), the essence read last.
+    read_rows: list[int]
     read_cols: list[int]
     targets: list[int]  # the target token read at each rewrite position
     n_prompts: int
     answer_len: int
+    true_targets: list[int] = field(default_factory=list)  # the true object's tokens after the bare prompt
 
 
-def build_rows(lm: LoadedModel, template: str, subject: str, target: str, prefixes: list[str]) -> Rows:
+def build_rows(
+    lm: LoadedModel, template: str, subject: str, target: str, prefixes: list[str], true_target: str | None = None
+) -> Rows:
     tok = lm.tokenizer
-    target_ids = answer_ids(tok, template.replace("{}", subject, 1), target)
+    prompt_text = template.replace("{}", subject, 1)
+    target_ids = answer_ids(tok, prompt_text, target)
     m = len(target_ids)
     sequences: list[list[int]] = []
     lookups: list[int] = []
@@ -83,12 +90,49 @@ def build_rows(lm: LoadedModel, template: str, subject: str, target: str, prefix
             read_cols.append(len(encoded.ids) - 1 + j)
             targets.append(target_ids[j])
     n_prompts = len(sequences)
+    true_ids: list[int] = []
+    if true_target is not None:
+        # The bare prompt (row 0) again, teacher-forced on the true object: efficacy compares
+        # the two answers' length-normalised probabilities on this prompt.
+        true_ids = answer_ids(tok, prompt_text, true_target)
+        bare = sequences[0][: len(sequences[0]) - (m - 1)]
+        sequences.append(bare + true_ids[:-1])
+        lookups.append(lookups[0])
+        for j in range(len(true_ids)):
+            read_rows.append(n_prompts)
+            read_cols.append(len(bare) - 1 + j)
     essence, essence_index = subject_last_index(tok, ESSENCE_TEMPLATE, subject)
+    read_rows.append(len(sequences))
+    read_cols.append(len(essence.ids) - 1)
     sequences.append(essence.ids)
     lookups.append(essence_index)
-    read_rows.append(n_prompts)
-    read_cols.append(len(essence.ids) - 1)
-    return Rows(sequences, lookups, read_rows, read_cols, targets, n_prompts, m)
+    return Rows(sequences, lookups, read_rows, read_cols, targets, n_prompts, m, true_ids)
+
+
+class Takes:
+    """MPES's criterion on one forward pass's log-probabilities (the reads of `Rows`): does the
+    edit already take? The target's first token is the argmax on every rewrite prompt and,
+    when the rows carry the true object, the target's length-normalised probability beats
+    the true object's on the bare prompt, as efficacy and the repair pass read an edit. The
+    first token alone (ENCORE's check) lets a multi-token true object keep the lead: an
+    edit MPES calls done that efficacy calls failed, and that a repair cannot move, since
+    MPES then stops it at step 0."""
+
+    def __init__(self, rows: Rows, device):
+        self.targets = torch.tensor(rows.targets, device=device)
+        self.first = torch.arange(rows.n_prompts, device=device) * rows.answer_len  # each prompt's token-0 read
+        self.m = rows.answer_len
+        self.reads = len(rows.targets)
+        self.true_targets = torch.tensor(rows.true_targets, dtype=torch.long, device=device)
+
+    def __call__(self, logp: torch.Tensor) -> bool:
+        if not bool((logp[self.first].argmax(-1) == self.targets[self.first]).all()):
+            return False
+        if not len(self.true_targets):
+            return True
+        new_nll = -logp[: self.m].gather(1, self.targets[: self.m, None]).mean()  # row 0: the bare prompt
+        true_reads = logp[self.reads : self.reads + len(self.true_targets)]
+        return bool(new_nll < -true_reads.gather(1, self.true_targets[:, None]).mean())
 
 
 # A forward pass of the optimisation batch: δ in, LM-head inputs at the read positions out.
@@ -230,13 +274,15 @@ def optimise_value(
     engine: str = "cached",
     stop_on_argmax: bool = False,
     shrink: float = 0.0,
+    true_target: str | None = None,
 ) -> ValueResult:
     """Optimise δ; `stop_on_argmax` adds most-probable early stopping (MPES, ENCORE).
 
     MPES stops at the first step whose forward pass finds the target's first token the
     most probable next token on every rewrite prompt: the edit then already takes, and
     driving the NLL further down only over-fits (and costs steps). The check reads the
-    logits the step computed anyway, so it costs nothing.
+    logits the step computed anyway, so it costs nothing. With a `true_target` it also asks
+    the target to beat the true object on the bare prompt (`Takes`), for one more row.
 
     `shrink` h > 0 (with MPES, once it stops): Adam's first steps reach the clamp at once, so
     the δ found is often larger than the edit needs, and every write leaks in proportion to
@@ -246,12 +292,12 @@ def optimise_value(
     """
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    rows = build_rows(lm, template, subject, target, prefixes)
+    rows = build_rows(lm, template, subject, target, prefixes, true_target if stop_on_argmax else None)
     forward = (cached_forward if engine == "cached" else exact_forward)(lm, layer, rows)
     device = lm.device
     targets = torch.tensor(rows.targets, device=device)  # (P,)
     n_prompts, m = rows.n_prompts, rows.answer_len
-    first_token = torch.arange(n_prompts, device=device) * m  # each prompt's read of target token 0
+    takes = Takes(rows, device)
 
     with torch.no_grad():
         base_logp = forward(None)[-1:].float().log_softmax(-1)  # (1, V): the unedited essence distribution
@@ -265,15 +311,15 @@ def optimise_value(
     loss_value = nll_value = float("nan")
     for step in range(1, steps + 1):
         optimiser.zero_grad()
-        logp = forward(delta).float().log_softmax(-1)  # (P+1, V)
-        token_nll = -logp[:-1].gather(1, targets[:, None])[:, 0]  # (P,)
+        logp = forward(delta).float().log_softmax(-1)  # (P + true reads + 1, V)
+        token_nll = -logp[: len(targets)].gather(1, targets[:, None])[:, 0]  # (P,)
         nll = token_nll.view(n_prompts, m).mean()  # mean token NLL per prompt, then over prompts
         essence_logp = logp[-1:]
         kl = (essence_logp.exp() * (essence_logp - base_logp)).sum()
         penalty = weight_decay * delta.norm() / init_norm_sq
         loss = nll + kl_factor * kl + penalty
         loss_value, nll_value = loss.item(), nll.item()
-        reached = stop_on_argmax and takes(logp, first_token, targets)
+        reached = stop_on_argmax and takes(logp)
         if reached or (nll_value if stop_on == "nll" else loss_value) < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break
@@ -286,28 +332,21 @@ def optimise_value(
     delta = delta.detach().float()
     share = 1.0
     if shrink and reached:
-        share = min(1.0, shrink * smallest_share(forward, delta, first_token, targets))
+        share = min(1.0, shrink * smallest_share(forward, delta, takes))
         delta = delta * share
     return ValueResult(v_star=v_init.float() + delta, steps=step, loss=loss_value, nll=nll_value, share=share)
-
-
-def takes(logits: torch.Tensor, first_token: torch.Tensor, targets: torch.Tensor) -> bool:
-    """MPES's criterion on a forward pass's reads: the target's first token is the argmax on every rewrite prompt."""
-    return bool((logits[first_token].argmax(-1) == targets[first_token]).all())
 
 
 SHRINK_BISECTIONS = 5  # the smallest share is found to 1/32
 
 
 @torch.no_grad()
-def smallest_share(
-    forward: Forward, delta: torch.Tensor, first_token, targets, iterations: int = SHRINK_BISECTIONS
-) -> float:
+def smallest_share(forward: Forward, delta: torch.Tensor, takes: Takes, iterations: int = SHRINK_BISECTIONS) -> float:
     """The smallest s in (0, 1], to 2^-iterations, at which s·δ still `takes`, for a δ that takes."""
     low, high = 0.0, 1.0
     for _ in range(iterations):
         middle = (low + high) / 2
-        if takes(forward(middle * delta), first_token, targets):
+        if takes(forward(middle * delta).float().log_softmax(-1)):
             high = middle
         else:
             low = middle
