@@ -349,9 +349,11 @@ def checkpoint(lm, editor, name, facts, k, sample, out: Path, head: int | None =
 
 def unedited(lm, facts, upto: int, every: int, sample: int) -> None:
     out = RUNS / "seq-unedited.jsonl"
-    done = {r["edits"] for r in read_jsonl(out)}
+    # A depth is done when scored on as many facts as the runs now score there (rows from
+    # --sample 200 do not pair with a run scored on all its facts); report reads the last row.
+    done = {(r["edits"], r.get("n")) for r in read_jsonl(out)}
     for k in list(range(every, upto + 1, every)) + ([upto] if upto % every else []):
-        if k in done:
+        if (k, min(k, sample)) in done:
             continue
         # The base model's general reading does not vary with k: taken once, then copied.
         row = {"method": "unedited", "edits": k, **score(lm, facts, facts[:k], sample, with_general=False)}
