@@ -75,7 +75,8 @@ METHODS = {
     # edit 0 in session 19.
     "default": {},
     # The default with each δ cut to 1.25 times the smallest share of it that still takes
-    # (`v_shrink`): smaller writes, in the hope of less drift (session 19's experiment).
+    # (`v_shrink`): smaller writes, in the hope of less drift. Session 19 stopped it at 100
+    # edits: MPES's δ is already nearly the smallest along its direction (RESULTS.md).
     "shrink": {"v_shrink": 1.25},
     # The session-18 default (MPES and the norm penalty, u from k* alone). Its first 500
     # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).

@@ -150,7 +150,8 @@ class HParams:
     write_prompt_key: bool = True
     # With MPES: scale the δ found to this many times the smallest share of it that still
     # takes (rome/values.py, `shrink`), at most all of it: smaller writes leak less. 0: off.
-    # An option under measurement (benchmarks/RESULTS.md), off by default.
+    # Off by default: MPES's δ is already nearly the smallest along its direction, so 1.25
+    # left the drift of 100 edits as it was (benchmarks/RESULTS.md, "Issue 20, session 19").
     v_shrink: float = 0.0
 
     # Fields that do not change what an edit computes: a resumed run may change them freely.
