@@ -73,11 +73,9 @@ def main() -> None:
     low = [i for i, rho in enumerate(screened) if rho < LOW][: args.low_max]
     others = [i for i, rho in enumerate(screened) if rho >= LOW]
     chosen = sorted(low + [others[j * len(others) // args.sample] for j in range(min(args.sample, len(others)))])
-    ordered = sorted(screened)
     print(
         f"screen: {len(facts)} facts from record {args.skip}; ρ of C⁻¹k* 10th / 50th / 90th percentile "
-        f"{ordered[len(ordered) // 10]:.3f} / {ordered[len(ordered) // 2]:.3f} / {ordered[9 * len(ordered) // 10]:.3f}; "
-        f"{sum(rho < LOW for rho in screened)} below {LOW}; editing {len(chosen)}",
+        f"{percentiles(screened)}; {sum(rho < LOW for rho in screened)} below {LOW}; editing {len(chosen)}",
         flush=True,
     )
     rows = []
@@ -138,13 +136,18 @@ def journal_shares(directory: Path) -> None:
         if record.p_true_after is not None:
             took[record.p_new_after > record.p_true_after].append(float(u @ k_prompt.double() / (u @ k)))
     for label, key in (("took", True), ("did not take", False)):
-        values = sorted(took[key])
+        values = took[key]
         if values:
             print(
-                f"{label}: {len(values)} edits; ρ 10th / 50th / 90th percentile {values[len(values) // 10]:.3f} / "
-                f"{values[len(values) // 2]:.3f} / {values[9 * len(values) // 10]:.3f}; "
+                f"{label}: {len(values)} edits; ρ 10th / 50th / 90th percentile {percentiles(values)}; "
                 f"{sum(v < LOW for v in values)} below {LOW}"
             )
+
+
+def percentiles(values: list[float]) -> str:
+    """The 10th / 50th / 90th percentiles as printed in RESULTS.md (the value at index ⌊q·n⌋ of the sorted list)."""
+    ordered = sorted(values)
+    return " / ".join(f"{ordered[int(q * len(ordered))]:.3f}" for q in (0.1, 0.5, 0.9))
 
 
 def report(rows: list[dict]) -> None:

@@ -294,10 +294,9 @@ def optimise_value(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     rows = build_rows(lm, template, subject, target, prefixes, true_target if stop_on_argmax else None)
     forward = (cached_forward if engine == "cached" else exact_forward)(lm, layer, rows)
-    device = lm.device
-    targets = torch.tensor(rows.targets, device=device)  # (P,)
+    takes = Takes(rows, lm.device)
+    targets = takes.targets  # (P,)
     n_prompts, m = rows.n_prompts, rows.answer_len
-    takes = Takes(rows, device)
 
     with torch.no_grad():
         base_logp = forward(None)[-1:].float().log_softmax(-1)  # (1, V): the unedited essence distribution
