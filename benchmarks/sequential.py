@@ -78,6 +78,11 @@ METHODS = {
     # (`v_shrink`): smaller writes, in the hope of less drift. Session 19 stopped it at 100
     # edits: MPES's δ is already nearly the smallest along its direction (RESULTS.md).
     "shrink": {"v_shrink": 1.25},
+    # The default one layer deeper. At layer 1 a subject's last-token key is mostly that
+    # token, so an edit also rewrites other subjects that end in it: known facts whose subject
+    # ends in an edited subject's last token lost 22 points by 329 edits, the rest ~5
+    # (benchmarks/known_loss.py, RESULTS.md "Issue 20, session 20"). Does layer 2 hold them?
+    "layer2": {"layer": 2},
     # The session-18 default (MPES and the norm penalty, u from k* alone). Its first 500
     # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).
     "default-s18": {"write_prompt_key": False},
