@@ -81,7 +81,9 @@ METHODS = {
     # The default one layer deeper. At layer 1 a subject's last-token key is mostly that
     # token, so an edit also rewrites other subjects that end in it: known facts whose subject
     # ends in an edited subject's last token lost 22 points by 329 edits, the rest ~5
-    # (benchmarks/known_loss.py, RESULTS.md "Issue 20, session 20"). Does layer 2 hold them?
+    # (benchmarks/known_loss.py, RESULTS.md "Issue 20, session 20"). Layer 2 holds them less:
+    # at 100 edits it had lost 5.2 points of them and 6 of NS, where layer 1 had lost none
+    # and 1. Stopped there.
     "layer2": {"layer": 2},
     # The session-18 default (MPES and the norm penalty, u from k* alone). Its first 500
     # edits are benchmarks/ablation.py's mpes-norm run (its journal, restored from bundles).
