@@ -131,7 +131,9 @@ def accuracies(lm, layer: int, delta: torch.Tensor | None, mask: Mask, known: li
             last = max(i for i, (a, b) in enumerate(encoded.offsets) if b > a and a < start + len(k["subject"]))
             target = answer_ids(tok, prompt, k["attribute"])
             fed = len(target) - 1
-            current[:] = [torch.tensor(mask(len(encoded.ids), (first, last), fed), dtype=torch.float)[:, None]]
+            current[:] = [
+                torch.tensor(mask(len(encoded.ids), (first, last), fed), dtype=torch.float, device=lm.device)[:, None]
+            ]
             batch = make_batch([encoded.ids + target[:-1]], lm.pad_id, device=lm.device)
             cols = torch.arange(len(encoded.ids) - 1, len(encoded.ids) - 1 + len(target), device=lm.device)
             predicted = logits(lm, head_inputs(lm, batch, torch.zeros_like(cols), cols)).argmax(-1).tolist()
