@@ -51,16 +51,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from leak import DATA, summed_edits  # noqa: E402
+from leak import DATA, summed_edits, token_keys  # noqa: E402
 from sequential import unedited_known_facts  # noqa: E402
 
-from romebatch.hooks import Hook, attach  # noqa: E402
+from romebatch.causal_trace import subject_span  # noqa: E402
+from romebatch.hparams import HParams  # noqa: E402
 from romebatch.journal import Journal  # noqa: E402
-from romebatch.lm import answer_ids, encode, head_inputs, logits, make_batch  # noqa: E402
 from romebatch.manifest import fact_from_dict  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
+from romebatch.rome.keys import keys_at  # noqa: E402
 from romebatch.rome.stats import load_or_compute_stats  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
+from romebatch.zsre_scores import token_accuracy  # noqa: E402
 
 # A mask maker: (number of prompt tokens, subject's [first, last], number of answer tokens fed) -> 0/1 per position.
 Mask = Callable[[int, tuple[int, int], int], list[int]]
@@ -112,35 +114,27 @@ def accuracy(lm, layer: int, delta: torch.Tensor | None, mask: Mask, known: list
 
 @torch.inference_mode()
 def accuracies(lm, layer: int, delta: torch.Tensor | None, mask: Mask, known: list[dict]) -> list[float]:
-    """Each known fact's token accuracy, with `delta` added where `mask` says."""
-    tok = lm.tokenizer
-    current: list[torch.Tensor] = []
-    d = None if delta is None else delta.float().to(lm.device)
+    """Each known fact's token accuracy (zsRE's, as sequential.py reads it), with `delta` added where `mask` says."""
+    if delta is None:
+        return token_accuracy(lm, [(k["prompt"], k["attribute"]) for k in known])
+    d = delta.float().to(lm.device)
+    prompt_tokens: list = []  # (number of prompt tokens, subject's [first, last]) of the fact being read
 
     def hook(_, inputs, output):
-        return output + (inputs[0] @ d.T) * current[0]
+        n, span = prompt_tokens
+        fed = inputs[0].shape[1] - n  # the teacher-forced answer tokens after the prompt
+        where = torch.tensor(mask(n, span, fed), dtype=torch.float, device=output.device)[:, None]
+        return output + (inputs[0] @ d.T) * where
 
-    handle = lm.module("down_proj", layer).register_forward_hook(hook) if d is not None else None
+    handle = lm.module("down_proj", layer).register_forward_hook(hook)
     scores = []
     try:
         for k in known:
-            prompt = k["prompt"]
-            encoded = encode(tok, prompt)
-            start = prompt.find(k["subject"])
-            first = next(i for i, (a, b) in enumerate(encoded.offsets) if b > a and b > start)
-            last = max(i for i, (a, b) in enumerate(encoded.offsets) if b > a and a < start + len(k["subject"]))
-            target = answer_ids(tok, prompt, k["attribute"])
-            fed = len(target) - 1
-            current[:] = [
-                torch.tensor(mask(len(encoded.ids), (first, last), fed), dtype=torch.float, device=lm.device)[:, None]
-            ]
-            batch = make_batch([encoded.ids + target[:-1]], lm.pad_id, device=lm.device)
-            cols = torch.arange(len(encoded.ids) - 1, len(encoded.ids) - 1 + len(target), device=lm.device)
-            predicted = logits(lm, head_inputs(lm, batch, torch.zeros_like(cols), cols)).argmax(-1).tolist()
-            scores.append(fmean(float(p == t) for p, t in zip(predicted, target)))
+            encoded, span = subject_span(lm, k["prompt"], k["subject"])
+            prompt_tokens[:] = [len(encoded.ids), span]
+            scores += token_accuracy(lm, [(k["prompt"], k["attribute"])])
     finally:
-        if handle is not None:
-            handle.remove()
+        handle.remove()
     return scores
 
 
@@ -194,7 +188,8 @@ def main() -> None:
     print(f"{'ΔW blind to the mean edited key':<48} {accuracy(lm, layer, blind, every, known):5.1f}", flush=True)
     if args.subject_alphas or args.token_gammas:
         hp = journal.get("hparams")
-        mom2 = load_or_compute_stats(lm, [layer], lm.base_hash(), **stats_options(hp))[layer].mom2.double()
+        options = HParams.from_record(hp, source=f"journal {args.journal}").stats_options()
+        mom2 = load_or_compute_stats(lm, [layer], lm.base_hash(), **options)[layer].mom2.double()
 
         def ridged(c: torch.Tensor) -> torch.Tensor:  # as the edits' own solve regularises C
             return c + hp["ridge"] * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype)
@@ -216,26 +211,26 @@ def main() -> None:
             if args.by_overlap:
                 by_overlap(lm, layer, other, known, facts)
 
+        records = json.loads(DATA.read_text())
         if args.subject_alphas:
-            records = json.loads(DATA.read_text())[slice(*map(int, args.subject_records.split(":")))]
-            subject = subject_moment(lm, layer, records)
+            subject = subject_moment(lm, layer, records[slice(*map(int, args.subject_records.split(":")))])
         for alpha in (float(a) for a in args.subject_alphas.split(",") if a):
             factor = torch.linalg.cholesky(ridged(mom2 + alpha * (mom2.trace() / subject.trace()) * subject))
             report(
                 f"C + {alpha:g} names: known",
-                rewritten(path, lambda r, k, factor=factor: torch.cholesky_solve(k[:, None], factor)[:, 0]),
+                rewritten(path, lambda i, k, factor=factor: torch.cholesky_solve(k[:, None], factor)[:, 0]),
             )
         if args.token_gammas:
             factor = torch.linalg.cholesky(ridged(mom2))
-            prefixes: list[list[int]] = [[]] + [[t] for t in name_openers(lm, json.loads(DATA.read_text())[5000:5016])]
+            prefixes: list[list[int]] = [[]] + [[t] for t in name_openers(lm, records[5000:5016])]
             negatives = [token_negatives(lm, layer, r.fact, prefixes) for r in path]
             scale = float(mom2.trace())
             for gamma in (float(g) for g in args.token_gammas.split(",")):
 
-                def penalised(r, k, gamma=gamma):
+                def penalised(i, k, gamma=gamma):
                     # u = (C + γ tr(C) N Nᵀ / ‖N‖²)⁻¹ k*, by Woodbury: N is a handful of columns.
                     ck = torch.cholesky_solve(k[:, None], factor)[:, 0]
-                    n = negatives[path.index(r)]
+                    n = negatives[i]
                     if n is None or gamma == 0:
                         return ck
                     n = n * math.sqrt(gamma * scale) / n.norm()
@@ -247,12 +242,12 @@ def main() -> None:
 
 
 def rewritten(path, u_for) -> torch.Tensor:
-    """ΔW with every edit's write at its own key kept, through u = u_for(record, k*)."""
+    """ΔW with every edit's write at its own key kept, through u = u_for(i, k*) for the path's i-th edit."""
     total = torch.zeros((), dtype=torch.float64)
-    for r in path:
+    for i, r in enumerate(path):
         lam, u = torch.from_numpy(r.lam.copy()).double(), torch.from_numpy(r.u.copy()).double()
         k = torch.from_numpy(r.k_star.copy()).double()
-        new_u = u_for(r, k)
+        new_u = u_for(i, k)
         total = total + torch.outer(lam * float(u @ k) / float(new_u @ k), new_u)
     return total
 
@@ -265,23 +260,12 @@ def name_openers(lm, records: list[dict]) -> list[int]:
 @torch.inference_mode()
 def token_negatives(lm, layer: int, fact: dict, prefixes: list[list[int]]) -> torch.Tensor | None:
     """Keys of the subject's last token after other openers (d_ff, len(prefixes)); None for a one-token subject."""
-    prompt = fact["prompt"].replace("{}", fact["subject"])
-    encoded = encode(lm.tokenizer, prompt)
-    start = prompt.find(fact["subject"])
-    ids = [
-        t for t, (a, b) in zip(encoded.ids, encoded.offsets) if b > a and b > start and a < start + len(fact["subject"])
-    ]
-    if len(ids) < 2:
+    encoded, (first, last) = subject_span(lm, fact["prompt"].replace("{}", fact["subject"]), fact["subject"])
+    if last == first:
         return None
     bos = encoded.ids[:1] if encoded.offsets[0] == (0, 0) else []
-    columns = []
-    for prefix in prefixes:
-        captured = []
-        hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0, -1].double()), on="input", stop=True)  # noqa: B023
-        with attach(lm.model, [hook]):
-            lm.model(input_ids=torch.tensor([bos + prefix + ids[-1:]], device=lm.device), use_cache=False)
-        columns.append(captured[0].cpu())
-    return torch.stack(columns, 1)
+    sequences = [bos + prefix + encoded.ids[last : last + 1] for prefix in prefixes]
+    return keys_at(lm, layer, sequences, [len(s) - 1 for s in sequences]).double().cpu().T
 
 
 def by_overlap(lm, layer: int, delta: torch.Tensor, known: list[dict], facts) -> None:
@@ -291,11 +275,8 @@ def by_overlap(lm, layer: int, delta: torch.Tensor, known: list[dict], facts) ->
     after = accuracies(lm, layer, delta, every, known)
 
     def subject_ids(prompt: str, subject: str) -> list[int]:
-        encoded = encode(lm.tokenizer, prompt)
-        start = prompt.find(subject)
-        return [
-            t for t, (a, b) in zip(encoded.ids, encoded.offsets) if b > a and b > start and a < start + len(subject)
-        ]
+        encoded, (first, last) = subject_span(lm, prompt, subject)
+        return encoded.ids[first : last + 1]
 
     edited = [subject_ids(f.prompt.replace("{}", f.subject), f.subject) for f in facts]
     edited_last = {ids[-1] for ids in edited if ids}
@@ -325,17 +306,10 @@ def subject_moment(lm, layer: int, records: list[dict]) -> torch.Tensor:
         for text in (record["prompt"], record["rephrase_prompt"]):
             if record["subject"] not in text:
                 continue
-            encoded = encode(lm.tokenizer, text)
-            start = text.find(record["subject"])
-            end = start + len(record["subject"])
-            rows = [i for i, (a, b) in enumerate(encoded.offsets) if b > a and b > start and a < end]
-            captured = []
-            hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0].double()), on="input", stop=True)  # noqa: B023
-            with attach(lm.model, [hook]):
-                lm.model(input_ids=torch.tensor([encoded.ids], device=lm.device), use_cache=False)
-            keys = captured[0][rows].cpu()
+            encoded, (first, last) = subject_span(lm, text, record["subject"])
+            keys = token_keys(lm, layer, encoded.ids)[first : last + 1]
             total = total + keys.T @ keys
-            count += len(rows)
+            count += last + 1 - first
     print(f"subject keys: {count} from {len(records)} records", flush=True)
     return total / count
 
@@ -345,16 +319,6 @@ def score_with(lm, weights, total, facts) -> str:
     with summed_edits(lm, weights, total):
         summary = summarize(score_facts(lm, facts))
     return f"{summary['ES']:5.1f} / {summary['PS']:5.1f} / {summary['NS']:5.1f}"
-
-
-def stats_options(hp: dict) -> dict:
-    return {
-        "n_tokens": hp["stats_tokens"],
-        "seq_len": hp["stats_seq_len"],
-        "seed": hp["seed"],
-        "corpus": hp["stats_corpus"],
-        "sampling": hp.get("stats_sampling", "plain"),
-    }
 
 
 if __name__ == "__main__":

@@ -59,13 +59,18 @@ def held_out_keys(lm, layer: int, records: list[dict]) -> torch.Tensor:
     out = []
     for record in records:
         for text in (record["locality_prompt"], record["rephrase_prompt"]):
-            ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
-            captured = []
-            hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0].double()), on="input", stop=True)  # noqa: B023 (the hook runs within this iteration)
-            with attach(lm.model, [hook]):
-                lm.model(input_ids=ids, use_cache=False)
-            out.append(captured[0][1:].cpu())
+            out.append(token_keys(lm, layer, lm.tokenizer(text)["input_ids"])[1:])
     return torch.cat(out)
+
+
+@torch.inference_mode()
+def token_keys(lm, layer: int, ids: list[int]) -> torch.Tensor:
+    """The down-projection input of `layer` at every token of one unpadded sequence: (T, d_ff), float64."""
+    captured = []
+    hook = Hook(lm.name("down_proj", layer), lambda x: captured.append(x[0].double()), on="input", stop=True)
+    with attach(lm.model, [hook]):
+        lm.model(input_ids=torch.tensor([ids], device=lm.device), use_cache=False)
+    return captured[0].cpu()
 
 
 def quantiles(values, qs=(0.1, 0.5, 0.9)) -> str:
