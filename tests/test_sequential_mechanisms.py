@@ -23,6 +23,7 @@ from romebatch.hparams import HParams
 from romebatch.lm import answer_ids, subject_last_index
 from romebatch.manifest import Fact
 from romebatch.rome import values as V
+from romebatch.rome.head import reads_from_logits
 from romebatch.rome.preserve import Preserver
 from romebatch.rome.update import RankOneEdit, bound_norm, current_value, growth_pull, rank_one_update
 
@@ -122,19 +123,24 @@ def test_mpes_reads_the_true_object_as_efficacy_does(bytelevel_tokenizer):
     # The decision, on read log-probabilities set by hand: the first tokens all argmax, then
     # the new object ahead of the true one on the bare prompt, or not.
     takes = V.Takes(rows, "cpu")
+    targets = V.read_targets(rows, "cpu")
+
+    def head(logp, targets=targets):  # what the decision reads, through the plain head
+        return reads_from_logits(logp, targets, torch.zeros(logp.shape[-1]))
+
     first = [i * m for i in range(rows.n_prompts)]
     flat = torch.full((len(rows.read_rows), lm.config.vocab_size), -20.0)
     flat[torch.arange(reads), torch.tensor(rows.targets)] = -1.0  # every target token likely
     flat[torch.arange(reads, reads + len(rows.true_targets)), torch.tensor(rows.true_targets)] = -0.5
-    assert not takes(flat)  # argmax everywhere, but the true object reads likelier
+    assert not takes(head(flat))  # argmax everywhere, but the true object reads likelier
     flat[torch.arange(reads, reads + len(rows.true_targets)), torch.tensor(rows.true_targets)] = -2.0
-    assert takes(flat)
+    assert takes(head(flat))
     flat[first[-1], rows.targets[first[-1]]] = -30.0  # one prompt's first token no longer the argmax
-    assert not takes(flat)
+    assert not takes(head(flat))
     # Without the true object's rows the first tokens decide alone, as ENCORE's check.
     plain = V.Takes(V.build_rows(lm, TEMPLATE, SUBJECT, TARGET, PREFIXES), "cpu")
     flat[first[-1], rows.targets[first[-1]]] = -1.0
-    assert plain(torch.cat([flat[:reads], flat[-1:]]))
+    assert plain(head(torch.cat([flat[:reads], flat[-1:]]), torch.cat([targets[:reads], targets[-1:]])))
 
 
 @pytest.mark.parametrize("beats_true", [True, False])

@@ -15,6 +15,7 @@ from conftest import FAMILIES, tiny_config
 from romebatch.adapters import adapter_for
 from romebatch.model import LoadedModel
 from romebatch.rome import values as V
+from romebatch.rome.head import one_pass_reads
 
 PREFIXES = ["The city. ", "Therefore it is a long story about many things. ", "I. "]
 
@@ -51,6 +52,30 @@ def test_cached_forward_matches_exact_logits_and_gradient(family, tokenizer_for)
             torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(grad_b, grad_a, atol=1e-4, rtol=1e-3)
         torch.testing.assert_close(cached(None), exact(None), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_engine_reads_the_head_in_one_pass_as_the_exact_engine_reads_it(family, tokenizer_for, monkeypatch):
+    lm = loaded(family, tokenizer_for(family), sliding_window=64 if family == "gemma3_text" else None)
+    if family == "gemma3_text":
+        lm.config.final_logit_softcapping = 5.0  # Gemma-2's soft-capping, exercised through the one-pass head
+    passes = []
+    monkeypatch.setattr(V, "one_pass_reads", lambda *a, **k: passes.append(1) or one_pass_reads(*a, **k))
+    rows = V.build_rows(lm, "{} is located in the city of", "The Space Needle", "Paris", PREFIXES, "Seattle")
+    exact, cached = V.step_reads(lm, 1, rows, "exact"), V.step_reads(lm, 1, rows, "cached")
+    delta = (10 * torch.randn(lm.config.hidden_size, generator=torch.Generator().manual_seed(2))).requires_grad_(True)
+    weights = torch.randn(len(rows.read_rows), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for reads in (exact(delta), cached(delta)):
+        (grad,) = torch.autograd.grad((reads.target_logp * weights).sum() + 0.5 * reads.kl, delta)
+        grads.append((reads, grad))
+    (a, grad_a), (b, grad_b) = grads
+    assert passes  # the cached engine did not fall back to the plain head
+    assert float(grad_a.norm()) > 1e-3  # δ reaches the reads
+    torch.testing.assert_close(b.target_logp, a.target_logp, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(b.kl, a.kl, atol=1e-4, rtol=1e-3)
+    assert torch.equal(b.argmax, a.argmax)
+    torch.testing.assert_close(grad_b, grad_a, atol=1e-4, rtol=1e-3)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "gemma3_text"])

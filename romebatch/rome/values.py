@@ -18,8 +18,8 @@ Two ways to run the same objective (`engine`):
 - "cached" (the default): δ only changes what happens at and after each row's subject
   token, so every token before it is identical at every step. Those tokens are run once,
   their attention keys and values kept in a cache, and each step runs only the tokens from
-  the subject's last one onwards (a third of the batch on CounterFact prompts). Logits are
-  computed only at the positions the loss reads.
+  the subject's last one onwards (a third of the batch on CounterFact prompts). The LM head
+  runs only at the positions the loss reads, and on the CPU in one pass (head.py).
 - "exact": the plain way, as the original code: every step runs every token through every
   layer and computes logits at every position. Kept to show the cached engine computes the
   same thing (`--exact-protocol`, benchmarks/speed.py).
@@ -36,6 +36,7 @@ import torch
 from ..hooks import Hook, attach
 from ..lm import answer_ids, as_btd, logits, make_batch, model_inputs, subject_last_index
 from ..model import LoadedModel
+from .head import Reads, one_pass_reads, reads_from_logits
 
 ESSENCE_TEMPLATE = "{} is a"
 ENGINES = ("cached", "exact")
@@ -110,8 +111,8 @@ def build_rows(
 
 
 class Takes:
-    """MPES's criterion on one forward pass's log-probabilities (the reads of `Rows`): does the
-    edit already take? The target's first token is the argmax on every rewrite prompt and,
+    """MPES's criterion on one forward pass's reads (`head.Reads` at the reads of `Rows`): does
+    the edit already take? The target's first token is the argmax on every rewrite prompt and,
     when the rows carry the true object, the target's length-normalised probability beats
     the true object's on the bare prompt, as efficacy and the repair pass read an edit. The
     first token alone (ENCORE's check) lets a multi-token true object keep the lead: an
@@ -123,19 +124,25 @@ class Takes:
         self.first = torch.arange(rows.n_prompts, device=device) * rows.answer_len  # each prompt's token-0 read
         self.m = rows.answer_len
         self.reads = len(rows.targets)
-        self.true_targets = torch.tensor(rows.true_targets, dtype=torch.long, device=device)
+        self.n_true = len(rows.true_targets)
 
-    def __call__(self, logp: torch.Tensor) -> bool:
-        if not bool((logp[self.first].argmax(-1) == self.targets[self.first]).all()):
+    def __call__(self, reads: Reads) -> bool:
+        if not bool((reads.argmax[self.first] == self.targets[self.first]).all()):
             return False
-        if not len(self.true_targets):
+        if not self.n_true:
             return True
-        new_nll = -logp[: self.m].gather(1, self.targets[: self.m, None]).mean()  # row 0: the bare prompt
-        true_reads = logp[self.reads : self.reads + len(self.true_targets)]
-        return bool(new_nll < -true_reads.gather(1, self.true_targets[:, None]).mean())
+        new_nll = -reads.target_logp[: self.m].mean()  # row 0: the bare prompt
+        true_nll = -reads.target_logp[self.reads : self.reads + self.n_true].mean()
+        return bool(new_nll < true_nll)
 
 
-# A forward pass of the optimisation batch: δ in, LM-head inputs at the read positions out.
+def read_targets(rows: Rows, device) -> torch.Tensor:
+    """The token each read scores: the target's at the rewrite reads, the true object's at its
+    reads, and a placeholder (0) at the essence read, which only the KL uses."""
+    return torch.tensor([*rows.targets, *rows.true_targets, 0], dtype=torch.long, device=device)
+
+
+# A forward pass of the optimisation batch: δ in, logits (or the LM head's inputs) at the reads out.
 Forward = Callable[[torch.Tensor | None], torch.Tensor]
 
 
@@ -170,7 +177,17 @@ def exact_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
 
 
 def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
-    """Run each row's tokens before its subject token once; each step runs only the rest.
+    """The cached engine's logits at the reads (the exact engine's where the cache cannot hold the rows)."""
+    hidden = cached_hidden(lm, layer, rows)
+    if hidden is None:
+        return exact_forward(lm, layer, rows)
+    return lambda delta: logits(lm, hidden(delta))
+
+
+def cached_hidden(lm: LoadedModel, layer: int, rows: Rows) -> Forward | None:
+    """Run each row's tokens before its subject token once; each step runs only the rest,
+    up to the LM head's inputs at the reads. None where the model's sliding window is
+    shorter than the rows: its cache would drop tokens.
 
     Layout: row r is [its s_r tokens before the subject's last token, pads up to S]
     (the cached part) followed by [its tokens from the subject's last one, pads] (the part
@@ -189,7 +206,7 @@ def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
     width_after = max(len(seq) - s for seq, s in zip(seqs, starts))
     window = getattr(lm.config, "sliding_window", None)
     if window and width_before + width_after >= window:
-        return exact_forward(lm, layer, rows)  # a sliding-window cache would drop tokens
+        return None
     pad = lm.pad_id
     before_ids = torch.full((n, width_before), pad, dtype=torch.long)
     before_mask = torch.zeros((n, width_before), dtype=torch.long)
@@ -250,9 +267,49 @@ def cached_forward(lm: LoadedModel, layer: int, rows: Rows) -> Forward:
             inputs["position_ids"] = after_pos
         with attach(lm.model, hooks):
             lm.model(**inputs)
-        return logits(lm, captured[0])
+        return captured[0]
 
     return forward
+
+
+def step_reads(lm: LoadedModel, layer: int, rows: Rows, engine: str) -> Callable[[torch.Tensor | None], Reads]:
+    """δ → the head's reads for one step of `engine`, against the unedited essence distribution.
+
+    The cached engine reads the head in one pass (head.py) where the head lives on the CPU;
+    on an accelerator the plain product is one fast kernel each way and is kept.
+    """
+    targets = read_targets(rows, lm.device)
+    hidden = cached_hidden(lm, layer, rows) if engine == "cached" else None
+    head = lm.model.get_output_embeddings()
+    if hidden is not None and lm.device.type == "cpu" and head.weight.device.type == "cpu":
+        return _one_pass_steps(lm, hidden, targets)
+    forward = exact_forward(lm, layer, rows) if hidden is None else (lambda delta: logits(lm, hidden(delta)))
+    with torch.no_grad():
+        base_logp = forward(None)[-1].float().log_softmax(-1)
+    return lambda delta: reads_from_logits(forward(delta), targets, base_logp)
+
+
+def _one_pass_steps(lm: LoadedModel, hidden: Forward, targets: torch.Tensor) -> Callable[[torch.Tensor | None], Reads]:
+    head = lm.model.get_output_embeddings()
+    cap = getattr(lm.config, "final_logit_softcapping", None)
+    base_logp: torch.Tensor | None = None
+
+    def reads(delta: torch.Tensor | None) -> Reads:
+        nonlocal base_logp
+        if base_logp is None:
+            if delta is None or not bool((delta == 0).all()):
+                with torch.no_grad():
+                    base_logp = logits(lm, hidden(None)[-1:])[0].log_softmax(-1)
+            else:
+                # δ starts at 0: the first step is the unedited model, whose essence read is the
+                # base, so one pass serves both (the KL is 0 there, with no gradient).
+                first = one_pass_reads(hidden(delta), head.weight, head.bias, targets, None, cap)
+                assert first.essence_logits is not None
+                base_logp = first.essence_logits.log_softmax(-1)
+                return first
+        return one_pass_reads(hidden(delta), head.weight, head.bias, targets, base_logp, cap)
+
+    return reads
 
 
 def optimise_value(
@@ -281,7 +338,7 @@ def optimise_value(
     MPES stops at the first step whose forward pass finds the target's first token the
     most probable next token on every rewrite prompt: the edit then already takes, and
     driving the NLL further down only over-fits (and costs steps). The check reads the
-    logits the step computed anyway, so it costs nothing. With a `true_target` it also asks
+    reads the step computed anyway, so it costs nothing. With a `true_target` it also asks
     the target to beat the true object on the bare prompt (`Takes`), for one more row.
 
     `shrink` h > 0 (with MPES, once it stops): Adam's first steps reach the clamp at once, so
@@ -293,13 +350,9 @@ def optimise_value(
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     rows = build_rows(lm, template, subject, target, prefixes, true_target if stop_on_argmax else None)
-    forward = (cached_forward if engine == "cached" else exact_forward)(lm, layer, rows)
+    forward = step_reads(lm, layer, rows, engine)
     takes = Takes(rows, lm.device)
-    targets = takes.targets  # (P,)
     n_prompts, m = rows.n_prompts, rows.answer_len
-
-    with torch.no_grad():
-        base_logp = forward(None)[-1:].float().log_softmax(-1)  # (1, V): the unedited essence distribution
 
     delta = torch.zeros_like(v_init, requires_grad=True)  # (d_model,)
     optimiser = torch.optim.Adam([delta], lr=lr)
@@ -310,15 +363,13 @@ def optimise_value(
     loss_value = nll_value = float("nan")
     for step in range(1, steps + 1):
         optimiser.zero_grad()
-        logp = forward(delta).float().log_softmax(-1)  # (P + true reads + 1, V)
-        token_nll = -logp[: len(targets)].gather(1, targets[:, None])[:, 0]  # (P,)
+        reads = forward(delta)
+        token_nll = -reads.target_logp[: n_prompts * m]  # (P,)
         nll = token_nll.view(n_prompts, m).mean()  # mean token NLL per prompt, then over prompts
-        essence_logp = logp[-1:]
-        kl = (essence_logp.exp() * (essence_logp - base_logp)).sum()
         penalty = weight_decay * delta.norm() / init_norm_sq
-        loss = nll + kl_factor * kl + penalty
+        loss = nll + kl_factor * reads.kl + penalty
         loss_value, nll_value = loss.item(), nll.item()
-        reached = stop_on_argmax and takes(logp)
+        reached = stop_on_argmax and takes(reads)
         if reached or (nll_value if stop_on == "nll" else loss_value) < loss_stop:
             step -= 1  # this step measured the loss only; δ was not changed by it
             break
@@ -340,12 +391,14 @@ SHRINK_BISECTIONS = 5  # the smallest share is found to 1/32
 
 
 @torch.no_grad()
-def smallest_share(forward: Forward, delta: torch.Tensor, takes: Takes, iterations: int = SHRINK_BISECTIONS) -> float:
+def smallest_share(
+    forward: Callable[[torch.Tensor], Reads], delta: torch.Tensor, takes: Takes, iterations: int = SHRINK_BISECTIONS
+) -> float:
     """The smallest s in (0, 1], to 2^-iterations, at which s·δ still `takes`, for a δ that takes."""
     low, high = 0.0, 1.0
     for _ in range(iterations):
         middle = (low + high) / 2
-        if takes(forward(middle * delta).float().log_softmax(-1)):
+        if takes(forward(middle * delta)):
             high = middle
         else:
             low = middle
