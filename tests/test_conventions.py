@@ -9,6 +9,7 @@ Real journals are built on the tiny GPT-2 of conftest (a model folder the CLI op
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -364,8 +365,13 @@ def test_trace_takes_the_journals_model(tmp_path, monkeypatch):
 
 
 def test_shell_completion_is_typers_own():
-    result = CliRunner().invoke(app, ["--show-completion", "bash"])
-    assert result.exit_code == 0 and "complete" in result.output and "romebatch" in result.output.lower()
+    # Typer's --show-completion is a flag: the shell comes from the process tree (shellingham),
+    # so the installed command runs under bash, as a user's would. "; exit" keeps bash from
+    # exec'ing it, which would leave it no shell parent.
+    command = f'"{Path(sys.executable).with_name("romebatch")}" --show-completion; exit $?'
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "complete" in result.stdout and "_romebatch_completion" in result.stdout
 
 
 def test_quiet_and_verbose_set_one_logging_level(tmp_path):
