@@ -55,17 +55,6 @@ def main() -> None:
     hp = resolve(HParams(), lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
     prefixes = sample_prefixes(lm, hp.prefixes, hp.prefix_top_k, hp.seed)
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
-    options = dict(
-        lr=hp.v_lr,
-        steps=hp.v_steps,
-        loss_stop=hp.v_loss_stop,
-        stop_on=hp.v_stop_on,
-        kl_factor=hp.kl_factor,
-        weight_decay=hp.v_weight_decay,
-        clamp_norm_factor=hp.clamp_norm_factor,
-        stop_on_argmax=hp.v_stop_argmax,
-        shrink=hp.v_shrink,
-    )
     one_pass = V.step_reads
     seconds: dict[str, list[float]] = {"one pass": [], "plain": []}
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; records {args.start}+{args.n}")
@@ -86,7 +75,7 @@ def main() -> None:
                     prefixes,
                     v_init,
                     true_target=fact.target_true if hp.v_stop_beats_true else None,
-                    **options,
+                    **hp.value_options(),
                 )
                 seconds[name].append(time.perf_counter() - started)
                 found[name] = result

@@ -83,10 +83,7 @@ def main() -> None:
         k, k_prompt = compute_keys(lm, layer, fact.prompt, fact.subject, prefixes)
         v_init = current_value(lm, layer, k)
         value = optimise_value(
-            lm, layer, fact.prompt, fact.subject, fact.target_new, prefixes, v_init,
-            lr=hp.v_lr, steps=hp.v_steps, loss_stop=hp.v_loss_stop, stop_on=hp.v_stop_on,
-            kl_factor=hp.kl_factor, weight_decay=hp.v_weight_decay, clamp_norm_factor=hp.clamp_norm_factor,
-            stop_on_argmax=hp.v_stop_argmax,
+            lm, layer, fact.prompt, fact.subject, fact.target_new, prefixes, v_init, **hp.value_options(),
             true_target=fact.target_true if hp.v_stop_beats_true else None,
         )  # fmt: skip
         pull = growth_pull(weight, False, value.v_star - v_init)

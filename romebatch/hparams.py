@@ -253,6 +253,22 @@ class HParams:
             "sampling": self.stats_sampling,
         }
 
+    def value_options(self) -> dict:
+        """The keyword arguments of `rome.optimise_value` that these settings define (the true
+        object, which MPES may compare against, is the fact's, not a setting)."""
+        return {
+            "lr": self.v_lr,
+            "steps": self.v_steps,
+            "loss_stop": self.v_loss_stop,
+            "stop_on": self.v_stop_on,
+            "kl_factor": self.kl_factor,
+            "weight_decay": self.v_weight_decay,
+            "clamp_norm_factor": self.clamp_norm_factor,
+            "engine": "exact" if self.exact_protocol else "cached",
+            "stop_on_argmax": self.v_stop_argmax,
+            "shrink": self.v_shrink,
+        }
+
     def replace(self, **changes) -> HParams:
         hp = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
         hp.validate()

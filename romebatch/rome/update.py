@@ -160,16 +160,7 @@ def compute_edit(
         target,
         prefixes,
         v_init,
-        lr=hp.v_lr,
-        steps=hp.v_steps,
-        loss_stop=hp.v_loss_stop,
-        stop_on=hp.v_stop_on,
-        kl_factor=hp.kl_factor,
-        weight_decay=hp.v_weight_decay,
-        clamp_norm_factor=hp.clamp_norm_factor,
-        engine="exact" if hp.exact_protocol else "cached",
-        stop_on_argmax=hp.v_stop_argmax,
-        shrink=hp.v_shrink,
+        **hp.value_options(),
         true_target=target_true if hp.v_stop_beats_true else None,
     )
     if timings is not None:
