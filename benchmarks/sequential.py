@@ -67,7 +67,8 @@ RUNS = ROOT / "benchmarks" / "runs"
 # from 10k tokens sampled plainly from <bos>), pinned so a change of romebatch's defaults
 # never changes a baseline or stops its journal from resuming.
 # No sequential-stability mechanism: what every method below but `default` was measured without.
-BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0, "write_prompt_key": False}
+# (v_stop_beats_true only matters with MPES on; stated because journals record it.)
+BEFORE = {"v_stop_argmax": False, "norm_penalty": 0.0, "write_prompt_key": False, "v_stop_beats_true": False}
 PLAIN = {**BEFORE, "preserve": "none", "clamp_norm_factor": 1.5, "stats_tokens": 10_000, "stats_sampling": "plain"}
 METHODS = {
     # romebatch as it ships: HParams() resolved for the model (see romebatch/hparams.py):
