@@ -63,6 +63,8 @@ def test_a_pass_without_a_base_reads_its_own_essence_as_the_base():
     torch.testing.assert_close(own.essence_logits.log_softmax(-1), base, atol=1e-5, rtol=1e-5)
     assert float(own.kl.detach()) == 0.0
     torch.testing.assert_close(own.target_logp, given.target_logp)
+    (kl_grad,) = torch.autograd.grad(own.kl, hidden, retain_graph=True)
+    assert not kl_grad.any()  # no pull at all, not a rounding's worth
     (grad,) = torch.autograd.grad(own.kl + own.target_logp.sum(), hidden)
     (want,) = torch.autograd.grad(given.kl + given.target_logp.sum(), hidden)
     torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-4)

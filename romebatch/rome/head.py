@@ -124,10 +124,10 @@ class _OnePass(torch.autograd.Function):
         kl = kl_sum / total[essence] - lse[essence]
         # ∂KL/∂z_v = p_v (log p_v − q_v − KL): through z' W_v and summed over the vocabulary.
         d_kl = (pulled[rows] - lse[essence] * pulled[essence]) / total[essence] - kl * mean_pull[essence]
-        ctx.save_for_backward(d_target, d_kl)
-        ctx.hidden_dtype = hidden.dtype
         if own_base:  # p is p_0 itself: the KL is 0 and has no gradient (the sums above used q = z)
             kl, d_kl = torch.zeros((), device=device), torch.zeros_like(d_kl)
+        ctx.save_for_backward(d_target, d_kl)
+        ctx.hidden_dtype = hidden.dtype
         ctx.mark_non_differentiable(argmax, essence_logits)
         return target_logp, kl, argmax, essence_logits
 
