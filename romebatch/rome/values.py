@@ -272,16 +272,19 @@ def cached_hidden(lm: LoadedModel, layer: int, rows: Rows) -> Forward | None:
     return forward
 
 
-def step_reads(lm: LoadedModel, layer: int, rows: Rows, engine: str) -> Callable[[torch.Tensor | None], Reads]:
+def step_reads(
+    lm: LoadedModel, layer: int, rows: Rows, engine: str, one_pass: bool = True
+) -> Callable[[torch.Tensor | None], Reads]:
     """δ → the head's reads for one step of `engine`, against the unedited essence distribution.
 
     The cached engine reads the head in one pass (head.py) where the head lives on the CPU;
     on an accelerator the plain product is one fast kernel each way and is kept.
+    `one_pass=False` reads it the plain way everywhere (benchmarks/head.py compares the two).
     """
     targets = read_targets(rows, lm.device)
     hidden = cached_hidden(lm, layer, rows) if engine == "cached" else None
     head = lm.model.get_output_embeddings()
-    if hidden is not None and lm.device.type == "cpu" and head.weight.device.type == "cpu":
+    if one_pass and hidden is not None and lm.device.type == "cpu" and head.weight.device.type == "cpu":
         return _one_pass_steps(lm, hidden, targets)
     forward = exact_forward(lm, layer, rows) if hidden is None else (lambda delta: logits(lm, hidden(delta)))
     with torch.no_grad():
