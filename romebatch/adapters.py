@@ -80,7 +80,7 @@ _built_in("gptj", ("gptj",), "transformer.h", ("mlp.fc_out", "mlp", "attn"), "tr
 _built_in("gpt_neox", ("gpt_neox",), "gpt_neox.layers", ("mlp.dense_4h_to_h", "mlp", "attention"), "gpt_neox.embed_in")
 _built_in(
     "llama",
-    ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+    ("llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3", "gemma", "gemma2", "gemma3_text"),
     "model.layers",
     ("mlp.down_proj", "mlp", "self_attn"),
     "model.embed_tokens",

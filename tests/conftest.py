@@ -78,14 +78,19 @@ def sentencepiece_tokenizer():
 
 def tiny_config(family: str, vocab: int):
     from transformers import (
+        Gemma2Config,
         GemmaConfig,
         GPT2Config,
         GPTJConfig,
         GPTNeoXConfig,
         LlamaConfig,
         MistralConfig,
+        Olmo2Config,
         OPTConfig,
+        Phi3Config,
         Qwen2Config,
+        Qwen3Config,
+        SmolLM3Config,
     )
     from transformers.models.gemma3 import Gemma3TextConfig
 
@@ -119,8 +124,25 @@ def tiny_config(family: str, vocab: int):
         return MistralConfig(**small)
     if family == "qwen2":
         return Qwen2Config(**small)
+    if family == "qwen3":  # q/k norms inside attention
+        return Qwen3Config(head_dim=16, **small)
+    if family == "phi3":  # fused qkv and gate_up projections
+        return Phi3Config(**small)
+    if family == "olmo2":  # norms after attention and MLP, q/k norms
+        return Olmo2Config(**small)
+    if family == "smollm3":  # no rotary positions in its middle layer
+        return SmolLM3Config(no_rope_layers=[1, 0, 1], **small)
     if family == "gemma":
         return GemmaConfig(head_dim=16, **small)
+    if family == "gemma2":  # soft-capped attention and logits, sliding window on alternate layers
+        return Gemma2Config(
+            head_dim=16,
+            sliding_window=8,
+            attn_logit_softcapping=50.0,
+            final_logit_softcapping=30.0,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            **small,
+        )
     if family == "gemma3_text":
         return Gemma3TextConfig(
             head_dim=16,
@@ -141,8 +163,11 @@ def tiny_config(family: str, vocab: int):
     raise ValueError(family)
 
 
-FAMILIES = ["gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma3_text", "opt"]
-SENTENCEPIECE = {"llama", "mistral", "gemma", "gemma3_text"}
+FAMILIES = [
+    *("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "phi3", "olmo2", "smollm3"),
+    *("gemma", "gemma2", "gemma3_text", "opt"),
+]
+SENTENCEPIECE = {"llama", "mistral", "gemma", "gemma2", "gemma3_text"}
 
 
 def tiny_model(family: str, tokenizer, seed: int = 0):

@@ -18,6 +18,13 @@ from romebatch.rome import values as V
 from romebatch.rome.head import one_pass_reads
 
 PREFIXES = ["The city. ", "Therefore it is a long story about many things. ", "I. "]
+# The tiny Gemma-2 and Gemma-3 configs have an 8-token sliding window, which these prompts
+# exceed (the cached engine then falls back to the exact one); widen it to exercise the cache.
+WIDENED = 64
+
+
+def window_for(family):
+    return WIDENED if family in ("gemma2", "gemma3_text") else None
 
 
 def loaded(family, tokenizer, sliding_window=None):
@@ -34,11 +41,10 @@ def loaded(family, tokenizer, sliding_window=None):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_forward_matches_exact_logits_and_gradient(family, tokenizer_for):
-    # Gemma-3's tiny config has an 8-token sliding window, which these prompts exceed (the
-    # cached engine then falls back to the exact one); widen it to exercise the cache.
-    lm = loaded(family, tokenizer_for(family), sliding_window=64 if family == "gemma3_text" else None)
+    lm = loaded(family, tokenizer_for(family), sliding_window=window_for(family))
     rows = V.build_rows(lm, "{} is located in the city of", "The Space Needle", "Paris", PREFIXES)
     assert len({s for s in rows.subject_index}) > 1  # rows really are misaligned
+    assert V.cached_hidden(lm, 0, rows) is not None  # the cache really runs (no fallback to exact)
     d_model = lm.config.hidden_size
     for layer in range(lm.n_layers):
         exact, cached = V.exact_forward(lm, layer, rows), V.cached_forward(lm, layer, rows)
@@ -56,9 +62,9 @@ def test_cached_forward_matches_exact_logits_and_gradient(family, tokenizer_for)
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cached_engine_reads_the_head_in_one_pass_as_the_exact_engine_reads_it(family, tokenizer_for, monkeypatch):
-    lm = loaded(family, tokenizer_for(family), sliding_window=64 if family == "gemma3_text" else None)
+    lm = loaded(family, tokenizer_for(family), sliding_window=window_for(family))
     if family == "gemma3_text":
-        lm.config.final_logit_softcapping = 5.0  # Gemma-2's soft-capping, exercised through the one-pass head
+        lm.config.final_logit_softcapping = 5.0  # a tighter cap than gemma2's 30, through the one-pass head
     passes = []
     monkeypatch.setattr(V, "one_pass_reads", lambda *a, **k: passes.append(1) or one_pass_reads(*a, **k))
     rows = V.build_rows(lm, "{} is located in the city of", "The Space Needle", "Paris", PREFIXES, "Seattle")
