@@ -86,7 +86,7 @@ def main() -> None:
     """Entry point: known errors become one line and exit 2; ROMEBATCH_DEBUG=1 shows tracebacks."""
     from typer.exceptions import TyperException
 
-    from .errors import EXIT_SIGINT, ManifestError, UserError, one_line, resource_problem
+    from .errors import EXIT_SIGINT, ManifestError, UserError, escape_controls, one_line, resource_problem
 
     try:
         code = app(standalone_mode=False)
@@ -99,11 +99,17 @@ def main() -> None:
             raise
         print(f"error: {one_line(error.message)}", file=sys.stderr)
         if error.hint:
-            print(f"hint: {error.hint}", file=sys.stderr)
+            print(f"hint: {one_line(error.hint)}", file=sys.stderr)
         sys.exit(2)
     except TyperException as error:  # usage errors: typer's vendored click exceptions
-        # typer raises only its ClickException subclasses here, and they all have show().
-        error.show()  # type: ignore[attr-defined]
+        # typer raises only its ClickException subclasses here, and they all have show(). Its
+        # lines quote the command line (an unknown option, a bad value): controls escaped.
+        import io
+
+        shown = io.StringIO()
+        error.show(file=shown)  # type: ignore[attr-defined]
+        for line in shown.getvalue().rstrip("\n").split("\n"):  # its own line breaks only
+            print(escape_controls(line), file=sys.stderr)
         sys.exit(getattr(error, "exit_code", 2) or 2)
     except RunEnded as ended:
         sys.exit(ended.code)

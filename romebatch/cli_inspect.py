@@ -126,12 +126,12 @@ def trace(
 
     from . import api
     from .errors import UserError
-    from .plots import render_trace, save_average_png, save_trace_png
+    from .plots import check_png_path, render_trace, save_average_png, save_trace_png
     from .report import check_results_path
 
     check_results_path(results)
-    if out is not None and (out.suffix.lower() != ".png" or not out.parent.is_dir()):
-        raise UserError(f"--out {out}: give a .png file name in an existing folder")
+    if out is not None:
+        check_png_path(out)
     if samples < 1 or window < 1 or not noise > 0 or (limit is not None and limit < 1):
         raise UserError("--samples, --window and --limit must be at least 1, and --noise positive")
     screen = console()
@@ -296,8 +296,11 @@ def report_(
 ):
     """ES, NS kept, retention, probe regression, repairs and warnings per window of edits, from the journal."""
     from . import api
+    from .plots import check_png_path
     from .quality_curves import render
 
+    if out is not None:
+        check_png_path(out)  # before the journal is read: one line, exit 2, nothing written
     data = api.curves(journal, every=every, out=out)
     if json_out:
         emit_json(data)

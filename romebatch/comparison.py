@@ -234,6 +234,8 @@ def render_compare(console, report: CompareReport) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from .report import literal
+
     def p(before, after) -> Text:
         if before is None:
             return Text("-")
@@ -241,7 +243,7 @@ def render_compare(console, report: CompareReport) -> None:
 
     state = "the base model" if report.state == 0 else f"edit {report.state}"
     console.print(
-        Text(
+        literal(
             f"base model vs {state} of journal {report.journal} (greedy, {report.max_new_tokens} "
             f"new tokens; P length-normalised)"
         )
@@ -254,7 +256,9 @@ def render_compare(console, report: CompareReport) -> None:
         title = (
             Text("free prompts")
             if fact_id is None
-            else Text(f"{fact_id}: new {own.target_new!r}" + (f", true {own.target_true!r}" if own.target_true else ""))
+            else literal(
+                f"{fact_id}: new {own.target_new!r}" + (f", true {own.target_true!r}" if own.target_true else "")
+            )
         )
         table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD)
         for column in ("", "prompt", "base says", f"{state} says", "P(new)", "P(true)"):
@@ -262,12 +266,12 @@ def render_compare(console, report: CompareReport) -> None:
         for r in rows:
             true = p(r.p_true_base, r.p_true_state)
             if r.kind == "neighborhood":  # its "true" object is the neighbour's own answer
-                true += Text(f" {r.target_true!r}")
+                true += literal(f" {r.target_true!r}")
             table.add_row(
                 Text(r.kind),
-                Text(r.prompt),
-                Text(repr(r.base_text)),
-                Text(repr(r.state_text), style="bold yellow" if r.changed else ""),
+                literal(r.prompt),
+                literal(repr(r.base_text)),
+                literal(repr(r.state_text), style="bold yellow" if r.changed else ""),
                 p(r.p_new_base, r.p_new_state),
                 true,
             )

@@ -39,7 +39,7 @@ class UserError(Exception):
         message = escape_controls(message)
         super().__init__(message)
         self.message = message
-        self.hint = hint
+        self.hint = None if hint is None else escape_controls(hint)
 
 
 class ManifestError(UserError):
@@ -54,16 +54,24 @@ class ManifestError(UserError):
 
 
 # C0 and C1 controls (C1's \x85, NEL, is a line break to str.splitlines and many terminals),
-# DEL, and the Unicode line and paragraph separators.
+# DEL, the Unicode line and paragraph separators, and the bidi controls: the embeddings and
+# overrides (U+202A-U+202E), the isolates (U+2066-U+2069) and the marks LRM, RLM and ALM,
+# which make a terminal show a line in another order than it holds ("Trojan Source").
+# Zero-width (non-)joiners stay: scripts need them, and they reorder nothing.
+_BIDI_CONTROLS = [*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C]
 _LINE_BREAKERS = {i: f"\\x{i:02x}" for i in [*range(32), 0x7F, *range(0x80, 0xA0)]} | {
-    0x2028: "\\u2028",
-    0x2029: "\\u2029",
+    i: f"\\u{i:04x}" for i in [0x2028, 0x2029, *_BIDI_CONTROLS]
 }
 MAX_PROBLEM_CHARS = 500
 
 
-def escape_controls(text: str) -> str:
-    """Control characters and line breaks made visible (`\\x0a`), nothing else changed."""
+def escape_controls(text: object) -> str:
+    """Control characters, line breaks and bidi controls made visible (`\\x0a`, `\\u202e`), nothing else changed.
+
+    Every user string (fact id, subject, prompt, target, path, journal meta, model name)
+    goes through this before it is printed; rich output also keeps it out of markup
+    (`rich.text.Text`, or `report.safe` where a string is parsed as markup).
+    """
     return str(text).translate(_LINE_BREAKERS)
 
 

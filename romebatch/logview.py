@@ -1,7 +1,8 @@
 """`romebatch log`: the journal's record, summarised and filtered for journals of thousands of edits.
 
 `select` filters what `api.log` reads (no model needed); `render` prints it for people,
-every user string literally (rich Text objects, so a subject like "[red]" stays as typed).
+every user string literally (`report.literal`: a rich Text, so a subject like "[red]" stays as
+typed, with its control and bidi characters escaped).
 """
 
 from __future__ import annotations
@@ -96,11 +97,13 @@ def render(console, data: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from .report import literal
+
     def fmt(value, spec):
         return "-" if value is None else format(value, spec)
 
     s, f = data["summary"], data["filter"]
-    console.print(Text(f"journal {data['journal']} · model {data['model']} · head {data['head']}"))
+    console.print(literal(f"journal {data['journal']} · model {data['model']} · head {data['head']}"))
     console.print(
         Text(
             f"{s['edits']} edit(s): {s['on_path']} on the head's path ({s['repairs']} repairs, {s['warned']} warned), "
@@ -123,13 +126,13 @@ def render(console, data: dict) -> None:
                 str(e["seq"]),
                 str(e["parent"]),
                 Text(status, style="yellow" if e.get("warning") else ""),
-                Text(e["fact_id"]),
-                Text(e["subject"]),
-                Text(e["target_new"]),
+                literal(e["fact_id"]),
+                literal(e["subject"]),
+                literal(e["target_new"]),
                 str(e["layer"]),
                 fmt(e["update_norm"], ".3g"),
                 fmt(e["p_new_after"], ".3f"),
-                Text(e.get("warning") or ""),
+                literal(e.get("warning") or ""),
             )
         console.print(table)
     elif f["status"] != "rejected":
@@ -145,4 +148,4 @@ def render(console, data: dict) -> None:
             )
         )
         for row in data["rejections"]:
-            console.print(Text(f"  {row['fact_id']}: {row['reason']} (computed on state {row['parent']})"))
+            console.print(literal(f"  {row['fact_id']}: {row['reason']} (computed on state {row['parent']})"))

@@ -1,10 +1,14 @@
-"""Pictures of causal traces: rich heatmaps for the terminal, matplotlib PNGs for files."""
+"""Pictures: rich heatmaps of causal traces for the terminal, and PNG files (traces, curves)
+written so that a bad name fails before any work and a failed write leaves no half a PNG."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+
+from .errors import UserError, escape_controls
 
 TITLES = {"hidden": "single hidden state", "mlp": "MLP output (window)", "attn": "attention output (window)"}
 _SHADES = " ░▒▓█"
@@ -33,6 +37,47 @@ def render_trace(console, result) -> None:
         console.print(f"{'':>{width + 1}} layers 0..{grid.shape[1] - 1} →", highlight=False)
 
 
+def check_png_path(path: str | Path, option: str = "--out") -> Path:
+    """Refuse a PNG file name that cannot be written, before any work: one line, exit code 2."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{option} {path}: give a .png file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise UserError(f"{option} {path}: {parent} " + ("is not a folder" if parent.exists() else "does not exist"))
+    if path.is_dir():
+        raise UserError(f"{option} {path}: is a folder; give a .png file name")
+    if path.exists() and not path.is_file():
+        raise UserError(f"{option} {path}: exists and is not a regular file")
+    return path
+
+
+def figure_text(text: object) -> str:
+    """A user string as matplotlib draws it literally: controls escaped, `$` not read as mathtext."""
+    return escape_controls(str(text)).replace("$", r"\$")
+
+
+def save_figure(fig, path: str | Path, option: str = "--out") -> Path:
+    """Write `fig` as a PNG beside `path` and rename it into place: a failure leaves the old file
+    (or none), never half a PNG. The figure is closed either way."""
+    import matplotlib.pyplot as plt
+
+    path = check_png_path(path, option)
+    staging = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        fig.savefig(staging, dpi=110, format="png")
+        os.replace(staging, path)
+    except OSError as error:
+        raise UserError(
+            f"{option} {path}: could not write it ({error.strerror or error})",
+            hint="free some space (or fix the permissions) and run it again",
+        ) from None
+    finally:
+        plt.close(fig)
+        staging.unlink(missing_ok=True)
+    return path
+
+
 def save_trace_png(result, path: str | Path) -> Path:
     import matplotlib
 
@@ -57,11 +102,9 @@ def save_trace_png(result, path: str | Path) -> Path:
         ax.set_xlabel("layer")
         ax.set_title(f"{TITLES[kind]}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.05, label=f"P({result.answer!r})")
-    fig.suptitle(f"{result.prompt} → {result.answer}", fontsize=10)
+    fig.suptitle(figure_text(f"{result.prompt} → {result.answer}"), fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def save_average_png(effect: np.ndarray, layer: int, facts: int, path: str | Path, title: str = "") -> Path:
@@ -74,8 +117,9 @@ def save_average_png(effect: np.ndarray, layer: int, facts: int, path: str | Pat
     ax.bar(range(len(effect)), effect, color=["tab:green" if i == layer else "tab:gray" for i in range(len(effect))])
     ax.set_xlabel("layer")
     ax.set_ylabel("indirect effect")
-    ax.set_title(title or f"MLP at the subject's last token, mean of {facts} facts (best: layer {layer})", fontsize=9)
+    title = (
+        figure_text(title) if title else f"MLP at the subject's last token, mean of {facts} facts (best: layer {layer})"
+    )
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .plots import check_png_path, figure_text, save_figure
 
 
 @dataclass
@@ -155,15 +156,17 @@ SERIES = (
 
 
 def save_png(report: dict, path: str | Path) -> Path:
-    """Two panels against the number of edits: the scores in %, and repairs / warnings / rejections."""
+    """Two panels against the number of edits: the scores in %, and repairs / warnings / rejections.
+
+    Drawn into a temporary file beside `path` and renamed into place: a failure leaves the
+    old file (or none), never half a PNG.
+    """
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    if path.suffix.lower() != ".png":
-        raise UserError(f"--out {path}: give a .png file name")
+    path = check_png_path(path)
     found = report["windows"]
     x = [w["end"] for w in found]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True, height_ratios=(2, 1))
@@ -186,9 +189,9 @@ def save_png(report: dict, path: str | Path) -> Path:
     top.grid(alpha=0.3)
     if top.get_legend_handles_labels()[0]:  # a journal without scores draws no curve
         top.legend(fontsize=8, loc="lower left")
-    top.set_title(
-        f"{report['model']}: {report['edits']} edits on the head's path, windows of {report['every']}", fontsize=9
-    )
+    # The model name as stored, on one line, not read as mathtext ($...$).
+    model = figure_text(report["model"])
+    top.set_title(f"{model}: {report['edits']} edits on the head's path, windows of {report['every']}", fontsize=9)
     width = report["every"] * 0.28
     for offset, (key, label) in zip(
         (-width, 0, width), (("repairs", "repairs"), ("warned", "warnings"), ("rejected", "rejections"))
@@ -199,9 +202,7 @@ def save_png(report: dict, path: str | Path) -> Path:
     bottom.legend(fontsize=8)
     bottom.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def render(console, report: dict) -> None:
@@ -210,16 +211,16 @@ def render(console, report: dict) -> None:
     from rich.table import Table
     from rich.text import Text
 
+    from .report import literal
+
     def fmt(value, spec=".1f"):
         return "-" if value is None else format(value, spec)
 
-    table = Table(
-        title=Text(
-            f"journal {report['journal']} · {report['model']} · head {report['head']} · "
-            f"{report['edits']} edits on its path"
-        ),
-        box=box.SIMPLE_HEAD,
+    # A line of its own, not the table's title: a title wraps at the table's width.
+    header = literal(
+        f"journal {report['journal']} · {report['model']} · head {report['head']} · {report['edits']} edits on its path"
     )
+    table = Table(box=box.SIMPLE_HEAD)
     # Short headers: the table fits 80 columns (the legend below says what each is).
     for column in ("edits", "ES%", "P(new)", "NS%", "probe%", "ret.%", "rep.", "warn", "rej.", "‖ΔW‖"):
         table.add_column(column, justify="right", no_wrap=True)
@@ -237,8 +238,9 @@ def render(console, report: dict) -> None:
             fmt(w["update_norm"], ".2f"),
         )
     if not report["windows"]:
-        console.print(Text(f"journal {report['journal']}: no edits on the head's path"))
+        console.print(literal(f"journal {report['journal']}: no edits on the head's path"))
         return
+    console.print(header)
     console.print(table)
     console.print(
         Text(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import UserError, one_line
+from .errors import UserError, escape_controls, one_line
 
 RESULT_SUFFIXES = (".parquet", ".csv")
 # A cell a spreadsheet would run as a formula (CSV injection): such cells get a leading
@@ -18,10 +18,17 @@ _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def safe(value) -> str:
-    """A user string as rich prints it literally: control characters escaped, markup escaped."""
+    """A user string as rich prints it literally inside markup: control characters escaped, markup escaped."""
     from rich.markup import escape
 
     return escape(one_line(str(value)))
+
+
+def literal(value, style: str = ""):
+    """A user string as a rich `Text`: never parsed as markup, its controls escaped (`escape_controls`)."""
+    from rich.text import Text
+
+    return Text(escape_controls(value), style=style)
 
 
 def check_results_path(path: str | Path | None, option: str = "--results") -> None:
@@ -234,11 +241,10 @@ def render_verify(console, report) -> None:
 
 def render_tune(console, result) -> None:
     """`romebatch tune`: the grid beside the unedited row, the sequential check, the choice and the preset."""
-    from rich.markup import escape
     from rich.table import Table
 
     u = result.unedited
-    table = Table(title=f"tune: {escape(result.model)} ({u['n']} facts, each edited alone and rolled back)")
+    table = Table(title=f"tune: {safe(result.model)} ({u['n']} facts, each edited alone and rolled back)")
     for column in ("setting", "ES", "PS", "NS", "S", "NS within tol.", "seq. NS loss", "seq. ES", ""):
         table.add_column(column)
     table.add_row(
@@ -265,7 +271,7 @@ def render_tune(console, result) -> None:
             "[bold green]chosen[/]" if row["chosen"] else "",
         )
     console.print(table)
-    console.print(f"rule: {escape(result.rule)}", highlight=False)
+    console.print(f"rule: {safe(result.rule)}", highlight=False)
     console.print(
         f"chosen: layer {result.chosen.layer}, clamp_norm_factor {result.chosen.clamp:g} "
         f"({result.seconds / 60:.1f} min)",
@@ -273,7 +279,7 @@ def render_tune(console, result) -> None:
     )
     if result.preset_path:
         console.print(
-            f"saved as this model's preset in {escape(str(result.preset_path))}; `romebatch apply` on "
+            f"saved as this model's preset in {safe(result.preset_path)}; `romebatch apply` on "
             "this model now uses it unless a flag or --hparams says otherwise",
             highlight=False,
         )
@@ -303,5 +309,6 @@ def render_warnings(console, results, top: int = 10) -> None:
     )
     for r in sorted(warned, key=damage, reverse=True)[:top]:
         console.print(
-            Text("  warned ", style="yellow") + Text(f"{r.fact_id} (edit {r.seq}, damage {damage(r):.0%}): {r.warning}")
+            Text("  warned ", style="yellow")
+            + literal(f"{r.fact_id} (edit {r.seq}, damage {damage(r):.0%}): {r.warning}")
         )
