@@ -41,7 +41,7 @@ import sqlite3
 import tempfile
 from pathlib import Path
 
-from .errors import UserError
+from .errors import JournalDamagedError, UserError, one_line
 from .journal import Journal
 from .journal_records import chunks, placeholders
 
@@ -134,6 +134,8 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         raise UserError(f"{out}: a bundle's file name must end in {SUFFIX}")
     if out.exists():
         raise UserError(f"{out} exists", hint="choose another name: a bundle is never overwritten")
+    if not out.parent.is_dir():  # a mistyped folder is refused, never created
+        raise UserError(f"{out}: no folder {out.parent} to write it in")
     with Journal(journal) as j:
         if not j.initialised:
             raise UserError(f"journal {journal} is empty")
@@ -166,7 +168,12 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
         meta = {}
         for key, value in j.db.execute("SELECT key, value FROM meta ORDER BY key"):
             if key not in DERIVED_META:
-                meta[key] = json.loads(value)
+                try:
+                    meta[key] = json.loads(value)
+                except (TypeError, ValueError, RecursionError, MemoryError):  # an edited or damaged journal
+                    raise JournalDamagedError(
+                        f"journal {journal}: meta key {one_line(repr(key))} is not JSON"
+                    ) from None
         marks = [m for m in (j.get(REPAIR_MARKS) or []) if m in states]
         plan = j.get(REPAIR_PLAN)
         # A pass in progress describes the head's path: it travels only with a range ending at the head.
@@ -188,7 +195,6 @@ def write_bundle(journal: str | Path, out: str | Path, *, first: int | None = No
     }
     doc["tensors"] = {name: sha256_of(t.tobytes()) for name, t in sorted(tensors.items())}
     text = json.dumps(doc, ensure_ascii=True, separators=(",", ":"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     os.close(handle)
     try:

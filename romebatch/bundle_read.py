@@ -13,6 +13,9 @@ from pathlib import Path
 
 from .bundle_file import DIGEST_KEY, DOC_KEY, MAGIC, REPAIR_MARKS, REPAIR_PLAN, REQUIRED, VERSION, sha256_of
 from .errors import UserError, one_line
+from .files import open_regular_file
+from .manifest.reading import value_problem
+from .manifest.validation import short_repr
 
 
 @dataclass
@@ -44,8 +47,11 @@ def read_bundle(path: str | Path) -> Bundle:
     from safetensors import safe_open
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"{path}: no such bundle file")
+    # A regular file, or the usual one-line refusal ("is a FIFO, not a regular file", ...); any
+    # size: its checksums, not a size cap, are what make it trusted.
+    open_regular_file(str(path), encoding=None, limit=2**63 - 1).close()
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
@@ -59,14 +65,17 @@ def read_bundle(path: str | Path) -> Bundle:
         raise UserError(f"{path}: damaged: its document does not match its checksum", hint="copy the bundle again")
     try:
         doc = json.loads(text)
-    except ValueError as error:
-        raise UserError(f"{path}: damaged: its document is not JSON ({error})") from None
+    except ValueError as error:  # a syntax error, or a number of thousands of digits
+        raise UserError(f"{path}: damaged: its document is not JSON ({value_problem(error)})") from None
+    except (RecursionError, MemoryError):  # '[' * 100000: no bundle nests like that
+        raise UserError(f"{path}: damaged: its document is not JSON (nested too deeply)") from None
     where = f"{path}"
     _expect(isinstance(doc, dict) and doc.get("magic") == MAGIC, where, "not a romebatch bundle")
     _expect(
         doc.get("version") == VERSION,
         where,
-        f"bundle version {doc.get('version')!r}; this romebatch reads version {VERSION} (a newer romebatch wrote it?)",
+        f"bundle version {short_repr(doc.get('version'))}; this romebatch reads version {VERSION} "
+        "(a newer romebatch wrote it?)",
     )
     listed = doc.get("tensors")
     _expect(
@@ -112,7 +121,7 @@ def read_bundle(path: str | Path) -> Bundle:
             ok = (
                 _is_int(value)
                 if kind is int
-                else isinstance(value, (int, float))
+                else (isinstance(value, float) or _is_int(value))
                 if kind is float
                 else isinstance(value, kind)
             )
@@ -127,7 +136,8 @@ def read_bundle(path: str | Path) -> Bundle:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An int SQLite can store (a seq, a layer, an offset): 64 bits, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
 
 
 def _expect(condition: bool, where: str, what: str) -> None:
@@ -150,11 +160,13 @@ def _rows(table, tensors: dict, name: str, where: str) -> list[dict]:
         where,
         f"field {name}: bad column names",
     )
-    scalars = (str, int, float, type(None))
+    scalars = (str, float, bool, type(None))  # and ints SQLite can store (_is_int)
     rows = []
     for index, cells in enumerate(table["rows"]):
         _expect(
-            isinstance(cells, list) and len(cells) == len(columns) and all(isinstance(c, scalars) for c in cells),
+            isinstance(cells, list)
+            and len(cells) == len(columns)
+            and all(isinstance(c, scalars) or _is_int(c) for c in cells),
             where,
             f"{name} row {index + 1}: not a row of scalars",
         )

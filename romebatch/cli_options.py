@@ -156,8 +156,8 @@ def with_loading(command):
     """`command` with the options that say which model to load and where (`--model`,
     `--device`, `--device-map`, `--max-memory`), declared here once. They stand where the
     command declares its `loading` parameter, which receives them as the keyword arguments
-    every api call that loads a model takes (its progress lines going to `say`). The device
-    is checked before the command runs."""
+    every api call that loads a model takes (its progress lines going to `say`). The device,
+    the device map and the memory limits are checked before the command runs."""
     own = list(inspect.signature(command, eval_str=True).parameters.values())
     at = [p.name for p in own].index("loading")
     keyword = inspect.Parameter.KEYWORD_ONLY
@@ -173,7 +173,12 @@ def with_loading(command):
 
     @functools.wraps(command)
     def wrapper(**given):
+        from .device_map import parse_device_map, parse_max_memory
+
         check_device(given["device"])
+        # Read and checked here, so every command (a --dry-run too) refuses a bad file up front.
+        parse_device_map(given["device_map"])
+        parse_max_memory(given["max_memory"])
         loading = {p.name: given.pop(p.name) for p in generated}
         return command(**given, loading={**loading, "log": say})
 

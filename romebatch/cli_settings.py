@@ -147,6 +147,10 @@ def _parse_value(f: Field, text: str):
         return json.loads(text)  # numbers, true/false, [[5, 10], [10, 10]]
     except ValueError:
         return text  # HParams.validate names the field and what it must be
+    except (RecursionError, MemoryError):  # '[' * 1000: no setting nests like that
+        from .errors import UserError
+
+        raise UserError(f"--set {f.name}: the value is nested too deeply to be a setting") from None
 
 
 def hparams_from(hparams_file: Path | None, settings: dict | None = None, sets: list[str] | None = None):

@@ -19,44 +19,95 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from .errors import UserError
+from .manifest.validation import describe, short_repr
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
-_DEVICE = re.compile(r"^(cpu|disk|meta|mps|cuda|cuda:\d+|\d+)$")
+# ASCII digits only (`\d` and str.isdigit take other scripts' digits, which int() may refuse),
+# and few of them: an index is a small number.
+_SIZE = re.compile(r"^[0-9]{1,20}(\.[0-9]{1,20})?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)?$", re.IGNORECASE)
+_DEVICE = re.compile(r"^(cpu|disk|meta|mps|cuda|cuda:[0-9]{1,4}|[0-9]{1,4})$")
+_INDEX = re.compile(r"^[0-9]{1,4}$")
+# A GPU index above this is a mistake, not a machine.
+MAX_GPU_INDEX = 1023
+# A device map names each module once: a few kB for the largest models.
+MAX_DEVICE_MAP_BYTES = 16 * 1024**2
 
 
 def parse_device_map(value: str | dict | None):
-    """A strategy name, or a JSON file's {module name: device}; None passes through."""
+    """A strategy name, or a JSON file's {module name: device}; None passes through.
+
+    The file is read and checked whole here, before anything loads: a regular file of UTF-8
+    JSON, one object of module name: device, each device a GPU index, 'cuda:N', 'cpu', 'disk'
+    (or 'mps', 'meta'). Every problem is a UserError naming the file and the module.
+    """
     if value is None or isinstance(value, dict):
         return value
     if value in STRATEGIES:
         return value
     if not value.endswith(".json"):
         raise UserError(f"--device-map {value!r}: give {', '.join(STRATEGIES)} or a FILE.json of module: device")
-    try:
-        data = json.loads(Path(value).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"--device-map {value}: cannot read it ({str(error).splitlines()[0]})") from None
+    data = _read_device_map(value)
+    where = f"--device-map {value}"
     if not isinstance(data, dict) or not data:
-        raise UserError(f"--device-map {value}: must be a JSON object of module name: device")
-    out = {}
+        raise UserError(f"{where}: must be a JSON object of module name: device, got {describe(data)}")
+    out: dict = {}
     for name, device in data.items():
-        if isinstance(device, bool) or not isinstance(device, (int, str)) or not _DEVICE.match(str(device)):
-            raise UserError(
-                f"--device-map {value}: module {name!r} has device {device!r}; use a GPU index, "
-                "'cuda:N', 'cpu' or 'disk'"
-            )
-        out[name] = int(device) if isinstance(device, str) and device.isdigit() else device
+        out[name] = _device(where, name, device)
     return out
+
+
+def _read_device_map(value: str):
+    from .files import open_regular_file
+    from .manifest.reading import DuplicateKey, strict_json, value_problem
+
+    where = f"--device-map {value}"
+    try:
+        with open_regular_file(value, limit=MAX_DEVICE_MAP_BYTES) as f:  # never a FIFO, device or folder
+            text = f.read()
+    except UserError as error:  # "PATH: is a FIFO, not a regular file", ...
+        raise UserError(f"--device-map {error.message}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: cannot read it (not UTF-8 text)") from None
+    except OSError as error:
+        raise UserError(f"{where}: cannot read it ({error.strerror or error})") from None
+    try:
+        return strict_json(text)
+    except json.JSONDecodeError as error:
+        raise UserError(f"{where}: not JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+    except DuplicateKey as error:
+        raise UserError(f"{where}: module {short_repr(error.key, 80)} is given twice") from None
+    except ValueError as error:  # a number of thousands of digits
+        raise UserError(f"{where}: not JSON ({value_problem(error)})") from None
+    except (RecursionError, MemoryError):
+        raise UserError(f"{where}: not JSON (nested too deeply)") from None
+
+
+def _device(where: str, name: str, device):
+    """The device of module `name`, as accelerate takes it: a GPU index as an int."""
+    bad = UserError(
+        f"{where}: module {short_repr(name, 80)} has device {short_repr(device, 40)}; use a GPU index "
+        f"(0..{MAX_GPU_INDEX}), 'cuda:N', 'cpu' or 'disk'"
+    )
+    if isinstance(device, bool):
+        raise bad
+    if isinstance(device, int):
+        if not 0 <= device <= MAX_GPU_INDEX:
+            raise bad
+        return device
+    if not isinstance(device, str) or not _DEVICE.match(device):
+        raise bad
+    index = device.removeprefix("cuda:")
+    if _INDEX.match(index) and int(index) > MAX_GPU_INDEX:
+        raise bad
+    return int(device) if _INDEX.match(device) else device
 
 
 def parse_max_memory(value: str | dict | None):
@@ -66,12 +117,13 @@ def parse_max_memory(value: str | dict | None):
     out: dict = {}
     for item in value.split(","):
         device, sep, size = (part.strip() for part in item.partition("="))
-        if not sep or not (device.isdigit() or device in ("cpu", "disk", "mps")) or not _SIZE.match(size):
+        index = _INDEX.match(device) is not None and int(device) <= MAX_GPU_INDEX
+        if not sep or not (index or device in ("cpu", "disk", "mps")) or not _SIZE.match(size):
             raise UserError(
-                f"--max-memory {value!r}: write DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB' "
-                f"(bad item {item.strip()!r})"
+                f"--max-memory {short_repr(value, 200)}: write DEVICE=SIZE pairs such as '0=20GiB,cpu=60GiB' "
+                f"(bad item {short_repr(item.strip(), 80)})"
             )
-        out[int(device) if device.isdigit() else device] = size if not size.isdigit() else int(size)
+        out[int(device) if index else device] = int(size) if size.isdigit() else size
     return out
 
 

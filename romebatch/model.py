@@ -158,6 +158,10 @@ def load_model(
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {device}: CUDA is not available on this machine", hint="use --device cpu")
+    from .device_map import parse_device_map, parse_max_memory
+
+    # Checked whole before anything loads, so a bad --device-map file is named as the problem.
+    device_map, max_memory = parse_device_map(device_map), parse_max_memory(max_memory)
     spec = spec or EMBEDDED
     revision = None
     if spec == EMBEDDED:

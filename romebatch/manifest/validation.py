@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, NamedTuple
@@ -158,10 +159,59 @@ def is_valid_unicode(text: str) -> bool:
 
 
 def describe(value: Any) -> str:
-    text = repr(value)
-    if len(text) > 40:
-        text = text[:37] + "..."
-    return f"{type(value).__name__} {text}"
+    return f"{type(value).__name__} {short_repr(value, 40)}"
+
+
+def short_repr(value: Any, limit: int = 40) -> str:
+    """repr(value), cut to `limit` characters ("..." at the end), built piece by piece.
+
+    Never the whole repr first: a YAML alias bomb is a few hundred bytes of text that expands
+    to millions of values (or refers to itself), and an integer of thousands of digits has no
+    repr at all. Only about `limit` characters of work are done, whatever the value.
+    """
+    parts: list[str] = []
+    size = 0
+    for piece in _repr_pieces(value, limit):
+        parts.append(piece)
+        size += len(piece)
+        if size > limit:
+            break
+    text = "".join(parts)
+    return text if len(text) <= limit else text[: max(limit - 3, 0)] + "..."
+
+
+def _repr_pieces(value: Any, limit: int) -> Iterator[str]:
+    """repr(value) in pieces, lazily: the caller stops once it has enough (each level nests one
+    generator, and each opens with a bracket, so a deep or cyclic value ends within `limit` levels)."""
+    if isinstance(value, (str, bytes, bytearray)):
+        yield repr(value[: limit + 1])  # a longer value is cut by the caller anyway
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        try:
+            yield repr(value)[: limit + 1]
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
+            yield f"<an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits>"
+    elif isinstance(value, (list, tuple, set, frozenset, dict)) and type(value) in _BRACKETS:
+        opening, closing = _BRACKETS[type(value)]
+        if not value and type(value) in (set, frozenset):
+            yield f"{type(value).__name__}()"
+            return
+        yield opening
+        for i, item in enumerate(value.items() if isinstance(value, dict) else value):
+            if i:
+                yield ", "
+            if isinstance(value, dict):
+                yield from _repr_pieces(item[0], limit)
+                yield ": "
+                item = item[1]
+            yield from _repr_pieces(item, limit)
+        if isinstance(value, tuple) and len(value) == 1:
+            yield ","
+        yield closing
+    else:
+        yield repr(value)[: limit + 1]
+
+
+_BRACKETS = {list: ("[", "]"), tuple: ("(", ")"), set: ("{", "}"), dict: ("{", "}"), frozenset: ("frozenset({", "})")}
 
 
 class Probes(NamedTuple):
