@@ -8,7 +8,7 @@ from pathlib import Path
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
 from .hparams import REPAIR_EVERY, REPAIR_SPAN, HParams, check_repair_options
-from .journal import Journal, reads_journal
+from .journal import Journal, check_new_location, reads_journal
 from .manifest import Manifest, load_manifest
 from .probes import Thresholds
 
@@ -130,11 +130,12 @@ def rollback(
     max_memory=None,
 ) -> int:
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
-    from .editor import check_rollback_selector
+    from .editor import check_rollback_selector, rollback_target
 
     check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
-    with Journal(journal):  # a missing or damaged journal is refused before the model loads
-        pass
+    # A missing or damaged journal, or a selector naming no state, is refused before the model loads.
+    with Journal(journal) as opened:
+        rollback_target(opened, to=to, steps=steps, fact=fact, base=base)
     kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, create=False, **kwargs) as editor:
         head = editor.rollback(to=to, steps=steps, fact=fact, base=base)
@@ -187,8 +188,13 @@ def export_adapter(
     The journal is replayed on its base model first, every stored hash checked, so an
     adapter is only ever made of edits that reproduce the journal's recorded weights.
     """
-    from .lora import write_adapter
+    from .lora import check_adapter_target, write_adapter
 
+    if rank is not None and rank < 1:
+        raise UserError(f"--rank {rank}: give a rank of at least 1")
+    with Journal(journal):  # a missing or damaged journal is refused before the model loads
+        pass
+    check_adapter_target(Path(outdir), force)
     kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         provenance = editor.provenance()
@@ -234,6 +240,7 @@ def pending_facts(facts, journal: str | Path, retry_rejected: bool = False):
     from .editor import pending_facts as pending
 
     if not (Path(journal) / "journal.sqlite").exists():
+        check_new_location(journal)  # a run would refuse it: so does a dry run
         return list(facts)
     with Journal(journal) as j:
         return pending(facts, j, retry_rejected)

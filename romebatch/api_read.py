@@ -199,11 +199,18 @@ def trace(
     from .causal_trace import average_trace, trace_fact
     from .layer_cache import save_recommendation
     from .model import load_model
-    from .trace_facts import read_trace_facts
+    from .trace_facts import check_trace_fact, read_trace_facts
 
     kwargs = {"log": log} if log else {}
     if facts_file is None and (prompt is None or subject is None):
         raise UserError("give --prompt and --subject, or --facts FILE")
+    # Everything the user gave is checked before the model loads (minutes on a large model).
+    if facts_file is None:
+        assert prompt is not None and subject is not None
+        check_trace_fact(prompt, subject, answer)
+        facts = []
+    else:
+        facts = read_trace_facts(facts_file, limit)
     stored = _journal_meta(journal) if journal is not None and model is None else {}
     lm = load_model(
         model or stored.get("model"),
@@ -216,12 +223,9 @@ def trace(
     )
     if facts_file is None:
         assert prompt is not None and subject is not None  # refused above, before loading the model
-        if subject not in prompt:
-            raise UserError(f"--subject {subject!r} does not occur in --prompt")
         return trace_fact(
             lm, prompt, subject, answer, kinds=kinds, samples=samples, noise=noise, window=window, seed=seed
         )
-    facts = read_trace_facts(facts_file, limit)
     effect, layer, results = average_trace(
         lm, facts, samples=samples, noise=noise, window=window, seed=seed, progress=progress
     )

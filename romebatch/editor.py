@@ -211,23 +211,7 @@ class Editor:
         self, *, to: int | None = None, steps: int | None = None, fact: str | None = None, base: bool = False
     ) -> int:
         """Move the head (exactly one of the selectors) and rebuild that state; returns the new head."""
-        check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
-        path = self.journal.lineage()
-        if base:
-            target = 0
-        elif to is not None:
-            if to != 0:
-                self.journal.edit(to)
-            target = to
-        elif steps is not None:
-            if steps < 0 or steps > len(path):
-                raise UserError(f"--steps {steps}: the head is {len(path)} edit(s) from the base")
-            target = path[-steps - 1].seq if steps < len(path) else 0
-        else:
-            matches = [r for r in path if r.fact_id == fact]
-            if not matches:
-                raise UserError(f"--fact {fact}: no applied edit has that fact id")
-            target = matches[0].parent  # the state just before that fact was edited
+        target = rollback_target(self.journal, to=to, steps=steps, fact=fact, base=base)
         try:
             self.replay(target)  # verify the target state before committing to it
         except BaseException:
@@ -280,6 +264,27 @@ def refuse_damaged(journal: Journal) -> None:
             f"journal {journal.directory} is damaged: {problems[0]}{more}",
             hint=f"run `romebatch check --journal {journal.directory}` to see every problem",
         )
+
+
+def rollback_target(journal: Journal, *, to=None, steps=None, fact=None, base=False) -> int:
+    """The state a rollback selector names in `journal` (exactly one selector), read from the
+    journal alone, so a selector naming no state is refused before any model is loaded."""
+    check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
+    if base:
+        return 0
+    if to is not None:
+        if to != 0:
+            journal.edit(to)  # refuses an edit the journal does not hold
+        return to
+    path = journal.lineage()
+    if steps is not None:
+        if steps > len(path):
+            raise UserError(f"--steps {steps}: the head is {len(path)} edit(s) from the base")
+        return path[-steps - 1].seq if steps < len(path) else 0
+    matches = [r for r in path if r.fact_id == fact]
+    if not matches:
+        raise UserError(f"--fact {fact}: no applied edit has that fact id")
+    return matches[0].parent  # the state just before that fact was edited
 
 
 def check_rollback_selector(*, to=None, steps=None, fact=None, base=False) -> None:

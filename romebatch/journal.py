@@ -327,6 +327,20 @@ def reads_journal(function):
     return wrapper
 
 
+def check_new_location(directory: str | Path) -> None:
+    """Refuse, without creating anything, a journal path that a writing run could not use
+    (`apply --dry-run` says what a run would do, so it refuses what the run would refuse)."""
+    directory = Path(directory)
+    _check_location(directory, directory / DB_NAME, create=True)
+    ancestor = directory.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        if ancestor.is_symlink():
+            raise UserError(f"cannot create journal folder {directory} ({ancestor} is a symbolic link to nothing)")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"cannot create journal folder {directory} ({ancestor} is not a folder)")
+
+
 def _check_location(directory: Path, db_path: Path, create: bool) -> None:
     """Refuse, in one line, journal paths that are files, dangling links or missing (when not creating)."""
     if directory.is_symlink() and not directory.exists():

@@ -15,6 +15,10 @@ from .journal_records import EditRecord, chunks, placeholders, record_from_row
 from .journal_schema import read_meta
 
 
+def _fits_sqlite(number: int) -> bool:
+    return -(2**63) <= number < 2**63
+
+
 class JournalReads:
     db: sqlite3.Connection
     directory: Path
@@ -39,7 +43,8 @@ class JournalReads:
         return head
 
     def edit(self, seq: int) -> EditRecord:
-        row = self.db.execute("SELECT * FROM edits WHERE seq = ?", (seq,)).fetchone()
+        # A number past SQLite's 64-bit integers names no edit; SQLite would raise OverflowError.
+        row = self.db.execute("SELECT * FROM edits WHERE seq = ?", (seq,)).fetchone() if _fits_sqlite(seq) else None
         if row is None:
             raise UserError(f"journal {self.directory} has no edit {seq}")
         return record_from_row(row, self.directory)

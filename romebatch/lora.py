@@ -30,13 +30,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, resource_problem
+from .publish import check_target, publish, staging_folder, umask
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -147,6 +147,13 @@ def is_adapter_folder(folder: Path) -> bool:
     return (folder / CONFIG_NAME).is_file() and (folder / WEIGHTS_NAME).is_file()
 
 
+def check_adapter_target(outdir: Path, force: bool) -> None:
+    """Refuse an adapter target that is not a new folder (or, with force, an earlier adapter)."""
+    check_target(
+        outdir, force=force, replaceable=is_adapter_folder, kind=f"adapter (with {CONFIG_NAME} and {WEIGHTS_NAME})"
+    )
+
+
 def write_adapter(
     outdir: str | Path,
     path,
@@ -173,17 +180,7 @@ def write_adapter(
     if rank is not None and rank < 1:
         raise UserError(f"--rank {rank}: give a rank of at least 1")
     outdir = Path(outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"{outdir} exists and is not a folder")
-    if outdir.exists() and any(outdir.iterdir()):
-        if not is_adapter_folder(outdir):
-            raise UserError(
-                f"{outdir} is not empty and is not an adapter folder (no {CONFIG_NAME} and {WEIGHTS_NAME}); "
-                f"refusing to replace it",
-                hint="choose another folder",
-            )
-        if not force:
-            raise UserError(f"{outdir} holds an adapter already", hint="pass --force to replace it")
+    check_adapter_target(outdir, force)
     factors = module_factors(path, rank)
     r = max(f.B.shape[1] for f in factors)
     tensors = {}
@@ -215,12 +212,9 @@ def write_adapter(
         "use_dora": False,
     }
     report = AdapterReport(outdir, r, exact, len(path), factors)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
     # Written beside the target and renamed into place: never a half-written adapter folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes 0700; a served adapter is read by other users too
+    staging = staging_folder(outdir)
+    mask = umask()
     try:
         save_file(tensors, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
@@ -231,22 +225,16 @@ def write_adapter(
         for written in staging.iterdir():
             os.chmod(written, 0o666 & ~mask)  # safetensors writes 0600
         report.bytes = sum(p.stat().st_size for p in staging.iterdir())
+        publish(staging, outdir)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError):
+        what = resource_problem(error)
+        if what is not None:
             raise UserError(
-                f"could not write the adapter ({error}); {outdir} was not changed",
+                f"could not write the adapter ({what}); {outdir} was not changed",
                 hint="free some space and run export again",
-            ) from error
+            ) from None
         raise
-    if outdir.exists():
-        # Move the old folder aside first: outdir is at every moment the old adapter or the new one.
-        trash = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
-        os.replace(outdir, trash / "old")
-        os.replace(staging, outdir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, outdir)
     return report
 
 

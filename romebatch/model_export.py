@@ -8,15 +8,14 @@ may replace.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import UserError, resource_problem
 from .export_card import model_card, save_weights
+from .publish import check_target, publish, staging_folder
 
 if TYPE_CHECKING:
     from .editor import Editor
@@ -24,28 +23,14 @@ if TYPE_CHECKING:
 EXPORT_MARKER = "romebatch.json"  # every export's provenance; --force replaces only folders that have it
 
 
+def is_export_folder(folder: Path) -> bool:
+    """An earlier romebatch export: what `export --force` may replace."""
+    return (folder / EXPORT_MARKER).is_file()
+
+
 def check_export_target(outdir: Path, force: bool) -> None:
     """Refuse an export target that is not a new folder (or, with force, an earlier export)."""
-    if outdir.is_symlink() and not outdir.exists():
-        raise UserError(f"{outdir} is a symbolic link to nothing; remove it or choose another folder")
-    if outdir.exists() and not outdir.is_dir():
-        raise UserError(f"{outdir} exists and is not a folder")
-    if outdir.exists() and any(outdir.iterdir()):
-        if not force:
-            raise UserError(f"{outdir} exists and is not empty", hint="pass --force to replace an earlier export")
-        if not (outdir / EXPORT_MARKER).is_file():
-            raise UserError(
-                f"{outdir} is not an earlier romebatch export (it has no {EXPORT_MARKER}); --force replaces only those",
-                hint="choose another folder, or empty this one yourself",
-            )
-    if not outdir.parent.exists() and outdir.parent.is_symlink():
-        raise UserError(f"{outdir.parent} is a symbolic link to nothing")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    check_target(outdir, force=force, replaceable=is_export_folder, kind=f"romebatch export (with {EXPORT_MARKER})")
 
 
 def export(editor: Editor, outdir: str | Path, *, force: bool = False, dtype: str | None = None) -> Path:
@@ -56,10 +41,7 @@ def export(editor: Editor, outdir: str | Path, *, force: bool = False, dtype: st
     """
     outdir = Path(outdir)
     check_export_target(outdir, force)
-    outdir.parent.mkdir(parents=True, exist_ok=True)
-    # Written beside the target and renamed into place: never a half-written model folder.
-    staging = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", dir=outdir.parent))
-    trash = None
+    staging = staging_folder(outdir)
     try:
         written = save_weights(editor.lm.model, staging, dtype)
         editor.lm.tokenizer.save_pretrained(staging)
@@ -67,19 +49,9 @@ def export(editor: Editor, outdir: str | Path, *, force: bool = False, dtype: st
         record["dtype"] = written
         (staging / EXPORT_MARKER).write_text(json.dumps(record, indent=2) + "\n")
         (staging / "README.md").write_text(model_card(record, outdir.name))
-        os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the model from its users
-        if outdir.exists():
-            # Move the old folder aside first: at every moment outdir is either the old
-            # complete export or the new one, never a partial one.
-            trash = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.old.", dir=outdir.parent))
-            os.replace(outdir, trash / "old")
-        os.replace(staging, outdir)
+        publish(staging, outdir)
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
-        if trash is not None and (trash / "old").exists() and not outdir.exists():
-            os.replace(trash / "old", outdir)  # put the earlier export back
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
         what = resource_problem(error)
         if what is not None:
             raise UserError(
@@ -87,8 +59,6 @@ def export(editor: Editor, outdir: str | Path, *, force: bool = False, dtype: st
                 hint="free some space and run export again",
             ) from None
         raise
-    if trash is not None:
-        shutil.rmtree(trash, ignore_errors=True)
     return outdir
 
 

@@ -9,6 +9,19 @@ from .files import open_regular_file
 from .manifest import Manifest, load_manifest, strict_json
 
 
+def check_trace_fact(prompt: str, subject: str, answer: str | None) -> None:
+    """One fact to trace, as `--prompt`, `--subject` and `--answer` give it: the subject must be
+    text that occurs in the prompt (its tokens are the ones corrupted)."""
+    if not prompt.strip():
+        raise UserError("--prompt is empty")
+    if not subject.strip():
+        raise UserError("--subject is empty: give the words of the prompt to corrupt")
+    if subject not in prompt:
+        raise UserError(f"--subject {one_line(repr(subject))} does not occur in --prompt")
+    if answer is not None and not answer.strip():
+        raise UserError("--answer is empty: leave it out to trace the model's own prediction")
+
+
 def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str | None]]:
     """(prompt, subject, answer) from a known-facts JSON (`prompt`, `subject`, `attribute`) or any manifest."""
     if isinstance(path, Manifest):  # read already (standard input, or --format)
@@ -27,6 +40,10 @@ def read_trace_facts(path, limit: int | None = None) -> list[tuple[str, str, str
                     isinstance(record.get(k), str) for k in ("prompt", "subject", "attribute")
                 ):
                     raise UserError(f"{path}:{number}: a known fact needs string prompt, subject and attribute")
+                if not record["subject"].strip():
+                    raise UserError(f"{path}:{number}: field 'subject': empty")
+                if not record["attribute"].strip():
+                    raise UserError(f"{path}:{number}: field 'attribute': empty")
                 if record["subject"] not in record["prompt"]:
                     raise UserError(f"{path}:{number}: field 'subject': not found in the prompt")
                 facts.append((record["prompt"], record["subject"], record["attribute"]))

@@ -39,7 +39,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, located
+from .files import open_regular_file
 from .hparams import MEASURED, HParams, resolve
 from .manifest import Fact, Manifest
 
@@ -60,16 +61,30 @@ from .tuning_rule import (  # noqa: F401
 
 
 def _read_results(path: Path) -> list[dict]:
-    if not path.exists():
+    """The rows an earlier `tune` appended to `path` (none if it does not exist yet), checked to be
+    this command's rows before any model is loaded."""
+    if not path.exists() and not path.is_symlink():
+        if not path.parent.is_dir():
+            raise UserError(f"--results {path}: the folder {path.parent} does not exist")
         return []
+    with open_regular_file(str(path)) as handle:
+        text = handle.read()
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # a line cut short by a crash: it is recomputed
+            row = json.loads(line)
+        except (ValueError, RecursionError):  # a line cut short by a crash: it is recomputed
             continue
+        if not (
+            isinstance(row, dict) and isinstance(row.get("kind"), str) and isinstance(row.get("model_hash", ""), str)
+        ):
+            raise UserError(
+                located(path, number, None, "not a row `romebatch tune` wrote (an object with a 'kind')"),
+                hint="give another --results file",
+            )
+        rows.append(row)
     return rows
 
 
@@ -112,6 +127,8 @@ def tune(
         raise UserError(f"tune: clamp factors must be positive numbers, got {list(clamps)}")
     loaded = load_manifest(manifest)  # a path, or a Manifest read already (stdin)
     facts = loaded.facts
+    results_path = Path(results) if results else None
+    done = _read_results(results_path) if results_path else []
     lm = lm or load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, log=log)
     base = hparams or HParams()
     model_hash = lm.full_hash()
@@ -121,8 +138,6 @@ def tune(
     held_out = order[sample:]
     # The sequential check edits facts the grid did not score, where the manifest has them.
     seq_facts = with_relation_neighbours(order)[sample : sample + seq_edits] if held_out else grid_facts[:seq_edits]
-    results_path = Path(results) if results else None
-    done = _read_results(results_path) if results_path else []
     for stored in done:
         if stored.get("model_hash") not in (None, model_hash):
             raise UserError(

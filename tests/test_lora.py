@@ -258,12 +258,12 @@ def test_adapter_folder_writes_are_atomic_and_never_replace_other_folders(tmp_pa
     occupied.mkdir()
     (occupied / "keep.txt").write_text("mine")
     for force in (False, True):
-        with pytest.raises(UserError, match="not an adapter folder"):
+        with pytest.raises(UserError, match="is not an earlier adapter"):
             write_adapter(occupied, path, force=force, **kwargs)
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
     adapter = tmp_path / "adapter"
     write_adapter(adapter, path, **kwargs)
-    with pytest.raises(UserError, match="holds an adapter already") as refused:
+    with pytest.raises(UserError, match="holds an earlier adapter") as refused:
         write_adapter(adapter, path[:1], **kwargs)
     assert "--force" in refused.value.hint
     assert json.loads((adapter / CONFIG_NAME).read_text())["r"] == 2
