@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .adapters import Adapter, adapter_for
-from .errors import UserError
+from .errors import UserError, escape_controls
 from .home import romebatch_home
 
 if TYPE_CHECKING:
@@ -132,7 +132,8 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """Library callers' default progress line: it names model folders, which a user chose."""
+    print(escape_controls(message), file=sys.stderr, flush=True)
 
 
 def load_model(
