@@ -173,12 +173,14 @@ def with_loading(command):
 
     @functools.wraps(command)
     def wrapper(**given):
-        from .device_map import parse_device_map, parse_max_memory
-
         check_device(given["device"])
-        # Read and checked here, so every command (a --dry-run too) refuses a bad file up front.
-        parse_device_map(given["device_map"])
-        parse_max_memory(given["max_memory"])
+        if given["device_map"] is not None or given["max_memory"] is not None:
+            # Read and checked here, so every command (a --dry-run too) refuses a bad file up
+            # front; imported only then, since device_map imports torch.
+            from .device_map import parse_device_map, parse_max_memory
+
+            parse_device_map(given["device_map"])
+            parse_max_memory(given["max_memory"])
         loading = {p.name: given.pop(p.name) for p in generated}
         return command(**given, loading={**loading, "log": say})
 
