@@ -94,6 +94,11 @@ def supported_model_types() -> list[str]:
     return sorted(_ADAPTERS)
 
 
+def adapter_for_type(model_type: str) -> Adapter | None:
+    """The built-in or registered adapter for a config's model_type, if any (checked before loading)."""
+    return _ADAPTERS.get(model_type)
+
+
 def adapter_for(model: PreTrainedModel, module_template: str | None = None) -> Adapter:
     """The adapter for `model`; `module_template` ("path.{}.to.down_proj") covers the rest."""
     model_type = getattr(model.config, "model_type", "?")

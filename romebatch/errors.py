@@ -117,6 +117,11 @@ def resource_problem(error: BaseException) -> str | None:
         return f"{where}{error.strerror or error}"
     text = str(error)
     name = type(error).__name__
-    if name == "SafetensorError" or (name == "OperationalError" and ("full" in text or "I/O" in text)):
+    # safetensors' writer fails with "Error while serializing: IoError(...)" on a full disk. A
+    # file it cannot *read* ("Error while deserializing header: ...") is a damaged file, which
+    # its reader names where it reads it; never a disk to free.
+    if name == "SafetensorError" and text.startswith("Error while serializing"):
+        return f"could not write ({text})"
+    if name == "OperationalError" and ("full" in text or "I/O" in text):
         return f"could not write ({text})"
     return None
