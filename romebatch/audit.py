@@ -14,6 +14,8 @@ import re
 import sqlite3
 from typing import Any, TypeGuard
 
+import numpy as np
+
 from . import integrity
 from .errors import ManifestError
 
@@ -140,14 +142,10 @@ def _check_edits(edits: list[dict], meta: dict, hashed: bool, problems: list[str
         parent = row.get("parent")
         if not _is_int(parent) or not 0 <= parent < seq:
             problems.append(f"{where}: field parent is {_short(parent)}, not an earlier edit")
-        for column in ("lam", "u", "k_star"):
-            _vector(row, column, where, sizes, problems)
-        if not _is_int(row.get("layer")) or row["layer"] < 0:
-            problems.append(f"{where}: field layer is {_short(row.get('layer'))}, not a layer number")
+        _check_edit_fields(row, where, sizes, problems)
         # `status` is stored only by journals before m006 (opened here unmigrated): check that copy.
         if "status" in row and row["status"] not in _STATUSES:
             problems.append(f"{where}: field status is {_short(row.get('status'))}, not applied or rolled_back")
-        _check_fact(row, where, problems)
     for seq, row in by_seq.items():
         parent = row.get("parent")
         if _is_int(parent) and 0 < parent < seq and parent not in by_seq:
@@ -172,6 +170,27 @@ def _check_edits(edits: list[dict], meta: dict, hashed: bool, problems: list[str
                 problems.append(f"edit {seq}: its fields do not match its row hash (the row was changed)")
 
 
+def edit_row_problems(rows: list[dict]) -> list[tuple[int, str]]:
+    """(index, problem) for each problem of these edit rows' own fields, as `audit` finds them
+    in a journal (vectors, layer, fact, fact hash and id): a bundle's rows are checked with
+    this before any is appended, so nothing `check` calls damaged gets in that way."""
+    found: list[tuple[int, str]] = []
+    sizes: dict[str, int] = {}
+    for index, row in enumerate(rows):
+        problems: list[str] = []
+        _check_edit_fields(row, "", sizes, problems)
+        found.extend((index, line.removeprefix(": ")) for line in problems)
+    return found
+
+
+def _check_edit_fields(row: dict, where: str, sizes: dict[str, int], problems: list[str]) -> None:
+    for column in ("lam", "u", "k_star"):
+        _vector(row, column, where, sizes, problems)
+    if not _is_int(row.get("layer")) or row["layer"] < 0:
+        problems.append(f"{where}: field layer is {_short(row.get('layer'))}, not a layer number")
+    _check_fact(row, where, problems)
+
+
 def _path(head: int, by_seq: dict[int, dict]) -> set[int] | None:
     path: set[int] = set()
     seq = head
@@ -193,6 +212,10 @@ def _vector(row: dict, column: str, where: str, sizes: dict[str, int], problems:
         return
     if not isinstance(value, bytes) or not value or len(value) % 4:
         problems.append(f"{where}: field {column} is not a float32 vector")
+        return
+    # A NaN or infinite value would replay to NaN weights even with every hash recomputed.
+    if not np.isfinite(np.frombuffer(value, dtype="<f4")).all():
+        problems.append(f"{where}: field {column} holds NaN or infinite values")
         return
     size_key = "u" if column == "k_star" else column  # k* lives in the same space as u
     expected = sizes.setdefault(size_key, len(value))

@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .audit import edit_row_problems
 from .bundle_file import DIGEST_KEY, DOC_KEY, MAGIC, REPAIR_MARKS, REPAIR_PLAN, REQUIRED, VERSION, sha256_of
 from .errors import UserError, one_line
 from .files import open_regular_file
@@ -130,9 +131,41 @@ def read_bundle(path: str | Path) -> Bundle:
                 where,
                 f"edit {index + 1}: field {column!r}: missing or not {kind.__name__}",
             )
+    # The checks `romebatch check` makes of a journal's rows, made before any row is appended:
+    # a bundle cannot bring in what the journal would then call damaged.
+    for index, problem in edit_row_problems(edits):
+        raise UserError(f"{path}: edit {index + 1} (seq {edits[index]['seq']}): {problem}; nothing was written")
     for index, row in enumerate(rejections):
         _expect(_is_int(row.get("parent")), where, f"rejection {index + 1}: field 'parent': not a seq")
+    _check_meta(doc["meta"], where)
     return Bundle(path, doc, edits, rejections)
+
+
+# The settings every journal has recorded since the first romebatch (later ones may be missing
+# from an old bundle: HParams.from_record reads them as RECORDED_BEFORE says).
+_RECORDED_ALWAYS = ("layer", "v_lr", "v_steps", "v_loss_stop", "kl_factor", "clamp_norm_factor", "prefixes", "seed")
+_DTYPES = ("float32", "bfloat16", "float16")  # model.DTYPES, without importing torch
+
+
+def _check_meta(meta: dict, where: str) -> None:
+    """How the bundle's edits were made, checked as a journal's own meta is on opening, and named
+    as the bundle's (a fresh journal takes these keys as they are)."""
+    from .hparams import HParams
+
+    dtype = meta.get("dtype")
+    _expect(
+        dtype is None or dtype in _DTYPES,
+        where,
+        f"field meta.dtype: {short_repr(dtype)} is not one of {', '.join(_DTYPES)}",
+    )
+    template = meta.get("module_template")
+    _expect(template is None or isinstance(template, str), where, "field meta.module_template: not text")
+    base = meta.get("base_hash")
+    _expect(base is None or isinstance(base, str), where, "field meta.base_hash: not a hash")
+    missing = [key for key in _RECORDED_ALWAYS if key not in meta["hparams"]]
+    _expect(not missing, where, f"field meta.hparams: no {missing[0] if missing else ''} (damaged or not a journal's)")
+    hp = HParams.from_record(meta["hparams"], source=f"{where}: meta.hparams")
+    _expect(hp.layer is not None, where, "field meta.hparams: layer is not set")
 
 
 def _is_int(value) -> bool:

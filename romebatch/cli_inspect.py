@@ -230,7 +230,9 @@ def check(
         else:
             say(
                 f"journal {journal}: {len(report.problems)} problem(s); the last good state on the head's path is "
-                f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`"
+                f"{report.last_good}: `romebatch rollback --to {report.last_good} --journal {journal}`; "
+                f"check keeps reporting the damaged edits until `--prune` deletes the rolled-back ones "
+                f"(every rolled-back edit, damaged or not)"
             )
     if not report.ok:
         raise typer.Exit(1)

@@ -34,7 +34,7 @@ from .journal import Journal
 from .journal_records import EditRecord
 from .manifest import Fact
 from .model import LoadedModel, _stderr, load_model, weight_hash
-from .opening import check_every_edit, edit_of, init_or_check
+from .opening import check_every_edit, check_record, edit_of, init_or_check
 from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, stop_on_signals
 from .pipeline import edit_window, run
 from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, REPAIR_SPAN, run_pass
@@ -70,6 +70,9 @@ class Editor:
         # passes create=False, so a mistyped path fails instead of quietly starting an empty
         # journal and acting on the unedited base model.
         self.journal = Journal(journal, write=write, create=write if create is None else create)
+        # Set when the head could not be replayed on an open with verify=False: the model is left
+        # at the base, `rollback` (and `check`) still work, anything that needs the head raises it.
+        self._damaged_head: JournalDamagedError | None = None
         try:
             stored_spec = self.journal.get("model")
             dtype = dtype or self.journal.get("dtype") or "float32"
@@ -93,8 +96,18 @@ class Editor:
             # (stage, fact id or None) before each stage of a run: "probes" (the base answers),
             # "editing", "repair scoring", "repairing"; the CLI's progress bar shows it.
             self.on_stage: Callable[[str, str | None], None] | None = None
-            self.replay(verify=verify)
+            try:
+                self.replay(verify=verify)
+            except JournalDamagedError as error:
+                if verify:
+                    raise
+                # Never require a damaged head to replay: a rollback replays straight to its
+                # target from the base, and `check` replays every edit itself.
+                self._damaged_head = error
+                self.replay(0, verify=False)
         except BaseException:
+            # A journal this run created and never committed to is removed, not left empty.
+            self.journal.discard_if_new()
             self.journal.close()
             raise
 
@@ -109,9 +122,26 @@ class Editor:
             self._base_weights[layer] = self.lm.weight(layer).detach().clone()
         return self._base_weights[layer]
 
+    def sound_head(self) -> None:
+        """Refuse, with the damage found on opening, anything that needs the head's state."""
+        if self._damaged_head is not None:
+            raise self._damaged_head
+
+    def _restore(self) -> None:
+        """Back to the head's state (the base, if the head is damaged), unverified."""
+        self.replay(0 if self._damaged_head is not None else None, verify=False)
+
     def replay(self, head: int | None = None, verify: bool = True) -> list[EditRecord]:
-        """Make the in-memory model exactly state `head` (default: the journal's head)."""
+        """Make the in-memory model exactly state `head` (default: the journal's head).
+
+        Every record on the path is checked against the model first (layer, weight, vector
+        shapes, finite values): a damaged one raises JournalDamagedError, the weights untouched.
+        """
+        if head is None:
+            self.sound_head()
         path = self.journal.lineage(head)
+        for record in path:
+            check_record(self.lm, record, self.journal.directory)
         layers = {r.layer for r in path} | set(self._base_weights)
         for layer in layers:
             base = self._base(layer)
@@ -124,7 +154,7 @@ class Editor:
             for layer, record in last.items():
                 actual = weight_hash(self.lm.weight(layer))
                 if actual != record.weight_hash_after:
-                    raise UserError(
+                    raise JournalDamagedError(
                         f"journal {self.journal.directory}: replaying to edit {record.seq} gives weight "
                         f"{actual[:19]}…, but the journal recorded {record.weight_hash_after[:19]}…",
                         hint="run `romebatch check` to find the first bad edit",
@@ -140,6 +170,7 @@ class Editor:
         replace back out: O(layers), no replay. Another state is replayed to (its hashes
         checked if `verify`), and the head replayed back to.
         """
+        self.sound_head()
         if state != 0:
             try:
                 self.replay(state, verify=verify)
@@ -200,6 +231,7 @@ class Editor:
         status "repaired"; a pass a crash or Ctrl-C cut short is finished by the next run.
         A pass checks at most `span` facts, in rotation over the path (0 or None: all).
         """
+        self.sound_head()
         return run_pass(self, window or edit_window(self), max_edits, on_edit, stop, span)
 
     def stage(self, name: str, fact_id: str | None = None) -> None:
@@ -210,15 +242,20 @@ class Editor:
     def rollback(
         self, *, to: int | None = None, steps: int | None = None, fact: str | None = None, base: bool = False
     ) -> int:
-        """Move the head (exactly one of the selectors) and rebuild that state; returns the new head."""
+        """Move the head (exactly one of the selectors) and rebuild that state; returns the new head.
+
+        The target is replayed straight from the base and verified: the old head need not
+        replay (a journal whose head is damaged is opened with verify=False and rolled back).
+        """
         target = rollback_target(self.journal, to=to, steps=steps, fact=fact, base=base)
         try:
             self.replay(target)  # verify the target state before committing to it
         except BaseException:
-            self.replay(verify=False)  # refused: the model stays at the head, like the journal
+            self._restore()  # refused: the model stays at the head, like the journal
             raise
         # A repair pass cut short on the old path does not describe the new one.
         self.journal.move_head(target, {REPAIR_PLAN: None})
+        self._damaged_head = None
         return target
 
     def prune(self) -> int:
@@ -231,9 +268,11 @@ class Editor:
         `dtype` (float32, bfloat16, float16) casts the weights as they are written; the model
         in memory is not touched, so the journal's exact state stays what it is.
         """
+        self.sound_head()
         return model_export.export(self, outdir, force=force, dtype=dtype)
 
     def provenance(self) -> dict:
+        self.sound_head()
         return model_export.provenance(self)
 
     def close(self) -> None:
@@ -242,7 +281,9 @@ class Editor:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.journal.discard_if_new()  # a run that failed before its first commit leaves no journal
         self.close()
 
 
@@ -292,5 +333,9 @@ def check_rollback_selector(*, to=None, steps=None, fact=None, base=False) -> No
     chosen = [x is not None and x is not False for x in (to, steps, fact, base)]
     if sum(chosen) != 1:
         raise UserError("choose exactly one of --to N, --steps K, --fact ID, --base")
+    for name, value in (("--to", to), ("--steps", steps)):
+        # 1.0 or True would name edit 1 to SQLite, and be stored as the head: only ints name states.
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise UserError(f"{name} {value!r}: not a whole number")
     if (to is not None and to < 0) or (steps is not None and steps < 0):
         raise UserError("--to and --steps take zero or more")

@@ -59,16 +59,21 @@ class Journal(JournalReads):
         self.write = write
         self._lock_file = None
         self.db = None  # type: ignore[assignment]  # typed as open (JournalReads); None until then, and once closed
+        self.created = False  # this object made journal.sqlite (`discard_if_new` may remove it again)
+        self._made: list[Path] = []  # the folders it made, innermost first
         _check_location(self.directory, db_path, create)
         if not db_path.exists():
             if not write:
                 raise UserError(f"no journal at {self.directory}")
+            missing = [p for p in (self.directory, *self.directory.parents) if not p.exists()]
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
             except OSError as error:
                 raise UserError(f"cannot create journal folder {self.directory} ({error.strerror or error})") from None
+            self._made = missing
         if write:
             self._lock_file = _take_lock(self.directory)
+            self.created = not db_path.exists()  # under the lock: no other writer can make it meanwhile
         try:
             self.db = _connect(db_path, write)
         except sqlite3.Error as error:
@@ -107,6 +112,30 @@ class Journal(JournalReads):
             except OSError:
                 pass
             self._lock_file = None
+
+    def discard_if_new(self) -> None:
+        """Remove the journal if this object created it and nothing was committed to it: a run
+        that fails while setting up leaves no empty journal behind. An existing journal, or one
+        holding any edit or rejection, is never touched."""
+        if not self.created or self.db is None:
+            return
+        try:
+            if any(self.db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchone() for table in ("edits", "rejections")):
+                return
+        except sqlite3.Error:
+            return
+        self.db.close()
+        self.db = None  # type: ignore[assignment]  # closed: see __init__
+        try:
+            for name in (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", LOCK_NAME):
+                (self.directory / name).unlink(missing_ok=True)
+            for folder in self._made:  # innermost first; a folder something else was put in stays
+                folder.rmdir()
+        except OSError:
+            pass
+        finally:
+            self.created = False
+            self._unlock()
 
     def close(self) -> None:
         if getattr(self, "db", None) is not None:
@@ -148,6 +177,7 @@ class Journal(JournalReads):
         values["u"] = vector_blob(record.u)
         values["k_star"] = vector_blob(record.k_star) if record.k_star is not None else None
         values["created_at"] = values["created_at"] or now()
+        _edit_number(record.parent, "parent")
         with self._transaction():
             if self.head != record.parent:
                 raise RuntimeError("the journal's head moved under this writer")
@@ -206,6 +236,7 @@ class Journal(JournalReads):
 
     def move_head(self, seq: int, meta: dict | None = None) -> None:
         """Make `seq` the head (0 = base); edits off its path stay, rolled back (derived from the path)."""
+        _edit_number(seq, "head")
         if seq:
             self.edit(seq)  # exists?
         with self._transaction():
@@ -230,6 +261,10 @@ class Journal(JournalReads):
         last edit. If the head is no longer `parent`, nothing is written.
         """
         known = {"edits": set(self.columns("edits")), "rejections": set(self.columns("rejections"))}
+        _edit_number(parent, "parent")
+        for row in edits:
+            _edit_number(row.get("seq"), "seq")
+            _edit_number(row.get("parent"), "parent")
         expected = parent
         for row in edits:
             if row.get("parent") != expected or not row.get("seq", 0) > max(expected, 0):
@@ -266,6 +301,13 @@ class Journal(JournalReads):
                 self.set("head", edits[-1]["seq"])
                 self.set("max_seq", edits[-1]["seq"])
             self._set_all(meta)
+
+
+def _edit_number(value, what: str) -> None:
+    """Only ints are ever written as a seq, parent or head: 1.0 or True would be stored as such
+    and make the journal unreadable (its head would no longer be an edit number)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UserError(f"{what} {value!r}: not an edit number (a whole number, 0 or more)")
 
 
 class _Sealed(Transaction):

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from . import __version__
-from .errors import BaseModelMismatchError, UserError
+from .errors import BaseModelMismatchError, JournalDamagedError, UserError
 from .hparams import HParams, resolve
 from .journal import Journal
 from .journal_records import EditRecord
@@ -29,6 +30,7 @@ def init_or_check(
 
     given, sources = fill_defaults(hparams or HParams(), lm)  # a `romebatch tune` preset, if any
     requested = resolve(given, lm.config.model_type, lm.n_layers, lm.adapter.v_steps)
+    requested.validate(source="hparams")  # never record a value a later run would refuse
     if not journal.initialised:
         if not journal.write:
             raise UserError(f"journal {journal.directory} is empty")
@@ -57,6 +59,13 @@ def init_or_check(
             f"{model_dtype(lm)}",
             hint="leave out --dtype: the journal's own dtype is the default",
         )
+    stored_template = journal.get("module_template")
+    if stored_hash != base_hash and module_template is not None and module_template != stored_template:
+        raise BaseModelMismatchError(
+            f"journal {journal.directory} was written with module template {stored_template!r}, "
+            f"not {module_template!r}",
+            hint="leave out --module-template: the journal's own is the default",
+        )
     if stored_hash != base_hash:
         raise BaseModelMismatchError(
             f"journal {journal.directory} was written for model {journal.get('model')} ({stored_hash[:19]}…), "
@@ -76,6 +85,39 @@ def init_or_check(
     return requested
 
 
+def record_problem(lm: LoadedModel, record: EditRecord) -> str | None:
+    """What keeps `record` from being replayed on `lm` (None: nothing), checked before any weight
+    is touched: a tampered row whose hashes were recomputed still names a real layer, the
+    layer's own down-projection, vectors of its shape, and finite values, or it is damaged."""
+    layer = record.layer
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < lm.n_layers:
+        return f"field layer is {layer!r}, but the model has layers 0..{lm.n_layers - 1}"
+    expected = lm.name("down_proj", layer)
+    if record.weight_name != expected:
+        return f"field weight_name is {record.weight_name!r}, but layer {layer}'s down-projection is {expected}"
+    for name in ("lam", "u"):
+        vector = getattr(record, name)
+        if not isinstance(vector, np.ndarray) or vector.ndim != 1:
+            return f"field {name} is not a vector"
+        if not np.isfinite(vector).all():
+            return f"field {name} holds NaN or infinite values"
+    made = (record.lam.shape[0], record.u.shape[0])[:: -1 if lm.adapter.conv1d else 1]
+    shape = tuple(lm.weight(layer).shape)
+    if made != shape:
+        return f"its vectors make a {made} update of a {shape} weight"
+    return None
+
+
+def check_record(lm: LoadedModel, record: EditRecord, directory: object) -> None:
+    """Raise JournalDamagedError naming the edit if `record` cannot be replayed on `lm`."""
+    problem = record_problem(lm, record)
+    if problem is not None:
+        raise JournalDamagedError(
+            f"journal {directory}: edit {record.seq} (fact {record.fact_id}) is damaged: {problem}",
+            hint=f"run `romebatch check --journal {directory}` to find the last good state",
+        )
+
+
 def check_every_edit(editor: Editor) -> CheckReport:
     """`Editor.check`: replay every edit (every branch) and compare each stored hash; the model ends at the head."""
     problems: list[str] = []
@@ -85,6 +127,11 @@ def check_every_edit(editor: Editor) -> CheckReport:
         if record.parent in bad:
             bad.add(record.seq)
             problems.append(f"edit {record.seq} (fact {record.fact_id}): built on damaged edit {record.parent}")
+            continue
+        problem = record_problem(editor.lm, record)
+        if problem is not None:
+            bad.add(record.seq)
+            problems.append(f"edit {record.seq} (fact {record.fact_id}): {problem}")
             continue
         if current != record.parent:
             editor.replay(record.parent, verify=False)
@@ -114,7 +161,7 @@ def check_every_edit(editor: Editor) -> CheckReport:
             break
         last_good = seq
     if not bad:
-        editor.replay(verify=False)
+        editor._restore()
     return CheckReport(
         journal=str(editor.journal.directory),
         edits=len(editor.journal.edits()),

@@ -66,6 +66,7 @@ def run(
     check_repair_options(repair_every, repair_span)
     journal = editor.journal
     refuse_damaged(journal)
+    editor.sound_head()
     started = time.perf_counter()
     stop = stop if stop is not None else StopRequest()
     window = edit_window(editor, layer)
@@ -332,8 +333,9 @@ def commit(editor: Editor, fact: Fact, record: EditRecord, row: FactResult, weig
 
 
 def roll_forward(editor: Editor, fact: Fact, record: EditRecord, meta: dict | None = None) -> FactResult:
-    from .opening import edit_of
+    from .opening import check_record, edit_of
 
+    check_record(editor.lm, record, editor.journal.directory)
     t0 = time.perf_counter()
     editor._base(record.layer)  # kept before the layer is first changed: the base to go back to
     apply_edit(editor.lm, edit_of(record))
