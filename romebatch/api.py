@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .api_read import check_args, check_hparams
 from .editor import ApplyResult, Editor, StopRequest, stop_on_signals
 from .errors import UserError
 from .hparams import REPAIR_EVERY, REPAIR_SPAN, HParams, check_repair_options
@@ -22,7 +23,7 @@ def apply(
     model: str | None = None,
     layer: int | str | None = None,
     limit: int | None = None,
-    hparams: HParams | None = None,
+    hparams: HParams | dict | None = None,
     device: str = "cpu",
     dtype: str | None = None,
     module_template: str | None = None,
@@ -48,6 +49,29 @@ def apply(
     from .preflight import check_facts_for_model
     from .report import check_results_path
 
+    check_args(
+        "apply",
+        manifest=(manifest, "manifest"),
+        journal=(journal, "path"),
+        model=(model, "model?"),
+        layer=(layer, "layer?"),
+        limit=(limit, "count?"),
+        device=(device, "text"),
+        dtype=(dtype, "text?"),
+        module_template=(module_template, "text?"),
+        results=(results, "path?"),
+        on_regression=(on_regression, "text"),
+        repair_every=(repair_every, "count?"),
+        repair_span=(repair_span, "count?"),
+        on_edit=(on_edit, "function?"),
+        stats_progress=(stats_progress, "function?"),
+        log=(log, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+        retry_rejected=(retry_rejected, "flag"),
+        on_stage=(on_stage, "function?"),
+    )
+    hp = check_hparams("apply", hparams)
     if on_regression not in ("warn", "skip", "stop"):
         raise UserError(f"on_regression {on_regression!r}: choose warn, skip or stop")
     check_repair_options(repair_every, repair_span)  # before the journal is created
@@ -66,11 +90,11 @@ def apply(
         max_memory=max_memory,
         **kwargs,
     )
-    longest_prefix = max((n for n, _ in (hparams or HParams()).prefixes), default=0)
+    longest_prefix = max((n for n, _ in (hp or HParams()).prefixes), default=0)
     check_facts_for_model(lm, facts, longest_prefix)
     if layer == "auto":
         layer = auto_layer(lm, facts, log=log)
-    with Editor(journal, lm=lm, module_template=module_template, hparams=hparams, create=True, **kwargs) as editor:
+    with Editor(journal, lm=lm, module_template=module_template, hparams=hp, create=True, **kwargs) as editor:
         editor.stats_progress = stats_progress
         editor.on_stage = on_stage
         stop = StopRequest()
@@ -101,7 +125,7 @@ def auto_layer(lm, facts, log=None) -> int:
     from .causal_trace import average_trace
     from .layer_cache import load_recommendation, save_recommendation
 
-    cached = load_recommendation(lm)
+    cached = load_recommendation(lm, log=log)
     if cached is not None:
         return cached
     sample = [(f.text, f.subject, f.target_true) for f in facts[:AUTO_LAYER_FACTS]]
@@ -132,12 +156,28 @@ def rollback(
     """Move the journal's head to an earlier (or another) state, checked by replay; returns the head."""
     from .editor import check_rollback_selector, rollback_target
 
+    check_args(
+        "rollback",
+        journal=(journal, "path"),
+        to=(to, "count?"),
+        steps=(steps, "count?"),
+        fact=(fact, "text?"),
+        base=(base, "flag"),
+        prune=(prune, "flag"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        log=(log, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
     check_rollback_selector(to=to, steps=steps, fact=fact, base=base)
     # A missing or damaged journal, or a selector naming no state, is refused before the model loads.
     with Journal(journal) as opened:
         rollback_target(opened, to=to, steps=steps, fact=fact, base=base)
     kwargs = _load_kwargs(log, device_map, max_memory)
-    with Editor(journal, model=model, device=device, create=False, **kwargs) as editor:
+    # The head need not replay: rolling back is how a damaged head is left behind, and the
+    # target state is checked against its own stored hashes.
+    with Editor(journal, model=model, device=device, create=False, verify=False, **kwargs) as editor:
         head = editor.rollback(to=to, steps=steps, fact=fact, base=base)
         if prune:
             editor.prune()
@@ -161,6 +201,18 @@ def export(
     from .export_card import EXPORT_DTYPES
     from .model_export import check_export_target
 
+    check_args(
+        "export",
+        outdir=(outdir, "path"),
+        journal=(journal, "path"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        force=(force, "flag"),
+        dtype=(dtype, "text?"),
+        log=(log, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
     if dtype is not None and dtype not in EXPORT_DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(EXPORT_DTYPES)}")
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
@@ -190,6 +242,18 @@ def export_adapter(
     """
     from .lora import check_adapter_target, write_adapter
 
+    check_args(
+        "export_adapter",
+        outdir=(outdir, "path"),
+        journal=(journal, "path"),
+        rank=(rank, "count?"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        force=(force, "flag"),
+        log=(log, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
     if rank is not None and rank < 1:
         raise UserError(f"--rank {rank}: give a rank of at least 1")
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
@@ -216,6 +280,7 @@ def bundle(journal: str | Path, out: str | Path, *, first: int | None = None, la
     """Write edits `first`..`last` of the journal's head's path as one verified file (romebatch/bundle_file.py)."""
     from .bundle_file import write_bundle
 
+    check_args("bundle", journal=(journal, "path"), out=(out, "path"), first=(first, "count?"), last=(last, "count?"))
     return write_bundle(journal, out, first=first, last=last)
 
 
@@ -231,6 +296,15 @@ def apply_bundle(
     """Append a bundle's edits to `journal` without recomputing them, every weight hash verified first."""
     from .bundle_apply import apply_bundles
 
+    check_args(
+        "apply_bundle",
+        bundle=(bundle, "path"),
+        journal=(journal, "path"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        dry_run=(dry_run, "flag"),
+        log=(log, "function?"),
+    )
     return apply_bundles([bundle], journal, model=model, device=device, dry_run=dry_run, log=log)[0]
 
 
@@ -274,7 +348,7 @@ def edit(
     model: str | None = None,
     device: str = "cpu",
     dtype: str | None = None,
-    hparams: HParams | None = None,
+    hparams: HParams | dict | None = None,
     checks=DEFAULT_CHECKS,
     log=None,
 ):
@@ -288,6 +362,20 @@ def edit(
     """
     from .manifest import fact_from_dict
 
+    check_args(
+        "edit",
+        subject=(subject, "text"),
+        prompt=(prompt, "text"),
+        target_new=(target_new, "text"),
+        target_true=(target_true, "text?"),
+        id=(id, "text?"),
+        journal=(journal, "path"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        dtype=(dtype, "text?"),
+        log=(log, "function?"),
+    )
+    hparams = check_hparams("edit", hparams)
     record = {"subject": subject, "prompt": prompt, "target_new": target_new, "source": "romebatch.edit"}
     if target_true is not None:
         record["target_true"] = target_true

@@ -3,13 +3,78 @@ trace, compare, curves. `romebatch.api` re-exports them; the CLI calls them thro
 
 from __future__ import annotations
 
+import math
+import os
 import sqlite3
 from pathlib import Path
 
 from .editor import Editor
 from .errors import UserError
+from .hparams import HParams
 from .journal import Journal, reads_journal
 from .manifest import Manifest, load_manifest
+
+# What each kind of public argument accepts, and how an error describes it. A kind ending in
+# "?" also accepts None. Bools are not counts or numbers (True is an int to Python).
+_KINDS: dict[str, str] = {
+    "path": "a file or folder path (str or Path)",
+    "manifest": "a manifest path (str or Path) or a Manifest",
+    "model": "a model name or folder (str or Path)",
+    "text": "text (str)",
+    "count": "a whole number (int)",
+    "number": "a finite number (int or float)",
+    "flag": "True or False (bool)",
+    "function": "a function",
+    "mapping": "text (str) or a dict",
+    "layer": "a layer number (int) or 'auto'",
+}
+
+
+def _fits(kind: str, value: object) -> bool:
+    if kind in ("path", "model"):
+        return isinstance(value, (str, os.PathLike))
+    if kind == "manifest":
+        return isinstance(value, (str, os.PathLike, Manifest))
+    if kind == "text":
+        return isinstance(value, str)
+    if kind == "count":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "flag":
+        return isinstance(value, bool)
+    if kind == "function":
+        return callable(value)
+    if kind == "mapping":
+        return isinstance(value, (str, dict))
+    if kind == "layer":
+        return value == "auto" or (isinstance(value, int) and not isinstance(value, bool))
+    raise ValueError(f"unknown argument kind {kind!r}")
+
+
+def check_args(function: str, **arguments: tuple[object, str]) -> None:
+    """Refuse a public function's argument of the wrong type with one line naming it:
+    `check_args("apply", limit=(limit, "count?"))` -> "apply: limit must be a whole number (int), got str".
+    """
+    for name, (value, kind) in arguments.items():
+        optional = kind.endswith("?")
+        kind = kind.rstrip("?")
+        if value is None and optional:
+            continue
+        if not _fits(kind, value):
+            got = type(value).__name__ if value is not None else "None"
+            if kind == "number" and isinstance(value, float):
+                got = repr(value)
+            raise UserError(f"{function}: {name} must be {_KINDS[kind]}, got {got}")
+
+
+def check_hparams(function: str, hparams: object) -> HParams | None:
+    """`hparams` as an HParams: one already, a dict of its fields (checked like an --hparams file), or None."""
+    if hparams is None or isinstance(hparams, HParams):
+        return hparams
+    if isinstance(hparams, dict):
+        return HParams.from_dict(hparams, source=f"{function}: hparams")
+    raise UserError(f"{function}: hparams must be an HParams or a dict of its fields, got {type(hparams).__name__}")
 
 
 def _load_kwargs(log, device_map, max_memory) -> dict:
@@ -41,6 +106,14 @@ def log(
     """
     from .logview import select
 
+    check_args(
+        "log",
+        journal=(journal, "path"),
+        status=(status, "text?"),
+        fact=(fact, "text?"),
+        since=(since, "count?"),
+        limit=(limit, "count?"),
+    )
     return select(_log_all(journal), status=status, fact=fact, since=since, limit=limit)
 
 
@@ -104,6 +177,15 @@ def check(
     from .audit import audit, damaged_edits
     from .editor import CheckReport
 
+    check_args(
+        "check",
+        journal=(journal, "path"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        log=(log, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
     kwargs = _load_kwargs(log, device_map, max_memory)
     # The file itself first, without a model: damage is named in seconds, and replay runs
     # only when the rows it reads are sound enough to replay.
@@ -151,17 +233,39 @@ def verify(
     device_map=None,
     max_memory=None,
 ):
-    """Score the head against the base model on every applied fact; see `romebatch.specificity`."""
+    """Score the head against the base model on every applied fact; see `romebatch.specificity`.
+
+    When nothing is scored (no edit on the head's path, or a `manifest` none of whose facts is
+    applied there) the report is not ok, with a problem that says so: the CLI exits 1, as on
+    a regression, never 0 with "0 facts within thresholds"."""
     from .report import check_results_path
     from .specificity import VerifyThresholds, score_head
 
+    check_args(
+        "verify",
+        journal=(journal, "path"),
+        manifest=(manifest, "manifest?"),
+        results=(results, "path?"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        log=(log, "function?"),
+        progress=(progress, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
     check_results_path(results)
-    facts = load_manifest(manifest).facts if manifest else None
+    loaded = load_manifest(manifest) if manifest else None
+    facts = loaded.facts if loaded is not None else None
     with Journal(journal):  # a missing or damaged journal is refused before the model loads
         pass
     kwargs = _load_kwargs(log, device_map, max_memory)
     with Editor(journal, model=model, device=device, write=False, **kwargs) as editor:
         report = score_head(editor, thresholds or VerifyThresholds(), facts, progress=progress)
+    if not report.rows:  # a gate that measured nothing must not pass ("0 facts, within thresholds")
+        where = f"none of the facts of --manifest {loaded.path}" if loaded is not None else "no fact"
+        report.problems.append(
+            f"nothing was measured: {where} is applied on the head's path of journal {report.journal}"
+        )
     if results:
         from .report import write_verify_results
 
@@ -201,6 +305,25 @@ def trace(
     from .model import load_model
     from .trace_facts import check_trace_fact, read_trace_facts
 
+    check_args(
+        "trace",
+        prompt=(prompt, "text?"),
+        subject=(subject, "text?"),
+        answer=(answer, "text?"),
+        facts_file=(facts_file, "manifest?"),
+        limit=(limit, "count?"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        samples=(samples, "count"),
+        noise=(noise, "number"),
+        window=(window, "count"),
+        seed=(seed, "count"),
+        log=(log, "function?"),
+        progress=(progress, "function?"),
+        journal=(journal, "path?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
     kwargs = {"log": log} if log else {}
     if facts_file is None and (prompt is None or subject is None):
         raise UserError("give --prompt and --subject, or --facts FILE")
@@ -258,6 +381,25 @@ def compare(
     from .comparison import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SAMPLE, select_facts
     from .comparison import compare as run_compare
 
+    check_args(
+        "compare",
+        journal=(journal, "path"),
+        facts_file=(facts_file, "manifest?"),
+        at=(at, "count?"),
+        max_new_tokens=(max_new_tokens, "count?"),
+        sample=(sample, "count?"),
+        seed=(seed, "count"),
+        results=(results, "path?"),
+        model=(model, "model?"),
+        device=(device, "text"),
+        log=(log, "function?"),
+        device_map=(device_map, "mapping?"),
+        max_memory=(max_memory, "mapping?"),
+    )
+    if isinstance(fact_ids, str) or isinstance(prompts, str):
+        raise UserError("compare: fact_ids and prompts must be lists of text, not one str")
+    if not all(isinstance(x, str) for x in [*fact_ids, *prompts]):
+        raise UserError("compare: fact_ids and prompts must hold text (str) only")
     if facts_file is not None and fact_ids:
         raise UserError("choose --facts MANIFEST or --fact ID, not both")
     if max_new_tokens is not None and max_new_tokens < 1:
@@ -304,6 +446,7 @@ def curves(journal: str | Path = "romebatch.journal", *, every: int = 100, out: 
     from .quality_curves import curves as read_curves
     from .quality_curves import save_png
 
+    check_args("curves", journal=(journal, "path"), every=(every, "count"), out=(out, "path?"))
     if out is not None and Path(out).suffix.lower() != ".png":
         raise UserError(f"--out {out}: give a .png file name")
     report = read_curves(journal, every)

@@ -62,7 +62,7 @@ def rollback(
         to=to,
         steps=steps,
         fact=fact,
-        base=base or None,
+        base=base,
         prune=prune,
         **(loading or {}),
     )

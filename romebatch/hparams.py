@@ -185,9 +185,9 @@ class HParams:
                     f"from 1 to {MAX_PREFIX}"
                 ) from None
             values["prefixes"] = tuple((int(a), int(b)) for a, b in pairs)
-        hp = cls(**values)
-        hp.validate(source)
-        return hp
+        defaults = {f.name: f.default for f in fields(cls) if f.init}
+        check_values({**defaults, **values}, source)  # named by `source`, before __post_init__ checks again
+        return cls(**values)
 
     @classmethod
     def from_record(cls, data: dict, source: str) -> HParams:
@@ -196,44 +196,16 @@ class HParams:
         not as today's default (which may have changed since)."""
         return cls.from_dict({**RECORDED_BEFORE, **data}, source=source)
 
+    def __post_init__(self) -> None:
+        # Every HParams is valid from birth: `HParams(v_lr="x")` or `HParams(layer=-5)` is
+        # refused here, not later in the middle of an edit. `from_dict` checks first, under
+        # its own source's name, so this only names the class.
+        self.validate("HParams")
+
     def validate(self, source: str = "hparams") -> None:
         """Every field's type and range, from its annotation: NaN, infinity, a bool for a number,
         a negative count or a huge integer are refused with the field's name."""
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name == "prefixes":
-                continue  # checked in from_dict, where it is parsed
-            annotation = str(f.type)
-            if value is None:
-                if "None" not in annotation:
-                    raise UserError(f"{source}: {f.name} must be set")
-                continue
-            kind = annotation.replace("| None", "").strip()
-            if kind == "bool":
-                if not isinstance(value, bool):
-                    raise UserError(f"{source}: {f.name} must be true or false, got {_short(value)}")
-            elif kind == "int":
-                if not _is_int(value) or not (1 if f.name in POSITIVE else 0) <= value <= MAX_INT:
-                    low = "a positive" if f.name in POSITIVE else "a non-negative"
-                    raise UserError(
-                        f"{source}: {f.name} must be {low} whole number up to {MAX_INT}, got {_short(value)}"
-                    )
-            elif kind == "float":
-                ok = (
-                    isinstance(value, (int, float))
-                    and not isinstance(value, bool)
-                    and math.isfinite(value)
-                    and (value > 0 if f.name in POSITIVE else value >= 0)
-                )
-                if not ok:
-                    low = "a positive" if f.name in POSITIVE else "a non-negative"
-                    raise UserError(f"{source}: {f.name} must be {low} finite number, got {_short(value)}")
-            elif kind == "str" and not isinstance(value, str):
-                raise UserError(f"{source}: {f.name} must be text, got {_short(value)}")
-        for name, choices in CHOICES.items():
-            value = getattr(self, name, None)
-            if value is not None and value not in choices:
-                raise UserError(f"{source}: {name} must be one of {', '.join(choices)}, got {_short(value)}")
+        check_values({f.name: getattr(self, f.name) for f in fields(self)}, source)
 
     def defining(self) -> dict:
         data = {k: v for k, v in self.to_dict().items() if k not in self.NON_DEFINING}
@@ -270,9 +242,7 @@ class HParams:
         }
 
     def replace(self, **changes) -> HParams:
-        hp = dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
-        hp.validate()
-        return hp
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # validated on creation
 
 
 def load_hparams(path: str | Path) -> HParams:
@@ -333,6 +303,50 @@ CHOICES = {
 }
 MAX_INT = 2**31 - 1  # larger counts are typos, and would overflow torch's indices
 MAX_PREFIX = 1000
+
+
+def check_values(values: dict, source: str) -> None:
+    """HParams.validate on a mapping of every field's value: refuses with the field's and `source`'s name."""
+    for f in fields(HParams):
+        value = values[f.name]
+        if f.name == "prefixes":
+            if not isinstance(value, (list, tuple)) or not all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and all(_is_int(x) and 0 < x <= MAX_PREFIX for x in p)
+                for p in value
+            ):
+                raise UserError(
+                    f"{source}: prefixes must be [max_tokens, count] pairs of whole numbers from 1 to {MAX_PREFIX}"
+                )
+            continue
+        annotation = str(f.type)
+        if value is None:
+            if "None" not in annotation:
+                raise UserError(f"{source}: {f.name} must be set")
+            continue
+        kind = annotation.replace("| None", "").strip()
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise UserError(f"{source}: {f.name} must be true or false, got {_short(value)}")
+        elif kind == "int":
+            if not _is_int(value) or not (1 if f.name in POSITIVE else 0) <= value <= MAX_INT:
+                low = "a positive" if f.name in POSITIVE else "a non-negative"
+                raise UserError(f"{source}: {f.name} must be {low} whole number up to {MAX_INT}, got {_short(value)}")
+        elif kind == "float":
+            ok = (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and (value > 0 if f.name in POSITIVE else value >= 0)
+            )
+            if not ok:
+                low = "a positive" if f.name in POSITIVE else "a non-negative"
+                raise UserError(f"{source}: {f.name} must be {low} finite number, got {_short(value)}")
+        elif kind == "str" and not isinstance(value, str):
+            raise UserError(f"{source}: {f.name} must be text, got {_short(value)}")
+    for name, choices in CHOICES.items():
+        value = values.get(name)
+        if value is not None and value not in choices:
+            raise UserError(f"{source}: {name} must be one of {', '.join(choices)}, got {_short(value)}")
 
 
 def _is_int(value) -> bool:

@@ -8,14 +8,26 @@ nor an `--hparams` file set, and says where each default came from.
 
 Presets measured in `benchmarks/RESULTS.md` ship with the package (`presets_shipped.json`,
 the same layout); one the user tuned wins over a shipped one for the same weights.
+
+`presets.json` is the user's own configuration (written by `tune`, and theirs to edit): it
+sets the hyper-parameters of every new journal, so it is never ignored silently. A file that
+is not valid JSON (nesting too deep included) or not an object is refused, naming the file,
+by whatever reads it (`apply`; `tune` when it saves, never overwriting it; `check_presets_file`
+lets a caller refuse it up front); so is the entry for
+the model in use when it is malformed or its values are out of range ("preset for MODEL in
+FILE: ..."): the layer must exist in the model, the clamp be a positive finite number.
+Entries for other weights are not checked (they are not used). The shipped file is checked
+the same way.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 
+from .errors import UserError, one_line
 from .hparams import MEASURED, HParams
 
 FIELDS = ("layer", "clamp_norm_factor")
@@ -30,14 +42,57 @@ def presets_path() -> Path:
 
 
 def _read() -> dict:
+    """The user's presets file ({} when there is none); a damaged one is refused, naming it."""
     path = presets_path()
     if not path.exists():
         return {}
+    return _read_json(path)
+
+
+def check_presets_file() -> None:
+    """Refuse a damaged presets file now (before minutes of tuning that would end by saving into it)."""
+    _read()
+
+
+def _read_json(path: Path) -> dict:
+    hint = "fix it, or delete it to run without tuned presets (`romebatch tune` writes a new one)"
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}  # a damaged cache file is not the user's input: ignore it, tune rewrites it
-    return data if isinstance(data, dict) else {}
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"presets file {path}: cannot read it ({one_line(str(error))})", hint=hint) from None
+    except RecursionError:
+        raise UserError(f"presets file {path}: invalid JSON (nested too deeply)", hint=hint) from None
+    except ValueError as error:
+        raise UserError(
+            f"presets file {path}: invalid JSON ({one_line(getattr(error, 'msg', str(error)))})", hint=hint
+        ) from None
+    if not isinstance(data, dict):
+        raise UserError(f"presets file {path}: expected a JSON object keyed by model hash", hint=hint)
+    return data
+
+
+def check_entry(entry: object, where: str, n_layers: int | None) -> dict:
+    """A preset entry's values, checked: `where` names it in the error ("preset for MODEL in FILE")."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("values"), dict):
+        raise UserError(f"{where}: expected an object with a 'values' object")
+    values = entry["values"]
+    unknown = sorted(str(k) for k in set(values) - set(FIELDS))
+    if unknown:
+        raise UserError(f"{where}: unknown field {one_line(unknown[0])!r}; a preset holds {', '.join(FIELDS)}")
+    layer = values.get("layer")
+    if layer is not None:
+        if not isinstance(layer, int) or isinstance(layer, bool) or layer < 0:
+            raise UserError(f"{where}: layer must be a non-negative whole number, got {one_line(repr(layer))[:60]}")
+        if n_layers is not None and layer >= n_layers:
+            raise UserError(f"{where}: layer {layer}, but this model has layers 0..{n_layers - 1}")
+    clamp = values.get("clamp_norm_factor")
+    if clamp is not None and not (
+        isinstance(clamp, (int, float)) and not isinstance(clamp, bool) and math.isfinite(clamp) and clamp > 0
+    ):
+        raise UserError(
+            f"{where}: clamp_norm_factor must be a positive finite number, got {one_line(repr(clamp))[:60]}"
+        )
+    return values
 
 
 def save_preset(lm, values: dict, source: dict | None = None) -> Path:
@@ -64,7 +119,7 @@ def save_preset(lm, values: dict, source: dict | None = None) -> Path:
 
 def shipped_presets() -> dict:
     """The presets that ship with romebatch, keyed by full model hash (measured in RESULTS.md)."""
-    return json.loads(SHIPPED.read_text(encoding="utf-8"))
+    return _read_json(SHIPPED)
 
 
 def load_preset(lm) -> dict | None:
@@ -82,9 +137,10 @@ def load_preset(lm) -> dict | None:
     if not user and not shipped:
         return None
     key = lm.full_hash()
-    for data, origin in ((user, "preset"), (shipped, "shipped")):
-        entry = data.get(key)
-        if isinstance(entry, dict) and isinstance(entry.get("values"), dict):
+    for data, origin, path in ((user, "preset", presets_path()), (shipped, "shipped", SHIPPED)):
+        if key in data:
+            entry = data[key]
+            check_entry(entry, f"preset for {one_line(lm.spec)} in {path}", lm.n_layers)
             return {**entry, "origin": origin}
     return None
 

@@ -116,7 +116,7 @@ def tune(
     from .layer_cache import save_recommendation
     from .manifest import load_manifest
     from .model import load_model
-    from .presets import save_preset
+    from .presets import check_presets_file, save_preset
     from .rome import apply_edit, compute_edit, load_or_compute_stats, sample_prefixes
     from .scores import score_facts
 
@@ -127,6 +127,8 @@ def tune(
         raise UserError(f"tune: clamp factors must be positive numbers, got {list(clamps)}")
     loaded = load_manifest(manifest)  # a path, or a Manifest read already (stdin)
     facts = loaded.facts
+    if save:
+        check_presets_file()  # a damaged presets file is refused now, not after minutes of tuning
     results_path = Path(results) if results else None
     done = _read_results(results_path) if results_path else []
     lm = lm or load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory, log=log)

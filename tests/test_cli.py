@@ -262,10 +262,10 @@ def fake_rollback(monkeypatch):
 @pytest.mark.parametrize(
     "argv,expected",
     [
-        (["--to", "3"], dict(to=3, steps=None, fact=None, base=None, prune=False)),
-        (["--to", "0"], dict(to=0, steps=None, fact=None, base=None, prune=False)),
-        (["--steps", "2"], dict(to=None, steps=2, fact=None, base=None, prune=False)),
-        (["--fact", "needle"], dict(to=None, steps=None, fact="needle", base=None, prune=False)),
+        (["--to", "3"], dict(to=3, steps=None, fact=None, base=False, prune=False)),
+        (["--to", "0"], dict(to=0, steps=None, fact=None, base=False, prune=False)),
+        (["--steps", "2"], dict(to=None, steps=2, fact=None, base=False, prune=False)),
+        (["--fact", "needle"], dict(to=None, steps=None, fact="needle", base=False, prune=False)),
         (["--base", "--prune"], dict(to=None, steps=None, fact=None, base=True, prune=True)),
     ],
 )

@@ -7,6 +7,12 @@ combination and cached under `$ROMEBATCH_HOME/stats/`, named by a hash of every 
 that shapes it. The paper uses 100,000 Wikipedia samples; offline, the default corpus is
 text sampled from the model itself (seeded), or any plain-text / JSONL file the user gives.
 
+A cache file is never trusted blindly: it records a sha256 of its tensors (with mom2's shape
+and dtype and the token count) in its metadata, and a read checks that checksum, the shape
+(d_ff × d_ff for the layer), float32, a token count from 1 to the requested number, and
+finite values. A file that fails any check, or one written before checksums existed, is
+named in one log line and recomputed (the new file replaces it); it is never used.
+
 How the model's own text is sampled matters for many edits. Each edit leaks into every
 other key in proportion to √(uᵀCu), which u = C⁻¹k* minimises only for keys distributed
 like C; text sampled from the start token is web prose with few relation phrases
@@ -319,22 +325,36 @@ def load_or_compute_stats(
     log: Callable[[str], None] = lambda message: None,
     progress: Progress | None = None,
 ) -> dict[int, KeyStats]:
-    """C for each layer: from the cache when present, else computed (all missing layers in one pass)."""
-    from safetensors.torch import load_file
+    """C for each layer: from the cache when present and verified, else computed (all missing layers in one pass).
 
+    A cache file is used only if its checksum, shape (d_ff × d_ff for the layer), dtype, token
+    count and values all check out (`_read_cached`); any other is reported through `log` and
+    recomputed, and the fresh result overwrites it.
+    """
     cache_dir = cache_dir or romebatch_home() / "stats"
     name = corpus_id(corpus, sampling, seed)
     paths = {
         layer: cache_dir / f"{stats_key(lm, base_hash, layer, name, n_tokens, seq_len)}.safetensors" for layer in layers
     }
     result: dict[int, KeyStats] = {}
+    unchecked: list[str] = []  # caches written before checksums: said once, not once a layer
     for layer, path in paths.items():
-        if path.exists():
-            try:
-                tensors = load_file(str(path))
-                result[layer] = KeyStats(layer, tensors["mom2"], int(tensors["tokens"].item()))
-            except Exception:  # a damaged cache entry (SafetensorError, a missing key): recompute it
-                log(f"The cached key statistics {path.name} are unreadable; computing them again.")
+        if not path.exists():
+            continue
+        stats, problem = _read_cached(path, layer, _key_dim(lm, layer), n_tokens)
+        if stats is not None:
+            result[layer] = stats
+            if problem == UNCHECKED:
+                unchecked.append(path.name)
+                _stamp(path, stats, log)
+        else:
+            log(f"The cached key statistics {path.name} are not valid ({problem}); computing them again.")
+    if unchecked:
+        log(
+            f"The cached key statistics {', '.join(unchecked)} were written without a checksum (an older "
+            "romebatch): their shape and values check out, so they are kept (journals were edited with "
+            "them) and a checksum is recorded now."
+        )
     missing = [layer for layer in layers if layer not in result]
     if not missing:
         return result
@@ -353,13 +373,95 @@ def load_or_compute_stats(
     moments = second_moment(lm, missing, sequences, progress=progress)
     for layer, (mom2, count) in moments.items():
         result[layer] = KeyStats(layer, mom2, count)
+        tensors = {"mom2": mom2.contiguous(), "tokens": torch.tensor([count])}
         _save_cached(
             paths[layer],
-            {"mom2": mom2.contiguous(), "tokens": torch.tensor([count])},
-            {"corpus": name, "layer": str(layer), "base": base_hash},
+            tensors,
+            {"corpus": name, "layer": str(layer), "base": base_hash, **_checksum_metadata(tensors)},
             log,
         )
     return result
+
+
+UNCHECKED = "no checksum"
+
+
+def _key_dim(lm: LoadedModel, layer: int) -> int:
+    """d_ff: the width of the down-projection's input at `layer` (C is d_ff × d_ff)."""
+    shape = lm.weight(layer).shape  # (d_model, d_ff), or (d_ff, d_model) for Conv1D
+    return int(shape[0] if lm.adapter.conv1d else shape[1])
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over each tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        tensor = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{list(tensor.shape)};".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _checksum_metadata(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """What a cache file states about its own contents, checked on every read (`_read_cached`)."""
+    mom2 = tensors["mom2"]
+    return {
+        "sha256": _digest(tensors),
+        "mom2_shape": json.dumps(list(mom2.shape)),
+        "mom2_dtype": str(mom2.dtype),
+        "tokens": str(int(tensors["tokens"].item())),
+    }
+
+
+def _read_cached(path: Path, layer: int, d_ff: int, n_tokens: int) -> tuple[KeyStats | None, str]:
+    """A cache file's statistics if every check passes, else (None, what is wrong in a few words).
+
+    Checks, in order: readable; the tensors' sha256 against the metadata's; mom2 float32 of
+    shape (d_ff, d_ff) as the metadata states; a token count from 1 to `n_tokens`, the same as
+    the metadata's; every value finite and the diagonal (each key coordinate's mean square)
+    non-negative. A file an older romebatch wrote has no checksum: it passes every other check
+    or none, and is returned with the problem UNCHECKED, for the caller to stamp (recomputing
+    it would change C under every journal that was edited with it).
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            names = set(handle.keys())
+            if names != {"mom2", "tokens"}:
+                return None, f"it holds {sorted(names)}, not mom2 and tokens"
+            tensors = {name: handle.get_tensor(name) for name in names}
+    except Exception as error:  # SafetensorError, OSError, a bad header: unreadable
+        return None, f"unreadable: {(str(error).splitlines() or [type(error).__name__])[0]}"
+    stamped = "sha256" in metadata
+    if stamped and _digest(tensors) != metadata["sha256"]:
+        return None, "its checksum does not match its contents"
+    mom2, tokens = tensors["mom2"], tensors["tokens"]
+    if mom2.dtype != torch.float32 or (stamped and metadata.get("mom2_dtype") != str(mom2.dtype)):
+        return None, f"mom2 is {mom2.dtype}, not torch.float32"
+    if tuple(mom2.shape) != (d_ff, d_ff) or (stamped and metadata.get("mom2_shape") != json.dumps([d_ff, d_ff])):
+        return None, f"mom2 has shape {tuple(mom2.shape)}, not ({d_ff}, {d_ff}) for layer {layer}"
+    if tokens.numel() != 1 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        return None, "its token count is not one whole number"
+    count = int(tokens.item())
+    if not 0 < count <= n_tokens or (stamped and metadata.get("tokens") != str(count)):
+        return None, f"token count {count} is not between 1 and {n_tokens}"
+    if not bool(torch.isfinite(mom2).all()):
+        return None, "mom2 holds NaN or infinite values"
+    if bool((mom2.diagonal() < 0).any()):
+        return None, "mom2 has a negative diagonal entry"
+    return KeyStats(layer, mom2, count), "" if stamped else UNCHECKED
+
+
+def _stamp(path: Path, stats: KeyStats, log) -> None:
+    """Record a checksum in a cache file an older romebatch wrote, keeping its other metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    tensors = {"mom2": stats.mom2.contiguous(), "tokens": torch.tensor([stats.tokens])}
+    _save_cached(path, tensors, {**metadata, **_checksum_metadata(tensors)}, log)
 
 
 def _save_cached(path: Path, tensors: dict, metadata: dict, log) -> None:
