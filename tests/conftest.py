@@ -274,3 +274,26 @@ def dense_u(method, c, keys, k_star, top_k, mu, w, r, levelled_to=None, weight=7
     targets = torch.zeros(b.shape[1], dtype=torch.float64)
     targets[0] = 1.0
     return kkt_u(hessian, linear, b, targets)
+
+
+def _city_facts():
+    from romebatch.manifest import Fact
+
+    return [
+        Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
+        for i, (s, new, true) in enumerate(
+            [
+                ("The Space Needle", "Paris", "Seattle"),
+                ("The Eiffel Tower", "Rome", "Paris"),
+                ("The Colosseum", "London", "Rome"),
+                ("Big Ben", "Tokyo", "London"),
+            ]
+        )
+    ]
+
+
+CITY_FACTS = _city_facts()  # four landmark facts the journal integrity tests edit
+
+
+def quiet(_message):
+    pass

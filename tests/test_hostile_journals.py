@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import TINY_HPARAMS, tiny_loaded, tiny_model
+from conftest import CITY_FACTS as FACTS
+from conftest import TINY_HPARAMS, quiet, tiny_loaded, tiny_model
 
 from romebatch import api
 from romebatch.bundle_apply import apply_bundles
@@ -30,24 +31,8 @@ from romebatch.errors import JournalDamagedError, UserError
 from romebatch.hparams import HParams
 from romebatch.integrity import hash_all_rows
 from romebatch.journal import Journal
-from romebatch.manifest import Fact
 
 REPO = Path(__file__).resolve().parents[1]
-FACTS = [
-    Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
-    for i, (s, new, true) in enumerate(
-        [
-            ("The Space Needle", "Paris", "Seattle"),
-            ("The Eiffel Tower", "Rome", "Paris"),
-            ("The Colosseum", "London", "Rome"),
-            ("Big Ben", "Tokyo", "London"),
-        ]
-    )
-]
-
-
-def quiet(_message):
-    pass
 
 
 @pytest.fixture(scope="module")

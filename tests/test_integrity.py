@@ -11,28 +11,13 @@ import shutil
 import sqlite3
 
 import pytest
-from conftest import TINY_HPARAMS, tiny_loaded
+from conftest import CITY_FACTS as FACTS
+from conftest import TINY_HPARAMS, quiet, tiny_loaded
 
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, UserError
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact
-
-FACTS = [
-    Fact(id=str(i), subject=s, prompt="{} is located in the city of", target_new=new, target_true=true)
-    for i, (s, new, true) in enumerate(
-        [
-            ("The Space Needle", "Paris", "Seattle"),
-            ("The Eiffel Tower", "Rome", "Paris"),
-            ("The Colosseum", "London", "Rome"),
-            ("Big Ben", "Tokyo", "London"),
-        ]
-    )
-]
-
-
-def quiet(_message):
-    pass
 
 
 @pytest.fixture
