@@ -20,7 +20,7 @@ EXIT_SIGTERM = 143  # stopped by SIGTERM, after the edit in progress (128 + SIGT
 # What each means, for docs/cli.md and the README (tests/test_docs.py keeps both in step).
 EXIT_CODES = {
     EXIT_OK: "success",
-    EXIT_CHECK_FAILED: "`verify` found a regression beyond its thresholds, or `check` found damage",
+    EXIT_CHECK_FAILED: "`verify` found a regression beyond its thresholds or measured nothing, or `check` found damage",
     EXIT_BAD_INPUT: "bad input, a bad option or a refused operation (one `error:` line each); nothing was written",
     EXIT_STOPPED_ON_REGRESSION: "`apply --on-regression stop` ended the run at a failed regression check",
     EXIT_FACTS_FAILED: "`apply` finished, but the edit of one or more facts could not be computed (status `failed`)",
