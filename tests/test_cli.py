@@ -617,6 +617,14 @@ def test_locked_journal_exits_2_naming_the_holder(tmp_path):
         holder.wait()
 
 
+def in_process(monkeypatch, capsys, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """`romebatch ARGS` run in this process (no interpreter start per case): its code and output."""
+    monkeypatch.chdir(cwd)
+    code = run_main(monkeypatch, list(args))
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out.out, out.err)
+
+
 @pytest.mark.parametrize(
     "argv, says",
     [
@@ -627,13 +635,13 @@ def test_locked_journal_exits_2_naming_the_holder(tmp_path):
         (["compare", "--at", "99999999999999999999"], "has no edit 99999999999999999999"),
     ],
 )
-def test_a_state_the_journal_lacks_is_refused_before_the_model_loads(tmp_path, argv, says):
+def test_a_state_the_journal_lacks_is_refused_before_the_model_loads(tmp_path, argv, says, monkeypatch, capsys):
     # The journal names a model that cannot load ("tiny-test-model"): a selector checked only
     # after loading would fail on the model instead, and a number past SQLite's integers used to
     # escape as OverflowError.
     write_journal(tmp_path / "J", ["a" * 64, "b" * 64])
     database = (tmp_path / "J" / DB_NAME).read_bytes()
-    proc = romebatch(*argv, "--journal", "J", cwd=tmp_path)
+    proc = in_process(monkeypatch, capsys, *argv, "--journal", "J", cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and says in proc.stderr, proc.stderr
     assert (tmp_path / "J" / DB_NAME).read_bytes() == database
@@ -646,7 +654,7 @@ def _refused(proc: subprocess.CompletedProcess, says: str) -> None:
 
 
 @pytest.mark.parametrize("target", ["dangling", "loop"])
-def test_export_to_a_link_to_nothing_is_refused_before_the_model_loads(tmp_path, target):
+def test_export_to_a_link_to_nothing_is_refused_before_the_model_loads(tmp_path, target, monkeypatch, capsys):
     # The journal's model ("tiny-test-model") cannot load: a check made after loading would fail
     # on the model instead, and the adapter used to be written beside the link, then left there.
     write_journal(tmp_path / "J", ["a" * 64])
@@ -657,12 +665,14 @@ def test_export_to_a_link_to_nothing_is_refused_before_the_model_loads(tmp_path,
         (tmp_path / "back").symlink_to(tmp_path / "out")
     before = sorted(p.name for p in tmp_path.iterdir())
     for argv in (["export", "--adapter", "out"], ["export", "out"]):
-        _refused(romebatch(*argv, "--journal", "J", cwd=tmp_path), "out is a symbolic link to nothing")
+        _refused(
+            in_process(monkeypatch, capsys, *argv, "--journal", "J", cwd=tmp_path), "out is a symbolic link to nothing"
+        )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 @pytest.mark.parametrize("make", ["file", "loop", "under_a_file"])
-def test_dry_run_refuses_a_journal_path_a_run_would_refuse(tmp_path, make):
+def test_dry_run_refuses_a_journal_path_a_run_would_refuse(tmp_path, make, monkeypatch, capsys):
     manifest = tmp_path / "facts.csv"
     manifest.write_text(GOOD_CSV)
     if make == "file":
@@ -676,9 +686,17 @@ def test_dry_run_refuses_a_journal_path_a_run_would_refuse(tmp_path, make):
         (tmp_path / "plain").write_text("x")
         journal, says = tmp_path / "plain" / "J", "is not a folder"
     before = sorted(p.name for p in tmp_path.iterdir())
-    _refused(romebatch("apply", str(manifest), "--dry-run", "--journal", str(journal), cwd=tmp_path), says)
+    _refused(
+        in_process(monkeypatch, capsys, "apply", str(manifest), "--dry-run", "--journal", str(journal), cwd=tmp_path),
+        says,
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == before
-    assert romebatch("apply", str(manifest), "--dry-run", "--journal", "new/J", cwd=tmp_path).returncode == 0
+    assert (
+        in_process(
+            monkeypatch, capsys, "apply", str(manifest), "--dry-run", "--journal", "new/J", cwd=tmp_path
+        ).returncode
+        == 0
+    )
 
 
 @pytest.mark.parametrize(
@@ -692,17 +710,19 @@ def test_dry_run_refuses_a_journal_path_a_run_would_refuse(tmp_path, make):
         (["--prompt", "The Eiffel Tower is in", "--subject", "Eiffel", "--out", "d.png"], "is a folder"),
     ],
 )
-def test_trace_checks_its_fact_before_the_model_loads(tmp_path, argv, says):
+def test_trace_checks_its_fact_before_the_model_loads(tmp_path, argv, says, monkeypatch, capsys):
     (tmp_path / "known.json").write_text(json.dumps([{"prompt": "X is in", "subject": "", "attribute": "Paris"}]))
     (tmp_path / "d.png").mkdir()
-    _refused(romebatch("trace", *argv, "--model", str(tmp_path / "no-model-here"), cwd=tmp_path), says)
+    _refused(
+        in_process(monkeypatch, capsys, "trace", *argv, "--model", str(tmp_path / "no-model-here"), cwd=tmp_path), says
+    )
 
 
 @pytest.mark.parametrize(
     "content, says",
     [(None, "not a regular file"), ("[1]\n", "results.jsonl:1:"), ('{"model_hash": 5, "kind": "trace"}\n', ":1:")],
 )
-def test_tune_checks_its_results_file_before_the_model_loads(tmp_path, content, says):
+def test_tune_checks_its_results_file_before_the_model_loads(tmp_path, content, says, monkeypatch, capsys):
     manifest = tmp_path / "facts.csv"
     manifest.write_text(GOOD_CSV)
     results = tmp_path / "results.jsonl"
@@ -710,16 +730,27 @@ def test_tune_checks_its_results_file_before_the_model_loads(tmp_path, content, 
         results.mkdir()
     else:
         results.write_text(content)
-    proc = romebatch(
-        "tune", str(manifest), "--no-save", "--results", str(results), "--model", str(tmp_path / "none"), cwd=tmp_path
+    proc = in_process(
+        monkeypatch,
+        capsys,
+        "tune",
+        str(manifest),
+        "--no-save",
+        "--results",
+        str(results),
+        "--model",
+        str(tmp_path / "none"),
+        cwd=tmp_path,
     )
     _refused(proc, says)
 
 
-def test_a_dry_run_checks_the_device_map_file_too(tmp_path):
+def test_a_dry_run_checks_the_device_map_file_too(tmp_path, monkeypatch, capsys):
     manifest = tmp_path / "facts.csv"
     manifest.write_text(GOOD_CSV)
     (tmp_path / "map.json").write_text('{"model.layers.0": "gpu-ish"}')
-    proc = romebatch("apply", str(manifest), "--dry-run", "--device-map", "map.json", cwd=tmp_path)
+    proc = in_process(
+        monkeypatch, capsys, "apply", str(manifest), "--dry-run", "--device-map", "map.json", cwd=tmp_path
+    )
     _refused(proc, "--device-map map.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["facts.csv", "map.json"]
