@@ -31,6 +31,7 @@ import torch
 
 from .adapters import Adapter, adapter_for, adapter_for_type, supported_model_types
 from .errors import UserError, escape_controls
+from .files import open_regular_file
 from .home import romebatch_home
 
 if TYPE_CHECKING:
@@ -286,15 +287,9 @@ def _checked_config(folder: Path, spec: str, module_template: str | None):
     """The folder's config, refused (one line) when it is not one romebatch can load and edit."""
     from transformers import AutoConfig
 
-    path = folder / "config.json"
-    if not path.is_file():
+    data = _json_object(folder, "config.json", spec)
+    if data is None:
         raise UserError(f"--model {spec}: no config.json in the folder")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-        raise UserError(f"--model {spec}: config.json is not valid JSON") from None
-    if not isinstance(data, dict):
-        raise UserError(f"--model {spec}: config.json is not a JSON object")
     model_type = data.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise UserError(f"--model {spec}: config.json has no model_type")
@@ -315,6 +310,22 @@ def _checked_config(folder: Path, spec: str, module_template: str | None):
     ):
         raise UserError(f"--model {spec}: config.json: {attr} is {n_layers!r}; a model needs at least one layer")
     return config
+
+
+def _json_object(folder: Path, name: str, spec: str) -> dict | None:
+    """The folder's `name` as a JSON object (transformers reads config files as one), None when
+    absent; read through open_regular_file, so it is size-bounded and never a FIFO or device."""
+    path = folder / name
+    if not path.is_file():
+        return None
+    try:
+        with open_regular_file(str(path), encoding="utf-8") as handle:
+            data = json.loads(handle.read())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        raise UserError(f"--model {spec}: {name} is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise UserError(f"--model {spec}: {name} is not a JSON object")
+    return data
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -462,15 +473,9 @@ def refuse_remote_code(folder: Path, spec: str) -> None:
     script's piped input, would execute whatever the folder ships.
     """
     for name in ("config.json", "tokenizer_config.json"):
-        path = folder / name
-        if not path.is_file():
+        data = _json_object(folder, name, spec)
+        if data is None:
             continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError, RecursionError):
-            raise UserError(f"--model {spec}: {name} is not valid JSON") from None
-        if not isinstance(data, dict):  # transformers reads each as a JSON object
-            raise UserError(f"--model {spec}: {name} is not a JSON object")
         if "auto_map" in data or "custom_pipelines" in data:
             raise UserError(
                 f"--model {spec}: {name} asks to run the folder's own code (auto_map); romebatch never "
