@@ -118,8 +118,9 @@ def _meta(db: sqlite3.Connection, problems: list[str]) -> dict:
     head = meta.get("head", 0)
     if not _is_int(head) or head < 0:
         problems.append(f"meta key 'head': {_short(head)} is not an edit number")
-    if "base_hash" in meta and not isinstance(meta["base_hash"], str):
-        problems.append(f"meta key 'base_hash': {_short(meta['base_hash'])} is not a hash")
+    for key in ("base_hash", "weights_hash", "tokenizer_hash"):
+        if key in meta and not isinstance(meta[key], str):
+            problems.append(f"meta key {key!r}: {_short(meta[key])} is not a hash")
     return meta
 
 

@@ -76,6 +76,7 @@ def apply_bundles(
 
     from .editor import Editor
     from .model import load_model, weight_hash
+    from .opening import identity_mismatch
     from .rome import RankOneEdit, apply_edit
 
     kwargs = {"log": log} if log else {}
@@ -94,6 +95,12 @@ def apply_bundles(
             raise BaseModelMismatchError(
                 f"{b.path}: made on base model {b.meta.get('model')} ({b.base_hash[:19]}…), but {lm.spec} has "
                 f"different weights ({base_hash[:19]}…); nothing was written",
+                hint="apply it to a journal of the model it was made on (--model)",
+            )
+        mismatch = identity_mismatch(b.meta, lm)
+        if mismatch is not None:
+            raise BaseModelMismatchError(
+                f"{b.path}: made on base model {b.meta.get('model')}, but {lm.spec} has {mismatch}; nothing was written",
                 hint="apply it to a journal of the model it was made on (--model)",
             )
     editor, target = None, _Target(None, 0)

@@ -162,6 +162,8 @@ def _check_meta(meta: dict, where: str) -> None:
     _expect(template is None or isinstance(template, str), where, "field meta.module_template: not text")
     base = meta.get("base_hash")
     _expect(base is None or isinstance(base, str), where, "field meta.base_hash: not a hash")
+    for key in ("weights_hash", "tokenizer_hash"):
+        _expect(meta.get(key) is None or isinstance(meta[key], str), where, f"field meta.{key}: not a hash")
     missing = [key for key in _RECORDED_ALWAYS if key not in meta["hparams"]]
     _expect(not missing, where, f"field meta.hparams: no {missing[0] if missing else ''} (damaged or not a journal's)")
     hp = HParams.from_record(meta["hparams"], source=f"{where}: meta.hparams")

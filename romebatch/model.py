@@ -52,6 +52,7 @@ class LoadedModel:
     revision: str | None = None  # commit SHA of a hub snapshot, when known
     lm_head_name: str = field(default="")
     _full_hash: str | None = field(default=None, repr=False)
+    _tokenizer_hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         head = self.model.get_output_embeddings()
@@ -112,6 +113,12 @@ class LoadedModel:
             self._full_hash = "sha256:" + digest.hexdigest()
         return self._full_hash
 
+    def tokenizer_hash(self) -> str:
+        """Hash of what turns text into token ids (tokenizer_hash()), computed once per loaded model."""
+        if self._tokenizer_hash is None:
+            self._tokenizer_hash = tokenizer_hash(self.tokenizer)
+        return self._tokenizer_hash
+
     def base_hash(self) -> str:
         """Hash of every down-projection weight: the weights any edit can touch."""
         from .device_map import read_tensor
@@ -125,6 +132,32 @@ class LoadedModel:
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data  # the array's buffer, as a memoryview
+
+
+def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
+    """Hash of what turns text into token ids: a journal's edits mean nothing under another.
+
+    A fast tokenizer hashes its whole definition (added tokens, normalizer, pre-tokenizer,
+    vocabulary, merges) from its serialization, less the padding and truncation settings that
+    precede "added_tokens" and that calls change at run time; a slow one hashes its vocabulary.
+    Both add the special tokens. Slicing the text instead of parsing it keeps a 262k-token
+    vocabulary's hash to one serialization.
+    """
+    digest = hashlib.sha256()
+    backend = getattr(tok, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else None
+    start = -1 if text is None else text.find(',"added_tokens":')
+    if text is not None and start >= 0:
+        digest.update(text[start:].encode())
+    elif text is not None:  # another serialization layout: parse it, then drop the run-time settings
+        definition = json.loads(text)
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+        digest.update(json.dumps(definition, sort_keys=True).encode())
+    else:
+        digest.update(json.dumps(sorted(tok.get_vocab().items())).encode())
+    digest.update(json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())}).encode())
+    return "sha256:" + digest.hexdigest()
 
 
 def weight_hash(tensor: torch.Tensor) -> str:

@@ -43,6 +43,7 @@ def init_or_check(
                 "model_type": lm.config.model_type,
                 "revision": lm.revision,
                 "base_hash": base_hash,
+                **identity(lm),
                 "adapter": lm.adapter.family,
                 "hparams": requested.to_dict(),
                 "head": 0,
@@ -72,6 +73,12 @@ def init_or_check(
             f"but {lm.spec} has different weights ({base_hash[:19]}…)",
             hint="open it with its own base model, or start a new journal with --journal",
         )
+    mismatch = identity_mismatch({key: journal.get(key) for key in IDENTITY_KEYS}, lm)
+    if mismatch is not None:
+        raise BaseModelMismatchError(
+            f"journal {journal.directory} was written for model {journal.get('model')}, but {lm.spec} has {mismatch}",
+            hint="open it with its own base model, or start a new journal with --journal",
+        )
     stored = HParams.from_record(journal.get("hparams"), source=f"journal {journal.directory}")
     if hparams is None:
         return stored
@@ -83,6 +90,29 @@ def init_or_check(
                 hint="start a new journal with --journal to change it",
             )
     return requested
+
+
+# The whole base model's identity beyond `base_hash` (the down-projections an edit can touch):
+# every other weight and the tokenizer also decide what an edit does. Journals written before
+# these keys existed lack them and are checked on their down-projections alone.
+IDENTITY_KEYS = ("weights_hash", "tokenizer_hash")
+
+
+def identity(lm: LoadedModel) -> dict[str, str]:
+    """What a new journal records of its base model beyond the down-projections."""
+    return {"weights_hash": lm.full_hash(), "tokenizer_hash": lm.tokenizer_hash()}
+
+
+def identity_mismatch(stored: dict, lm: LoadedModel) -> str | None:
+    """How `lm` differs from the recorded identity (None: it does not, or nothing was recorded)."""
+    if stored.get("weights_hash") is not None and stored["weights_hash"] != lm.full_hash():
+        return (
+            f"other weights ({lm.full_hash()[:19]}…, recorded {str(stored['weights_hash'])[:19]}…); "
+            "only the down-projections match"
+        )
+    if stored.get("tokenizer_hash") is not None and stored["tokenizer_hash"] != lm.tokenizer_hash():
+        return f"another tokenizer ({lm.tokenizer_hash()[:19]}…, recorded {str(stored['tokenizer_hash'])[:19]}…)"
+    return None
 
 
 def record_problem(lm: LoadedModel, record: EditRecord) -> str | None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import TINY_HPARAMS, tiny_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from romebatch import journal_schema as journal_module
 from romebatch.api import check
@@ -250,6 +251,23 @@ def test_a_wrong_vector_is_refused_by_the_weight_hashes(source, tmp_path):
     with pytest.raises(UserError, match=r"edit 4 \(seq 5, fact colosseum\): its factors give weight"):
         apply(source, [forged], target)
     assert not target.exists()
+
+
+def test_a_base_with_other_weights_beyond_the_down_projections_is_refused(source, tmp_path):
+    out = tmp_path / "all.rbundle"
+    write_bundle(source.journal, out)
+    assert read_bundle(out).meta["weights_hash"] == meta(source.journal)["weights_hash"]
+    # The same down-projections, another embedding: the base hash alone would accept it.
+    changed = tmp_path / "changed-embedding"
+    model = AutoModelForCausalLM.from_pretrained(source.folder)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[0, 0] += 1.0
+    model.save_pretrained(changed)
+    AutoTokenizer.from_pretrained(source.folder).save_pretrained(changed)
+    fresh = tmp_path / "fresh"
+    with pytest.raises(BaseModelMismatchError, match="other weights"):
+        apply(source, [out], fresh, model=str(changed))
+    assert not fresh.exists()
 
 
 def test_wrong_base_and_wrong_state_are_refused_and_write_nothing(source, tmp_path):

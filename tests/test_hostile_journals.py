@@ -196,6 +196,15 @@ def test_a_float_or_bool_head_is_refused_and_not_written(journal):
     assert (journal / "journal.sqlite").read_bytes() == before
 
 
+@pytest.mark.parametrize("key", ["weights_hash", "tokenizer_hash"])
+def test_a_mistyped_identity_hash_is_named_by_check(journal, bytelevel_tokenizer, key):
+    with sqlite3.connect(journal / "journal.sqlite") as db:
+        db.execute("UPDATE meta SET value = '5' WHERE key = ?", (key,))
+    report = api.check(journal, lm=lm(bytelevel_tokenizer))
+    assert not report.ok
+    assert f"meta key '{key}': 5 is not a hash" in report.problems
+
+
 def test_a_different_module_template_is_named(journal, built, bytelevel_tokenizer):
     template = "transformer.h.{}.attn.c_proj"
     with pytest.raises(UserError, match=r"was written with module template None, not 'transformer\.h\.\{\}\.attn"):
@@ -266,6 +275,7 @@ def files(directory: Path) -> dict:
         (set_meta(("dtype",), "int8"), "field meta.dtype: 'int8' is not one of"),
         (set_meta(("hparams",), {}), "field meta.hparams: no layer"),
         (set_meta(("hparams", "layer"), -4), r"b2.rbundle: meta.hparams: layer"),
+        (set_meta(("weights_hash",), 7), "field meta.weights_hash: not a hash"),
     ],
 )
 def test_a_bundle_check_would_call_damaged_is_refused(bundled, tmp_path, bytelevel_tokenizer, change, message):
@@ -282,6 +292,27 @@ def test_a_bundle_check_would_call_damaged_is_refused(bundled, tmp_path, bytelev
     with pytest.raises(UserError, match=message):
         apply_bundles([forged], fresh, lm=lm(bytelevel_tokenizer))
     assert not fresh.exists()
+
+
+def test_a_bundle_recorded_under_another_tokenizer_is_refused(bundled, tmp_path, bytelevel_tokenizer):
+    bundle, target_original = bundled
+    target = tmp_path / "T"
+    shutil.copytree(target_original, target)
+    forged = tmp_path / "b2.rbundle"
+    rewrite(bundle, forged, set_meta(("tokenizer_hash",), "sha256:" + "0" * 64))
+    before = dump(target)
+    with pytest.raises(UserError, match="b2.rbundle: made on base model .* another tokenizer"):
+        apply_bundles([forged], target, lm=lm(bytelevel_tokenizer))
+    # Refused after the journal was read (a read folds SQLite's WAL into the file): the same rows.
+    assert dump(target) == before
+
+
+def dump(directory: Path) -> list[str]:
+    db = sqlite3.connect(str(directory / "journal.sqlite"))
+    try:
+        return list(db.iterdump())
+    finally:
+        db.close()
 
 
 def test_the_untouched_bundle_applies_and_checks(bundled, tmp_path, bytelevel_tokenizer):

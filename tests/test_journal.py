@@ -27,7 +27,7 @@ from romebatch.journal import DB_NAME, LOCK_NAME, Journal
 from romebatch.journal_records import EditRecord
 from romebatch.journal_schema import migrate
 from romebatch.manifest import Fact
-from romebatch.model import weight_hash
+from romebatch.model import tokenizer_hash, weight_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -702,6 +702,80 @@ def test_other_base_model_is_refused(first_run, tmp_path):
     assert db_dump(directory) == before
     with Journal(directory, write=True):  # the refused editor released the lock
         pass
+
+
+def _meta_value(directory: Path, key: str):
+    db = sqlite3.connect(str(directory / DB_NAME))
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    finally:
+        db.close()
+    return None if row is None else json.loads(row[0])
+
+
+def _with_other_weights(lm):
+    """The same model with one weight an edit never touches changed (an attention projection)."""
+    with torch.no_grad():
+        lm.model.get_submodule("transformer.h.0.attn.c_attn").weight[0, 0] += 1.0
+    return lm
+
+
+def test_other_weights_beyond_the_down_projections_are_refused(first_run, tmp_path):
+    # The down-projections match, so only the whole-model identity can tell.
+    directory = first_run.copy(tmp_path)
+    recorded = _meta_value(directory, "weights_hash")
+    assert recorded == tiny_loaded("gpt2", first_run.tokenizer).full_hash()
+    before = db_dump(directory)
+    other = _with_other_weights(tiny_loaded("gpt2", first_run.tokenizer))
+    assert other.base_hash() == tiny_loaded("gpt2", first_run.tokenizer).base_hash()
+    with pytest.raises(BaseModelMismatchError, match="other weights .*only the down-projections match"):
+        Editor(directory, lm=other, log=quiet)
+    assert db_dump(directory) == before
+
+
+def test_another_tokenizer_is_refused(first_run, tmp_path):
+    import copy
+
+    directory = first_run.copy(tmp_path)
+    tokenizer = copy.deepcopy(first_run.tokenizer)
+    tokenizer.add_tokens(["Seattlemania"])  # one more vocabulary entry: "Seattle" may tokenize the same, others not
+    lm = tiny_loaded("gpt2", first_run.tokenizer)
+    lm.tokenizer = tokenizer
+    with pytest.raises(BaseModelMismatchError, match="another tokenizer"):
+        Editor(directory, lm=lm, log=quiet)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_tokenizer_hash_ignores_padding_and_truncation_state(first_run, fast, tmp_path):
+    import copy
+
+    from transformers import GPT2Tokenizer
+
+    tok = copy.deepcopy(first_run.tokenizer)
+    if not fast:
+        folder = tmp_path / "slow-tokenizer"
+        tok.save_pretrained(folder)
+        tok = GPT2Tokenizer.from_pretrained(folder)
+    before = tokenizer_hash(tok)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    assert tokenizer_hash(tok) == before  # the same special token, named again
+    tok(["a b c", "a"], padding="max_length", truncation=True, max_length=4)  # sets the backend's padding
+    assert tokenizer_hash(tok) == before
+    tok.add_tokens(["Seattlemania"])
+    assert tokenizer_hash(tok) != before
+
+
+def test_journal_without_identity_keys_still_opens_and_checks_down_projections(first_run, tmp_path):
+    # A journal written before the whole-model identity was recorded.
+    directory = first_run.copy(tmp_path)
+    db = sqlite3.connect(str(directory / DB_NAME))
+    with db:
+        db.execute("DELETE FROM meta WHERE key IN ('weights_hash', 'tokenizer_hash')")
+    db.close()
+    with Editor(directory, lm=_with_other_weights(tiny_loaded("gpt2", first_run.tokenizer)), log=quiet) as editor:
+        assert editor.head == 4
+    with pytest.raises(BaseModelMismatchError):
+        Editor(directory, lm=tiny_loaded("gpt2", first_run.tokenizer, seed=1), log=quiet)
 
 
 def test_changed_defining_hparams_are_refused(first_run, tmp_path):
