@@ -40,6 +40,7 @@ from .pipeline import edit_window, run
 from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, REPAIR_SPAN, run_pass
 from .rome import KeyStats, apply_edit
 from .rome.preserve import Preserver
+from .rome.stats import check_corpus_file
 
 # Defined in `outcomes`; imported from here by callers since before the split.
 __all__ = ["ApplyResult", "CheckReport", "Editor", "FactResult", "StopRequest", "stop_on_signals"]
@@ -87,6 +88,8 @@ class Editor:
             )
             self.base_hash = self.lm.base_hash()
             self.hparams = init_or_check(self.journal, self.lm, self.base_hash, hparams, module_template, log)
+            if self.hparams.stats_corpus is not None:  # refused now, not after the first edit's prefixes
+                check_corpus_file(self.hparams.stats_corpus)
             # The base weight of every layer an edit ever changed in this process, kept before
             # the first change (replay, a new edit, a roll-forward): what `at(0)` swaps in.
             self._base_weights: dict[int, torch.Tensor] = {}

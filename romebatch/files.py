@@ -16,6 +16,9 @@ from .errors import UserError, located
 
 # A file larger than this is refused before it is read: 2 GiB holds millions of facts.
 MAX_FILE_BYTES = 2 * 1024**3
+# A JSON side file (a model's config or shard index, presets, the layer cache): far above any
+# real one, far below what parsing it would take out of memory.
+MAX_JSON_BYTES = 256 * 1024**2
 # What messages call standard input (`romebatch apply - --format csv < facts.csv`).
 STDIN = "<stdin>"
 
@@ -53,6 +56,13 @@ def open_regular_file(
         raise
     mode = "r" if encoding else "rb"
     return os.fdopen(fd, mode, encoding=encoding, newline=newline) if encoding else os.fdopen(fd, mode)
+
+
+def read_regular_text(path, *, limit: int = MAX_FILE_BYTES) -> str:
+    """A regular file's UTF-8 text, or UserError if it is not a regular file or is over `limit`
+    (a FIFO, /dev/zero or a link to either where a small JSON file was expected)."""
+    with open_regular_file(str(path), encoding="utf-8", limit=limit) as handle:
+        return handle.read()
 
 
 def read_stdin(limit: int = MAX_FILE_BYTES) -> bytes:

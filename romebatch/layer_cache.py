@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import one_line
+from .errors import UserError, one_line
+from .files import MAX_JSON_BYTES, read_regular_text
 from .home import romebatch_home
 from .model import LoadedModel
 
@@ -68,9 +69,13 @@ def load_recommendation(lm: LoadedModel, log: Callable[[str], None] | None = Non
 def _read_layers(path, problems: list[str] | None = None) -> dict:
     """The layer cache, or {} when it is missing or damaged (it is recomputed, never trusted blindly);
     what was wrong with a damaged one is appended to `problems`."""
+    if not path.exists():
+        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        data = json.loads(read_regular_text(path, limit=MAX_JSON_BYTES))
+    except UserError as error:  # not a regular file, or too large
+        if problems is not None:
+            problems.append(error.message.removeprefix(f"{path}: "))
         return {}
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
         if problems is not None:

@@ -31,7 +31,7 @@ import torch
 
 from .adapters import Adapter, adapter_for, adapter_for_type, supported_model_types
 from .errors import UserError, escape_controls
-from .files import open_regular_file
+from .files import MAX_JSON_BYTES, open_regular_file, read_regular_text
 from .home import romebatch_home
 
 if TYPE_CHECKING:
@@ -352,7 +352,7 @@ def _json_object(folder: Path, name: str, spec: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        with open_regular_file(str(path), encoding="utf-8") as handle:
+        with open_regular_file(str(path), encoding="utf-8", limit=MAX_JSON_BYTES) as handle:
             data = json.loads(handle.read())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise UserError(f"--model {spec}: {name} is not valid JSON") from None
@@ -366,7 +366,7 @@ def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            weight_map = json.loads(read_regular_text(index, limit=MAX_JSON_BYTES))["weight_map"]
             names = sorted(set(weight_map.values()))
         except (OSError, UnicodeDecodeError, ValueError, RecursionError, KeyError, TypeError, AttributeError):
             raise UserError(f"--model {index}: not a valid safetensors index") from None

@@ -28,6 +28,7 @@ import math
 from pathlib import Path
 
 from .errors import UserError, one_line
+from .files import MAX_JSON_BYTES, read_regular_text
 from .hparams import MEASURED, HParams
 
 FIELDS = ("layer", "clamp_norm_factor")
@@ -57,7 +58,9 @@ def check_presets_file() -> None:
 def _read_json(path: Path) -> dict:
     hint = "fix it, or delete it to run without tuned presets (`romebatch tune` writes a new one)"
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_regular_text(path, limit=MAX_JSON_BYTES))
+    except UserError as error:  # not a regular file, or too large
+        raise UserError(f"presets file {error.message}", hint=hint) from None
     except (OSError, UnicodeDecodeError) as error:
         raise UserError(f"presets file {path}: cannot read it ({one_line(str(error))})", hint=hint) from None
     except RecursionError:

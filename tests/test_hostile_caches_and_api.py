@@ -5,6 +5,8 @@ api.py, api_read.py, hparams.py)."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -171,6 +173,36 @@ def test_a_cached_layer_out_of_the_models_range_is_ignored_with_a_warning(lm):
         assert load_recommendation(lm, log=logged.append) is None and "nested too deeply" in logged[1]
     finally:
         path.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_special_files_in_place_of_the_json_caches_are_named_not_read(lm):
+    # A FIFO would block the read forever; /dev/zero would be read until memory ran out.
+    from romebatch.home import romebatch_home
+    from romebatch.layer_cache import load_recommendation
+    from romebatch.presets import fill_defaults, presets_path
+
+    home = romebatch_home()
+    home.mkdir(parents=True, exist_ok=True)
+    signal.alarm(60)  # a hang fails the test instead of the suite
+    try:
+        for make in (os.mkfifo, lambda p: os.symlink("/dev/zero", p)):
+            for path in (presets_path(), home / "layers.json"):
+                make(path)
+            with pytest.raises(
+                UserError, match=r"^presets file .*presets.json: is a (FIFO|device), not a regular file"
+            ):
+                fill_defaults(HParams(), lm)
+            logged: list[str] = []
+            assert load_recommendation(lm, log=logged.append) is None
+            assert len(logged) == 1 and "layers.json: is a " in logged[0] and "tracing again" in logged[0]
+            for path in (presets_path(), home / "layers.json"):
+                path.unlink()
+    finally:
+        signal.alarm(0)
+        for path in (presets_path(), home / "layers.json"):
+            if path.is_symlink() or path.exists():
+                path.unlink()
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,9 @@ written before it existed used plain sampling and must resume as they were writt
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import torch
 from conftest import TINY_HPARAMS, tiny_loaded
@@ -158,3 +161,22 @@ def test_the_samplings_the_hparams_accept_are_the_ones_the_algorithm_draws():
     from romebatch.hparams import STATS_SAMPLINGS
 
     assert stats_module.SAMPLINGS == STATS_SAMPLINGS
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+@pytest.mark.parametrize("kind", ["fifo", "zero-link", "missing"])
+def test_an_unreadable_corpus_is_refused_before_anything_is_written(tmp_path, bytelevel_tokenizer, kind):
+    corpus = tmp_path / "corpus.txt"
+    if kind == "fifo":
+        os.mkfifo(corpus)  # read whole, as the cache key once did, it would block forever
+    elif kind == "zero-link":
+        corpus.symlink_to("/dev/zero")
+    directory = tmp_path / "journal"
+    hp = HParams(**dict(TINY_HPARAMS, stats_corpus=str(corpus), stats_tokens=200))
+    signal.alarm(60)  # a hang fails the test instead of the suite
+    try:
+        with pytest.raises(UserError, match=r"^--stats-corpus .*corpus\.txt: "):
+            Editor(directory, lm=tiny_loaded("gpt2", bytelevel_tokenizer), hparams=hp, log=quiet)
+    finally:
+        signal.alarm(0)
+    assert not directory.exists()

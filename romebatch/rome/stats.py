@@ -174,10 +174,34 @@ ENCYCLOPEDIC_LEN = 40
 SAMPLINGS = ("plain", "encyclopedic")
 
 
+def _corpus_digest(path: str | Path) -> str:
+    """sha256 of a corpus file, read as `read_corpus` reads it: a FIFO or a device is refused, not read forever."""
+    with _open_corpus(path) as handle:
+        try:
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        except OSError as error:
+            raise UserError(f"--stats-corpus {path}: cannot read it ({error})") from None
+
+
+def check_corpus_file(path: str | Path) -> None:
+    """Refuse a corpus that cannot be read (missing, a folder, a FIFO, too large) before any work."""
+    with _open_corpus(path):
+        pass
+
+
+def _open_corpus(path: str | Path):
+    from ..files import open_regular_file
+
+    try:
+        return open_regular_file(str(path), encoding=None)
+    except UserError as error:
+        raise UserError(f"--stats-corpus {error.message}") from None
+
+
 def corpus_id(corpus: str | None, sampling: str, seed: int) -> str:
     """What names a corpus in the cache key: the file's bytes, or how the model sampled it."""
     if corpus is not None:
-        return "file:" + hashlib.sha256(Path(corpus).read_bytes()).hexdigest()
+        return "file:" + _corpus_digest(corpus)
     if sampling == "plain":
         return f"self-sampled:seed={seed}"
     openers = hashlib.sha256(json.dumps([OPENERS, NAMES, ENCYCLOPEDIC_LEN]).encode()).hexdigest()[:16]
