@@ -120,6 +120,19 @@ def test_a_forged_or_old_cache_is_reported_and_recomputed(lm, fresh, tmp_path, c
     result.factor(1e-3)  # usable: no LinAlgError from a NaN C
 
 
+def test_a_forged_cache_that_is_not_positive_definite_is_one_line_not_a_linalg_error(lm, fresh, tmp_path):
+    # Finite, non-negative diagonal, a valid checksum: every file check passes, the factor cannot.
+    good = fresh[0].mom2
+    indefinite = good - 2 * torch.linalg.eigvalsh(good.double()).max().float() * torch.eye(len(good))
+    indefinite.diagonal().clamp_(min=0.0)
+    result, logged, _ = _reload(lm, tmp_path, _forged(fresh, mom2=indefinite))
+    assert logged == [] and torch.equal(result.mom2, indefinite)
+    with pytest.raises(UserError, match=r"key statistics C of layer 1 .* not positive definite") as caught:
+        result.factor(1e-3)
+    assert "stats" in (caught.value.hint or "")
+    fresh[0].factor(1e-3)  # the real C factors
+
+
 def test_an_old_cache_without_a_checksum_is_kept_when_sound_and_stamped(lm, fresh, tmp_path):
     # Journals were edited with it: recomputing it would change C under them. Its shape and
     # values are checked, then a checksum is recorded, so a later change to it is caught.

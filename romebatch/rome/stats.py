@@ -53,9 +53,18 @@ class KeyStats:
     cholesky: torch.Tensor | None = None  # lower factor of C + ridge, float64, set by `factor`
 
     def factor(self, ridge: float) -> KeyStats:
+        """Factor C + ridge, or raise UserError if it is not positive definite: C from a cache
+        that passed its checks but was forged, or keys that span too little for the ridge."""
         c = self.mom2.double()
         c = c + ridge * c.diagonal().mean() * torch.eye(c.shape[0], dtype=c.dtype)
-        self.cholesky = torch.linalg.cholesky(c)
+        factor, info = torch.linalg.cholesky_ex(c)
+        if int(info) != 0:
+            raise UserError(
+                f"the key statistics C of layer {self.layer} ({self.tokens:,} tokens) plus the ridge "
+                f"{ridge:g} are not positive definite, so no edit can be solved for",
+                hint=f"delete the layer's cache under {romebatch_home() / 'stats'} to recompute it, or raise ridge",
+            )
+        self.cholesky = factor
         return self
 
 
