@@ -131,6 +131,8 @@ def _log_all(journal: str | Path) -> dict:
             "head": j.head,
             "model": j.get("model"),
             "base_hash": j.get("base_hash"),
+            "weights_hash": j.get("weights_hash"),  # None in journals written before it was recorded
+            "tokenizer_hash": j.get("tokenizer_hash"),
             "edits": [
                 {
                     "seq": r.seq,

@@ -20,6 +20,7 @@ import pytest
 import torch
 from conftest import TINY_HPARAMS, tiny_loaded
 
+from romebatch import api
 from romebatch.editor import Editor
 from romebatch.errors import BaseModelMismatchError, JournalLockedError, UserError
 from romebatch.hparams import HParams
@@ -725,6 +726,8 @@ def test_other_weights_beyond_the_down_projections_are_refused(first_run, tmp_pa
     directory = first_run.copy(tmp_path)
     recorded = _meta_value(directory, "weights_hash")
     assert recorded == tiny_loaded("gpt2", first_run.tokenizer).full_hash()
+    logged = api.log(directory)
+    assert (logged["weights_hash"], logged["tokenizer_hash"]) == (recorded, _meta_value(directory, "tokenizer_hash"))
     before = db_dump(directory)
     other = _with_other_weights(tiny_loaded("gpt2", first_run.tokenizer))
     assert other.base_hash() == tiny_loaded("gpt2", first_run.tokenizer).base_hash()
