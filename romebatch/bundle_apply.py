@@ -76,7 +76,7 @@ def apply_bundles(
 
     from .editor import Editor
     from .model import load_model, weight_hash
-    from .opening import identity_mismatch
+    from .opening import identity, identity_mismatch
     from .rome import RankOneEdit, apply_edit
 
     kwargs = {"log": log} if log else {}
@@ -90,6 +90,9 @@ def apply_bundles(
         template = stored.get("module_template") or bundles[0].meta.get("module_template")
         lm = load_model(spec, device=device, module_template=template, **kwargs)
     base_hash = lm.base_hash()
+    # Taken now, at the base weights: a fresh journal records it when a bundle from an older
+    # journal carries none (as Editor records it in a journal it creates).
+    base_identity = identity(lm)
     for b in bundles:
         if b.base_hash != base_hash:
             raise BaseModelMismatchError(
@@ -211,7 +214,7 @@ def apply_bundles(
                 target.journal = Journal(journal, write=True, create=True)
                 if target.journal.initialised:
                     raise UserError(f"journal {journal} was created by another process meanwhile; nothing was written")
-            results.append(_commit(b, target, fresh, lm.spec if model else None))
+            results.append(_commit(b, target, fresh, lm.spec if model else None, base_identity))
             target.touched |= layers
         return results
     finally:
@@ -225,7 +228,7 @@ def apply_bundles(
                     lm.weight(layer).copy_(weight)
 
 
-def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> BundleApplied:
+def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None, base_identity: dict) -> BundleApplied:
     """Number the bundle's rows for the target journal and append them in one transaction."""
     j = target.journal
     assert j is not None  # the caller creates a fresh journal before its first commit
@@ -251,6 +254,8 @@ def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None) -> 
     if fresh:  # the journal is made by the bundle: it records how its edits were made
         meta = {k: v for k, v in b.meta.items() if k not in DERIVED_META}
         meta["base_hash"] = b.base_hash
+        for key, value in base_identity.items():  # equal to the bundle's where it has them (checked)
+            meta.setdefault(key, value)
         if j.get("format") is None:  # what Editor writes in a new journal; a migration may have set it already
             meta["format"] = 1
         if model_spec is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -268,6 +269,21 @@ def test_a_base_with_other_weights_beyond_the_down_projections_is_refused(source
     with pytest.raises(BaseModelMismatchError, match="other weights"):
         apply(source, [out], fresh, model=str(changed))
     assert not fresh.exists()
+
+
+def test_a_fresh_journal_from_an_older_journals_bundle_records_its_base_identity(source, tmp_path):
+    older = tmp_path / "older"
+    shutil.copytree(source.journal, older)
+    with sqlite3.connect(older / DB_NAME) as db:
+        db.execute("DELETE FROM meta WHERE key IN ('weights_hash', 'tokenizer_hash')")
+    out = tmp_path / "older.rbundle"
+    write_bundle(older, out)
+    assert "weights_hash" not in read_bundle(out).meta
+    fresh = tmp_path / "fresh"
+    apply(source, [out], fresh)
+    # The hashes of the model it was applied on, taken at its base weights, not after the edits.
+    wanted = {key: meta(source.journal)[key] for key in ("weights_hash", "tokenizer_hash")}
+    assert {key: meta(fresh)[key] for key in wanted} == wanted
 
 
 def test_wrong_base_and_wrong_state_are_refused_and_write_nothing(source, tmp_path):
