@@ -215,6 +215,7 @@ def check(
                 "head": report.head,
                 "problems": report.problems,
                 "last_good": report.last_good,
+                "base_checked": report.base_checked,
             }
         )
     else:
@@ -222,6 +223,11 @@ def check(
             say(f"damaged: {line}")
         if report.ok:
             say(f"journal {journal}: {report.edits} edit(s) verified by replay, head {report.head}")
+            if report.base_checked == "down-projections":
+                say(
+                    "  base model matched on its down-projections only: the journal predates the whole-model "
+                    "and tokenizer hashes"
+                )
         elif report.structural:
             say(
                 f"journal {journal}: {len(report.problems)} problem(s) in the file itself; restore it from a copy "

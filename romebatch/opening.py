@@ -198,6 +198,7 @@ def check_every_edit(editor: Editor) -> CheckReport:
         head=editor.head,
         problems=problems,
         last_good=last_good if bad.intersection(path) else editor.head,
+        base_checked="whole model" if all(editor.journal.get(k) for k in IDENTITY_KEYS) else "down-projections",
     )
 
 

@@ -112,6 +112,10 @@ class CheckReport:
     problems: list[str]
     last_good: int  # the last edit on the head's path before the first damaged one
     structural: bool = False  # the file itself is damaged: found without replay, no state to go back to
+    # What of the base model was compared with the journal's record when it opened: "whole model"
+    # (every weight and the tokenizer) or "down-projections" (a journal older than those hashes);
+    # None when the file was too damaged to open it.
+    base_checked: str | None = None
 
     def __post_init__(self):
         # Each problem is one printed line whatever produced it: SQLite's own messages

@@ -728,6 +728,8 @@ def test_other_weights_beyond_the_down_projections_are_refused(first_run, tmp_pa
     assert recorded == tiny_loaded("gpt2", first_run.tokenizer).full_hash()
     logged = api.log(directory)
     assert (logged["weights_hash"], logged["tokenizer_hash"]) == (recorded, _meta_value(directory, "tokenizer_hash"))
+    with Editor(directory, lm=tiny_loaded("gpt2", first_run.tokenizer), log=quiet, write=False) as editor:
+        assert editor.check().base_checked == "whole model"
     before = db_dump(directory)
     other = _with_other_weights(tiny_loaded("gpt2", first_run.tokenizer))
     assert other.base_hash() == tiny_loaded("gpt2", first_run.tokenizer).base_hash()
@@ -777,6 +779,8 @@ def test_journal_without_identity_keys_still_opens_and_checks_down_projections(f
     db.close()
     with Editor(directory, lm=_with_other_weights(tiny_loaded("gpt2", first_run.tokenizer)), log=quiet) as editor:
         assert editor.head == 4
+        report = editor.check()
+        assert report.ok and report.base_checked == "down-projections"  # said, so a user knows how far it goes
     with pytest.raises(BaseModelMismatchError):
         Editor(directory, lm=tiny_loaded("gpt2", first_run.tokenizer, seed=1), log=quiet)
 
