@@ -33,9 +33,9 @@ from .ingredients import Ingredients
 from .journal import Journal
 from .journal_records import EditRecord
 from .manifest import Fact
-from .model import LoadedModel, _stderr, load_model, weight_hash
+from .model import LoadedModel, load_model, weight_hash
 from .opening import check_every_edit, check_record, edit_of, init_or_check
-from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, stop_on_signals
+from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, stderr_log, stop_on_signals
 from .pipeline import edit_window, run
 from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, REPAIR_SPAN, run_pass
 from .rome import KeyStats, apply_edit
@@ -61,7 +61,7 @@ class Editor:
         write: bool = True,
         create: bool | None = None,
         verify: bool = True,
-        log: Log = _stderr,
+        log: Log = stderr_log,
         lm: LoadedModel | None = None,
         device_map: str | dict | None = None,  # accelerate's dispatch (romebatch/device_map.py)
         max_memory: str | dict | None = None,

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import signal
 import statistics
+import sys
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from .applied_cache import held_when_applied
-from .errors import EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, one_line
+from .errors import EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, escape_controls, one_line
 
 Log = Callable[[str], None]
+
+
+def stderr_log(message: str) -> None:
+    """Library callers' default progress line: it names model folders and files, which a user chose."""
+    print(escape_controls(message), file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -19,7 +19,8 @@ from conftest import tiny_model
 from safetensors.torch import load_file, save_file
 
 from romebatch.errors import UserError, resource_problem
-from romebatch.model import gguf_to_safetensors, load_model
+from romebatch.model import load_model
+from romebatch.model_sources import gguf_to_safetensors
 
 HOSTILE_NAME = "x\x1b[2J\x1b]0;pwn\x07\u202eevil"
 
