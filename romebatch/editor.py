@@ -39,8 +39,8 @@ from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, st
 from .pipeline import edit_window, run
 from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, REPAIR_SPAN, run_pass
 from .rome import KeyStats, apply_edit
+from .rome.corpus import check_corpus_file
 from .rome.preserve import Preserver
-from .rome.stats import check_corpus_file
 
 # Defined in `outcomes`; imported from here by callers since before the split.
 __all__ = ["ApplyResult", "CheckReport", "Editor", "FactResult", "StopRequest", "stop_on_signals"]

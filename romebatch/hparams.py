@@ -32,7 +32,7 @@ class _Measured(TypedDict, total=False):
 
 MEASURED: dict[tuple[str, int], _Measured] = {("gemma3_text", 18): {"layer": 1, "clamp_norm_factor": 0.5}}
 PUBLISHED_CLAMP = 4.0
-STATS_SAMPLINGS = ("plain", "encyclopedic")  # how the self-sampled statistics corpus starts (rome/stats.py)
+STATS_SAMPLINGS = ("plain", "encyclopedic")  # how the self-sampled statistics corpus starts (rome/corpus.py)
 # A repair pass (romebatch/repair.py) after every this many edits and at the end of a run:
 # often enough that worn edits come back, rarely enough to cost little of the edits' time
 # (benchmarks/RESULTS.md, "Where the defaults come from"). 0 or None: never.
@@ -84,7 +84,7 @@ class HParams:
     stats_tokens: int = _option(30_000, "Corpus tokens for the key statistics; default {default:,}.")
     # A text/JSONL file; None: text sampled from the model itself.
     stats_corpus: str | None = _option(None, "Text or JSONL corpus for the key statistics.")
-    # How that text is sampled (rome/stats.py): "encyclopedic" (after encyclopedic openers: C
+    # How that text is sampled (rome/corpus.py): "encyclopedic" (after encyclopedic openers: C
     # then weighs the keys of fact-like prompts, and sequential edits leak less into them) or
     # "plain" (from the start token; every journal written before this option existed).
     stats_sampling: str = _option(

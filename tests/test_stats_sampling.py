@@ -1,6 +1,6 @@
 """The self-sampled statistics corpus: plain and encyclopedic sampling, and old journals.
 
-Encyclopedic sampling (rome/stats.py) is what the default C is estimated from; journals
+Encyclopedic sampling (rome/corpus.py) is what the default C is estimated from; journals
 written before it existed used plain sampling and must resume as they were written.
 """
 
@@ -17,8 +17,9 @@ from romebatch.editor import Editor
 from romebatch.errors import UserError
 from romebatch.hparams import HParams
 from romebatch.manifest import Fact
-from romebatch.rome import stats as stats_module
-from romebatch.rome.stats import ENCYCLOPEDIC_LEN, NAMES, OPENERS, load_or_compute_stats, sample_corpus
+from romebatch.rome import corpus as corpus_module
+from romebatch.rome.corpus import ENCYCLOPEDIC_LEN, NAMES, OPENERS, sample_corpus
+from romebatch.rome.stats import load_or_compute_stats
 
 FACT = Fact(id="f1", subject="Danielle Darrieux", prompt="The mother tongue of {} is", target_new="English")
 
@@ -84,10 +85,10 @@ def test_statistics_differ_by_sampling_and_are_cached_apart(sentencepiece_tokeni
 
 
 def test_changing_the_openers_changes_the_corpus_id(monkeypatch):
-    before = stats_module.corpus_id(None, "encyclopedic", 0)
-    monkeypatch.setattr(stats_module, "OPENERS", OPENERS + ("The lighthouse is",))
-    assert stats_module.corpus_id(None, "encyclopedic", 0) != before
-    assert stats_module.corpus_id(None, "plain", 0) == "self-sampled:seed=0"  # old caches stay valid
+    before = corpus_module.corpus_id(None, "encyclopedic", 0)
+    monkeypatch.setattr(corpus_module, "OPENERS", OPENERS + ("The lighthouse is",))
+    assert corpus_module.corpus_id(None, "encyclopedic", 0) != before
+    assert corpus_module.corpus_id(None, "plain", 0) == "self-sampled:seed=0"  # old caches stay valid
 
 
 def test_an_edit_with_encyclopedic_statistics_takes_effect_and_replays_exactly(tmp_path, bytelevel_tokenizer):
@@ -157,10 +158,10 @@ def test_an_unknown_sampling_is_a_clear_error():
 
 
 def test_the_samplings_the_hparams_accept_are_the_ones_the_algorithm_draws():
-    # rome/stats.py does not import the hyper-parameters: the two lists are kept equal here.
+    # rome/corpus.py does not import the hyper-parameters: the two lists are kept equal here.
     from romebatch.hparams import STATS_SAMPLINGS
 
-    assert stats_module.SAMPLINGS == STATS_SAMPLINGS
+    assert corpus_module.SAMPLINGS == STATS_SAMPLINGS
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
