@@ -58,6 +58,7 @@ class LoadedModel:
     lm_head_name: str = field(default="")
     _full_hash: str | None = field(default=None, repr=False)
     _tokenizer_hash: str | None = field(default=None, repr=False)
+    _weights_hash: str | None = field(default=None, repr=False)
 
     def __post_init__(self):
         head = self.model.get_output_embeddings()
@@ -118,6 +119,28 @@ class LoadedModel:
             self._full_hash = "sha256:" + digest.hexdigest()
         return self._full_hash
 
+    def weights_hash(self) -> str:
+        """Hash of every parameter's dtype, shape and bytes, in the model's order, ties once.
+
+        What a journal records of its base beyond the down-projections. Unlike full_hash (the
+        caches' key) it leaves out parameter names and buffers, which a transformers release
+        may rename or stop saving without changing a single weight. Computed once per loaded
+        model, while its weights are the base ones (a journal's opening, before replay).
+        """
+        if self._weights_hash is None:
+            from .device_map import read_tensor
+
+            digest = hashlib.sha256()
+            for name, parameter in self.model.named_parameters():  # a tied weight once
+                tensor: torch.Tensor = parameter
+                if tensor.device.type == "meta":  # offloaded: read through its hook
+                    owner, _, attr = name.rpartition(".")
+                    tensor = read_tensor(self.model.get_submodule(owner), attr)
+                digest.update(f"{tensor.dtype}:{list(tensor.shape)};".encode())
+                digest.update(_tensor_bytes(tensor))
+            self._weights_hash = "sha256:" + digest.hexdigest()
+        return self._weights_hash
+
     def tokenizer_hash(self) -> str:
         """Hash of what turns text into token ids (tokenizer_hash()), computed once per loaded model."""
         if self._tokenizer_hash is None:
@@ -139,30 +162,30 @@ def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return flat.view(torch.uint8).numpy().data  # the array's buffer, as a memoryview
 
 
+# Texts whose token ids stand for what a vocabulary alone does not show (merges, normalizer,
+# pre-tokenizer): prose, a CounterFact-like prompt, digits, spacing, accents, CJK, an emoji.
+TOKENIZER_PROBES = (
+    "The Space Needle is located in the city of Seattle.",
+    "The mother tongue of Danielle Darrieux is French",
+    "In 1969, 3.14159 and 1,000,000; x=y+2 (e.g. [a]) -- done!",
+    "  two  spaces\tand a tab\nnew line\r\n",
+    "Zürich, São Paulo, Ελλάδα, Москва, 東京, 서울, नई दिल्ली 👩‍🔬",
+)
+
+
 def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
     """Hash of what turns text into token ids: a journal's edits mean nothing under another.
 
-    A fast tokenizer hashes its whole definition (added tokens, normalizer, pre-tokenizer,
-    vocabulary, merges) from its serialization, less the padding and truncation settings that
-    precede "added_tokens" and that calls change at run time; a slow one hashes its vocabulary.
-    Both add the special tokens. Slicing the text instead of parsing it keeps a 262k-token
-    vocabulary's hash to one serialization.
+    It hashes behaviour, not a file format: the vocabulary (token -> id, added tokens
+    included), the special tokens, and the ids of TOKENIZER_PROBES with and without special
+    tokens. A serialization that changes between library versions (tokenizers rewrote how
+    merges are written) or padding settings a call leaves behind change none of these.
     """
-    digest = hashlib.sha256()
-    backend = getattr(tok, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else None
-    start = -1 if text is None else text.find(',"added_tokens":')
-    if text is not None and start >= 0:
-        digest.update(text[start:].encode())
-    elif text is not None:  # another serialization layout: parse it, then drop the run-time settings
-        definition = json.loads(text)
-        definition.pop("padding", None)
-        definition.pop("truncation", None)
-        digest.update(json.dumps(definition, sort_keys=True).encode())
-    else:
-        digest.update(json.dumps(sorted(tok.get_vocab().items())).encode())
-    digest.update(json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())}).encode())
-    return "sha256:" + digest.hexdigest()
+    vocab = sorted(tok.get_vocab().items(), key=lambda item: (item[1], item[0]))
+    special = {key: str(value) for key, value in sorted(tok.special_tokens_map.items())}
+    probes = [tok(text, add_special_tokens=flag)["input_ids"] for text in TOKENIZER_PROBES for flag in (False, True)]
+    payload = json.dumps([vocab, special, probes], ensure_ascii=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 
 def weight_hash(tensor: torch.Tensor) -> str:

@@ -100,14 +100,14 @@ IDENTITY_KEYS = ("weights_hash", "tokenizer_hash")
 
 def identity(lm: LoadedModel) -> dict[str, str]:
     """What a new journal records of its base model beyond the down-projections."""
-    return {"weights_hash": lm.full_hash(), "tokenizer_hash": lm.tokenizer_hash()}
+    return {"weights_hash": lm.weights_hash(), "tokenizer_hash": lm.tokenizer_hash()}
 
 
 def identity_mismatch(stored: dict, lm: LoadedModel) -> str | None:
     """How `lm` differs from the recorded identity (None: it does not, or nothing was recorded)."""
-    if stored.get("weights_hash") is not None and stored["weights_hash"] != lm.full_hash():
+    if stored.get("weights_hash") is not None and stored["weights_hash"] != lm.weights_hash():
         return (
-            f"other weights ({lm.full_hash()[:19]}…, recorded {str(stored['weights_hash'])[:19]}…); "
+            f"other weights ({lm.weights_hash()[:19]}…, recorded {str(stored['weights_hash'])[:19]}…); "
             "only the down-projections match"
         )
     if stored.get("tokenizer_hash") is not None and stored["tokenizer_hash"] != lm.tokenizer_hash():

@@ -7,6 +7,7 @@ Editor end to end. A LoadedModel is never shared between Editors: an Editor edit
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -725,7 +726,12 @@ def test_other_weights_beyond_the_down_projections_are_refused(first_run, tmp_pa
     # The down-projections match, so only the whole-model identity can tell.
     directory = first_run.copy(tmp_path)
     recorded = _meta_value(directory, "weights_hash")
-    assert recorded == tiny_loaded("gpt2", first_run.tokenizer).full_hash()
+    # Reference, computed here: every parameter's dtype, shape and bytes in order, the tied head once.
+    reference = hashlib.sha256()
+    for parameter in tiny_loaded("gpt2", first_run.tokenizer).model.parameters():
+        reference.update(f"{parameter.dtype}:{list(parameter.shape)};".encode())
+        reference.update(parameter.detach().numpy().tobytes())
+    assert recorded == "sha256:" + reference.hexdigest()
     logged = api.log(directory)
     assert (logged["weights_hash"], logged["tokenizer_hash"]) == (recorded, _meta_value(directory, "tokenizer_hash"))
     with Editor(directory, lm=tiny_loaded("gpt2", first_run.tokenizer), log=quiet, write=False) as editor:
@@ -768,6 +774,15 @@ def test_tokenizer_hash_ignores_padding_and_truncation_state(first_run, fast, tm
     assert tokenizer_hash(tok) == before
     tok.add_tokens(["Seattlemania"])
     assert tokenizer_hash(tok) != before
+
+
+def test_tokenizer_hash_is_behaviour_not_format(first_run, tmp_path):
+    # The same vocabulary as a slow (Python) and a fast (Rust) tokenizer: one hash.
+    from transformers import GPT2Tokenizer
+
+    first_run.tokenizer.save_pretrained(tmp_path / "tok")
+    slow = GPT2Tokenizer.from_pretrained(tmp_path / "tok")
+    assert tokenizer_hash(slow) == tokenizer_hash(first_run.tokenizer)
 
 
 def test_journal_without_identity_keys_still_opens_and_checks_down_projections(first_run, tmp_path):
