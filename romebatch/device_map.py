@@ -193,16 +193,25 @@ def writable_weight(module: torch.nn.Module) -> torch.Tensor:
 def state_tensors(model: torch.nn.Module):
     """(name, tensor) of the whole state dict, offloaded tensors read through their hooks."""
     for name, tensor in model.state_dict().items():
-        if tensor.device.type == "meta":
-            owner, _, attr = name.rpartition(".")
-            try:
-                tensor = read_tensor(model.get_submodule(owner), attr)
-            except KeyError:
-                raise UserError(
-                    f"cannot read offloaded {name} (a tied weight?)",
-                    hint="keep the embeddings and the head on a device in --device-map",
-                ) from None
-        yield name, tensor
+        yield name, resident(model, name, tensor)
+
+
+def resident(model: torch.nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` (model's `name`) with its values: an offloaded one read through its hook, or
+    UserError where no hook holds it (a tied weight whose other name was offloaded)."""
+    if tensor.device.type != "meta":
+        return tensor
+    owner, _, attr = name.rpartition(".")
+    try:
+        found = read_tensor(model.get_submodule(owner), attr)
+    except (KeyError, AttributeError):
+        found = None
+    if found is None or found.device.type == "meta":
+        raise UserError(
+            f"cannot read offloaded {name} (a tied weight?)",
+            hint="keep the embeddings and the head on a device in --device-map",
+        )
+    return found
 
 
 def input_device(model: PreTrainedModel) -> torch.device | None:

@@ -128,14 +128,11 @@ class LoadedModel:
         model, while its weights are the base ones (a journal's opening, before replay).
         """
         if self._weights_hash is None:
-            from .device_map import read_tensor
+            from .device_map import resident
 
             digest = hashlib.sha256()
             for name, parameter in self.model.named_parameters():  # a tied weight once
-                tensor: torch.Tensor = parameter
-                if tensor.device.type == "meta":  # offloaded: read through its hook
-                    owner, _, attr = name.rpartition(".")
-                    tensor = read_tensor(self.model.get_submodule(owner), attr)
+                tensor = resident(self.model, name, parameter)  # an offloaded one read through its hook
                 digest.update(f"{tensor.dtype}:{list(tensor.shape)};".encode())
                 digest.update(_tensor_bytes(tensor))
             self._weights_hash = "sha256:" + digest.hexdigest()
