@@ -174,14 +174,14 @@ def tokenizer_hash(tok: PreTrainedTokenizerBase) -> str:
     """Hash of what turns text into token ids: a journal's edits mean nothing under another.
 
     It hashes behaviour, not a file format: the vocabulary (token -> id, added tokens
-    included), the special tokens, and the ids of TOKENIZER_PROBES with and without special
-    tokens. A serialization that changes between library versions (tokenizers rewrote how
-    merges are written) or padding settings a call leaves behind change none of these.
+    included) and the ids of TOKENIZER_PROBES with and without special tokens (which shows
+    the start and end tokens a prompt gets). A serialization that changes between library
+    versions (tokenizers rewrote how merges are written), padding settings a call leaves
+    behind, or a pad token named from the vocabulary change none of these.
     """
     vocab = sorted(tok.get_vocab().items(), key=lambda item: (item[1], item[0]))
-    special = {key: str(value) for key, value in sorted(tok.special_tokens_map.items())}
     probes = [tok(text, add_special_tokens=flag)["input_ids"] for text in TOKENIZER_PROBES for flag in (False, True)]
-    payload = json.dumps([vocab, special, probes], ensure_ascii=True, separators=(",", ":"))
+    payload = json.dumps([vocab, probes], ensure_ascii=True, separators=(",", ":"))
     return "sha256:" + hashlib.sha256(payload.encode()).hexdigest()
 
 

@@ -768,12 +768,15 @@ def test_tokenizer_hash_ignores_padding_and_truncation_state(first_run, fast, tm
         tok.save_pretrained(folder)
         tok = GPT2Tokenizer.from_pretrained(folder)
     before = tokenizer_hash(tok)
-    tok.pad_token = tok.pad_token or tok.eos_token
-    assert tokenizer_hash(tok) == before  # the same special token, named again
+    tok.pad_token = tok.eos_token
+    assert tokenizer_hash(tok) == before  # a pad token from the vocabulary: no text tokenizes otherwise
     tok(["a b c", "a"], padding="max_length", truncation=True, max_length=4)  # sets the backend's padding
     assert tokenizer_hash(tok) == before
     tok.add_tokens(["Seattlemania"])
     assert tokenizer_hash(tok) != before
+    bos = copy.deepcopy(tok)
+    bos.add_special_tokens({"bos_token": "<|start|>"})  # a new start token: probes with specials change
+    assert tokenizer_hash(bos) != tokenizer_hash(tok)
 
 
 def test_tokenizer_hash_is_behaviour_not_format(first_run, tmp_path):
