@@ -123,6 +123,37 @@ def test_cli_export_of_layer_99_is_one_line_not_a_traceback(built, journal):
     assert not out.exists()
 
 
+def test_cli_check_says_how_much_of_the_base_it_matched(built, journal, monkeypatch, capsys):
+    from romebatch.cli import main
+
+    def check_lines(*extra: str) -> tuple[int, str]:
+        monkeypatch.setattr(
+            sys, "argv", ["romebatch", "check", "--journal", str(journal), "--model", str(built[0]), *extra]
+        )
+        code = 0
+        try:
+            main()
+        except SystemExit as exit:
+            code = int(exit.code or 0)
+        captured = capsys.readouterr()
+        return code, " ".join((captured.err + captured.out).split())  # the console wraps long lines
+
+    code, text = check_lines()
+    assert code == 0 and "4 edit(s) verified by replay" in text and "down-projections only" not in text
+    # As a journal written before the two hashes (the meta digest recomputed, or check calls it damaged).
+    tamper(journal, "DELETE FROM meta WHERE key IN ('weights_hash', 'tokenizer_hash')")
+    code, text = check_lines()
+    assert code == 0 and "base model matched on its down-projections only" in text
+    monkeypatch.setattr(
+        sys, "argv", ["romebatch", "check", "--json", "--journal", str(journal), "--model", str(built[0])]
+    )
+    try:
+        main()
+    except SystemExit:
+        pass
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["base_checked"] == "down-projections"
+
+
 def test_api_rollback_from_a_damaged_head(built, journal, bytelevel_tokenizer):
     tamper(journal, "UPDATE edits SET lam = ? WHERE seq = 3", nan_blob(journal, 3, "lam", float("nan")))
     assert api.rollback(journal, to=2, prune=True, model=str(built[0])) == 2
