@@ -236,7 +236,7 @@ def score(lm, facts, applied: list, sample: int, n_retention: int = 100, with_ge
     indices = sample_indices(len(applied), sample)
     scored = dict(zip(indices, score_facts(lm, [applied[i] for i in indices])))
     row = {**summarize(list(scored.values()))}
-    row["retention"] = retention(lm, applied, n_retention, scored) if applied else None
+    row["retention"] = retention(lm, applied, n_retention, scored)  # None (no ES) with nothing applied
     for n in LONG_RETENTION:
         if len(applied) >= n:
             row[f"retention{n}"] = retention(lm, applied, n, scored)

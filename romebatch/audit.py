@@ -18,6 +18,7 @@ import numpy as np
 
 from . import integrity
 from .errors import ManifestError
+from .journal_schema import IDENTITY_KEYS
 
 _STATUSES = ("applied", "rolled_back")
 # Past this many problems the rest is noise: the journal is damaged either way.
@@ -118,7 +119,7 @@ def _meta(db: sqlite3.Connection, problems: list[str]) -> dict:
     head = meta.get("head", 0)
     if not _is_int(head) or head < 0:
         problems.append(f"meta key 'head': {_short(head)} is not an edit number")
-    for key in ("base_hash", "weights_hash", "tokenizer_hash"):
+    for key in ("base_hash", *IDENTITY_KEYS):
         if key in meta and not isinstance(meta[key], str):
             problems.append(f"meta key {key!r}: {_short(meta[key])} is not a hash")
     return meta

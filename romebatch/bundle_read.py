@@ -15,6 +15,7 @@ from .audit import edit_row_problems
 from .bundle_file import DIGEST_KEY, DOC_KEY, MAGIC, REPAIR_MARKS, REPAIR_PLAN, REQUIRED, VERSION, sha256_of
 from .errors import UserError, one_line
 from .files import open_regular_file
+from .journal_schema import IDENTITY_KEYS
 from .manifest.reading import value_problem
 from .manifest.validation import short_repr
 
@@ -162,7 +163,7 @@ def _check_meta(meta: dict, where: str) -> None:
     _expect(template is None or isinstance(template, str), where, "field meta.module_template: not text")
     base = meta.get("base_hash")
     _expect(base is None or isinstance(base, str), where, "field meta.base_hash: not a hash")
-    for key in ("weights_hash", "tokenizer_hash"):
+    for key in IDENTITY_KEYS:
         _expect(meta.get(key) is None or isinstance(meta[key], str), where, f"field meta.{key}: not a hash")
     missing = [key for key in _RECORDED_ALWAYS if key not in meta["hparams"]]
     _expect(not missing, where, f"field meta.hparams: no {missing[0] if missing else ''} (damaged or not a journal's)")

@@ -19,6 +19,10 @@ from .errors import JournalDamagedError
 
 # The journal layout this romebatch writes; a journal from a newer one is refused, not guessed at.
 FORMAT = 3
+# Meta keys naming the base model beyond `base_hash` (the down-projections an edit touches):
+# every parameter's bytes and the tokenizer's behaviour (model.py). Journals and bundles
+# written before them lack both and are checked on `base_hash` alone (opening.py).
+IDENTITY_KEYS = ("weights_hash", "tokenizer_hash")
 
 
 def m001_initial(db: sqlite3.Connection) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from .adapters import adapter_for_type, supported_model_types
 from .errors import UserError, escape_controls
-from .files import MAX_JSON_BYTES, open_regular_file, read_regular_text
+from .files import MAX_JSON_BYTES, read_regular_text
 
 
 # What loading a hostile folder raises from inside transformers, tokenizers and safetensors:
@@ -112,13 +112,12 @@ def checked_config(folder: Path, spec: str, module_template: str | None):
 
 def _json_object(folder: Path, name: str, spec: str) -> dict | None:
     """The folder's `name` as a JSON object (transformers reads config files as one), None when
-    absent; read through open_regular_file, so it is size-bounded and never a FIFO or device."""
+    absent; read as a regular file only, so it is size-bounded and never a FIFO or device."""
     path = folder / name
     if not path.is_file():
         return None
     try:
-        with open_regular_file(str(path), encoding="utf-8", limit=MAX_JSON_BYTES) as handle:
-            data = json.loads(handle.read())
+        data = json.loads(read_regular_text(path, limit=MAX_JSON_BYTES))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         raise UserError(f"--model {spec}: {name} is not valid JSON") from None
     if not isinstance(data, dict):

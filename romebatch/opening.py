@@ -14,6 +14,7 @@ from .hparams import HParams, resolve
 from .journal import Journal
 from .journal_records import EditRecord
 from .journal_schema import FORMAT as JOURNAL_FORMAT
+from .journal_schema import IDENTITY_KEYS
 from .model import LoadedModel, weight_hash
 from .outcomes import CheckReport, Log
 from .rome import RankOneEdit, apply_edit
@@ -90,12 +91,6 @@ def init_or_check(
                 hint="start a new journal with --journal to change it",
             )
     return requested
-
-
-# The whole base model's identity beyond `base_hash` (the down-projections an edit can touch):
-# every other weight and the tokenizer also decide what an edit does. Journals written before
-# these keys existed lack them and are checked on their down-projections alone.
-IDENTITY_KEYS = ("weights_hash", "tokenizer_hash")
 
 
 def identity(lm: LoadedModel) -> dict[str, str]:

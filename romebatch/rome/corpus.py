@@ -29,16 +29,12 @@ Progress = Callable[[int, int], None]  # (done, total) in tokens
 
 def read_corpus(path: str | Path) -> list[str]:
     """Texts from a plain-text file (one text per blank-line-separated paragraph) or JSONL ("text")."""
-    from ..files import open_regular_file
-
     path = Path(path)
-    try:
-        with open_regular_file(str(path), encoding="utf-8") as handle:
+    with _open_corpus(path, encoding="utf-8") as handle:
+        try:
             raw = handle.read()
-    except UserError as error:
-        raise UserError(f"--stats-corpus {error.message}") from None
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"--stats-corpus {path}: cannot read it ({error})") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise UserError(f"--stats-corpus {path}: cannot read it ({error})") from None
     if path.suffix == ".jsonl":
         texts = []
         for number, line in enumerate(raw.splitlines(), 1):
@@ -163,11 +159,13 @@ def check_corpus_file(path: str | Path) -> None:
         pass
 
 
-def _open_corpus(path: str | Path):
+def _open_corpus(path: str | Path, encoding: str | None = None):
+    """The corpus file opened (as bytes, or text in `encoding`), or UserError naming --stats-corpus:
+    the one check `read_corpus`, the cache key's digest and the Editor's early refusal share."""
     from ..files import open_regular_file
 
     try:
-        return open_regular_file(str(path), encoding=None)
+        return open_regular_file(str(path), encoding=encoding)
     except UserError as error:
         raise UserError(f"--stats-corpus {error.message}") from None
 
