@@ -11,7 +11,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle_file import DERIVED_META, REPAIR_MARKS, REPAIR_PLAN
+from .bundle_file import DERIVED_META, REPAIR_CURSOR, REPAIR_MARKS, REPAIR_PLAN
 from .bundle_read import Bundle, read_bundle
 from .errors import BaseModelMismatchError, UserError
 from .journal import DB_NAME, Journal
@@ -262,6 +262,11 @@ def _commit(b: Bundle, target: _Target, fresh: bool, model_spec: str | None, bas
             meta["model"] = model_spec
     marks = target.marks + [mapping[m] for m in b.doc[REPAIR_MARKS] if m in mapping and mapping[m] not in target.marks]
     meta[REPAIR_MARKS] = marks
+    if REPAIR_CURSOR in b.meta:
+        # Where the next bounded repair pass starts its rotation, as of the bundle's packing:
+        # the latest bundle's, so a journal rebuilt from many bundles goes on where its
+        # source would have, not from the rotation's start (a fact hash, valid on any path).
+        meta[REPAIR_CURSOR] = b.meta[REPAIR_CURSOR]
     plan = b.doc[REPAIR_PLAN]
     if plan is not None and plan["at"] in mapping:
         meta[REPAIR_PLAN] = {**plan, "at": mapping[plan["at"]]}

@@ -204,6 +204,26 @@ def test_onto_a_journal_with_its_own_history_seqs_are_renumbered(source, tmp_pat
     assert check(target, model=str(source.folder), log=quiet).ok
 
 
+def test_a_journal_rebuilt_from_bundles_resumes_the_repair_rotation_where_its_source_was(source, tmp_path):
+    # A bounded repair pass starts from the journal's cursor (romebatch/repair.py). Bundles
+    # packed at different times carry different cursors; a journal rebuilt from all of them
+    # must take the last one, or its next pass would start over from the oldest facts.
+    journal = tmp_path / "source"
+    shutil.copytree(source.journal, journal)
+    hashes = [f.hash for f in FACTS]
+    with Journal(journal, write=True) as j:
+        j.set_many({"repair_cursor": hashes[0]})
+    write_bundle(journal, tmp_path / "a.rbundle", last=2)
+    with Journal(journal, write=True) as j:
+        j.set_many({"repair_cursor": hashes[1]})
+    write_bundle(journal, tmp_path / "b.rbundle", first=4)
+    target = tmp_path / "rebuilt"
+    apply(source, [tmp_path / "a.rbundle"], target)
+    assert meta(target)["repair_cursor"] == hashes[0]
+    apply(source, [tmp_path / "b.rbundle"], target)
+    assert meta(target)["repair_cursor"] == hashes[1]
+
+
 def test_every_flipped_byte_is_refused(source, tmp_path):
     out = tmp_path / "b.rbundle"
     write_bundle(source.journal, out, first=4)
