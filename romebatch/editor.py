@@ -230,8 +230,7 @@ class Editor:
         """Edit again, on the current weights, every fact on the head's path that no longer holds.
 
         Later edits wear earlier ones down (romebatch/repair.py); each fact is edited at most
-        `max_edits` times on a path, plus once per `repair.REPAIR_REFILL` path edits since its
-        first edit. A repair is an ordinary edit (guards on, no probes), with
+        `max_edits` times on a path. A repair is an ordinary edit (guards on, no probes), with
         status "repaired"; a pass a crash or Ctrl-C cut short is finished by the next run.
         A pass checks at most `span` facts, in rotation over the path (0 or None: all).
         """

@@ -9,10 +9,6 @@ fact that no longer holds is edited again on the current weights. The repair is 
 journal entry for the same fact (guards included), so replay, rollback and export treat it
 like any other edit.
 
-A fact is edited at most `MAX_EDITS_PER_FACT` times on a path, plus once for every
-`REPAIR_REFILL` edits made since its first: a long journal wears early facts off more than
-three times, while a fact the method cannot keep is not edited on every pass.
-
 A pass runs after every `REPAIR_EVERY` first edits of facts and once at the end of a run.
 It checks at most `REPAIR_SPAN` facts, in rotation over the path (oldest first, then
 round again from where the last pass stopped), so its cost does not grow with the journal
@@ -50,12 +46,6 @@ REPAIR_CURSOR = "repair_cursor"
 # Edits of one fact on a path, the first included: a fact the method cannot make hold
 # (or keep holding) is not edited again and again, each time leaking into the others.
 MAX_EDITS_PER_FACT = 3
-# ...plus one more for every this many edits on the path since the fact's first edit. Later
-# edits wear every fact down, so a fact edited early and worn off three times over a long
-# journal is no more hopeless than one edited late: without this it stayed lost for good
-# (benchmarks/RESULTS.md, "Issue 20, session 24"). A fact that never holds is still tried
-# at most once per this many edits.
-REPAIR_REFILL = 500
 
 
 @dataclass
@@ -67,11 +57,6 @@ class Standing:
     edits: int  # how many edits of it were tried on the path: committed, or rejected by a guard
     p_new: float
     p_true: float | None
-    age: int = 0  # edits on the path since (and with) its first edit
-
-    def may_edit_again(self, max_edits: int = MAX_EDITS_PER_FACT, refill: int = REPAIR_REFILL) -> bool:
-        """Whether its tries so far leave it another: `max_edits`, plus one per `refill` edits of age."""
-        return self.edits < max_edits + (self.age // refill if refill else 0)
 
     @property
     def holds(self) -> bool:
@@ -108,11 +93,9 @@ def standings(
     """
     latest: dict[str, EditRecord] = {}
     edits: dict[str, int] = dict(rejected or {})
-    first: dict[str, int] = {}  # position of each fact's first edit on the path
-    for position, record in enumerate(path):
+    for record in path:
         latest[record.fact_hash] = record
         edits[record.fact_hash] = edits.get(record.fact_hash, 0) + 1
-        first.setdefault(record.fact_hash, position)
     chosen = [r for h, r in latest.items() if only is None or h in only]
     facts = [fact_from_dict(json.loads(r.fact_json)) for r in chosen]
     pairs: list[tuple[str, str]] = []
@@ -124,14 +107,7 @@ def standings(
             pairs.append((fact.text, fact.target_true))
     nll = answer_nll(lm, pairs, batch_size) if pairs else []
     return [
-        Standing(
-            fact,
-            latest[fact.hash],
-            edits[fact.hash],
-            exp(-nll[new]),
-            None if true is None else exp(-nll[true]),
-            len(path) - first[fact.hash],
-        )
+        Standing(fact, latest[fact.hash], edits[fact.hash], exp(-nll[new]), None if true is None else exp(-nll[true]))
         for fact, (new, true) in zip(facts, index)
     ]
 
@@ -142,10 +118,9 @@ def to_repair(
     rejected: dict[str, int] | None = None,
     max_edits: int = MAX_EDITS_PER_FACT,
     only: set[str] | None = None,
-    refill: int = REPAIR_REFILL,
 ) -> list[Standing]:
     """The facts on `path` (of `only`, if given) that no longer hold and may still be edited again, oldest first."""
-    return [s for s in standings(lm, path, rejected, only=only) if not s.holds and s.may_edit_again(max_edits, refill)]
+    return [s for s in standings(lm, path, rejected, only=only) if not s.holds and s.edits < max_edits]
 
 
 def why_lost(standing: Standing) -> str:

@@ -127,38 +127,6 @@ def test_passes_end_once_every_lost_fact_reaches_the_cap(tmp_path, bytelevel_tok
         assert all(tries(editor)[i] == MAX_EDITS_PER_FACT for i in lost)
 
 
-def test_a_capped_fact_earns_another_edit_as_the_path_grows_past_it(tmp_path, bytelevel_tokenizer):
-    # The cap stops a fact the method cannot keep from being edited on every pass; a fact
-    # edited early wears off again over a long path, so it earns one more edit per `refill`
-    # path edits since its first edit (REPAIR_REFILL in a real run).
-    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
-        editor.apply(FACTS, checks=None, repair_every=0)
-        while editor.repair():
-            pass
-        path = editor.journal.lineage()
-        lost = {f.id for f in FACTS if not holds(editor.lm, f)}
-        assert lost and all(tries(editor)[i] == MAX_EDITS_PER_FACT for i in lost)
-        first = {}
-        for position, record in enumerate(path):
-            first.setdefault(record.fact_id, position)
-        assert {s.fact.id: s.age for s in standings(editor.lm, path)} == {i: len(path) - p for i, p in first.items()}
-        # Refilled once the path is `refill` edits past a fact's first edit, not before.
-        for refill in (len(path) - first[i] for i in lost):
-            again = {s.fact.id for s in to_repair(editor.lm, path, refill=refill)}
-            assert again == {i for i in lost if len(path) - first[i] >= refill}
-        assert not to_repair(editor.lm, path, refill=len(path) + 1)
-
-
-def test_the_refill_counts_whole_spans_of_edits():
-    fact = Fact(id="x", subject="S", prompt="{} is", target_new="new")
-    record = EditRecord.__new__(EditRecord)
-    assert not Standing(fact, record, 3, 0.1, 0.2, age=499).may_edit_again(3, 500)
-    assert Standing(fact, record, 3, 0.1, 0.2, age=500).may_edit_again(3, 500)
-    assert Standing(fact, record, 4, 0.1, 0.2, age=999).may_edit_again(3, 500) is False
-    assert Standing(fact, record, 4, 0.1, 0.2, age=1000).may_edit_again(3, 500)
-    assert not Standing(fact, record, 3, 0.1, 0.2, age=10**6).may_edit_again(3, 0)  # 0: the plain cap
-
-
 def test_a_refused_repair_counts_toward_the_cap(tmp_path, bytelevel_tokenizer, monkeypatch):
     with editor_for(tmp_path, bytelevel_tokenizer) as editor:
         editor.apply(FACTS, checks=None, repair_every=0)
