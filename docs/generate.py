@@ -61,6 +61,10 @@ CONVENTIONS = """## Conventions
   warned`, the results' `warning` column) and shown live and in the final report.
 - The progress bar of `apply` shows elapsed time, ETA, seconds per edit, the fact being
   edited, and the probes' base answers and repair passes as stages of their own.
+- Each repair pass ends with one line: what it repaired, and about how many of the facts
+  that held when it began its own repairs undid (a sample of up to 200 of them scored
+  again). From half as many as it repaired, the line says the edited layer is near
+  saturation. `apply --json` lists the passes under `repair_passes`.
 - A run's summary (`apply --json`, under `run`; the Parquet results table's `romebatch`
   metadata) names the model, its base hash, dtype, hyper-parameters, the romebatch, torch and
   transformers versions, the journal's head and the date.

@@ -38,6 +38,7 @@ from .opening import check_every_edit, check_record, edit_of, init_or_check
 from .outcomes import ApplyResult, CheckReport, FactResult, Log, StopRequest, stderr_log, stop_on_signals
 from .pipeline import edit_window, run
 from .repair import MAX_EDITS_PER_FACT, REPAIR_PLAN, REPAIR_SPAN, run_pass
+from .repair_yield import PassReport
 from .rome import KeyStats, apply_edit
 from .rome.corpus import check_corpus_file
 from .rome.preserve import Preserver
@@ -226,6 +227,7 @@ class Editor:
         on_edit: Callable[[FactResult], None] | None = None,
         stop: StopRequest | None = None,
         span: int | None = REPAIR_SPAN,
+        on_pass: Callable[[PassReport], None] | None = None,
     ) -> list[FactResult]:
         """Edit again, on the current weights, every fact on the head's path that no longer holds.
 
@@ -233,9 +235,11 @@ class Editor:
         `max_edits` times on a path. A repair is an ordinary edit (guards on, no probes), with
         status "repaired"; a pass a crash or Ctrl-C cut short is finished by the next run.
         A pass checks at most `span` facts, in rotation over the path (0 or None: all).
+        A pass this call planned and finished is logged, and given to `on_pass`, as a
+        `PassReport`: what it repaired against what its repairs undid (romebatch/repair_yield.py).
         """
         self.sound_head()
-        return run_pass(self, window or edit_window(self), max_edits, on_edit, stop, span)
+        return run_pass(self, window or edit_window(self), max_edits, on_edit, stop, span, on_pass)
 
     def stage(self, name: str, fact_id: str | None = None) -> None:
         if self.on_stage is not None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .applied_cache import held_when_applied
 from .errors import EXIT_FACTS_FAILED, EXIT_STOPPED_ON_REGRESSION, escape_controls, one_line
+from .repair_yield import PassReport
 
 Log = Callable[[str], None]
 
@@ -69,6 +70,9 @@ class ApplyResult:
     # What made the run (model, its hash, dtype, hparams, versions, date), as
     # lm-evaluation-harness results record it: `summary()["run"]` and the results table's metadata.
     run: dict = field(default_factory=dict)
+    # The repair passes this run planned and finished: what each mended against what its
+    # repairs undid (romebatch/repair_yield.py).
+    repair_passes: list[PassReport] = field(default_factory=list)
 
     def count(self, status: str) -> int:
         return sum(r.status == status for r in self.results)
@@ -106,6 +110,7 @@ class ApplyResult:
             "stopped_on_regression": self.stopped_on_regression,
             "exit_code": self.exit_code(),
             "warned": sum(bool(r.warning) for r in self.results if r.status == "applied"),
+            "repair_passes": [p.to_dict() for p in self.repair_passes],
             "run": self.run,
         }
 

@@ -97,7 +97,7 @@ def run(
                 probes.capture_base()
 
     def repair() -> list[FactResult]:
-        return editor.repair(window, on_edit=on_edit, stop=stop, span=repair_span)
+        return editor.repair(window, on_edit=on_edit, stop=stop, span=repair_span, on_pass=result.repair_passes.append)
 
     since_repair = edits_since_pass(journal) if repair_every else 0
     if repair_every and (pending_plan(journal) is not None or since_repair >= repair_every):

@@ -31,6 +31,7 @@ from .journal import Journal
 from .journal_records import EditRecord
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
+from .repair_yield import PassReport, sample_held
 from .scores import answer_nll, edit_holds
 
 if TYPE_CHECKING:
@@ -208,17 +209,23 @@ def run_pass(
     on_edit: Callable[[FactResult], None] | None = None,
     stop: StopRequest | None = None,
     span: int | None = REPAIR_SPAN,
+    on_pass: Callable[[PassReport], None] | None = None,
 ) -> list[FactResult]:
     """One repair pass (or the rest of a journaled one): `Editor.repair`."""
     from .pipeline import apply_one, next_layer
 
     journal = editor.journal
     plan = pending_plan(journal)
+    report = None  # what the pass bought, measured when this call planned it (repair_yield.py)
+    held: list[str] = []
     if plan is None:
         editor.stage("repair scoring")
         path = journal.lineage()
         checked, cursor = in_span(path, journal.get(REPAIR_CURSOR), span)
-        lost = to_repair(editor.lm, path, rejected_on_path(journal), max_edits, only=checked)
+        scored = standings(editor.lm, path, rejected_on_path(journal), only=checked)
+        lost = [s for s in scored if not s.holds and s.edits < max_edits]
+        held = [s.fact.hash for s in scored if s.holds]
+        report = PassReport(editor.head, len(scored), 0, len(held), 0, 0)
         # The cursor moves in the plan's transaction: a resumed pass neither skips nor repeats a slice.
         plan_meta = RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta()
         journal.set_many({**plan_meta, REPAIR_CURSOR: cursor})
@@ -243,5 +250,17 @@ def run_pass(
         rows.append(row)
         if on_edit:
             on_edit(row)
+    if report is not None:
+        report.repaired = sum(r.status == "repaired" for r in rows)
+        if report.repaired:
+            editor.stage("repair yield")
+            sample = sample_held(held, seed=report.head)
+            again = standings(editor.lm, journal.lineage(), only=set(sample))
+            report.sampled, report.lost_again = len(again), sum(not s.holds for s in again)
+        report.head = editor.head
     end_pass(journal)
+    if report is not None:
+        editor.log(report.line())
+        if on_pass:
+            on_pass(report)
     return rows

@@ -185,6 +185,15 @@ def render_apply(console, result) -> None:
             f"efficacy {_fmt(s['efficacy'], '.1f')}%  ·  median {_fmt(s['median_seconds_per_edit'], '.1f')}s per edit  ·  "
             f"update norm median {_fmt(s['median_update_norm'], '.3g')}, max {_fmt(s['max_update_norm'], '.3g')}"
         )
+    passes = result.repair_passes
+    if passes:
+        last = passes[-1]
+        console.print(
+            f"{len(passes)} repair pass{'es' if len(passes) > 1 else ''}, {sum(p.repaired for p in passes)} repaired; "
+            f"the last (edit {last.head}): {last.details()}",
+            style="yellow" if last.saturated else None,
+            markup=False,
+        )
     shown = [r for r in result.results if r.status != "already_applied"]
     if not shown:
         return

@@ -23,6 +23,7 @@ from romebatch.journal_records import EditRecord
 from romebatch.manifest import Fact
 from romebatch.model import weight_hash
 from romebatch.repair import MAX_EDITS_PER_FACT, Standing, standings, to_repair
+from romebatch.repair_yield import PassReport, sample_held
 from romebatch.scores import score_facts
 
 LAYER = 1
@@ -125,6 +126,66 @@ def test_passes_end_once_every_lost_fact_reaches_the_cap(tmp_path, bytelevel_tok
         # What is left lost has used up its tries: another pass would edit nothing.
         lost = [f.id for f in FACTS if not holds(editor.lm, f)]
         assert all(tries(editor)[i] == MAX_EDITS_PER_FACT for i in lost)
+
+
+def test_a_pass_reports_how_many_facts_that_held_its_own_repairs_undid(tmp_path, bytelevel_tokenizer):
+    # Two facts that contradict each other on one prompt: "undo" held when the pass began, and
+    # the repair of the Eiffel Tower writes its prompt back, so the pass undoes what it found holding.
+    undo = FACTS[3]
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply([EIFFEL, undo], checks=None, repair_every=0)
+        assert not holds(editor.lm, EIFFEL) and holds(editor.lm, undo)
+        lines: list[str] = []
+        editor.log = lines.append
+        reports: list[PassReport] = []
+        rows = editor.repair(on_pass=reports.append)
+        assert [(r.fact_id, r.status) for r in rows] == [("eiffel", "repaired")]
+        [report] = reports
+        # The reference: each fact scored on the weights after the pass.
+        assert holds(editor.lm, EIFFEL) and not holds(editor.lm, undo)
+        assert (report.checked, report.repaired, report.held, report.sampled, report.lost_again) == (2, 1, 1, 1, 1)
+        assert report.head == editor.head and report.saturated
+        assert lines[-1] == report.line()
+        assert lines[-1].startswith(f"repair pass at edit {editor.head}: 1 repaired of 2 checked; about 1 of the 1")
+        assert "near saturation" in lines[-1]
+
+
+def test_a_pass_with_nothing_to_repair_measures_nothing(tmp_path, bytelevel_tokenizer):
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None, repair_every=0)
+        while editor.repair():
+            pass
+        reports: list[PassReport] = []
+        assert editor.repair(on_pass=reports.append) == []
+        [report] = reports
+        assert (report.repaired, report.sampled, report.lost_again, report.saturated) == (0, 0, 0, False)
+
+
+def test_apply_returns_its_passes_reports_in_the_summary(tmp_path, bytelevel_tokenizer):
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        result = editor.apply(FACTS, checks=None, repair_every=10)  # one pass, at the run's end
+        [report] = result.repair_passes
+        assert report.repaired == result.count("repaired")
+        assert result.summary()["repair_passes"] == [report.to_dict()]
+
+
+def test_a_pass_whose_repairs_undo_half_as_many_facts_as_they_mend_says_the_layer_is_near_saturation():
+    calm = PassReport(head=9, checked=1000, repaired=80, held=900, sampled=200, lost_again=8)
+    assert calm.knocked_off == pytest.approx(36.0) and not calm.saturated
+    assert "saturation" not in calm.line() and "about 36 of the 900 that held" in calm.line()
+    worn = PassReport(head=9, checked=1000, repaired=80, held=900, sampled=200, lost_again=9)
+    assert worn.knocked_off == pytest.approx(40.5) and worn.saturated and "near saturation" in worn.line()
+    assert not PassReport(9, 1000, 0, 900, 0, 0).saturated  # nothing repaired, nothing measured
+    assert worn.to_dict()["saturated"] is True and worn.to_dict()["knocked_off"] == 40.5
+
+
+def test_the_sample_scored_again_is_bounded_and_the_same_for_the_same_pass():
+    held = [f"h{i:04d}" for i in range(1000)]
+    first = sample_held(held, seed=7, size=200)
+    assert len(first) == len(set(first)) == 200 and set(first) <= set(held)
+    assert sample_held(list(reversed(held)), seed=7, size=200) == first
+    assert sample_held(held, seed=8, size=200) != first
+    assert sample_held(held[:150], seed=7, size=200) == sorted(held[:150])
 
 
 def test_a_refused_repair_counts_toward_the_cap(tmp_path, bytelevel_tokenizer, monkeypatch):
