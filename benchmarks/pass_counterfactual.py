@@ -86,6 +86,7 @@ def main() -> None:
     with Editor(copy, write=False, verify=False, log=lambda *_: None) as editor:
         editor.replay(args.before, verify=False)
         start = {s.fact.hash: s.holds for s in standings(editor.lm, editor.journal.lineage(args.before))}
+        known_before = known_accuracy(editor.lm)
         rejected = rejected_on_path(editor.journal)
         for variant in args.variants.split(","):
             method, _, weight = variant.partition(":")
@@ -102,6 +103,7 @@ def main() -> None:
                 "still_lost": sum(1 for h in lost if h in start and not start[h]),
                 "ES": 100 * (len(stood) - len(lost)) / len(stood),
                 "known": known_accuracy(editor.lm),
+                "known_before": known_before,
                 "seconds": time.perf_counter() - t,
             }
             print(json.dumps(row), flush=True)
