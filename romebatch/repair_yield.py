@@ -1,12 +1,12 @@
 """What a repair pass bought: the facts it mended against the facts its own repairs undid.
 
 A repair is a write like any other, and every write leaks into the keys of other facts
-(romebatch/repair.py). Deep in a journal a pass's repairs knock off nearly as many facts
-that held as they mend (benchmarks/RESULTS.md, "Issue 20, session 24": 89 repairs and 67
-knocked off at 1,500 facts, 66 and 65 at 1,600). Nothing showed this: every repair reports
-success, since each holds when it is made. So after its repairs a pass scores again a
-sample of the facts it found holding, and says how many of them were lost meanwhile, and
-when that reaches half its repairs, that the edited layer is saturated.
+(romebatch/repair.py). The deeper the journal, the more facts that held a pass's repairs
+knock off, until they undo nearly as many as they mend (benchmarks/RESULTS.md, "Issue 20,
+session 24"). Nothing showed this: every repair reports success, since each holds when it
+is made. So after its repairs a pass scores again a sample of the facts it found holding,
+says how many of them were lost meanwhile, and, when that reaches half its repairs, that
+the edited layer is near saturation.
 """
 
 from __future__ import annotations
@@ -14,9 +14,8 @@ from __future__ import annotations
 import random
 from dataclasses import asdict, dataclass
 
-# Facts that held when a pass was planned, scored again after its repairs: a pass scores
-# span (1,000) facts to plan, so this adds a fifth of that, and estimates the share lost to
-# within a few points.
+# Facts that held when a pass was planned, scored again after its repairs: a fifth of what
+# a full-span pass scores to plan, enough to estimate the share lost to within a few points.
 YIELD_SAMPLE = 200
 # Losses, as a share of the pass's repairs, from which its report says the layer is saturated.
 SATURATED = 0.5
@@ -53,7 +52,7 @@ class PassReport:
         if self.saturated:
             text += (
                 "; its repairs undid at least half as many facts as they mended: the edited layer is near "
-                "saturation, and more edits will wear earlier ones faster than repair passes restore them"
+                "saturation, and each repair now wins back half a fact or less"
             )
         return text
 
