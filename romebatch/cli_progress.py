@@ -16,6 +16,7 @@ STAGE_LABELS = {
     "editing": "editing",
     "repairing": "repair pass",
     "repair scoring": "repair pass (scoring)",
+    "repair yield": "repair pass (scoring again)",
     "probes": "probes (base answers)",
 }
 

@@ -98,7 +98,7 @@ class Editor:
             self._applied = AppliedCache(self.journal)  # what the guard and probes read, kept per head
             self.stats_progress: Callable[[int, int], None] | None = None  # (tokens done, total)
             # (stage, fact id or None) before each stage of a run: "probes" (the base answers),
-            # "editing", "repair scoring", "repairing"; the CLI's progress bar shows it.
+            # "editing", "repair scoring", "repairing", "repair yield"; the CLI's progress bar shows it.
             self.on_stage: Callable[[str, str | None], None] | None = None
             try:
                 self.replay(verify=verify)

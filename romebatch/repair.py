@@ -254,7 +254,7 @@ def run_pass(
         report.repaired = sum(r.status == "repaired" for r in rows)
         if report.repaired:
             editor.stage("repair yield")
-            sample = sample_held(held, seed=report.head)
+            sample = sample_held(held, seed=report.head)  # still the state the pass was planned on
             again = standings(editor.lm, journal.lineage(), only=set(sample))
             report.sampled, report.lost_again = len(again), sum(not s.holds for s in again)
         report.head = editor.head
