@@ -121,7 +121,12 @@ def to_repair(
     only: set[str] | None = None,
 ) -> list[Standing]:
     """The facts on `path` (of `only`, if given) that no longer hold and may still be edited again, oldest first."""
-    return [s for s in standings(lm, path, rejected, only=only) if not s.holds and s.edits < max_edits]
+    return repairable(standings(lm, path, rejected, only=only), max_edits)
+
+
+def repairable(scored: list[Standing], max_edits: int = MAX_EDITS_PER_FACT) -> list[Standing]:
+    """Of `scored`, the facts that no longer hold and may still be edited again."""
+    return [s for s in scored if not s.holds and s.edits < max_edits]
 
 
 def why_lost(standing: Standing) -> str:
@@ -216,16 +221,14 @@ def run_pass(
 
     journal = editor.journal
     plan = pending_plan(journal)
-    report = None  # what the pass bought, measured when this call planned it (repair_yield.py)
-    held: list[str] = []
+    planned = None  # (path, facts scored, those that held) when this call plans the pass: its report
     if plan is None:
         editor.stage("repair scoring")
         path = journal.lineage()
         checked, cursor = in_span(path, journal.get(REPAIR_CURSOR), span)
         scored = standings(editor.lm, path, rejected_on_path(journal), only=checked)
-        lost = [s for s in scored if not s.holds and s.edits < max_edits]
-        held = [s.fact.hash for s in scored if s.holds]
-        report = PassReport(editor.head, len(scored), 0, len(held), 0, 0)
+        lost = repairable(scored, max_edits)
+        planned = (path, len(scored), [s.fact.hash for s in scored if s.holds])
         # The cursor moves in the plan's transaction: a resumed pass neither skips nor repeats a slice.
         plan_meta = RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta()
         journal.set_many({**plan_meta, REPAIR_CURSOR: cursor})
@@ -250,14 +253,17 @@ def run_pass(
         rows.append(row)
         if on_edit:
             on_edit(row)
-    if report is not None:
-        report.repaired = sum(r.status == "repaired" for r in rows)
-        if report.repaired:
+    report = None  # what the pass bought (repair_yield.py): only a pass this call planned has a baseline
+    if planned is not None:
+        path, checked_count, held = planned
+        repaired = sum(r.status == "repaired" for r in rows)
+        sampled = lost_again = 0
+        if repaired:
             editor.stage("repair yield")
-            sample = sample_held(held, seed=report.head)  # still the state the pass was planned on
-            again = standings(editor.lm, journal.lineage(), only=set(sample))
-            report.sampled, report.lost_again = len(again), sum(not s.holds for s in again)
-        report.head = editor.head
+            # The held facts were not repaired, so their latest edits are still those of `path`.
+            again = standings(editor.lm, path, only=set(sample_held(held, seed=plan.at)))
+            sampled, lost_again = len(again), sum(not s.holds for s in again)
+        report = PassReport(editor.head, checked_count, repaired, len(held), sampled, lost_again)
     end_pass(journal)
     if report is not None:
         editor.log(report.line())
