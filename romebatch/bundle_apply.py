@@ -11,12 +11,12 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .bundle_file import DERIVED_META, REPAIR_CURSOR, REPAIR_MARKS, REPAIR_PLAN
+from .bundle_file import DERIVED_META
 from .bundle_read import Bundle, read_bundle
 from .errors import BaseModelMismatchError, UserError
 from .journal import DB_NAME, Journal
 from .journal_records import blob_vector
-from .journal_schema import migrate
+from .journal_schema import REPAIR_CURSOR, REPAIR_MARKS, REPAIR_PLAN, migrate
 
 
 @dataclass

@@ -44,16 +44,13 @@ from pathlib import Path
 from .errors import JournalDamagedError, UserError, one_line
 from .journal import Journal
 from .journal_records import chunks, placeholders
+from .journal_schema import REPAIR_MARKS, REPAIR_PLAN
 
 MAGIC = "romebatch-bundle"
 VERSION = 1
 SUFFIX = ".rbundle"
 DOC_KEY = "romebatch_bundle"
 DIGEST_KEY = "romebatch_bundle_sha256"
-# Meta keys of repair passes (romebatch/editor.py): they name seqs, so they are mapped, not copied.
-REPAIR_PLAN = "repair_plan"
-REPAIR_MARKS = "repair_passes"
-REPAIR_CURSOR = "repair_cursor"  # a fact hash, so copied as it is (the last applied bundle's)
 # Columns a journal derives from a row's place in it, not part of the edit itself.
 DERIVED_EDIT_COLUMNS = frozenset({"status", "row_hash"})
 DERIVED_REJECTION_COLUMNS = frozenset({"id", "row_hash"})

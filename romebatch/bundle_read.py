@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .audit import edit_row_problems
-from .bundle_file import DIGEST_KEY, DOC_KEY, MAGIC, REPAIR_MARKS, REPAIR_PLAN, REQUIRED, VERSION, sha256_of
+from .bundle_file import DIGEST_KEY, DOC_KEY, MAGIC, REQUIRED, VERSION, sha256_of
 from .errors import UserError, one_line
 from .files import open_regular_file
-from .journal_schema import IDENTITY_KEYS
+from .journal_schema import IDENTITY_KEYS, REPAIR_MARKS, REPAIR_PLAN
 from .manifest.reading import value_problem
 from .manifest.validation import short_repr
 

@@ -23,6 +23,12 @@ FORMAT = 3
 # every parameter's bytes and the tokenizer's behaviour (model.py). Journals and bundles
 # written before them lack both and are checked on `base_hash` alone (opening.py).
 IDENTITY_KEYS = ("weights_hash", "tokenizer_hash")
+# Meta keys of repair passes (romebatch/repair.py): the plan of the pass in progress, the
+# heads at which passes ended (both name seqs, so bundles map them), and the fact hash the
+# next bounded pass starts its rotation at (copied as it is).
+REPAIR_PLAN = "repair_plan"
+REPAIR_MARKS = "repair_passes"
+REPAIR_CURSOR = "repair_cursor"
 
 
 def m001_initial(db: sqlite3.Connection) -> None:

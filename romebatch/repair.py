@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 from .hparams import REPAIR_EVERY, REPAIR_SPAN  # noqa: F401 (declared once, with every other default)
 from .journal import Journal
 from .journal_records import EditRecord
+from .journal_schema import REPAIR_CURSOR, REPAIR_MARKS, REPAIR_PLAN
 from .manifest import Fact, fact_from_dict
 from .model import LoadedModel
 from .repair_yield import PassReport, sample_held
@@ -38,11 +39,6 @@ if TYPE_CHECKING:
     from .editor import Editor
     from .outcomes import FactResult, StopRequest
 
-# Journal meta keys: the plan of the pass in progress, the heads at which passes ended, and
-# the fact (by hash) the next bounded pass starts its rotation at.
-REPAIR_PLAN = "repair_plan"
-REPAIR_MARKS = "repair_passes"
-REPAIR_CURSOR = "repair_cursor"
 
 # Edits of one fact on a path, the first included: a fact the method cannot make hold
 # (or keep holding) is not edited again and again, each time leaking into the others.
