@@ -7,6 +7,11 @@ prefix of the reference, and a re-run must reach the reference's head hash and f
 Every kill must land while the run is working (it dies by the signal, with a strict prefix of
 the reference committed), or the trial would test nothing. One Ctrl-C (SIGTERM) stops after
 the current edit, exits 130 (143), and leaves a consistent journal that a re-run completes.
+
+The 21 kill trials run two at a time (`TrialPool`): each is a pair of one-thread subprocesses
+that spend most of their life importing torch, and the box has two cores. A run that shares
+the box only goes slower, and every kill point is either counted in reported edits or timed
+as a fraction of the uninterrupted run, so a slower run is still killed mid-run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -243,8 +249,8 @@ def kill_and_resume(setup: Setup, expected, journal: Path, home: Path, kill_poin
 TRIALS = ["anywhere-cold-cache", "prefixes-or-stats-cold-cache", "during-edits", "after-two-edits"]
 
 
-@pytest.mark.parametrize("trial", TRIALS)
-def test_kill_9_then_resume_reaches_the_same_state(reference, trial):
+def kill_at_a_phase(reference: Reference, trial: str) -> list:
+    """Kill -9 in one phase of the run (TRIALS), resume, and return what the killed run left."""
     setup, expected = reference.setup, reference.path
     rng = random.Random(f"romebatch-crash-{trial}")  # seeded: the same kill points every run
     home = setup.home
@@ -275,7 +281,84 @@ def test_kill_9_then_resume_reaches_the_same_state(reference, trial):
             assert run.wait_for_edits(2), "the run finished before it could be killed"
             time.sleep(0.03)  # inside the third edit, or its commit
 
-    partial = kill_and_resume(setup, expected, setup.root / f"J-{trial}", home, kill_point)
+    return kill_and_resume(setup, expected, setup.root / f"J-{trial}", home, kill_point)
+
+
+def kill_inside_a_commit(reference: Reference, commit: int) -> None:
+    """SIGKILL after edit `commit`'s row is inserted but before its transaction commits, then resume."""
+    setup, expected = reference.setup, reference.path
+    journal = setup.root / f"J-commit-{commit}"
+    run = Run(setup, journal, setup.home, extra_env={"ROMEBATCH_FAULT": f"commit:{commit}"})
+    rc, _, _ = run.finish()
+    assert rc == -signal.SIGKILL
+    partial = journal_path(journal)
+    assert partial == expected[: commit - 1]  # the killed commit left nothing, earlier ones are whole
+    summary = setup.complete(journal)
+    assert summary["already_applied"] == facts_in(partial)
+    assert journal_path(journal) == expected
+
+
+def kill_at_a_random_moment(reference: Reference, trial: int) -> None:
+    """Kill -9 after a seeded number of reported edits and a seeded fraction of an edit, then resume.
+
+    Counted in edits, not seconds, so a machine faster or slower than the reference run's
+    cannot move the kill past the end: after edit k (never the last two) and then at most
+    half a typical edit's time, at least one edit is still to come.
+    """
+    setup, expected = reference.setup, reference.path
+    rng = random.Random(f"romebatch-random-kill-{trial}")
+    after = rng.randint(1, len(expected) - 2)
+    delay = rng.uniform(0.0, 0.5 * reference.edit_span / max(1, len(expected) - 1))
+
+    def kill_point(run):
+        assert run.wait_for_edits(after), "the run ended before the kill point"
+        time.sleep(delay)
+
+    kill_and_resume(setup, expected, setup.root / f"J-random-{trial}", setup.home, kill_point)
+
+
+# test name -> (its parameter, the trial it runs); these are the tests TrialPool runs ahead.
+POOLED = {
+    "test_kill_9_then_resume_reaches_the_same_state": ("trial", kill_at_a_phase),
+    "test_kill_9_inside_a_journal_commit": ("commit", kill_inside_a_commit),
+    "test_kill_9_at_random_moments": ("trial", kill_at_a_random_moment),
+}
+
+
+class TrialPool:
+    """This session's selected kill trials, two at a time, started as soon as the reference exists.
+
+    Each test then waits for its own trial, whose failure it re-raises, so every trial is
+    still its own pass or fail, and `-k` still runs only what it selects.
+    """
+
+    def __init__(self, reference: Reference, items) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="crash-trial")
+        self.futures: dict[str, Future] = {}
+        for item in items:
+            pooled = POOLED.get(getattr(item, "originalname", ""))
+            if pooled is None or Path(item.path) != Path(__file__):
+                continue
+            parameter, trial = pooled
+            self.futures[item.nodeid] = self.executor.submit(trial, reference, item.callspec.params[parameter])
+
+    def result(self, nodeid: str):
+        return self.futures[nodeid].result()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.fixture(scope="module")
+def trials(reference, request):
+    pool = TrialPool(reference, request.session.items)
+    yield pool
+    pool.close()
+
+
+@pytest.mark.parametrize("trial", TRIALS)
+def test_kill_9_then_resume_reaches_the_same_state(trials, request, trial):
+    partial = trials.result(request.node.nodeid)
     print(f"{trial}: killed with {len(partial)} of {N_FACTS} edits committed")  # shown with -s
     if trial == "after-two-edits":
         assert 2 <= len(partial) < N_FACTS
@@ -304,44 +387,18 @@ def test_one_ctrl_c_stops_after_the_current_edit(reference):
 
 
 @pytest.mark.parametrize("commit", range(1, N_FACTS + 2))
-def test_kill_9_inside_a_journal_commit(reference, commit):
-    """SIGKILL after the edit row is inserted but before its transaction commits: no trace of it.
-
-    Commit 7 is the first repair's (the reference makes at least one).
-    """
-    setup, expected = reference.setup, reference.path
-    journal = setup.root / f"J-commit-{commit}"
-    run = Run(setup, journal, setup.home, extra_env={"ROMEBATCH_FAULT": f"commit:{commit}"})
-    rc, _, _ = run.finish()
-    assert rc == -signal.SIGKILL
-    partial = journal_path(journal)
-    assert partial == expected[: commit - 1]  # the killed commit left nothing, earlier ones are whole
-    summary = setup.complete(journal)
-    assert summary["already_applied"] == facts_in(partial)
-    assert journal_path(journal) == expected
+def test_kill_9_inside_a_journal_commit(trials, request, commit):
+    """No trace of an edit whose commit was killed; commit 7 is the first repair's (the reference makes one)."""
+    trials.result(request.node.nodeid)
 
 
 RANDOM_TRIALS = 10  # with the 4 + 7 above: 21 kill -9 trials a run
 
 
 @pytest.mark.parametrize("trial", range(RANDOM_TRIALS))
-def test_kill_9_at_random_moments(reference, trial):
-    """More seeded random kill points across the whole edit phase (warm cache).
-
-    Counted in edits, not seconds, so a machine faster or slower than the reference run's
-    cannot move the kill past the end: after edit k (never the last two) and then at most
-    half a typical edit's time, at least one edit is still to come.
-    """
-    setup, expected = reference.setup, reference.path
-    rng = random.Random(f"romebatch-random-kill-{trial}")
-    after = rng.randint(1, len(expected) - 2)
-    delay = rng.uniform(0.0, 0.5 * reference.edit_span / max(1, len(expected) - 1))
-
-    def kill_point(run):
-        assert run.wait_for_edits(after), "the run ended before the kill point"
-        time.sleep(delay)
-
-    kill_and_resume(setup, expected, setup.root / f"J-random-{trial}", setup.home, kill_point)
+def test_kill_9_at_random_moments(trials, request, trial):
+    """More seeded random kill points across the whole edit phase (warm cache)."""
+    trials.result(request.node.nodeid)
 
 
 def test_the_fault_variable_does_nothing_outside_the_tests(reference):
