@@ -56,6 +56,7 @@ from romebatch.fluency import fluency  # noqa: E402
 from romebatch.hparams import HParams  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
+from romebatch.repair import edits_since_pass, pending_plan  # noqa: E402
 from romebatch.scores import score_facts, summarize  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
@@ -270,10 +271,13 @@ def _run_method(lm, name, facts, upto, every, sample, stop, journal: Path, out: 
         try:
             pending = editor.pending(facts[:upto])
             processed = upto - len(pending)  # facts applied or rejected: a prefix of the list
-            if not (processed and processed not in done and (processed % every == 0 or processed == upto)):
-                if processed >= upto:
+            due = processed and processed not in done and (processed % every == 0 or processed == upto)
+            unfinished = pass_unfinished(editor.journal, REPAIRS.get(name))
+            if not due or unfinished:
+                if processed >= upto and not unfinished:
                     return
-                target = min(upto, (processed // every + 1) * every)
+                # A checkpoint reads the state after its repair pass: finish a pass a stop cut short first.
+                target = processed if due else min(upto, (processed // every + 1) * every)
                 started = time.perf_counter()
                 result = editor.apply(facts[:target], checks=None, stop=stop, repair_every=REPAIRS.get(name))
                 with (RUNS / f"seq-{name}-passes.jsonl").open("a") as f:  # what each repair pass bought
@@ -285,12 +289,20 @@ def _run_method(lm, name, facts, upto, every, sample, stop, journal: Path, out: 
                     f"head {editor.head}",
                     flush=True,
                 )
-                if reached < target:  # stopped by Ctrl-C / SIGTERM: no checkpoint at a depth not reached
+                if reached < target or result.interrupted:  # Ctrl-C / SIGTERM, in the edits or their pass
                     raise SystemExit(f"[{name}] stopped at {reached} edits; the same command resumes")
                 processed = target
+            if stop:  # asked to stop as the stretch ended: not a half-hour checkpoint first
+                raise SystemExit(f"[{name}] stopped at {processed} edits; the same command reads its checkpoint")
             checkpoint(lm, editor, name, facts, processed, sample, out)
         finally:
             editor.replay(0, verify=False)  # the next method starts from the base weights
+
+
+def pass_unfinished(journal, repair_every: int | None) -> bool:
+    """The run repairs, and a stop came after its last new fact but before its pass ended:
+    `apply` over the same facts finishes that pass (a journaled plan, or one never begun)."""
+    return bool(repair_every) and (pending_plan(journal) is not None or edits_since_pass(journal) > 0)
 
 
 def state_after(journal, k: int) -> int:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,3 +57,44 @@ def test_retention_reuses_the_checkpoints_scores_and_matches_scoring_alone(bytel
     scored_facts.clear()
     row = sequential.score(lm, applied, applied, sample=2, n_retention=3, with_general=False)
     assert scored_facts == [2, 3, 3] and row["retention"] == summarize(score_facts(lm, applied[:3]))["ES"]
+
+
+def test_a_due_checkpoint_waits_for_the_repair_pass_a_stop_left_unfinished(tmp_path, bytelevel_tokenizer, monkeypatch):
+    """A run stopped after its last new fact, before that stretch's repair pass ended, resumes
+    with a checkpoint due: the pass runs first, so the checkpoint reads the state after it."""
+    from conftest import CITY_FACTS, TINY_HPARAMS, tiny_loaded
+
+    from romebatch.editor import Editor, StopRequest
+    from romebatch.hparams import HParams
+    from romebatch.repair import edits_since_pass
+
+    sequential = load_sequential()
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    monkeypatch.setattr(sequential, "RUNS", tmp_path)
+    monkeypatch.setattr(sequential, "METHODS", {"tiny": dict(TINY_HPARAMS)})
+    monkeypatch.setattr(sequential, "REPAIRS", {"tiny": 2})
+    journal = tmp_path / "seq-tiny-journal"
+    facts = list(CITY_FACTS)
+    with Editor(journal, lm=lm, hparams=HParams(**TINY_HPARAMS), log=lambda m: None) as editor:
+        editor.apply(facts, checks=None, repair_every=None)  # the new facts, and no pass after them
+        assert edits_since_pass(editor.journal) == len(facts)
+        editor.replay(0, verify=False)  # as sequential.py leaves it: the next opening sees the base weights
+    seen = []
+
+    def checkpoint(lm_, editor, name, facts_, k, sample, out, head=None):
+        seen.append((k, edits_since_pass(editor.journal), editor.head))
+
+    monkeypatch.setattr(sequential, "checkpoint", checkpoint)
+    sequential._run_method(lm, "tiny", facts, len(facts), len(facts), 4, StopRequest(), journal, tmp_path / "o", set())
+    assert len(seen) == 1
+    k, since_pass, head = seen[0]
+    assert k == len(facts) and since_pass == 0  # the pass ended before the checkpoint was read
+    passes = [json.loads(line) for line in (tmp_path / "seq-tiny-passes.jsonl").read_text().splitlines()]
+    assert len(passes) == 1  # the pass ran in this call, and reported itself
+    # A stop asked for while that stretch ran: the half-hour checkpoint is not begun.
+    seen.clear()
+    stopping = StopRequest()
+    stopping.requested = True
+    with pytest.raises(SystemExit, match="reads its checkpoint"):
+        sequential._run_method(lm, "tiny", facts, len(facts), len(facts), 4, stopping, journal, tmp_path / "o", set())
+    assert seen == []
