@@ -98,3 +98,44 @@ def test_a_due_checkpoint_waits_for_the_repair_pass_a_stop_left_unfinished(tmp_p
     with pytest.raises(SystemExit, match="reads its checkpoint"):
         sequential._run_method(lm, "tiny", facts, len(facts), len(facts), 4, stopping, journal, tmp_path / "o", set())
     assert seen == []
+
+
+def test_the_unedited_row_extended_from_a_shorter_one_matches_scoring_every_fact(bytelevel_tokenizer, monkeypatch):
+    """The base model's reading at k facts, from its row at j < k plus the facts j..k-1 alone,
+    equals scoring all k facts in one pass (ES, PS, NS, S and the retentions)."""
+    import dataclasses
+
+    from conftest import CITY_FACTS, tiny_loaded
+
+    from romebatch.manifest.validation import Neighbor
+
+    sequential = load_sequential()
+    lm = tiny_loaded("gpt2", bytelevel_tokenizer)
+    cities = ["Paris", "Rome", "London", "Tokyo", "Berlin", "Seattle"]
+    facts = [
+        dataclasses.replace(
+            fact,
+            id=f"{fact.id}-{round}",
+            target_new=cities[(i + round) % 6],
+            paraphrases=(f"Where is {fact.subject}? It is in", f"{fact.subject} stands in the city of"),
+            neighborhood=tuple(
+                Neighbor(f"{other.subject} is located in the city of", other.target_true)
+                for other in CITY_FACTS
+                if other is not fact
+            ),
+        )
+        for round in range(2)
+        for i, fact in enumerate(CITY_FACTS)
+    ]
+    monkeypatch.setattr(sequential, "LONG_RETENTION", (3, 6))
+    whole = sequential.score(lm, facts, facts[:7], sample=7, n_retention=100, with_general=False)
+    shorter = sequential.score(lm, facts, facts[:4], sample=4, n_retention=100, with_general=False)
+    extended = sequential.extended(lm, facts, 7, [{"edits": 4, **shorter}])
+    assert extended is not None
+    for key in ("ES", "PS", "NS", "S", "retention", "retention3", "retention6"):
+        assert abs(extended[key] - whole[key]) < 1e-9, key
+    assert extended["n"] == 7 and extended["GE"] == shorter["GE"]
+    # Nothing to extend from (no row on all of a shorter prefix), or a fact without a probe: None.
+    assert sequential.extended(lm, facts, 7, [{"edits": 4, **{**shorter, "n": 3}}]) is None
+    bare = [*facts[:5], dataclasses.replace(facts[5], neighborhood=()), facts[6]]
+    assert sequential.extended(lm, bare, 7, [{"edits": 4, **shorter}]) is None
