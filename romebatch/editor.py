@@ -235,8 +235,8 @@ class Editor:
         `max_edits` times on a path. A repair is an ordinary edit (guards on, no probes), with
         status "repaired"; a pass a crash or Ctrl-C cut short is finished by the next run.
         A pass checks at most `span` facts, in rotation over the path (0 or None: all).
-        A pass this call planned and finished is logged, and given to `on_pass`, as a
-        `PassReport`: what it repaired against what its repairs undid (romebatch/repair_yield.py).
+        A pass this call finishes, planned here or resumed, is logged and given to `on_pass` as
+        a `PassReport`: what it repaired against what its repairs undid (romebatch/repair_yield.py).
         """
         self.sound_head()
         return run_pass(self, window or edit_window(self), max_edits, on_edit, stop, span, on_pass)

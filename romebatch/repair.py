@@ -147,10 +147,14 @@ class RepairPlan:
     at: int
     entries: list[PlanEntry]
     done: int = 0
+    # What the pass's report measures against, kept with the plan so that a pass finished by
+    # a later run reports too: {"checked": facts scored, "held": how many held, "sample":
+    # the hashes of those held that are scored again after the repairs}.
+    baseline: dict | None = None
 
     def to_meta(self) -> dict:
         facts = [{"fact": e.fact.to_dict(), "was": e.was} for e in self.entries]
-        return {REPAIR_PLAN: {"at": self.at, "facts": facts, "done": self.done}}
+        return {REPAIR_PLAN: {"at": self.at, "facts": facts, "done": self.done, "baseline": self.baseline}}
 
     @classmethod
     def load(cls, journal: Journal) -> RepairPlan | None:
@@ -158,7 +162,36 @@ class RepairPlan:
         if stored is None:
             return None
         entries = [PlanEntry(fact_from_dict(e["fact"]), e["was"]) for e in stored["facts"]]
-        return cls(stored["at"], entries, stored["done"])
+        return cls(stored["at"], entries, stored["done"], well_formed_baseline(stored.get("baseline")))
+
+
+def well_formed_baseline(stored: object) -> dict | None:
+    """A journaled plan's baseline, or None for a plan written before baselines (or a damaged one):
+    the pass is still finished, it only goes without its report."""
+    if not isinstance(stored, dict):
+        return None
+    counts = [stored.get("checked"), stored.get("held")]
+    sample = stored.get("sample")
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        return None
+    if not isinstance(sample, list) or not all(isinstance(h, str) for h in sample):
+        return None
+    return {"checked": counts[0], "held": counts[1], "sample": sample}
+
+
+def pass_report(editor: Editor, plan: RepairPlan, path: list[EditRecord] | None) -> PassReport | None:
+    """What a finished pass bought (repair_yield.py), whether this call planned it or resumed it."""
+    if plan.baseline is None:
+        return None  # a plan journaled before baselines were
+    chain = editor.journal.chain()
+    repaired = len(chain) - (chain.index(plan.at) + 1 if plan.at else 0)  # a pass's only edits are its repairs
+    sampled = lost_again = 0
+    if repaired:
+        editor.stage("repair yield")
+        # The held facts were not repaired, so their latest edits are those the plan scored.
+        again = standings(editor.lm, path or editor.journal.lineage(), only=set(plan.baseline["sample"]))
+        sampled, lost_again = len(again), sum(not s.holds for s in again)
+    return PassReport(editor.head, plan.baseline["checked"], repaired, plan.baseline["held"], sampled, lost_again)
 
 
 def pending_plan(journal: Journal) -> RepairPlan | None:
@@ -217,16 +250,17 @@ def run_pass(
 
     journal = editor.journal
     plan = pending_plan(journal)
-    planned = None  # (path, facts scored, those that held) when this call plans the pass: its report
+    path = None  # the head's path when this call plans the pass (a resumed one reads it again)
     if plan is None:
         editor.stage("repair scoring")
         path = journal.lineage()
         checked, cursor = in_span(path, journal.get(REPAIR_CURSOR), span)
         scored = standings(editor.lm, path, rejected_on_path(journal), only=checked)
         lost = repairable(scored, max_edits)
-        planned = (path, len(scored), [s.fact.hash for s in scored if s.holds])
+        held = [s.fact.hash for s in scored if s.holds]
+        baseline = {"checked": len(scored), "held": len(held), "sample": sample_held(held, seed=editor.head)}
         # The cursor moves in the plan's transaction: a resumed pass neither skips nor repeats a slice.
-        plan_meta = RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost]).to_meta()
+        plan_meta = RepairPlan(editor.head, [PlanEntry(s.fact, why_lost(s)) for s in lost], 0, baseline).to_meta()
         journal.set_many({**plan_meta, REPAIR_CURSOR: cursor})
         plan = RepairPlan.load(journal)
         assert plan is not None
@@ -249,17 +283,7 @@ def run_pass(
         rows.append(row)
         if on_edit:
             on_edit(row)
-    report = None  # what the pass bought (repair_yield.py): only a pass this call planned has a baseline
-    if planned is not None:
-        path, checked_count, held = planned
-        repaired = sum(r.status == "repaired" for r in rows)
-        sampled = lost_again = 0
-        if repaired:
-            editor.stage("repair yield")
-            # The held facts were not repaired, so their latest edits are still those of `path`.
-            again = standings(editor.lm, path, only=set(sample_held(held, seed=plan.at)))
-            sampled, lost_again = len(again), sum(not s.holds for s in again)
-        report = PassReport(editor.head, checked_count, repaired, len(held), sampled, lost_again)
+    report = pass_report(editor, plan, path)
     end_pass(journal)
     if report is not None:
         editor.log(report.line())

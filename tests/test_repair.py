@@ -264,7 +264,8 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
 
     with editor_for(tmp_path, bytelevel_tokenizer, "whole") as editor:
         editor.apply(FACTS, checks=None, repair_every=0)
-        editor.repair()
+        whole: list[PassReport] = []
+        editor.repair(on_pass=whole.append)
         reference = [(r.fact_hash, r.weight_hash_after) for r in editor.journal.lineage()]
     assert len(reference) >= len(FACTS) + 2  # the pass makes at least two repairs to cut between
     with editor_for(tmp_path, bytelevel_tokenizer, "cut") as editor:
@@ -280,6 +281,34 @@ def test_a_pass_cut_short_is_finished_by_the_next_apply_exactly_as_planned(tmp_p
         assert finished == ["repaired"] * (len(reference) - len(FACTS) - 1)
         assert editor.journal.get(REPAIR_PLAN) is None
         assert [(r.fact_hash, r.weight_hash_after) for r in editor.journal.lineage()] == reference
+        # The pass finished by the later run reports what the whole pass bought, as the uncut one did.
+        [report] = again.repair_passes
+        assert report == whole[0] and report.repaired == len(reference) - len(FACTS)
+
+
+def test_a_plan_journaled_without_a_baseline_is_finished_without_a_report(tmp_path, bytelevel_tokenizer):
+    """Plans written before baselines (or with a damaged one) still finish; only the report is left out."""
+    from romebatch.editor import StopRequest
+    from romebatch.repair import REPAIR_PLAN, well_formed_baseline
+
+    assert well_formed_baseline({"checked": 3, "held": 2, "sample": ["a", "b"]}) == {
+        "checked": 3,
+        "held": 2,
+        "sample": ["a", "b"],
+    }
+    for damaged in (None, [], {"checked": 3, "held": True, "sample": []}, {"checked": -1, "held": 0, "sample": []}):
+        assert well_formed_baseline(damaged) is None
+    assert well_formed_baseline({"checked": 3, "held": 2, "sample": "ab"}) is None
+    with editor_for(tmp_path, bytelevel_tokenizer) as editor:
+        editor.apply(FACTS, checks=None, repair_every=0)
+        stop = StopRequest()
+        editor.repair(on_edit=lambda row: setattr(stop, "requested", True), stop=stop)
+        plan = editor.journal.get(REPAIR_PLAN)
+        assert plan["baseline"]["checked"] == len(FACTS)
+        editor.journal.set_many({REPAIR_PLAN: {key: value for key, value in plan.items() if key != "baseline"}})
+        again = editor.apply(FACTS, checks=None, repair_every=100)
+        assert again.count("repaired") == len(plan["facts"]) - 1 and again.repair_passes == []
+        assert editor.journal.get(REPAIR_PLAN) is None
 
 
 def test_rollback_drops_a_pass_cut_short(tmp_path, bytelevel_tokenizer):
