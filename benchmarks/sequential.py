@@ -313,8 +313,9 @@ def _run_method(lm, name, facts, upto, every, sample, stop, journal: Path, out: 
                 target = processed if due else min(upto, (processed // every + 1) * every)
                 started = time.perf_counter()
                 result = editor.apply(facts[:target], checks=None, stop=stop, repair_every=REPAIRS.get(name))
-                with (RUNS / f"seq-{name}-passes.jsonl").open("a") as f:  # what each repair pass bought
-                    f.writelines(json.dumps(p.to_dict()) + "\n" for p in result.repair_passes)
+                if result.repair_passes:  # what each repair pass bought
+                    with (RUNS / f"seq-{name}-passes.jsonl").open("a") as f:
+                        f.writelines(json.dumps(p.to_dict()) + "\n" for p in result.repair_passes)
                 reached = upto - len(editor.pending(facts[:upto]))
                 print(
                     f"[{name}] {reached - processed} edits in {time.perf_counter() - started:.0f}s "
