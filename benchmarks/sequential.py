@@ -36,6 +36,7 @@ regression probes off (the guards stay on): this measures the editing method.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 import tempfile
@@ -526,6 +527,9 @@ def main() -> None:
     ap.add_argument("--bundles", action="store_true", help="keep the journals as bundles in git, from the first edit")
     ap.add_argument("--backfill", action="store_true", help="only read the checkpoints a run skipped, then stop")
     args = ap.parse_args()
+    # Runs last hours with their output sent to a log file: each line there as it is printed.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
     RUNS = args.runs
     KEEP_BUNDLES = args.bundles
     GENERAL = args.general
