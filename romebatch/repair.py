@@ -289,4 +289,6 @@ def run_pass(
         editor.log(report.line())
         if on_pass:
             on_pass(report)
+    else:  # said, not skipped silently
+        editor.log(f"repair pass at edit {editor.head}: finished; its plan holds no baseline, so no report")
     return rows

@@ -306,8 +306,11 @@ def test_a_plan_journaled_without_a_baseline_is_finished_without_a_report(tmp_pa
         plan = editor.journal.get(REPAIR_PLAN)
         assert plan["baseline"]["checked"] == len(FACTS)
         editor.journal.set_many({REPAIR_PLAN: {key: value for key, value in plan.items() if key != "baseline"}})
+        lines: list[str] = []
+        editor.log = lines.append
         again = editor.apply(FACTS, checks=None, repair_every=100)
         assert again.count("repaired") == len(plan["facts"]) - 1 and again.repair_passes == []
+        assert any(line.endswith("its plan holds no baseline, so no report") for line in lines)
         assert editor.journal.get(REPAIR_PLAN) is None
 
 
