@@ -43,34 +43,74 @@ def nll_at(
     return torch.cat(parts).double().cpu()
 
 
+def shared_rows(sequences: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]], list[int]]:
+    """The fewest token rows that contain every sequence as a prefix, and each one's row.
+
+    A causal model's logits at a position depend on the tokens up to it only, so a pair whose
+    input (prompt + answer[:-1]) is a prefix of another's is read from that one's row. Most
+    scored prompts are asked twice (o* and the true object, the expected answer and o*), and
+    a one-token answer's input is the bare prompt: this halves the rows a scoring needs.
+    In lexicographic order a sequence that is a prefix of any other is a prefix of the next.
+    """
+    unique = sorted(set(sequences))
+    host: dict[tuple[int, ...], int] = {}
+    rows: list[tuple[int, ...]] = []
+    for index in range(len(unique) - 1, -1, -1):
+        seq = unique[index]
+        after = unique[index + 1] if index + 1 < len(unique) else None
+        if after is not None and after[: len(seq)] == seq:
+            host[seq] = host[after]
+        else:
+            host[seq] = len(rows)
+            rows.append(seq)
+    return rows, [host[seq] for seq in sequences]
+
+
 @torch.inference_mode()
-def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[float]:
-    """Mean token NLL of " answer" after each prompt, in the order given."""
+def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 32, share: bool = True) -> list[float]:
+    """Mean token NLL of " answer" after each prompt, in the order given.
+
+    `share=False` gives every pair its own row, as before `shared_rows` (benchmarks/scoring.py
+    compares the two).
+    """
     tok = lm.tokenizer
     prepared = []
+    encoded: dict[str, list[int]] = {}
     for prompt, answer in pairs:
-        ids = encode(tok, prompt).ids
+        if prompt not in encoded:
+            encoded[prompt] = encode(tok, prompt).ids
+        ids = encoded[prompt]
         target = answer_ids(tok, prompt, answer)
-        prepared.append((ids + target[:-1], len(ids), target))
+        prepared.append((tuple(ids + target[:-1]), len(ids), target))
+    if share:
+        sequences, row_of = shared_rows([seq for seq, _, _ in prepared])
+    else:
+        sequences, row_of = [seq for seq, _, _ in prepared], list(range(len(prepared)))
+    readers: list[list[int]] = [[] for _ in sequences]
+    for i, row in enumerate(row_of):
+        readers[row].append(i)
     # Sort by length so batches pad little; results go back in input order.
-    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
+    order = sorted(range(len(sequences)), key=lambda r: len(sequences[r]))
     result = [math.nan] * len(prepared)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        batch = make_batch([prepared[i][0] for i in chunk], lm.pad_id, device=lm.device)
+        batch = make_batch([sequences[r] for r in chunk], lm.pad_id, device=lm.device)
         rows, cols, targets, owner = [], [], [], []
-        for row, i in enumerate(chunk):
-            _, n_prompt, target = prepared[i]
-            for j, token in enumerate(target):
-                rows.append(row)
-                cols.append(batch.column(row, n_prompt - 1 + j))
-                targets.append(token)
-                owner.append(row)
+        pair_of: list[int] = []
+        for row, r in enumerate(chunk):
+            for i in readers[r]:
+                _, n_prompt, target = prepared[i]
+                for j, token in enumerate(target):
+                    rows.append(row)
+                    cols.append(batch.column(row, n_prompt - 1 + j))
+                    targets.append(token)
+                    owner.append(len(pair_of))
+                pair_of.append(i)
         nll = nll_at(lm, batch, rows, cols, targets)
-        sums = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll)
-        counts = torch.zeros(len(chunk), dtype=torch.float64).index_add_(0, torch.tensor(owner), torch.ones_like(nll))
-        for row, i in enumerate(chunk):
-            result[i] = float(sums[row] / counts[row])
+        sums = torch.zeros(len(pair_of), dtype=torch.float64).index_add_(0, torch.tensor(owner), nll)
+        counts = torch.zeros(len(pair_of), dtype=torch.float64).index_add_(0, torch.tensor(owner), torch.ones_like(nll))
+        for k, i in enumerate(pair_of):
+            result[i] = float(sums[k] / counts[k])
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import random
 from statistics import fmean
 
 import pytest
@@ -19,7 +20,7 @@ from conftest import FAMILIES, tiny_loaded
 from romebatch.fluency import fluency, fluency_seeds, generate, generate_batch, ngram_entropy
 from romebatch.lm import continue_prompt
 from romebatch.manifest import Fact, Neighbor
-from romebatch.scores import answer_nll, magnitudes, score_facts, summarize
+from romebatch.scores import answer_nll, magnitudes, score_facts, shared_rows, summarize
 from romebatch.zsre_scores import token_accuracy
 
 # Prompts of very different lengths (so one batch pads), answers of one and several tokens.
@@ -84,6 +85,46 @@ def test_answer_nll_matches_an_unbatched_float64_reference(family, tokenizer_for
         assert len(got) == len(PAIRS)
         for (prompt, answer), g, e in zip(PAIRS, got, expected):
             assert close(g, e), (family, batch_size, prompt, answer, g, e)
+
+
+# The same prompts asked with several answers, as every scoring does: one-token answers (read
+# from the bare prompt's row), an answer whose input is a prefix of another's ("Paris" inside
+# "Paris, France"), and exact repeats. Each must still get its own NLL.
+SHARED = [
+    ("The Eiffel Tower is in", "Paris, France"),
+    ("The Eiffel Tower is in", "Paris"),
+    ("The Eiffel Tower is in", "Rome"),
+    ("Big Ben is", "London"),
+    ("The Eiffel Tower is in", "Paris, Texas"),
+    ("Big Ben is", "in London"),
+    ("Big Ben is", "London"),
+    ("The mother tongue of Danielle Darrieux is", "French"),
+    ("The mother tongue of Danielle Darrieux is", "English"),
+]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_answer_nll_of_answers_sharing_a_prompt_matches_each_pair_alone(family, tokenizer_for):
+    tok = tokenizer_for(family)
+    lm = tiny_loaded(family, tok)
+    ref_model = model64_of(lm)
+    expected = [reference_nll(ref_model, tok, p, a) for p, a in SHARED]
+    for batch_size in (32, 2, 1):
+        got = answer_nll(lm, SHARED, batch_size=batch_size)
+        for (prompt, answer), g, e in zip(SHARED, got, expected):
+            assert close(g, e), (family, batch_size, prompt, answer, g, e)
+
+
+def test_shared_rows_are_the_fewest_that_hold_every_sequence_as_a_prefix():
+    rng = random.Random(0)
+    for _ in range(200):
+        seqs = [tuple(rng.randrange(3) for _ in range(rng.randrange(1, 5))) for _ in range(rng.randrange(1, 12))]
+        rows, row_of = shared_rows(seqs)
+        for seq, r in zip(seqs, row_of):
+            assert rows[r][: len(seq)] == seq
+        # A row must be kept exactly when its sequence is a prefix of no other sequence.
+        maximal = {s for s in seqs if not any(o != s and o[: len(s)] == s for o in seqs)}
+        assert sorted(rows) == sorted(maximal)
 
 
 def test_answer_nll_of_a_repeated_pair_is_independent_of_its_batch(bytelevel_tokenizer):
