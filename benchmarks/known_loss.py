@@ -2,6 +2,7 @@
 
     python benchmarks/known_loss.py JOURNAL [--upto N] [--ranks 1,4,16,64] [--by-overlap]
     python benchmarks/known_loss.py JOURNAL --skip-positions --skip-ranks --subject-alphas 0.1,2
+    python benchmarks/known_loss.py JOURNAL --skip-positions --skip-ranks --split-repairs
     python benchmarks/known_loss.py JOURNAL --skip-positions --skip-ranks --by-overlap --token-gammas 0,0.001
 
 The known facts (benchmarks/sequential.py's `known`: ROME's known_1000 whose subjects no run
@@ -25,6 +26,9 @@ known facts' token accuracy with ΔW acting on the base model in several ways:
 - with --token-gammas, the same kind of counterfactual with u kept off (a penalty γ tr C on
   their span) the keys of the edited subject's last token after other names' first tokens:
   what protecting the other subjects that end in the same token would save;
+- with --split-repairs, ΔW split into the path's first edit of each fact and its repairs
+  (later edits of a fact already on the path): the known facts with each part alone, and the
+  edited facts' ES / PS / NS with the first edits alone (what the repairs buy, at what cost);
 - with --by-overlap, each reading's loss split by what a known subject shares with the
   edited subjects: its last token, another token that is an edited subject's last, any
   other token, or nothing.
@@ -150,6 +154,7 @@ def main() -> None:
         action="store_true",
         help="the loss split by whether a known subject shares a token with an edited subject",
     )
+    ap.add_argument("--split-repairs", action="store_true", help="ΔW's first edits and its repairs, each alone")
     ap.add_argument("--subject-alphas", default="", help="e.g. 0.5,2: the counterfactual C' (above)")
     ap.add_argument("--subject-records", default="5000:8000")
     ap.add_argument(
@@ -169,6 +174,8 @@ def main() -> None:
     print(f"{'ΔW at every token':<48} {accuracy(lm, layer, delta, every, known):5.1f}", flush=True)
     if args.by_overlap:
         by_overlap(lm, layer, delta, known, [fact_from_dict(r.fact) for r in journal.lineage()[: args.upto]])
+    if args.split_repairs:
+        split_repairs(lm, journal, layer, delta, known, args.upto)
     if not args.skip_positions:
         for name, mask in list(MASKS.items())[1:]:
             print(f"{'ΔW only at ' + name:<48} {accuracy(lm, layer, delta, mask, known):5.1f}", flush=True)
@@ -239,6 +246,37 @@ def main() -> None:
                     return ck - cn @ torch.linalg.solve(inner, n.T @ ck)
 
                 report(f"C + {gamma:g} own token elsewhere: known", rewritten(path, penalised))
+
+
+def split_repairs(lm, journal: Journal, layer: int, delta: torch.Tensor, known: list[dict], upto: int | None) -> None:
+    """The known facts with the path's first edits alone and with its repairs alone, and the
+    edited facts' ES / PS / NS with all of ΔW and with the first edits alone."""
+    path = journal.lineage()[:upto]
+    seen: set[str] = set()
+    facts = []  # each edited fact once, in the order of its first edit
+    first = torch.zeros((), dtype=torch.float64)
+    for r in path:
+        if r.fact_hash not in seen:
+            seen.add(r.fact_hash)
+            facts.append(fact_from_dict(r.fact))
+            first = first + torch.outer(torch.from_numpy(r.lam.copy()).double(), torch.from_numpy(r.u.copy()).double())
+    repairs = delta - first
+    n_repairs = len(path) - len(seen)
+    print(
+        f"{f'ΔW of the {len(seen)} first edits alone':<48} {accuracy(lm, layer, first, MASKS['every token'], known):5.1f}"
+    )
+    print(
+        f"{f'ΔW of the {n_repairs} repairs alone':<48} {accuracy(lm, layer, repairs, MASKS['every token'], known):5.1f}"
+    )
+    print(
+        f"{'‖ΔW‖: all / first edits / repairs':<48} {float(delta.norm()):.3f} / {float(first.norm()):.3f} / {float(repairs.norm()):.3f}"
+    )
+    weights = {layer: lm.weight(layer).detach().double().cpu()}
+    print(f"{'ES / PS / NS of the edited facts, all of ΔW':<48} {score_with(lm, weights, {layer: delta}, facts)}")
+    print(
+        f"{'ES / PS / NS of the edited facts, first edits':<48} {score_with(lm, weights, {layer: first}, facts)}",
+        flush=True,
+    )
 
 
 def rewritten(path, u_for) -> torch.Tensor:
