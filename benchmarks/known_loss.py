@@ -101,13 +101,16 @@ def summed_update(journal: Journal, upto: int | None) -> tuple[int, torch.Tensor
     layers = {r.layer for r in path}
     if len(layers) != 1:
         sys.exit(f"known_loss.py reads one edited layer; this path edits {sorted(layers)}")
-    total, keys = torch.zeros((), dtype=torch.float64), []  # a 0-d zero broadcasts to the first term's shape
-    for r in path:
-        lam, u = torch.from_numpy(r.lam.copy()).double(), torch.from_numpy(r.u.copy()).double()
-        total = total + torch.outer(lam, u)
-        if r.k_star is not None:
-            keys.append(torch.from_numpy(r.k_star.copy()).double())
-    return layers.pop(), total, torch.stack(keys).mean(0), len(path)
+    keys = [torch.from_numpy(r.k_star.copy()).double() for r in path if r.k_star is not None]
+    return layers.pop(), summed(path), torch.stack(keys).mean(0), len(path)
+
+
+def summed(records) -> torch.Tensor:
+    """Σ Λ uᵀ of the edits, in float64 (a 0-d zero when there are none: it broadcasts)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for r in records:
+        total = total + torch.outer(torch.from_numpy(r.lam.copy()).double(), torch.from_numpy(r.u.copy()).double())
+    return total
 
 
 @torch.inference_mode()
@@ -253,17 +256,17 @@ def split_repairs(lm, journal: Journal, layer: int, delta: torch.Tensor, known: 
     edited facts' ES / PS / NS with all of ΔW and with the first edits alone."""
     path = journal.lineage()[:upto]
     seen: set[str] = set()
-    facts = []  # each edited fact once, in the order of its first edit
-    first = torch.zeros((), dtype=torch.float64)
+    firsts = []  # each fact's first edit on the path; the later ones are its repairs
     for r in path:
         if r.fact_hash not in seen:
             seen.add(r.fact_hash)
-            facts.append(fact_from_dict(r.fact))
-            first = first + torch.outer(torch.from_numpy(r.lam.copy()).double(), torch.from_numpy(r.u.copy()).double())
+            firsts.append(r)
+    facts = [fact_from_dict(r.fact) for r in firsts]
+    first = summed(firsts)
     repairs = delta - first
-    n_repairs = len(path) - len(seen)
+    n_repairs = len(path) - len(firsts)
     print(
-        f"{f'ΔW of the {len(seen)} first edits alone':<48} {accuracy(lm, layer, first, MASKS['every token'], known):5.1f}"
+        f"{f'ΔW of the {len(firsts)} first edits alone':<48} {accuracy(lm, layer, first, MASKS['every token'], known):5.1f}"
     )
     print(
         f"{f'ΔW of the {n_repairs} repairs alone':<48} {accuracy(lm, layer, repairs, MASKS['every token'], known):5.1f}"

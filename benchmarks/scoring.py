@@ -21,23 +21,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from romebatch.lm import answer_ids, encode  # noqa: E402
 from romebatch.manifest import load_manifest  # noqa: E402
 from romebatch.model import load_model  # noqa: E402
-from romebatch.scores import answer_nll, shared_rows  # noqa: E402
+from romebatch.scores import answer_inputs, answer_nll, fact_pairs, shared_rows  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "counterfact-edit-10k.json"
-
-
-def scoring_pairs(facts) -> list[tuple[str, str]]:
-    """The pairs `score_facts` asks for, in its order: a comparison is two consecutive pairs."""
-    pairs: list[tuple[str, str]] = []
-    for fact in facts:
-        for prompt in [fact.text, *fact.paraphrases]:
-            pairs += [(prompt, fact.target_new), (prompt, fact.target_true)]
-        for n in fact.neighborhood:
-            pairs += [(n.prompt, n.answer), (n.prompt, fact.target_new)]
-    return pairs
 
 
 def main() -> None:
@@ -49,10 +37,10 @@ def main() -> None:
 
     lm = load_model(None)
     facts = load_manifest(DATA, skip_invalid=True).facts[args.start : args.start + args.n]
-    pairs = scoring_pairs(facts)
-    tok = lm.tokenizer
-    inputs = [tuple(encode(tok, p).ids + answer_ids(tok, p, a)[:-1]) for p, a in pairs]
-    rows, _ = shared_rows(inputs)
+    pairs, plans = fact_pairs(facts)
+    # Each ES / PS / NS comparison as the indices of its two pairs (a fact's true object may be unknown).
+    compared = [(a, b) for new, true, para, neigh in plans for a, b in [(new, true), *para, *neigh] if b is not None]
+    rows, _ = shared_rows([seq for seq, _, _ in answer_inputs(lm.tokenizer, pairs)])
     print(f"machine: {torch.get_num_threads()} threads, torch {torch.__version__}; records {args.start}+{args.n}")
     print(f"pairs {len(pairs)}; rows shared {len(rows)} ({len(rows) / len(pairs):.2f} of a row a pair)")
 
@@ -66,10 +54,8 @@ def main() -> None:
     shared, alone = statistics.median(seconds[True]), statistics.median(seconds[False])
     print(f"a row a pair: median {alone:.2f} s; shared rows: median {shared:.2f} s; ratio {alone / shared:.2f}x")
     gap = max(abs(a - b) for a, b in zip(nll[True], nll[False]))
-    flips = sum(
-        (nll[True][i] < nll[True][i + 1]) != (nll[False][i] < nll[False][i + 1]) for i in range(0, len(pairs), 2)
-    )
-    print(f"largest NLL difference {gap:.2e}; comparisons that differ {flips} of {len(pairs) // 2}")
+    flips = sum((nll[True][a] < nll[True][b]) != (nll[False][a] < nll[False][b]) for a, b in compared)
+    print(f"largest NLL difference {gap:.2e}; comparisons that differ {flips} of {len(compared)}")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,19 @@ def shared_rows(sequences: list[tuple[int, ...]]) -> tuple[list[tuple[int, ...]]
     return rows, [host[seq] for seq in sequences]
 
 
+def answer_inputs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[tuple[int, ...], int, list[int]]]:
+    """Each pair's model input (prompt + answer[:-1]), its prompt's length, and the answer's ids."""
+    prepared = []
+    encoded: dict[str, list[int]] = {}
+    for prompt, answer in pairs:
+        if prompt not in encoded:
+            encoded[prompt] = encode(tokenizer, prompt).ids
+        ids = encoded[prompt]
+        target = answer_ids(tokenizer, prompt, answer)
+        prepared.append((tuple(ids + target[:-1]), len(ids), target))
+    return prepared
+
+
 @torch.inference_mode()
 def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 32, share: bool = True) -> list[float]:
     """Mean token NLL of " answer" after each prompt, in the order given.
@@ -73,15 +86,7 @@ def answer_nll(lm: LoadedModel, pairs: list[tuple[str, str]], batch_size: int = 
     `share=False` gives every pair its own row, as before `shared_rows` (benchmarks/scoring.py
     compares the two).
     """
-    tok = lm.tokenizer
-    prepared = []
-    encoded: dict[str, list[int]] = {}
-    for prompt, answer in pairs:
-        if prompt not in encoded:
-            encoded[prompt] = encode(tok, prompt).ids
-        ids = encoded[prompt]
-        target = answer_ids(tok, prompt, answer)
-        prepared.append((tuple(ids + target[:-1]), len(ids), target))
+    prepared = answer_inputs(lm.tokenizer, pairs)
     if share:
         sequences, row_of = shared_rows([seq for seq, _, _ in prepared])
     else:
@@ -138,8 +143,13 @@ class FactScores:
         return fmean(scored) if scored else None
 
 
-def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> list[FactScores]:
-    """Score each fact's edit prompt, paraphrases and neighbourhood, all in one batched pass."""
+# A fact's comparisons as indices into the pairs: (o*, true) on the edit prompt, the same on
+# each paraphrase, (expected answer, o*) on each neighbourhood prompt; None: true unknown.
+FactPlan = tuple[int, int | None, list[tuple[int, int | None]], list[tuple[int, int]]]
+
+
+def fact_pairs(facts: list[Fact]) -> tuple[list[tuple[str, str]], list[FactPlan]]:
+    """The (prompt, answer) pairs that scoring `facts` reads, and each fact's plan of them."""
     pairs: list[tuple[str, str]] = []
 
     def ask(prompt: str, answer: str) -> int:
@@ -149,7 +159,7 @@ def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> lis
     def ask_if(prompt: str, answer: str | None) -> int | None:  # target_true may be unknown
         return None if answer is None else ask(prompt, answer)
 
-    plan = []
+    plan: list[FactPlan] = []
     for fact in facts:
         plan.append(
             (
@@ -159,6 +169,12 @@ def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> lis
                 [(ask(n.prompt, n.answer), ask(n.prompt, fact.target_new)) for n in fact.neighborhood],
             )
         )
+    return pairs, plan
+
+
+def score_facts(lm: LoadedModel, facts: list[Fact], batch_size: int = 32) -> list[FactScores]:
+    """Score each fact's edit prompt, paraphrases and neighbourhood, all in one batched pass."""
+    pairs, plan = fact_pairs(facts)
     nll = answer_nll(lm, pairs, batch_size)
 
     def p(index: int) -> float:
